@@ -1,0 +1,138 @@
+"""NumPy ops: the reference semantics every CUDA kernel is tested against.
+
+The CUDA backend (backend/cuda.py) implements the same methods with the same shapes. All math here
+is float32; weights arrive as float32 whatever dtype the checkpoint had.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class AttentionMetadata:
+    """One ragged step. Tokens of all requests are concatenated; request i owns query rows
+    query_start_loc[i]:query_start_loc[i+1], whose positions are the last rows of its seq_lens[i]."""
+
+    query_start_loc: object  # [num_reqs + 1] int32
+    seq_lens: object  # [num_reqs] int32: tokens in context after this step
+    block_tables: object  # [num_reqs, max_blocks] int32, padded with 0
+    slot_mapping: object  # [num_tokens] int32: cache slot of each new token; -1 = padding, not written
+    max_query_len: int
+    max_seq_len: int
+    # Host copies of the per-request lengths (Python lists) so the CPU path can loop without syncs.
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+
+class CpuBackend:
+    name = "cpu"
+    xp = np
+    compute_dtype = np.float32
+
+    # ---- memory -------------------------------------------------------------------------------
+    def from_host(self, arr: np.ndarray, dtype=None) -> np.ndarray:
+        return np.ascontiguousarray(arr, dtype=dtype)
+
+    def to_host(self, arr) -> np.ndarray:
+        return np.asarray(arr)
+
+    def weight(self, arr: np.ndarray, dtype_name: str = "float32") -> np.ndarray:
+        """A checkpoint tensor (bfloat16 arrives as uint16 bits) in the dtype this backend computes in."""
+        if dtype_name == "bfloat16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = rng.standard_normal(shape, dtype=np.float32)
+        out *= std
+        out += mean
+        return out
+
+    def zeros(self, shape, dtype=np.float32) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def synchronize(self) -> None:
+        pass
+
+    # ---- ops ----------------------------------------------------------------------------------
+    def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+        return table[ids]  # [T, H]
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        var = np.mean(np.square(x), axis=-1, keepdims=True)
+        return (x / np.sqrt(var + eps)) * weight
+
+    def fused_add_rms_norm(self, x, residual, weight, eps):
+        """(rms_norm(x + residual), x + residual): the residual stream and the next layer's input."""
+        residual = x + residual
+        return self.rms_norm(residual, weight, eps), residual
+
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
+        """x @ weight.T (+ bias); weight is [out, in] as in HF checkpoints."""
+        out = x @ weight.T
+        if bias is not None:
+            out += bias
+        return out
+
+    def logits(self, x: np.ndarray, lm_head: np.ndarray) -> np.ndarray:
+        """[B, H] x [V, H] -> [B, V] float32 logits."""
+        return (x @ lm_head.T).astype(np.float32, copy=False)
+
+    def silu_and_mul(self, x: np.ndarray) -> np.ndarray:
+        gate, up = np.split(x, 2, axis=-1)  # [T, I] each
+        return gate / (1.0 + np.exp(-gate)) * up
+
+    def rotary(self, x: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray, neox: bool) -> np.ndarray:
+        """Rotate x [T, heads, head_dim] by each token's position."""
+        half = cos_sin.shape[-1] // 2
+        cs = cos_sin[positions]  # [T, head_dim]
+        cos, sin = cs[:, None, :half], cs[:, None, half:]
+        if neox:
+            x1, x2 = x[..., :half], x[..., half:]
+            return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x2 * cos + x1 * sin
+        return out
+
+    def rotary_and_cache_write(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox: bool):
+        """Rotate q and k; write rotated k and v into the paged cache at slot_mapping. Returns q."""
+        q = self.rotary(q, positions, cos_sin, neox)
+        k = self.rotary(k, positions, cos_sin, neox)
+        valid = slot_mapping >= 0
+        nkv, hd = k.shape[1:]
+        k_cache.reshape(-1, nkv, hd)[slot_mapping[valid]] = k[valid]
+        v_cache.reshape(-1, nkv, hd)[slot_mapping[valid]] = v[valid]
+        return q
+
+    def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> np.ndarray:
+        """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd]."""
+        num_tokens, nh, hd = q.shape
+        block_size, nkv = k_cache.shape[1], k_cache.shape[2]
+        group = nh // nkv
+        out = np.zeros_like(q)
+        qsl = meta.query_start_loc
+        for i, (qlen, slen) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+            if qlen == 0:
+                continue
+            start = int(qsl[i])
+            nblocks = -(-slen // block_size)
+            blocks = meta.block_tables[i, :nblocks]
+            k = k_cache[blocks].reshape(-1, nkv, hd)[:slen]  # [L, nkv, hd]
+            v = v_cache[blocks].reshape(-1, nkv, hd)[:slen]
+            qi = q[start:start + qlen].reshape(qlen, nkv, group, hd)  # [n, nkv, g, hd]
+            scores = np.einsum("nkgd,lkd->kgnl", qi, k) * scale  # [nkv, g, n, L]
+            if qlen > 1:
+                # Query row r sits at position slen - qlen + r and sees keys 0..that position.
+                q_pos = np.arange(slen - qlen, slen)[:, None]
+                scores = np.where(np.arange(slen)[None, :] <= q_pos, scores, -np.inf)
+            scores -= scores.max(axis=-1, keepdims=True)
+            probs = np.exp(scores)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            o = np.einsum("kgnl,lkd->nkgd", probs, v)  # [n, nkv, g, hd]
+            out[start:start + qlen] = o.reshape(qlen, nh, hd)
+        return out

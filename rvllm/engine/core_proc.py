@@ -1,0 +1,76 @@
+"""The engine core's own process: receive requests, step while there is work, send deltas back.
+
+The HTTP event loop never waits on a model step because steps run here. Messages are msgspec
+msgpack over a multiprocessing pipe (see messages.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import msgspec
+
+from rvllm.engine import messages as m
+
+log = logging.getLogger("rvllm.engine")
+
+
+def run_engine_process(config, conn, log_level: str = "info") -> None:
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # The front end owns shutdown: SIGINT from a terminal goes to the whole group, ignore it here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(m.ToEngine)
+    try:
+        from rvllm.engine.core import EngineCore
+
+        core = EngineCore(config)
+    except Exception as e:  # load errors reach the user as one line through the front end
+        log.debug("engine failed to start", exc_info=True)
+        conn.send_bytes(encoder.encode(m.ErrorOutput(f"{e}", fatal=True)))
+        return
+    conn.send_bytes(encoder.encode(m.ReadyOutput(core.info())))
+    log.info("engine core ready (pid %d)", os.getpid())
+    _loop(core, conn, encoder, decoder)
+
+
+def _loop(core, conn, encoder, decoder) -> None:
+    while True:
+        # Idle: block until a message comes. Busy: take whatever is queued, then step.
+        timeout = 0 if core.has_unfinished_requests() else None
+        while conn.poll(timeout):
+            try:
+                raw = conn.recv_bytes()
+            except (EOFError, OSError):
+                return  # the front end is gone
+            msg = decoder.decode(raw)
+            if isinstance(msg, m.Shutdown):
+                return
+            reply = _handle(core, msg)
+            if reply is not None:
+                conn.send_bytes(encoder.encode(reply))
+            timeout = 0
+        if core.has_unfinished_requests():
+            deltas = core.step()
+            sched = core.scheduler
+            conn.send_bytes(encoder.encode(m.StepOutput(deltas, sched.num_waiting, sched.num_running)))
+
+
+def _handle(core, msg):
+    if isinstance(msg, m.AddRequest):
+        try:
+            core.add_request(msg.request_id, msg.prompt_token_ids, m.params_from_dict(msg.params), msg.arrival_time)
+        except ValueError as e:
+            return m.StepOutput([m.RequestDelta(msg.request_id, [], finish_reason="error", stop_reason=str(e))],
+                                core.scheduler.num_waiting, core.scheduler.num_running)
+    elif isinstance(msg, m.AbortRequests):
+        core.abort_requests(msg.request_ids)
+    elif isinstance(msg, m.FinishRequests):
+        for rid in msg.request_ids:
+            core.finish_by_stop_string(rid)
+    elif isinstance(msg, m.GetStats):
+        return m.StatsOutput(core.stats(drain=True))
+    return None
+

@@ -1,0 +1,77 @@
+"""The Llama-family forward (Llama 2/3/3.x, SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3), written once.
+
+It calls backend ops only, so the same code runs on NumPy and on CuPy. Input is one flat ragged
+batch: the new tokens of every scheduled request concatenated (see backend AttentionMetadata).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rvllm.model.config import ModelSpec
+
+
+@dataclass
+class LayerWeights:
+    input_norm: object  # [H]
+    qkv: object  # [q_size + 2 * kv_size, H]: q, k and v projections concatenated at load
+    qkv_bias: object | None  # [q_size + 2 * kv_size] (Qwen2)
+    o_proj: object  # [H, q_size]
+    post_norm: object  # [H]
+    gate_up: object  # [2 * I, H]: gate and up projections concatenated at load
+    down: object  # [H, I]
+    q_norm: object | None = None  # [head_dim] (Qwen3)
+    k_norm: object | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed: object  # [V, H]
+    layers: list[LayerWeights]
+    final_norm: object  # [H]
+    lm_head: object  # [V, H]; the embedding itself when tied
+    cos_sin: object  # [max_positions, head_dim] float32 rotary table
+
+
+class LlamaModel:
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, backend):
+        self.spec = spec
+        self.w = weights
+        self.ops = backend
+        self.scale = spec.head_dim ** -0.5
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache) -> hidden [T, H]."""
+        s, ops = self.spec, self.ops
+        hidden = ops.embedding(input_ids, self.w.embed)  # [T, H]
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches):
+            if residual is None:
+                residual = hidden
+                x = ops.rms_norm(hidden, layer.input_norm, s.rms_norm_eps)
+            else:
+                x, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, s.rms_norm_eps)
+            attn = self._attention(x, positions, layer, k_cache, v_cache, meta)  # [T, H]
+            x, residual = ops.fused_add_rms_norm(attn, residual, layer.post_norm, s.rms_norm_eps)
+            hidden = ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up)), layer.down)  # [T, H]
+        x, _ = ops.fused_add_rms_norm(hidden, residual, self.w.final_norm, s.rms_norm_eps)
+        return x
+
+    def _attention(self, x, positions, layer: LayerWeights, k_cache, v_cache, meta):
+        s, ops = self.spec, self.ops
+        num_tokens = x.shape[0]
+        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
+        q = qkv[:, : s.q_size].reshape(num_tokens, s.num_heads, s.head_dim)
+        k = qkv[:, s.q_size : s.q_size + s.kv_size].reshape(num_tokens, s.num_kv_heads, s.head_dim)
+        v = qkv[:, s.q_size + s.kv_size :].reshape(num_tokens, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q = ops.rms_norm(q, layer.q_norm, s.rms_norm_eps)
+            k = ops.rms_norm(k, layer.k_norm, s.rms_norm_eps)
+        q = ops.rotary_and_cache_write(
+            q, k, v, positions, self.w.cos_sin, k_cache, v_cache, meta.slot_mapping, s.rope_neox
+        )
+        o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, nh, hd]
+        return ops.linear(o.reshape(num_tokens, s.q_size), layer.o_proj)
+
+    def compute_logits(self, hidden):
+        """hidden [B, H] (the rows that sample) -> logits [B, V], float32."""
+        return self.ops.logits(hidden, self.w.lm_head)
