@@ -14,7 +14,9 @@ import numpy as np
 
 from rvllm.backend.cpu import AttentionMetadata
 from rvllm.model.llama import LlamaModel
-from rvllm.sampling.sampler import Sampler, SamplingMetadata
+from rvllm.sampling.logprobs import gather_logprobs, log_softmax
+from rvllm.sampling.metadata import SamplingMetadata
+from rvllm.sampling.sampler import Sampler
 
 log = logging.getLogger("rvllm.runner")
 
@@ -24,7 +26,7 @@ class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # request id -> next token id
     # request id -> (chosen logprob, chosen rank, top ids, top logprobs) for the sampled token
     logprobs: dict[str, tuple] = field(default_factory=dict)
-    # request id -> [(position, next token id, its logprob, its rank, top ids, top logprobs)] for prompt tokens
+    # request id -> [(token id, its logprob, its rank, top ids, top logprobs)] for prompt tokens 1.., in order
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
 
 
@@ -63,7 +65,7 @@ class ModelRunner:
             for req_id, tok, lp in zip(batch.sample_ids, result.token_ids, result.logprobs):
                 out.sampled[req_id] = int(tok)
                 if lp is not None:
-                    out.logprobs[req_id] = lp
+                    out.logprobs[req_id] = (lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
         if batch.prompt_logprob_rows:
             self._prompt_logprobs(hidden, batch, out)
         t2 = time.perf_counter()
@@ -119,15 +121,15 @@ class ModelRunner:
         return b
 
     def _prompt_logprobs(self, hidden, batch: "_Batch", out: RunnerOutput) -> None:
-        from rvllm.sampling.sampler import compute_prompt_logprobs
+        """Logprobs of prompt tokens 1.. from the raw logits (the position before each predicts it)."""
         for req, row0, start, last in batch.prompt_logprob_rows:
-            rows = np.arange(row0, row0 + (last - start))
-            logits = self.ops.to_host(self.model.compute_logits(hidden[self.ops.from_host(rows)]))
-            targets = req.prompt_token_ids[start + 1: last + 1]
+            rows = self.ops.from_host(np.arange(row0, row0 + (last - start), dtype=np.int64))
+            logprobs = log_softmax(self.ops.to_host(self.model.compute_logits(hidden[rows])))
+            targets = np.asarray(req.prompt_token_ids[start + 1: last + 1])
             k = req.sampling_params.prompt_logprobs
-            entries = compute_prompt_logprobs(logits, np.asarray(targets), k)
+            entries = gather_logprobs(logprobs, targets, [k] * len(targets))
             out.prompt_logprobs.setdefault(req.request_id, []).extend(
-                (start + 1 + i, targets[i], e) for i, e in enumerate(entries))
+                (e.token_id, e.logprob, e.rank, e.top_ids, e.top_logprobs) for e in entries)
 
 
 class _Batch:
