@@ -14,6 +14,7 @@ class EngineConfig:
     # model
     model: str | None = None  # HF directory, .gguf file, or a preset name with load_format="dummy"
     tokenizer: str | None = None  # defaults to the model's own
+    skip_tokenizer_init: bool = False  # vLLM's name: token ids in, token ids out, no text
     dtype: str = "auto"
     load_format: str = "auto"
     max_model_len: int | None = None

@@ -26,7 +26,8 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs):
         self.config = EngineConfig.from_kwargs(model=model, **kwargs)
         self.engine = EngineCore(self.config)
-        self.tokenizer = load_tokenizer(self.engine.source, self.config.tokenizer, self.config.chat_template)
+        self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(
+            self.engine.source, self.config.tokenizer, self.config.chat_template)
         self.generation_defaults = dict(self.engine.source.generation_config)
         self._counter = itertools.count()
 
@@ -45,6 +46,8 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(items)} prompts")
         requests = []
         for (text, ids), params in zip(items, params_list):
+            if ids is None and self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; this LLM was made with skip_tokenizer_init=True")
             if ids is None:
                 ids = self.tokenizer.encode(text)
             requests.append((text, ids, params.with_generation_defaults(self.generation_defaults)))

@@ -12,18 +12,18 @@ BASE = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
 
 CONFIGS = {
-    "llama": dict(BASE, architectures=["LlamaForCausalLM"], tie_word_embeddings=False),
-    "llama3-scaled": dict(BASE, architectures=["LlamaForCausalLM"], tie_word_embeddings=True, num_key_value_heads=1,
+    "llama": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False),
+    "llama3-scaled": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True, num_key_value_heads=1,
                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "qwen2": dict(BASE, architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
-    "mistral": dict(BASE, architectures=["MistralForCausalLM"], num_attention_heads=8, num_key_value_heads=2,
+    "qwen2": dict(BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
+    "mistral": dict(BASE, architectures=["MistralForCausalLM"], model_type="mistral", num_attention_heads=8, num_key_value_heads=2,
                     head_dim=16, tie_word_embeddings=False),
-    "qwen3": dict(BASE, architectures=["Qwen3ForCausalLM"], head_dim=32, tie_word_embeddings=True),
+    "qwen3": dict(BASE, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32, tie_word_embeddings=True),
 }
 
 
-def random_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+def random_tensors(cfg: dict, seed: int = 0, lm_head_std: float = 0.1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -38,7 +38,7 @@ def random_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     arch = cfg["architectures"][0]
     t = {"model.embed_tokens.weight": mat(v, h, std=0.5), "model.norm.weight": norm(h)}
     if not cfg.get("tie_word_embeddings"):
-        t["lm_head.weight"] = mat(v, h, std=0.1)
+        t["lm_head.weight"] = mat(v, h, std=lm_head_std)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = norm(h)
@@ -59,10 +59,13 @@ def random_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return t
 
 
-def write_model(root: Path, name: str, seed: int = 0, shards: int = 1) -> tuple[Path, dict, dict]:
-    """Writes root/name with config.json and (sharded) safetensors; returns (dir, config, tensors)."""
-    cfg = CONFIGS[name]
-    tensors = random_tensors(cfg, seed)
+def write_model(root: Path, name: str, seed: int = 0, shards: int = 1, sharp: bool = False) -> tuple[Path, dict, dict]:
+    """Writes root/name with config.json and (sharded) safetensors; returns (dir, config, tensors).
+
+    sharp=True gives an untied lm_head with large weights: logits far apart, so greedy choices are
+    far from ties and 16-bit rounding on the GPU cannot flip them."""
+    cfg = dict(CONFIGS[name], tie_word_embeddings=False) if sharp else CONFIGS[name]
+    tensors = random_tensors(cfg, seed, lm_head_std=3.0 if sharp else 0.1)
     d = Path(root) / name
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))

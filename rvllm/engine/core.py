@@ -47,11 +47,17 @@ class EngineCore:
         weights = load_weights(self.source, self.backend, self.max_model_len, config.seed)
         self.load_seconds = time.monotonic() - t0
         t1 = time.monotonic()
+        self.max_num_batched_tokens = default_max_num_batched_tokens(config, self.max_model_len)
+        if self.backend.name != "cpu" and not config.num_gpu_blocks_override:
+            # Profile the largest step with a KV cache just big enough for it, then size the real one.
+            probe = ModelRunner(spec, weights, self.backend, -(-self.max_num_batched_tokens // config.block_size),
+                                config.block_size, config.seed)
+            probe.profile_run(self.max_num_batched_tokens, config.max_num_seqs)
+            del probe
         num_blocks = self._num_blocks()
         self.runner = ModelRunner(spec, weights, self.backend, num_blocks, config.block_size, config.seed)
         self.kv_seconds = time.monotonic() - t1
         self.num_blocks = num_blocks
-        self.max_num_batched_tokens = default_max_num_batched_tokens(config, self.max_model_len)
         self.scheduler = Scheduler(
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             block_size=config.block_size, num_blocks=num_blocks,

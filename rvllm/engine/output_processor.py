@@ -114,6 +114,8 @@ class OutputProcessor:
             c.text += c.detok.add(new_ids)
         if d.finish_reason is not None:
             c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+            if c.detok is not None:
+                c.text += c.detok.flush()  # bytes of an unfinished character, as a full decode shows them
         if c.params.stop and c.finish_reason is None:
             return self._check_stop_strings(c)
         if c.params.stop and d.finish_reason is not None:

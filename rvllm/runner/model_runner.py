@@ -45,6 +45,23 @@ class ModelRunner:
         self.rng = np.random.default_rng(seed)
         self.timings: dict[str, float] = {}
 
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """One forward of `num_tokens` prompt tokens (as one request) plus logits for `num_seqs` rows,
+        so the device allocator has seen the step's peak activation memory before the KV cache is sized."""
+        num_tokens = min(num_tokens, self.num_blocks * self.block_size)
+        blocks = list(range(-(-num_tokens // self.block_size)))
+        ops = self.ops
+        meta = AttentionMetadata(
+            ops.from_host(np.array([0, num_tokens], np.int32)), ops.from_host(np.array([num_tokens], np.int32)),
+            ops.from_host(np.array([blocks], np.int32)),
+            ops.from_host(np.arange(num_tokens, dtype=np.int32)), num_tokens, num_tokens, [num_tokens], [num_tokens])
+        ids = ops.from_host(np.zeros(num_tokens, np.int32))
+        positions = ops.from_host(np.arange(num_tokens, dtype=np.int32) % self.model.w.cos_sin.shape[0])
+        hidden = self.model.forward(ids, positions, self.kv_caches, meta)
+        rows = ops.from_host(np.arange(min(num_seqs, num_tokens), dtype=np.int64))
+        self.model.compute_logits(hidden[rows])
+        ops.synchronize()
+
     @staticmethod
     def kv_bytes_per_block(spec, block_size: int, itemsize: int) -> int:
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize

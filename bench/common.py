@@ -1,0 +1,50 @@
+"""Shared bits of the bench scripts: machine description, git commit, RESULTS.md appending."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    gpu = os.environ.get("RVLLM_BENCH_GPU")
+    if gpu:
+        return gpu
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def append_results(title: str, table: str, note: str = "") -> None:
+    """Appends a dated section (commit, machine, exact command) to bench/RESULTS.md."""
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nEach section: date, commit, machine, command, table.\n")
+    cmd = " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with RESULTS.open("a") as f:
+        f.write(f"\n## {title}\n\n- date: {stamp}\n- commit: {commit()}\n- machine: {machine()}\n"
+                f"- command: `python {cmd}`\n")
+        if note:
+            f.write(f"- note: {note}\n")
+        f.write(f"\n{table}\n")

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# GPU kernel check, for the lent GPU machine. From the repository root:
+#   bash bench/gpu_kernel_check.sh
+# 1. pytest -m gpu tests/test_kernels_gpu.py (every kernel against the NumPy reference)
+# 2. compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over a script that calls every
+#    kernel once per dtype and attention path.
+# Logs go to $OUT (the device tool's output folder) or /tmp/rvllm-gpu-check; the last lines
+# printed are a summary table. Exit status: 0 only if every step passed.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null; export PYTHONPATH=/tmp/site:$PWD
+export RVLLM_CACHE="${RVLLM_CACHE:-/tmp/rvllm-cache}"
+LOGS="${OUT:-/tmp/rvllm-gpu-check}"
+mkdir -p "$LOGS"
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 - <<'EOF'
+import cupy
+from cupy.cuda import nvrtc
+print("cupy", cupy.__version__, "| nvrtc", nvrtc.getVersion(), "| cc", cupy.cuda.Device().compute_capability,
+      "| runtime", cupy.cuda.runtime.runtimeGetVersion(), "| driver", cupy.cuda.runtime.driverGetVersion())
+EOF
+
+echo "== pytest -m gpu tests/test_kernels_gpu.py"
+python3 -m pytest -m gpu tests/test_kernels_gpu.py -x -q -p no:cacheprovider -rs 2>&1 | tee "$LOGS/pytest.log" | tail -40
+rc_pytest=${PIPESTATUS[0]}
+
+SMOKE=/tmp/rvllm_kernel_smoke.py
+cat > "$SMOKE" <<'EOF'
+"""Calls every kernel once (both dtypes, both attention paths) on small inputs, for compute-sanitizer."""
+import numpy as np
+
+from rvllm.backend.cpu import AttentionMetadata
+from rvllm.backend.cuda import CudaBackend
+from rvllm.model.config import ModelSpec
+from rvllm.model.rope import cos_sin_table
+
+rng = np.random.default_rng(0)
+vocab, hidden, inter, nh, nkv, bs, num_blocks = 100, 256, 384, 8, 2, 16, 8
+
+
+def meta(b, qsl, seq_lens, tables, slots):
+    q_lens = np.diff(qsl).tolist()
+    return AttentionMetadata(b.from_host(np.asarray(qsl, np.int32)), b.from_host(np.asarray(seq_lens, np.int32)),
+                             b.from_host(np.asarray(tables, np.int32)), b.from_host(np.asarray(slots, np.int32)),
+                             max(q_lens), max(seq_lens), q_lens, list(seq_lens))
+
+
+for dtype in ("bfloat16", "float16"):
+    for hd in (64, 128):
+        for attention in ("auto", "split"):
+            b = CudaBackend(dtype, attention=attention)
+            w = lambda *shape: b.weight(rng.standard_normal(shape).astype(np.float32) * shape[-1] ** -0.5)
+            spec = ModelSpec(architecture="LlamaForCausalLM", vocab_size=vocab, hidden_size=hidden,
+                             intermediate_size=inter, num_layers=1, num_heads=nh, num_kv_heads=nkv, head_dim=hd)
+            cos_sin = b.from_host(cos_sin_table(spec, 256))
+            table, norm_w, head_norm = w(vocab, hidden), w(hidden), w(hd)
+            w_qkv, b_qkv, w_gu = w((nh + 2 * nkv) * hd, hidden), w((nh + 2 * nkv) * hd), w(2 * inter, hidden)
+            k_cache, v_cache = b.zeros((num_blocks, bs, nkv, hd)), b.zeros((num_blocks, bs, nkv, hd))
+            tables = [[2, 5, 0], [7, 1, 3]]
+            slot = lambda r, p: tables[r][p // bs] * bs + p % bs
+            # Step 1: two prompts (13 and 20 tokens). Step 2: a decode row and a chunk after a prefix.
+            # Step 3: decode only.
+            steps = [([0, 13, 33], [13, 20], [slot(0, p) for p in range(13)] + [slot(1, p) for p in range(20)],
+                      list(range(13)) + list(range(20))),
+                     ([0, 1, 6], [14, 25], [slot(0, 13)] + [slot(1, p) for p in range(20, 25)], [13] + list(range(20, 25))),
+                     ([0, 1, 2], [15, 26], [slot(0, 14), slot(1, 25)], [14, 25])]
+            for qsl, seq_lens, slots, positions in steps:
+                m = meta(b, qsl, seq_lens, tables, slots)
+                t = qsl[-1]
+                x = b.embedding(b.from_host(rng.integers(0, vocab, t).astype(np.int32)), table)
+                h = b.rms_norm(x, norm_w, 1e-5)
+                h, res = b.fused_add_rms_norm(h, x, norm_w, 1e-5)
+                qkv = b.linear(h, w_qkv, b_qkv)
+                q = qkv[:, : nh * hd].reshape(t, nh, hd)
+                k = qkv[:, nh * hd: (nh + nkv) * hd].reshape(t, nkv, hd)
+                v = qkv[:, (nh + nkv) * hd:].reshape(t, nkv, hd)
+                q = b.rms_norm(q, head_norm, 1e-5)
+                q = b.rotary_and_cache_write(q, k, v, b.from_host(np.asarray(positions, np.int32)), cos_sin,
+                                             k_cache, v_cache, m.slot_mapping, True)
+                o = b.paged_attention(q, k_cache, v_cache, m, hd ** -0.5)
+                act = b.silu_and_mul(b.linear(h, w_gu))
+                logits = b.logits(h, table)
+                b.synchronize()
+                for name, arr in (("attention", o), ("mlp", act), ("logits", logits)):
+                    host = b.to_host(arr).astype(np.float32)
+                    assert np.isfinite(host).all(), f"{dtype} hd={hd} {attention}: non-finite {name}"
+print("smoke: every kernel ran")
+EOF
+
+echo "== smoke run (also fills the kernel cache)"
+python3 "$SMOKE" 2>&1 | tail -5
+rc_smoke=${PIPESTATUS[0]}
+
+declare -A rc_san
+for tool in memcheck racecheck synccheck initcheck; do
+  echo "== compute-sanitizer --tool $tool"
+  compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 20 python3 "$SMOKE" > "$LOGS/sanitizer-$tool.log" 2>&1
+  rc_san[$tool]=$?
+  tail -4 "$LOGS/sanitizer-$tool.log"
+done
+
+echo
+echo "| step | exit code |"
+echo "| --- | --- |"
+echo "| pytest -m gpu | $rc_pytest |"
+echo "| smoke | $rc_smoke |"
+status=$(( rc_pytest != 0 || rc_smoke != 0 ))
+for tool in memcheck racecheck synccheck initcheck; do
+  echo "| sanitizer $tool | ${rc_san[$tool]} |"
+  [ "${rc_san[$tool]}" -ne 0 ] && status=1
+done
+echo "logs: $LOGS"
+exit $status

@@ -1,0 +1,114 @@
+// Shared helpers for every kernel in kernels_cu/. nvrtc.py pastes this file in place of
+// `#include "common.cuh"`, so each kernel file compiles as one translation unit.
+//
+// No CUDA headers are included: NVRTC ships none built in (cuda_fp16.h and cuda_bf16.h live in
+// the toolkit, which a pip-installed CuPy may not have). 16-bit values are raw 16-bit storage
+// (`scalar_t`, an unsigned short) converted to and from float with PTX `cvt`, and all math is
+// float32. Compile with exactly one of -DRVLLM_FP16 / -DRVLLM_BF16. Needs sm_80 or newer
+// (cvt.rn.bf16.f32 and the m16n8k16 tensor-core shape).
+#pragma once
+
+typedef unsigned short scalar_t;  // fp16 or bf16 bits, per the RVLLM_* macro
+typedef long long i64;
+
+#if defined(RVLLM_BF16) && !defined(RVLLM_FP16)
+__device__ __forceinline__ float to_f32(scalar_t x) {
+  return __uint_as_float(((unsigned int)x) << 16);
+}
+__device__ __forceinline__ scalar_t from_f32(float f) {
+  scalar_t r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+#elif defined(RVLLM_FP16) && !defined(RVLLM_BF16)
+__device__ __forceinline__ float to_f32(scalar_t x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+}
+__device__ __forceinline__ scalar_t from_f32(float f) {
+  scalar_t r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+#else
+#error "compile with exactly one of -DRVLLM_FP16 or -DRVLLM_BF16"
+#endif
+
+// Two floats -> one 32-bit register of two 16-bit values, `lo` in the low half (the element
+// with the lower index, as the mma fragments and little-endian memory both expect).
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  return (unsigned int)from_f32(lo) | ((unsigned int)from_f32(hi) << 16);
+}
+
+#define RVLLM_NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum / max; every thread gets the result. blockDim.x must be a multiple of 32.
+// The leading barrier lets a kernel call these several times in a row.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float s_part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) s_part[warp] = v;
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  return warp_sum(lane < num_warps ? s_part[lane] : 0.f);
+}
+
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float s_part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) s_part[warp] = v;
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  return warp_max(lane < num_warps ? s_part[lane] : RVLLM_NEG_INF);
+}
+
+// ---- ragged-batch metadata (backend AttentionMetadata) ----------------------------------------
+
+// The request that owns query row `tok`, or -1 when no request does (padding rows past
+// query_start_loc[num_reqs]). query_start_loc is non-decreasing; requests with no query rows
+// (equal neighbours) own nothing.
+__device__ __forceinline__ int find_request(const int* __restrict__ query_start_loc, int num_reqs, int tok) {
+  int lo = 0, hi = num_reqs - 1, found = -1;
+  while (lo <= hi) {  // the last request whose first row is <= tok
+    const int mid = (lo + hi) >> 1;
+    if (query_start_loc[mid] <= tok) {
+      found = mid;
+      lo = mid + 1;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  if (found < 0 || tok >= query_start_loc[found + 1]) return -1;
+  return found;
+}
+
+// Keys visible to query row `tok`: row r of request i sits at position seq_len - q_len + r and
+// sees keys [0, that position], so the context length is seq_len - q_len + r + 1. Sets *req
+// (-1 for a padding row, which then sees nothing).
+__device__ __forceinline__ int query_context_len(const int* __restrict__ query_start_loc,
+                                                 const int* __restrict__ seq_lens, int num_reqs,
+                                                 int tok, int* req) {
+  const int r = find_request(query_start_loc, num_reqs, tok);
+  *req = r;
+  if (r < 0) return 0;
+  const int q_start = query_start_loc[r];
+  const int q_len = query_start_loc[r + 1] - q_start;
+  return seq_lens[r] - q_len + (tok - q_start) + 1;
+}

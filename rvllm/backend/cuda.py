@@ -1,0 +1,444 @@
+"""CuPy ops: cuBLAS GEMMs and the CUDA C kernels of kernels_cu/ (compiled by backend/nvrtc.py).
+
+CudaBackend has CpuBackend's methods, argument order and shapes (backend/cpu.py is the reference
+semantics). Differences a caller can see:
+- Activations, weights and the KV cache are 16-bit: float16, or bfloat16 stored as raw uint16
+  (CuPy 14 has no bfloat16 dtype). `compute_dtype` is that storage dtype; `zeros(shape)` with no
+  dtype allocates it. `to_host` returns bfloat16 arrays as float32.
+- Every op returns a new array; inputs are never modified (the KV cache excepted).
+- Integer inputs (token ids, positions, slot mapping, attention metadata) must be int32.
+This is the only module that imports cupy (nvrtc.py imports it inside its loader functions).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rvllm.backend import nvrtc
+
+try:  # cupy is an optional dependency (the cuda12 / cuda13 extras)
+    import cupy as cp
+    from cupy_backends.cuda.libs import cublas as _cublas
+except Exception:  # ImportError, or a broken CUDA install
+    cp = None
+    _cublas = None
+
+# CUDA library enums (cudaDataType_t, cublasComputeType_t); stable across CUDA 11-13.
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_POINTER_MODE_HOST = 0
+
+_DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel gets without opting in
+_MAX_GRID_YZ = 65535
+
+
+def is_cuda_available() -> bool:
+    """True when cupy imports and sees at least one CUDA device."""
+    if cp is None:
+        return False
+    try:
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+# ---- bfloat16 on the host (numpy has no bfloat16; ml_dtypes is optional) -----------------------
+
+def f32_to_bf16_bits(x) -> np.ndarray:
+    """float array -> bfloat16 bits (uint16), rounded to nearest even, NaN kept NaN."""
+    x = np.asarray(x)
+    if x.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: already the bits
+        return np.ascontiguousarray(x).view(np.uint16)
+    f = np.ascontiguousarray(x, dtype=np.float32)
+    b = f.view(np.uint32).astype(np.uint64)
+    bits = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    bits[np.isnan(f)] = 0x7FC0
+    return bits
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _launch_threads(d: int) -> int:
+    """Threads for a row kernel: about 4 elements a thread, a multiple of 32, at most 1024."""
+    return min(1024, max(32, ((d + 3) // 4 + 31) // 32 * 32))
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, dtype: str = "bfloat16", attention: str | None = None):
+        """dtype: "bfloat16" or "float16". attention: "auto" (decode kernel for decode-only
+        steps, tensor-core prefill kernel otherwise) or "split" (the decode kernel for every
+        step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto"."""
+        if cp is None:
+            raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
+        if dtype not in nvrtc.DTYPES:
+            raise ValueError(f"dtype must be one of {nvrtc.DTYPES}, got {dtype!r}")
+        attention = attention or os.environ.get("RVLLM_ATTENTION", "auto")
+        if attention not in ("auto", "split"):
+            raise ValueError(f"attention must be 'auto' or 'split', got {attention!r}")
+        self.dtype = dtype
+        self.attention = attention
+        self.xp = cp
+        self.compute_dtype = np.dtype(np.uint16 if dtype == "bfloat16" else np.float16)
+        self._gemm_type = _CUDA_R_16BF if dtype == "bfloat16" else _CUDA_R_16F
+        self._alpha = np.array(1.0, dtype=np.float32)  # host scalars for cuBLAS (host pointer mode)
+        self._beta0 = np.array(0.0, dtype=np.float32)
+        self._beta1 = np.array(1.0, dtype=np.float32)
+        self._smem_set: dict[int, int] = {}  # id(kernel) -> dynamic shared memory limit set
+        nvrtc.device_arch()  # fail now, not mid-forward, on a GPU older than sm_80
+
+    # ---- memory -------------------------------------------------------------------------------
+    def _storage(self, dtype) -> np.dtype:
+        if dtype is None:
+            return self.compute_dtype
+        if isinstance(dtype, str) and dtype == "bfloat16" or getattr(dtype, "__name__", None) == "bfloat16":
+            return np.dtype(np.uint16)
+        dt = np.dtype(dtype)
+        return np.dtype(np.uint16) if dt.name == "bfloat16" else dt
+
+    def _to_storage_host(self, arr, dtype: np.dtype) -> np.ndarray:
+        a = np.asarray(arr)
+        if dtype == np.uint16 and (self.dtype == "bfloat16" and a.dtype != np.uint16):
+            return f32_to_bf16_bits(a)
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def from_host(self, arr, dtype=None):
+        """A host array on the device, converted to `dtype` when given (numpy semantics; "bfloat16"
+        means the uint16 bit storage). dtype None keeps the array's dtype."""
+        a = np.asarray(arr)
+        if dtype is None:
+            target = np.dtype(np.uint16) if a.dtype.name == "bfloat16" else a.dtype
+        else:
+            target = self._storage(dtype)
+        return cp.asarray(self._to_storage_host(a, target))
+
+    def to_host(self, arr) -> np.ndarray:
+        """A device array on the host; bfloat16 storage comes back as float32."""
+        h = cp.asnumpy(arr) if isinstance(arr, cp.ndarray) else np.asarray(arr)
+        if self.dtype == "bfloat16" and h.dtype == np.uint16:
+            return bf16_bits_to_f32(h)
+        return h
+
+    def weight(self, arr, dtype_name: str = "float32"):
+        """A checkpoint tensor (bfloat16 arrives as uint16 bits, dtype_name "bfloat16") in this
+        backend's 16-bit dtype, on the device. Conversions from float32 run on the GPU."""
+        a = np.asarray(arr)
+        bf16_bits = dtype_name == "bfloat16" or a.dtype.name == "bfloat16"
+        if bf16_bits and a.dtype.itemsize == 2:
+            bits = cp.asarray(np.ascontiguousarray(a).view(np.uint16))
+            if self.dtype == "bfloat16":
+                return bits
+            return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+        if a.dtype == self.compute_dtype and self.dtype == "float16":
+            return cp.asarray(np.ascontiguousarray(a))
+        return self._from_f32(cp.asarray(np.ascontiguousarray(a, dtype=np.float32)))
+
+    def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0):
+        """Random normal(mean, std) weights generated on the GPU (fast for large presets; the
+        values differ from CpuBackend.dummy_weight's for the same seed)."""
+        x = cp.random.RandomState(seed).standard_normal(shape, dtype=np.float32)
+        x *= np.float32(std)
+        x += np.float32(mean)
+        return self._from_f32(x)
+
+    def _from_f32(self, x):
+        """float32 device array -> this backend's storage, rounded to nearest even."""
+        if self.dtype == "float16":
+            return x.astype(np.float16)
+        b = x.view(np.uint32)
+        bits = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        return cp.where(cp.isnan(x), np.uint16(0x7FC0), bits).astype(np.uint16, copy=False)
+
+    @property
+    def device_name(self) -> str:
+        dev = cp.cuda.Device().id
+        name = cp.cuda.runtime.getDeviceProperties(dev)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def zeros(self, shape, dtype=None):
+        """Zeros on the device; dtype None means compute_dtype (the KV cache's dtype)."""
+        return cp.zeros(shape, dtype=self._storage(dtype))
+
+    def synchronize(self) -> None:
+        cp.cuda.get_current_stream().synchronize()
+
+    def kv_cache_budget(self, utilization: float) -> int:
+        """Bytes the KV cache may take: `utilization` of the card minus what is in use now. Call it
+        after the profiling forward, whose activations CuPy's pool still holds (and will reuse)."""
+        self.synchronize()
+        free, total = cp.cuda.runtime.memGetInfo()
+        return int(total * utilization - (total - free))
+
+    # ---- checks -------------------------------------------------------------------------------
+    def _check(self, name: str, arr, dtype=None, ndim: int | None = None, contiguous: bool = True):
+        if not isinstance(arr, cp.ndarray):
+            raise ValueError(f"{name}: expected a cupy array on the GPU, got {type(arr).__name__}")
+        dtype = self.compute_dtype if dtype is None else np.dtype(dtype)
+        if arr.dtype != dtype:
+            want = "bfloat16 (stored as uint16)" if dtype == np.uint16 and self.dtype == "bfloat16" else str(dtype)
+            raise ValueError(f"{name}: dtype {arr.dtype}, expected {want}")
+        if ndim is not None and arr.ndim != ndim:
+            raise ValueError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
+        if contiguous and not arr.flags.c_contiguous:
+            raise ValueError(f"{name}: must be C-contiguous (shape {arr.shape}, strides {arr.strides})")
+
+    def _kernel(self, file: str, kernel: str, head_dim: int | None = None):
+        return nvrtc.get_kernel(file, kernel, self.dtype, head_dim)
+
+    def _ensure_smem(self, kernel, nbytes: int) -> None:
+        if nbytes > _DEFAULT_SMEM and self._smem_set.get(id(kernel), 0) < nbytes:
+            kernel.max_dynamic_shared_size_bytes = nbytes
+            self._smem_set[id(kernel)] = nbytes
+
+    # ---- ops ----------------------------------------------------------------------------------
+    def embedding(self, ids, table):
+        self._check("embedding ids", ids, np.int32, ndim=1)
+        self._check("embedding table", table, ndim=2)
+        (num_tokens,), (vocab, hidden) = ids.shape, table.shape
+        out = cp.empty((num_tokens, hidden), dtype=self.compute_dtype)  # [T, H]
+        if num_tokens:
+            self._kernel("embedding.cu", "embedding_kernel")(
+                (num_tokens,), (256,), (out, ids, table, np.int32(hidden), np.int32(vocab)))
+        return out
+
+    def rms_norm(self, x, weight, eps: float):
+        """RMSNorm over the last dim. x may be a strided 2-D or 3-D view whose last dim is
+        contiguous (q or k sliced out of the qkv output); the result is contiguous."""
+        self._check("rms_norm x", x, contiguous=False)
+        self._check("rms_norm weight", weight, ndim=1)
+        d = x.shape[-1]
+        if weight.shape[0] != d:
+            raise ValueError(f"rms_norm: weight has {weight.shape[0]} elements, x's last dim is {d}")
+        isz = x.itemsize
+        if x.ndim == 0 or x.strides[-1] != isz or any(s < 0 or s % isz for s in x.strides):
+            raise ValueError(f"rms_norm x: last dim must be contiguous (shape {x.shape}, strides {x.strides})")
+        if x.ndim == 1:
+            outer, inner, s_outer, s_inner = 1, 1, d, 0
+        elif x.ndim == 2:
+            outer, inner, s_outer, s_inner = x.shape[0], 1, x.strides[0] // isz, 0
+        elif x.ndim == 3:
+            outer, inner, s_outer, s_inner = x.shape[0], x.shape[1], x.strides[0] // isz, x.strides[1] // isz
+        else:
+            if not x.flags.c_contiguous:
+                raise ValueError(f"rms_norm x: a {x.ndim}-D input must be C-contiguous")
+            outer, inner, s_outer, s_inner = x.size // max(d, 1), 1, d, 0
+        out = cp.empty(x.shape, dtype=self.compute_dtype)
+        rows = outer * inner
+        if rows and d:
+            self._kernel("norm.cu", "rms_norm_kernel")(
+                (rows,), (_launch_threads(d),),
+                (out, x, np.int64(s_outer), np.int64(s_inner), np.int32(inner), weight, np.int32(d), np.float32(eps)))
+        return out
+
+    def fused_add_rms_norm(self, x, residual, weight, eps: float):
+        """(rms_norm(x + residual), x + residual): the next layer's input and the residual stream."""
+        self._check("fused_add_rms_norm x", x, ndim=2)
+        self._check("fused_add_rms_norm residual", residual, ndim=2)
+        self._check("fused_add_rms_norm weight", weight, ndim=1)
+        if x.shape != residual.shape or weight.shape[0] != x.shape[1]:
+            raise ValueError(f"fused_add_rms_norm: shapes x {x.shape}, residual {residual.shape}, weight {weight.shape}")
+        rows, d = x.shape
+        out = cp.empty_like(x)
+        new_residual = cp.empty_like(x)
+        if rows and d:
+            self._kernel("norm.cu", "fused_add_rms_norm_kernel")(
+                (rows,), (_launch_threads(d),),
+                (out, new_residual, x, residual, weight, np.int32(d), np.float32(eps)))
+        return out, new_residual
+
+    def _gemm(self, x, weight, out, out_type: int, beta) -> None:
+        """out[T, N] = x[T, K] @ weight[N, K]^T (+ beta * out), fp32 accumulation.
+
+        cuBLAS is column-major: a row-major [R, C] array is a column-major [C, R] one. So
+        out^T [N, T] = weight [N, K] (weight^T [K, N] in cuBLAS's eyes, transposed) @ x^T [K, T].
+        """
+        num_tokens, k = x.shape
+        n = weight.shape[0]
+        handle = cp.cuda.device.get_cublas_handle()
+        _cublas.setPointerMode(handle, _CUBLAS_POINTER_MODE_HOST)
+        _cublas.gemmEx(
+            handle, _CUBLAS_OP_T, _CUBLAS_OP_N, n, num_tokens, k,
+            self._alpha.ctypes.data, weight.data.ptr, self._gemm_type, k,
+            x.data.ptr, self._gemm_type, x.strides[0] // x.itemsize,
+            beta.ctypes.data, out.data.ptr, out_type, n,
+            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+
+    def _gemm_input(self, name: str, x):
+        self._check(name, x, contiguous=False)
+        if x.ndim != 2:
+            if not x.flags.c_contiguous:
+                raise ValueError(f"{name}: a {x.ndim}-D input must be C-contiguous")
+            x = x.reshape(-1, x.shape[-1])
+        if x.strides[1] != x.itemsize or x.strides[0] < x.shape[1] * x.itemsize:
+            raise ValueError(f"{name}: rows must be contiguous (shape {x.shape}, strides {x.strides})")
+        return x
+
+    def linear(self, x, weight, bias=None):
+        """x @ weight.T (+ bias); weight is [out, in] as in HF checkpoints. x [T, in] -> [T, out]."""
+        x2 = self._gemm_input("linear x", x)
+        self._check("linear weight", weight, ndim=2)
+        if weight.shape[1] != x2.shape[1]:
+            raise ValueError(f"linear: x has {x2.shape[1]} features, weight is {weight.shape}")
+        out = cp.empty((x2.shape[0], weight.shape[0]), dtype=self.compute_dtype)
+        beta = self._beta0
+        if bias is not None:
+            self._check("linear bias", bias, ndim=1)
+            if bias.shape[0] != weight.shape[0]:
+                raise ValueError(f"linear: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
+            out[...] = bias  # broadcast copy; cuBLAS then adds the product (beta = 1)
+            beta = self._beta1
+        if out.size and x2.shape[1]:
+            self._gemm(x2, weight, out, self._gemm_type, beta)
+        elif out.size and bias is None:
+            out.fill(0)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def logits(self, x, lm_head):
+        """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly)."""
+        x2 = self._gemm_input("logits x", x)
+        self._check("logits lm_head", lm_head, ndim=2)
+        if lm_head.shape[1] != x2.shape[1]:
+            raise ValueError(f"logits: x has {x2.shape[1]} features, lm_head is {lm_head.shape}")
+        out = cp.empty((x2.shape[0], lm_head.shape[0]), dtype=np.float32)
+        if out.size:
+            self._gemm(x2, lm_head, out, _CUDA_R_32F, self._beta0)
+        return out
+
+    def silu_and_mul(self, x):
+        """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
+        self._check("silu_and_mul x", x, ndim=2)
+        num_tokens, two_i = x.shape
+        if two_i % 2:
+            raise ValueError(f"silu_and_mul: last dim must be even, got {two_i}")
+        out = cp.empty((num_tokens, two_i // 2), dtype=self.compute_dtype)
+        if out.size:
+            self._kernel("activation.cu", "silu_and_mul_kernel")((num_tokens,), (256,), (out, x, np.int32(two_i // 2)))
+        return out
+
+    def _heads_view(self, name: str, x, num_tokens: int) -> int:
+        """Checks a [T, heads, head_dim] view whose heads are contiguous; returns the token stride."""
+        self._check(name, x, ndim=3, contiguous=False)
+        isz = x.itemsize
+        if x.shape[0] != num_tokens:
+            raise ValueError(f"{name}: {x.shape[0]} tokens, expected {num_tokens}")
+        if x.strides[2] != isz or (x.shape[1] > 1 and x.strides[1] != x.shape[2] * isz) or x.strides[0] < 0 \
+                or x.strides[0] % isz:
+            raise ValueError(f"{name}: each token's [heads, head_dim] must be contiguous (strides {x.strides})")
+        return x.strides[0] // isz
+
+    def rotary_and_cache_write(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox: bool):
+        """Rotate q and k; write rotated k and v into the paged cache at slot_mapping (-1 skips).
+        q [T, nh, hd], k and v [T, nkv, hd] (strided views of the qkv output are fine).
+        Returns the rotated q, contiguous [T, nh, hd]."""
+        num_tokens, nh, hd = q.shape
+        q_stride = self._heads_view("rotary q", q, num_tokens)
+        k_stride = self._heads_view("rotary k", k, num_tokens)
+        v_stride = self._heads_view("rotary v", v, num_tokens)
+        nkv = k.shape[1]
+        if k.shape[2] != hd or v.shape != k.shape or hd % 2:
+            raise ValueError(f"rotary: shapes q {q.shape}, k {k.shape}, v {v.shape} (head_dim must be even)")
+        self._check("rotary positions", positions, np.int32, ndim=1)
+        self._check("rotary slot_mapping", slot_mapping, np.int32, ndim=1)
+        if positions.shape[0] != num_tokens or slot_mapping.shape[0] != num_tokens:
+            raise ValueError(f"rotary: positions {positions.shape} / slot_mapping {slot_mapping.shape} vs {num_tokens} tokens")
+        self._check("rotary cos_sin", cos_sin, np.float32, ndim=2)
+        if cos_sin.shape[1] != hd:
+            raise ValueError(f"rotary: cos_sin rows have {cos_sin.shape[1]} values, head_dim is {hd}")
+        self._check_cache(k_cache, v_cache, nkv, hd)
+        q_out = cp.empty((num_tokens, nh, hd), dtype=self.compute_dtype)
+        if num_tokens:
+            self._kernel("rotary.cu", "rotary_cache_kernel")(
+                (num_tokens,), (128,),
+                (q_out, k_cache, v_cache, q, np.int64(q_stride), k, np.int64(k_stride), v, np.int64(v_stride),
+                 positions, slot_mapping, cos_sin, np.int32(cos_sin.shape[0]),
+                 np.int32(nh), np.int32(nkv), np.int32(hd), np.int32(1 if neox else 0)))
+        return q_out
+
+    def _check_cache(self, k_cache, v_cache, nkv: int, hd: int) -> None:
+        self._check("k_cache", k_cache, ndim=4)
+        self._check("v_cache", v_cache, ndim=4)
+        if k_cache.shape != v_cache.shape or k_cache.shape[2:] != (nkv, hd):
+            raise ValueError(f"KV cache: k {k_cache.shape}, v {v_cache.shape}; expected [num_blocks, block_size, {nkv}, {hd}]")
+        if k_cache.data.ptr % 16 or v_cache.data.ptr % 16:
+            raise ValueError("KV cache: base address must be 16-byte aligned")
+
+    def paged_attention(self, q, k_cache, v_cache, meta, scale: float):
+        """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd].
+        Decode-only steps (max_query_len == 1) use the split-context decode kernel; others the
+        tensor-core prefill kernel. Rows no request owns come back as zeros."""
+        self._check("paged_attention q", q, ndim=3)
+        num_tokens, nh, hd = q.shape
+        nkv, block_size = k_cache.shape[2], k_cache.shape[1]
+        self._check_cache(k_cache, v_cache, nkv, hd)
+        if nh % nkv:
+            raise ValueError(f"paged_attention: {nh} query heads is not a multiple of {nkv} KV heads")
+        self._check("query_start_loc", meta.query_start_loc, np.int32, ndim=1)
+        self._check("seq_lens", meta.seq_lens, np.int32, ndim=1)
+        self._check("block_tables", meta.block_tables, np.int32, ndim=2)
+        num_reqs = meta.seq_lens.shape[0]
+        if meta.query_start_loc.shape[0] != num_reqs + 1 or meta.block_tables.shape[0] < num_reqs:
+            raise ValueError(f"paged_attention: query_start_loc {meta.query_start_loc.shape}, seq_lens "
+                             f"{meta.seq_lens.shape}, block_tables {meta.block_tables.shape} disagree")
+        if hd % 8:
+            raise ValueError(f"paged_attention: head_dim must be a multiple of 8, got {hd}")
+        if num_tokens == 0 or num_reqs == 0:
+            return cp.zeros_like(q)
+        prefill_ok = hd % 16 == 0 and hd <= 128
+        if meta.max_query_len <= 1 or self.attention == "split" or not prefill_ok:
+            return self._attention_split(q, k_cache, v_cache, meta, scale, num_reqs, block_size)
+        return self._attention_prefill(q, k_cache, v_cache, meta, scale, num_reqs, block_size)
+
+    def _attention_split(self, q, k_cache, v_cache, meta, scale, num_reqs, block_size):
+        num_tokens, nh, hd = q.shape
+        nkv = k_cache.shape[2]
+        group = nh // nkv
+        parts = max(1, -(-int(meta.max_seq_len) // nvrtc.DECODE_PARTITION_SIZE))
+        if num_tokens > _MAX_GRID_YZ or parts > _MAX_GRID_YZ:
+            raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {_MAX_GRID_YZ}")
+        tmp_out = cp.empty((num_tokens, nh, parts, hd), dtype=np.float32)
+        tmp_max = cp.empty((num_tokens, nh, parts), dtype=np.float32)
+        tmp_sum = cp.empty((num_tokens, nh, parts), dtype=np.float32)
+        out = cp.empty_like(q)
+        split = self._kernel("attention_decode.cu", "paged_attention_split_kernel", hd)
+        smem = nvrtc.decode_smem_bytes(hd, group)
+        self._ensure_smem(split, smem)
+        split((nkv, num_tokens, parts), (nvrtc.DECODE_NUM_THREADS,),
+              (tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables,
+               np.int32(meta.block_tables.shape[1]), meta.query_start_loc, meta.seq_lens,
+               np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),
+               np.float32(scale)),
+              shared_mem=smem)
+        combine = self._kernel("attention_decode.cu", "paged_attention_combine_kernel", hd)
+        # The compiler reads the weights in 16-byte vectors: round the buffer up so the last read stays inside.
+        smem = 16 * (-(-parts // 4) + 1)
+        self._ensure_smem(combine, smem)
+        combine((nh, num_tokens), (nvrtc.DECODE_NUM_THREADS,),
+                (out, tmp_out, tmp_max, tmp_sum, meta.query_start_loc, meta.seq_lens,
+                 np.int32(num_reqs), np.int32(nh), np.int32(parts)),
+                shared_mem=smem)
+        return out
+
+    def _attention_prefill(self, q, k_cache, v_cache, meta, scale, num_reqs, block_size):
+        num_tokens, nh, hd = q.shape
+        nkv = k_cache.shape[2]
+        group = nh // nkv
+        if num_reqs > _MAX_GRID_YZ:
+            raise ValueError(f"paged_attention (prefill): {num_reqs} requests exceed {_MAX_GRID_YZ}")
+        out = cp.empty_like(q)
+        covered = int(sum(meta.query_lens_host))  # rows past the last request's are padding
+        if covered < num_tokens:
+            out[covered:] = 0
+        m_tiles = -(-int(meta.max_query_len) * group // 64)  # BLOCK_M in attention_prefill.cu
+        if m_tiles:
+            self._kernel("attention_prefill.cu", "paged_attention_prefill_kernel", hd)(
+                (m_tiles, nkv, num_reqs), (128,),
+                (out, q, k_cache, v_cache, meta.block_tables, np.int32(meta.block_tables.shape[1]),
+                 meta.query_start_loc, meta.seq_lens, np.int32(nh), np.int32(nkv), np.int32(block_size),
+                 np.float32(scale)))
+        return out

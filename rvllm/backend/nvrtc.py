@@ -1,0 +1,196 @@
+"""Compile kernels_cu/*.cu with NVRTC for the GPU in use, cache the cubins on disk, hand back kernels.
+
+One compiled module per (file, SM, dtype, head size). The cubin is stored under
+`$RVLLM_CACHE/kernels/` (default `~/.cache/rvllm/kernels/`) keyed by a hash of the source, the
+options and the NVRTC version, so a warm start compiles nothing. Compile errors are raised as
+RuntimeError naming the kernel file, with NVRTC's log.
+
+The pure-Python half of this module (sources, options, the specialization table) imports no
+CuPy: CI uses it to compile every kernel through NVRTC alone (tests/test_kernels_compile.py,
+rvllm/backend/nvrtc_check.py), with exactly the options used at run time. Only the functions
+that load kernels import cupy.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+DTYPES = ("float16", "bfloat16")
+# Head sizes compiled by default for the attention kernels. Others that are multiples of 16
+# (the prefill kernel's mma k-step) up to 128 also compile on demand.
+HEAD_DIMS = (64, 80, 96, 128)
+MIN_COMPUTE_CAPABILITY = 80  # cvt.rn.bf16.f32 and mma.m16n8k16 need sm_80
+
+# file -> (kernel entry points, whether the file is specialized on head size)
+KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "embedding.cu": (("embedding_kernel",), False),
+    "norm.cu": (("rms_norm_kernel", "fused_add_rms_norm_kernel"), False),
+    "activation.cu": (("silu_and_mul_kernel",), False),
+    "rotary.cu": (("rotary_cache_kernel",), False),
+    "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_combine_kernel"), True),
+    "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
+}
+
+# Must match attention_decode.cu.
+DECODE_PARTITION_SIZE = 512
+DECODE_NUM_THREADS = 128
+DECODE_GCHUNK = 8
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def kernels_dir():
+    """kernels_cu/: the rvllm.kernels_cu package when rvllm is installed (pyproject maps it), else
+    the directory beside rvllm/ in a source checkout run through PYTHONPATH."""
+    try:
+        return resources.files("rvllm.kernels_cu")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels_cu"
+
+
+def kernel_source(file: str) -> str:
+    """The source of kernels_cu/<file> with its local #include "..." lines pasted in (NVRTC
+    then needs no include path)."""
+    root = kernels_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:  # headers use #pragma once; pasting twice would redefine
+            return ""
+        seen.add(name)
+        text = (root / name).read_text()
+        return _INCLUDE.sub(lambda m: f'// ---- {m.group(1)} ----\n{expand(m.group(1))}', text)
+
+    return expand(file)
+
+
+def specializations(file: str, head_dims=HEAD_DIMS) -> list[tuple[str, int | None]]:
+    """Every (dtype, head_dim) that `file` is compiled for; head_dim is None for files that do
+    not depend on it."""
+    _, per_head_dim = KERNELS[file]
+    dims = tuple(head_dims) if per_head_dim else (None,)
+    return [(dtype, hd) for dtype in DTYPES for hd in dims]
+
+
+def compile_options(arch: int | str, dtype: str, head_dim: int | None = None, ptx: bool = False) -> tuple[str, ...]:
+    """NVRTC options for one specialization; the single definition used at run time and in CI.
+
+    arch: compute capability as digits ("90", 80). ptx=True targets the virtual architecture
+    (compute_XX, PTX the driver compiles) for GPUs newer than the NVRTC in use knows.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    target = f"compute_{arch}" if ptx else f"sm_{arch}"
+    opts = [
+        "-std=c++17",
+        f"--gpu-architecture={target}",
+        "-lineinfo",  # source lines for compute-sanitizer and ncu; no effect on the code
+        "-DRVLLM_BF16" if dtype == "bfloat16" else "-DRVLLM_FP16",
+    ]
+    if head_dim is not None:
+        opts.append(f"-DHEAD_DIM={int(head_dim)}")
+    return tuple(opts)
+
+
+def decode_smem_bytes(head_dim: int, group: int) -> int:
+    """Dynamic shared memory of paged_attention_split_kernel (see attention_decode.cu)."""
+    floats = group * DECODE_PARTITION_SIZE + (DECODE_NUM_THREADS // 32) * DECODE_GCHUNK * head_dim + 2 * group
+    return 4 * floats
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rvllm")
+    return Path(root) / "kernels"
+
+
+def cache_key(source: str, options: tuple[str, ...], nvrtc_version) -> str:
+    h = hashlib.sha256()
+    for part in (source, "\0".join(options), repr(tuple(nvrtc_version))):
+        h.update(part.encode())
+        h.update(b"\1")
+    return h.hexdigest()[:32]
+
+
+# ---- run time (imports cupy) ------------------------------------------------------------------
+
+@functools.cache
+def device_arch() -> tuple[str, bool]:
+    """(arch digits, ptx) for the current device: cubin for its own SM when this NVRTC knows it,
+    else PTX for the newest architecture NVRTC supports."""
+    import cupy
+    from cupy.cuda import nvrtc
+
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc < MIN_COMPUTE_CAPABILITY:
+        raise RuntimeError(
+            f"rvllm's CUDA kernels need compute capability >= {MIN_COMPUTE_CAPABILITY / 10:.1f}; "
+            f"this GPU has {cc / 10:.1f}"
+        )
+    try:
+        supported = [int(a) for a in nvrtc.getSupportedArchs()]
+    except Exception:  # older bindings: assume NVRTC knows the device
+        supported = [cc]
+    if cc in supported:
+        return str(cc), False
+    older = [a for a in supported if a <= cc]
+    return str(max(older) if older else cc), True
+
+
+def _nvrtc_compile(source: str, file: str, options: tuple[str, ...], ptx: bool) -> bytes:
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(source, file, (), ())
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(options))
+        except nvrtc.NVRTCError as e:
+            log = nvrtc.getProgramLog(prog)
+            raise RuntimeError(
+                f"NVRTC failed to compile kernels_cu/{file} ({e}) with options {' '.join(options)}:\n{log}"
+            ) from None
+        out = nvrtc.getPTX(prog) if ptx else nvrtc.getCUBIN(prog)
+        return out.encode() if isinstance(out, str) else bytes(out)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+@functools.cache
+def load_module(file: str, dtype: str, head_dim: int | None = None):
+    """The cupy.RawModule of kernels_cu/<file> for this GPU, compiled once and cached on disk."""
+    import cupy
+    from cupy.cuda import nvrtc
+
+    if file not in KERNELS:
+        raise ValueError(f"unknown kernel file {file!r}; known: {', '.join(KERNELS)}")
+    arch, ptx = device_arch()
+    options = compile_options(arch, dtype, head_dim, ptx=ptx)
+    source = kernel_source(file)
+    key = cache_key(source, options, nvrtc.getVersion())
+    path = cache_dir() / f"{Path(file).stem}-{dtype}-{head_dim or 0}-sm{arch}-{key}.{'ptx' if ptx else 'cubin'}"
+    if not path.is_file():
+        binary = _nvrtc_compile(source, file, options, ptx)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(binary)
+            os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+        except OSError:  # cache not writable: keep this process going from a temporary file
+            path = Path(tempfile.mkdtemp(prefix="rvllm-kernels-")) / path.name
+            path.write_bytes(binary)
+    return cupy.RawModule(path=str(path))
+
+
+@functools.cache
+def get_kernel(file: str, kernel: str, dtype: str, head_dim: int | None = None):
+    """One compiled kernel (a cupy.RawKernel), cached per (file, kernel, dtype, head_dim)."""
+    names, per_head_dim = KERNELS[file]
+    if kernel not in names:
+        raise ValueError(f"kernels_cu/{file} has no kernel {kernel!r}; it has {', '.join(names)}")
+    if per_head_dim and head_dim is None:
+        raise ValueError(f"kernels_cu/{file} is compiled per head size: pass head_dim")
+    return load_module(file, dtype, head_dim if per_head_dim else None).get_function(kernel)

@@ -1,0 +1,116 @@
+"""SamplingMetadata: the per-step sampling inputs, one row per request that samples this step.
+
+The runner builds it (usually through `from_requests`) and hands it to the sampler together with
+the `[num_rows, vocab]` logits. Everything here is plain Python lists so that the engine side can
+build it without NumPy; the flags computed in `__post_init__` let the sampler skip whole stages in
+the common cases (all greedy, no penalties, no top-k/top-p, no logprobs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from rvllm.sampling_params import SamplingParams
+
+# Same cut-off as SamplingParams.greedy: below this temperature a row takes the argmax.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: list[float]
+    top_p: list[float]
+    top_k: list[int]  # 0 = off
+    min_p: list[float]
+    presence_penalty: list[float]
+    frequency_penalty: list[float]
+    repetition_penalty: list[float]
+    logit_bias: list[dict[int, float] | None]
+    seeds: list[int | None]
+    # The request's generated tokens so far; frequency/presence penalties count these, and its
+    # length is the step number that seeds a seeded row's noise (so preemption replays the same noise).
+    output_token_ids: list[list[int]] = field(repr=False)
+    prompt_token_ids: list[list[int]] = field(repr=False)
+    # Tokens forbidden this step (EOS and stop ids while the request is short of min_tokens).
+    suppress_token_ids: list[list[int]]
+    num_logprobs: list[int | None]
+    # Structured output later: per row a bool [vocab] array (True = allowed) or None.
+    allowed_token_masks: list | None = None
+
+    # ---- derived flags (computed, not passed) -----------------------------------------------
+    num_rows: int = field(init=False)
+    all_greedy: bool = field(init=False)
+    all_random: bool = field(init=False)
+    no_penalties: bool = field(init=False)
+    no_logit_bias: bool = field(init=False)
+    no_suppress: bool = field(init=False)
+    no_top_k_top_p: bool = field(init=False)  # over the random rows only; greedy rows ignore them
+    no_min_p: bool = field(init=False)
+    any_seeded: bool = field(init=False)
+    max_num_logprobs: int | None = field(init=False)  # None: no row wants logprobs
+
+    def __post_init__(self) -> None:
+        n = len(self.temperature)
+        lists = (self.top_p, self.top_k, self.min_p, self.presence_penalty, self.frequency_penalty,
+                 self.repetition_penalty, self.logit_bias, self.seeds, self.output_token_ids,
+                 self.prompt_token_ids, self.suppress_token_ids, self.num_logprobs)
+        if any(len(x) != n for x in lists) or (self.allowed_token_masks is not None
+                                               and len(self.allowed_token_masks) != n):
+            raise ValueError("SamplingMetadata: every per-row list must have one entry per row")
+        self.num_rows = n
+        greedy = [t < GREEDY_TEMPERATURE for t in self.temperature]
+        self.all_greedy = all(greedy)
+        self.all_random = not any(greedy)
+        self.no_penalties = (all(p == 0.0 for p in self.presence_penalty)
+                             and all(f == 0.0 for f in self.frequency_penalty)
+                             and all(r == 1.0 for r in self.repetition_penalty))
+        self.no_logit_bias = not any(self.logit_bias)
+        self.no_suppress = not any(self.suppress_token_ids)
+        random_rows = [i for i in range(n) if not greedy[i]]
+        self.no_top_k_top_p = all(self.top_k[i] <= 0 and self.top_p[i] >= 1.0 for i in random_rows)
+        self.no_min_p = all(self.min_p[i] <= 0.0 for i in random_rows)
+        self.any_seeded = any(self.seeds[i] is not None for i in random_rows)
+        wanted = [k for k in self.num_logprobs if k is not None]
+        self.max_num_logprobs = max(wanted) if wanted else None
+
+    @property
+    def needs_logit_processing(self) -> bool:
+        """True when the logits must be copied and edited before sampling."""
+        return not (self.no_penalties and self.no_logit_bias and self.no_suppress
+                    and not any(m is not None for m in (self.allowed_token_masks or ())))
+
+    @classmethod
+    def from_requests(
+        cls,
+        rows: Sequence[tuple[SamplingParams, Sequence[int], Sequence[int], Iterable[int] | int | None]],
+    ) -> "SamplingMetadata":
+        """rows: (params, prompt_token_ids, output_token_ids, eos_token_ids) per sampling request.
+
+        The id lists are kept by reference (not copied): the sampler only reads them.
+        """
+        suppress = []
+        for sp, _, out, eos in rows:
+            if len(out) < sp.min_tokens:
+                # vLLM: min_tokens holds back every token that would stop the request. With
+                # ignore_eos, EOS does not stop it, so EOS stays allowed.
+                ids = list(sp.stop_token_ids or ())
+                if not sp.ignore_eos and eos is not None:
+                    ids += [eos] if isinstance(eos, int) else list(eos)
+                suppress.append(ids)
+            else:
+                suppress.append([])
+        return cls(
+            temperature=[float(sp.temperature) for sp, *_ in rows],
+            top_p=[float(sp.top_p) for sp, *_ in rows],
+            top_k=[max(int(sp.top_k), 0) for sp, *_ in rows],
+            min_p=[float(sp.min_p) for sp, *_ in rows],
+            presence_penalty=[float(sp.presence_penalty) for sp, *_ in rows],
+            frequency_penalty=[float(sp.frequency_penalty) for sp, *_ in rows],
+            repetition_penalty=[float(sp.repetition_penalty) for sp, *_ in rows],
+            logit_bias=[sp.logit_bias or None for sp, *_ in rows],
+            seeds=[sp.seed for sp, *_ in rows],
+            output_token_ids=[out for _, _, out, _ in rows],
+            prompt_token_ids=[prompt for _, prompt, _, _ in rows],
+            suppress_token_ids=suppress,
+            num_logprobs=[sp.logprobs for sp, *_ in rows],
+        )

@@ -1,0 +1,390 @@
+"""Every CUDA op against CpuBackend (the reference), on fresh random inputs, both 16-bit dtypes.
+
+-m gpu; skipped where cupy or a CUDA device is missing. Every device allocation made during these
+tests starts filled with 0xFF bytes (NaN in fp16, bf16 and fp32), so an output element a kernel
+forgot to write shows up as a non-finite value. Inputs are rounded to the backend's dtype first
+and the CPU reference gets the same rounded values, so the errors measured are the kernels' own.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from rvllm.backend.cpu import AttentionMetadata, CpuBackend
+from rvllm.backend.cuda import bf16_bits_to_f32, f32_to_bf16_bits, is_cuda_available
+from rvllm.model.config import ModelSpec
+from rvllm.model.llama import LayerWeights, LlamaModel, ModelWeights
+from rvllm.model.rope import cos_sin_table
+
+requires_gpu = pytest.mark.skipif(not is_cuda_available(), reason="no CUDA device (cupy missing or no GPU)")
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+TOL = 2e-2
+DTYPES = ("float16", "bfloat16")
+CPU = CpuBackend()
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def gpu(request):
+    from rvllm.backend.cuda import CudaBackend
+
+    return CudaBackend(request.param)
+
+
+@pytest.fixture(scope="module")
+def gpu_split(gpu):
+    """The same dtype with the split (decode) kernel for every step: a second attention path."""
+    from rvllm.backend.cuda import CudaBackend
+
+    return CudaBackend(gpu.dtype, attention="split")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def poisoned_allocations():
+    if not is_cuda_available():
+        yield
+        return
+    from rvllm.backend.cuda import cp
+
+    pool = cp.cuda.MemoryPool()
+
+    def alloc(size):
+        mem = pool.malloc(size)
+        if size:
+            cp.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cp.cuda.get_current_stream().ptr)
+        return mem
+
+    cp.cuda.set_allocator(alloc)
+    yield
+    cp.cuda.set_allocator(cp.get_default_memory_pool().malloc)
+    pool.free_all_blocks()
+
+
+@pytest.fixture
+def rng(request):
+    # A seed per test id: different cases get different data, a rerun the same.
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def rounded(gpu, x):
+    """x as the backend stores it (16-bit), back as float32: the CPU reference's input."""
+    return gpu.to_host(gpu.weight(np.asarray(x, np.float32))).astype(np.float32)
+
+
+def check(gpu, out, ref, name, tol=TOL):
+    got = np.asarray(gpu.to_host(out), dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape}, expected {ref.shape}"
+    bad = ~np.isfinite(got)
+    assert not bad.any(), f"{name}: {bad.sum()} non-finite elements (unwritten output?) at {np.argwhere(bad)[:5].tolist()}"
+    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol}"
+    return err
+
+
+def test_bf16_host_conversion():
+    x = np.array([1.0, -2.5, 3.140625, 1e-40, np.inf, -np.inf, 65504.0, 1.00390625], np.float32)
+    back = bf16_bits_to_f32(f32_to_bf16_bits(x))
+    assert back[0] == 1.0 and back[1] == -2.5 and back[2] == 3.140625 and np.isinf(back[4:6]).all()
+    assert back[7] == 1.0  # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: rounds to even
+    assert np.isnan(bf16_bits_to_f32(f32_to_bf16_bits(np.array([np.nan], np.float32))))[0]
+
+
+# ---- elementwise and row ops ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize("hidden", [64, 576, 4100])
+def test_embedding(gpu, rng, num_tokens, hidden):
+    vocab = 1000
+    table = rounded(gpu, rng.standard_normal((vocab, hidden)))
+    ids = rng.integers(0, vocab, num_tokens).astype(np.int32)
+    out = gpu.embedding(gpu.from_host(ids), gpu.weight(table))
+    got = gpu.to_host(out).astype(np.float32)
+    np.testing.assert_array_equal(got, CPU.embedding(ids, table))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 129])
+@pytest.mark.parametrize("d", [64, 576, 4096, 5000])
+def test_rms_norm(gpu, rng, num_tokens, d):
+    x = rounded(gpu, rng.standard_normal((num_tokens, d)) * 3)
+    w = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    out = gpu.rms_norm(gpu.weight(x), gpu.weight(w), 1e-6)
+    check(gpu, out, CPU.rms_norm(x, w, 1e-6), "rms_norm")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rms_norm_per_head_on_strided_view(gpu, rng, head_dim):
+    """Qwen3's q/k norm: rms_norm over each head of q sliced out of the fused qkv output."""
+    t, nh, nkv = 19, 8, 2
+    qkv = rounded(gpu, rng.standard_normal((t, (nh + 2 * nkv) * head_dim)))
+    w = rounded(gpu, 1 + 0.1 * rng.standard_normal(head_dim))
+    qkv_dev = gpu.weight(qkv)
+    q = qkv_dev[:, : nh * head_dim].reshape(t, nh, head_dim)
+    k = qkv_dev[:, nh * head_dim: (nh + nkv) * head_dim].reshape(t, nkv, head_dim)
+    q_ref = qkv[:, : nh * head_dim].reshape(t, nh, head_dim)
+    k_ref = qkv[:, nh * head_dim: (nh + nkv) * head_dim].reshape(t, nkv, head_dim)
+    check(gpu, gpu.rms_norm(q, gpu.weight(w), 1e-6), CPU.rms_norm(q_ref, w, 1e-6), "q_norm")
+    check(gpu, gpu.rms_norm(k, gpu.weight(w), 1e-6), CPU.rms_norm(k_ref, w, 1e-6), "k_norm")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 33])
+@pytest.mark.parametrize("d", [64, 576, 4096])
+def test_fused_add_rms_norm(gpu, rng, num_tokens, d):
+    x = rounded(gpu, rng.standard_normal((num_tokens, d)))
+    res = rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
+    w = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    res_dev = gpu.weight(res)
+    out, new_res = gpu.fused_add_rms_norm(gpu.weight(x), res_dev, gpu.weight(w), 1e-5)
+    ref_out, ref_res = CPU.fused_add_rms_norm(x, res, w, 1e-5)
+    check(gpu, out, ref_out, "normed")
+    check(gpu, new_res, ref_res, "residual")
+    check(gpu, res_dev, res, "input residual untouched", tol=1e-7)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 17, 256])
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 1536), (1024, 4096)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(gpu, rng, num_tokens, k, n, bias):
+    x = rounded(gpu, rng.standard_normal((num_tokens, k)))
+    w = rounded(gpu, rng.standard_normal((n, k)) / np.sqrt(k))
+    b = rounded(gpu, rng.standard_normal(n)) if bias else None
+    out = gpu.linear(gpu.weight(x), gpu.weight(w), gpu.weight(b) if bias else None)
+    check(gpu, out, CPU.linear(x, w, b), "linear")
+
+
+def test_linear_on_row_strided_input(gpu, rng):
+    x = rounded(gpu, rng.standard_normal((9, 200)))
+    w = rounded(gpu, rng.standard_normal((48, 128)) / 12)
+    out = gpu.linear(gpu.weight(x)[:, :128], gpu.weight(w))
+    check(gpu, out, CPU.linear(x[:, :128], w), "linear strided")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 64])
+def test_logits_are_float32(gpu, rng, num_tokens):
+    x = rounded(gpu, rng.standard_normal((num_tokens, 576)))
+    w = rounded(gpu, rng.standard_normal((5003, 576)) / 24)
+    out = gpu.logits(gpu.weight(x), gpu.weight(w))
+    assert out.dtype == np.float32
+    check(gpu, out, CPU.logits(x, w), "logits", tol=1e-3)  # fp32 output: only accumulation-order error
+
+
+@pytest.mark.parametrize("num_tokens", [1, 33])
+@pytest.mark.parametrize("inter", [64, 1536, 5000])
+def test_silu_and_mul(gpu, rng, num_tokens, inter):
+    x = rounded(gpu, rng.standard_normal((num_tokens, 2 * inter)) * 3)
+    check(gpu, gpu.silu_and_mul(gpu.weight(x)), CPU.silu_and_mul(x), "silu_and_mul")
+
+
+# ---- rotary + KV cache write ---------------------------------------------------------------------
+
+def _rope_spec(head_dim: int) -> ModelSpec:
+    return ModelSpec(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=head_dim, intermediate_size=8,
+                     num_layers=1, num_heads=1, num_kv_heads=1, head_dim=head_dim, rope_theta=500000.0)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("nh,nkv", [(8, 8), (12, 4), (14, 2)])
+@pytest.mark.parametrize("num_tokens", [1, 37])
+def test_rotary_and_cache_write(gpu, rng, neox, head_dim, nh, nkv, num_tokens):
+    num_blocks, block_size, max_pos = 64, 16, 4096
+    qkv = rounded(gpu, rng.standard_normal((num_tokens, (nh + 2 * nkv) * head_dim)))
+    k_cache = rounded(gpu, rng.standard_normal((num_blocks, block_size, nkv, head_dim)))
+    v_cache = rounded(gpu, rng.standard_normal((num_blocks, block_size, nkv, head_dim)))
+    positions = rng.integers(0, max_pos, num_tokens).astype(np.int32)
+    slots = rng.choice(num_blocks * block_size, num_tokens, replace=False).astype(np.int32)
+    slots[rng.random(num_tokens) < 0.2] = -1  # padding rows: not written
+    cos_sin = cos_sin_table(_rope_spec(head_dim), max_pos)
+
+    def split(a, xp_reshape):
+        q = a[:, : nh * head_dim]
+        k = a[:, nh * head_dim: (nh + nkv) * head_dim]
+        v = a[:, (nh + nkv) * head_dim:]
+        return (xp_reshape(q, nh), xp_reshape(k, nkv), xp_reshape(v, nkv))
+
+    q_r, k_r, v_r = split(qkv, lambda a, h: a.reshape(num_tokens, h, head_dim))
+    kc_ref, vc_ref = k_cache.copy(), v_cache.copy()
+    q_ref = CPU.rotary_and_cache_write(q_r, k_r, v_r, positions, cos_sin, kc_ref, vc_ref, slots, neox)
+
+    kc, vc = gpu.weight(k_cache), gpu.weight(v_cache)
+    q_d, k_d, v_d = split(gpu.weight(qkv), lambda a, h: a.reshape(num_tokens, h, head_dim))  # strided views
+    q_out = gpu.rotary_and_cache_write(q_d, k_d, v_d, gpu.from_host(positions), gpu.from_host(cos_sin),
+                                       kc, vc, gpu.from_host(slots), neox)
+    check(gpu, q_out, q_ref, "rotated q")
+    check(gpu, kc, kc_ref, "k_cache")
+    check(gpu, vc, vc_ref, "v_cache", tol=1e-7)  # a copy: exact
+
+
+# ---- paged attention -----------------------------------------------------------------------------
+
+def _attention_case(gpu, rng, reqs, nkv, group, head_dim, block_size=16, pad_rows=0):
+    """reqs: [(query_len, seq_len)]. Random q and cache contents; each request's blocks are a
+    random scattering of the cache's blocks. Returns (host inputs, device inputs)."""
+    nh = nkv * group
+    q_lens = [q for q, _ in reqs]
+    seq_lens = [s for _, s in reqs]
+    num_tokens = sum(q_lens) + pad_rows
+    blocks_per = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per) + 3
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    tables = np.zeros((len(reqs), max(max(blocks_per), 1)), np.int32)
+    i = 0
+    for r, nb in enumerate(blocks_per):
+        tables[r, :nb] = perm[i: i + nb]
+        i += nb
+    q = rounded(gpu, rng.standard_normal((num_tokens, nh, head_dim)))
+    kc = rounded(gpu, rng.standard_normal((num_blocks, block_size, nkv, head_dim)))
+    vc = rounded(gpu, rng.standard_normal((num_blocks, block_size, nkv, head_dim)))
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    sl = np.asarray(seq_lens, np.int32)
+    kw = dict(max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_lens_host=q_lens, seq_lens_host=seq_lens)
+    meta = AttentionMetadata(qsl, sl, tables, None, **kw)
+    meta_d = AttentionMetadata(gpu.from_host(qsl), gpu.from_host(sl), gpu.from_host(tables), None, **kw)
+    return (q, kc, vc, meta), (gpu.weight(q), gpu.weight(kc), gpu.weight(vc), meta_d)
+
+
+def _run_attention(backends, rng, reqs, nkv, group, head_dim, pad_rows=0):
+    gpu = backends[0]
+    (q, kc, vc, meta), (q_d, kc_d, vc_d, meta_d) = _attention_case(gpu, rng, reqs, nkv, group, head_dim, pad_rows=pad_rows)
+    scale = head_dim ** -0.5
+    ref = CPU.paged_attention(q, kc, vc, meta, scale)
+    for b in backends:
+        out = b.paged_attention(q_d, kc_d, vc_d, meta_d, scale)
+        check(b, out, ref, f"paged_attention[{b.attention}] reqs={reqs} nkv={nkv} group={group} hd={head_dim}")
+
+
+DECODE_LENS = [1, 15, 16, 17, 100, 1000, 1500]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 7])
+def test_decode_attention_context_lengths(gpu, rng, head_dim, group):
+    """One decode row per request; contexts across block and partition (512) boundaries."""
+    _run_attention([gpu], rng, [(1, n) for n in DECODE_LENS], nkv=2, group=group, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_decode_attention_batches(gpu, rng, batch):
+    lens = rng.integers(1, 2100, batch).tolist()
+    _run_attention([gpu], rng, [(1, n) for n in lens], nkv=8, group=4, head_dim=128)
+
+
+def test_decode_attention_idle_request_and_padding_rows(gpu, rng):
+    """A request with no query row owns nothing; rows past the last request come back zero."""
+    _run_attention([gpu], rng, [(1, 40), (0, 30), (1, 700)], nkv=2, group=4, head_dim=64, pad_rows=3)
+
+
+def test_decode_attention_large_group(gpu, rng):
+    """More query heads per KV head than the kernel holds at once (8): two passes, > 48 KB shared memory."""
+    _run_attention([gpu], rng, [(1, 33), (1, 600)], nkv=1, group=16, head_dim=128)
+
+
+PREFILL_REQS = [
+    (15, 15), (16, 16), (17, 17), (100, 100),  # fresh prompts across block boundaries
+    (37, 1037),   # a chunk after a long cached prefix
+    (1, 500),     # a decode row in a mixed step
+    (0, 20),      # a request with nothing scheduled
+    (64, 80),     # a chunk after a short prefix
+]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 7])
+def test_prefill_attention_ragged(gpu, gpu_split, rng, head_dim, group):
+    """Tensor-core prefill kernel and the split kernel on the same ragged step."""
+    _run_attention([gpu, gpu_split], rng, PREFILL_REQS, nkv=2, group=group, head_dim=head_dim, pad_rows=2)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_attention_other_head_sizes(gpu, gpu_split, rng, head_dim):
+    _run_attention([gpu, gpu_split], rng, [(20, 20), (5, 300), (1, 77)], nkv=2, group=3, head_dim=head_dim)
+    _run_attention([gpu], rng, [(1, 20), (1, 1100)], nkv=2, group=3, head_dim=head_dim)
+
+
+def test_prefill_attention_long_prompt(gpu, rng):
+    _run_attention([gpu], rng, [(1100, 1100), (3, 3)], nkv=2, group=4, head_dim=128)
+
+
+# ---- the whole model -----------------------------------------------------------------------------
+
+def _tiny_spec(variant: str) -> ModelSpec:
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(variant, "LlamaForCausalLM")
+    return ModelSpec(architecture=arch, vocab_size=384, hidden_size=256, intermediate_size=512, num_layers=2,
+                     num_heads=8, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                     max_position_embeddings=512, attention_bias=variant == "qwen2", qk_norm=variant == "qwen3",
+                     rope_neox=variant != "llama-interleaved")
+
+
+def _host_weights(spec: ModelSpec, rng, gpu):
+    def mat(*shape, std=None):
+        return rounded(gpu, rng.standard_normal(shape) * (std if std is not None else shape[-1] ** -0.5))
+
+    def norm(n):
+        return rounded(gpu, 1 + 0.1 * rng.standard_normal(n))
+
+    h, qkv = spec.hidden_size, spec.q_size + 2 * spec.kv_size
+    layers = [dict(input_norm=norm(h), qkv=mat(qkv, h), qkv_bias=mat(qkv, std=0.1) if spec.attention_bias else None,
+                   o_proj=mat(h, spec.q_size), post_norm=norm(h), gate_up=mat(2 * spec.intermediate_size, h),
+                   down=mat(h, spec.intermediate_size),
+                   q_norm=norm(spec.head_dim) if spec.qk_norm else None,
+                   k_norm=norm(spec.head_dim) if spec.qk_norm else None) for _ in range(spec.num_layers)]
+    return dict(embed=mat(spec.vocab_size, h, std=1.0), layers=layers, final_norm=norm(h), lm_head=mat(spec.vocab_size, h))
+
+
+def _weights_on(backend, host, cos_sin):
+    def put(a):
+        return None if a is None else backend.weight(a)
+
+    layers = [LayerWeights(**{k: put(v) for k, v in layer.items()}) for layer in host["layers"]]
+    return ModelWeights(put(host["embed"]), layers, put(host["final_norm"]), put(host["lm_head"]),
+                        backend.from_host(cos_sin))
+
+
+def _step(backend, ids, positions, slots, qsl, seq_lens, tables):
+    q_lens = np.diff(qsl).tolist()
+    meta = AttentionMetadata(
+        backend.from_host(np.asarray(qsl, np.int32)), backend.from_host(np.asarray(seq_lens, np.int32)),
+        backend.from_host(np.asarray(tables, np.int32)), backend.from_host(np.asarray(slots, np.int32)),
+        max(q_lens), max(seq_lens), q_lens, list(seq_lens))
+    return backend.from_host(np.asarray(ids, np.int32)), backend.from_host(np.asarray(positions, np.int32)), meta
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama-interleaved", "qwen2", "qwen3"])
+def test_llama_forward_matches_cpu(gpu, rng, variant):
+    """Prefill of two prompts, then a decode step, through LlamaModel on both backends."""
+    spec = _tiny_spec(variant)
+    host = _host_weights(spec, rng, gpu)
+    cos_sin = cos_sin_table(spec, 512)
+    block_size, num_blocks = 16, 12
+    cache_shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+    models, caches = {}, {}
+    for name, b in (("cpu", CPU), ("gpu", gpu)):
+        models[name] = LlamaModel(spec, _weights_on(b, host, cos_sin), b)
+        caches[name] = [(b.zeros(cache_shape, b.compute_dtype), b.zeros(cache_shape, b.compute_dtype))
+                        for _ in range(spec.num_layers)]
+    tables = [[3, 7, 0], [0, 5, 9]]
+    lens = [13, 40]
+
+    def slots_for(req, positions):
+        return [tables[req][p // block_size] * block_size + p % block_size for p in positions]
+
+    # Step 1: both prompts whole.
+    ids = rng.integers(0, spec.vocab_size, sum(lens)).tolist()
+    positions = list(range(lens[0])) + list(range(lens[1]))
+    slots = slots_for(0, range(lens[0])) + slots_for(1, range(lens[1]))
+    step1 = dict(ids=ids, positions=positions, slots=slots, qsl=[0, lens[0], sum(lens)], seq_lens=lens, tables=tables)
+    # Step 2: one decode token each.
+    step2 = dict(ids=rng.integers(0, spec.vocab_size, 2).tolist(), positions=lens,
+                 slots=slots_for(0, [lens[0]]) + slots_for(1, [lens[1]]), qsl=[0, 1, 2],
+                 seq_lens=[lens[0] + 1, lens[1] + 1], tables=tables)
+    for i, step in enumerate((step1, step2)):
+        hidden = {}
+        for name, b in (("cpu", CPU), ("gpu", gpu)):
+            ids_d, pos_d, meta = _step(b, **step)
+            hidden[name] = models[name].forward(ids_d, pos_d, caches[name], meta)
+        check(gpu, hidden["gpu"], hidden["cpu"], f"{variant} step {i + 1} hidden")
+        logits_cpu = models["cpu"].compute_logits(hidden["cpu"])
+        logits_gpu = models["gpu"].compute_logits(hidden["gpu"])
+        check(gpu, logits_gpu, logits_cpu, f"{variant} step {i + 1} logits")
