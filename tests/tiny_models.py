@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from rvllm.model.safetensors_reader import bf16_bits_to_float32, float32_to_bf16_bits
+
 BASE = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
             max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
@@ -65,7 +67,9 @@ def write_model(root: Path, name: str, seed: int = 0, shards: int = 1, sharp: bo
     sharp=True gives an untied lm_head with large weights: logits far apart, so greedy choices are
     far from ties and 16-bit rounding on the GPU cannot flip them."""
     cfg = dict(CONFIGS[name], tie_word_embeddings=False) if sharp else CONFIGS[name]
-    tensors = random_tensors(cfg, seed, lm_head_std=3.0 if sharp else 0.1)
+    tensors = random_tensors(cfg, seed, lm_head_std=1.0 if sharp else 0.1)
+    if sharp:  # bf16-representable values: a GPU run in bf16 then computes the same model as fp32 references
+        tensors = {k: bf16_bits_to_float32(float32_to_bf16_bits(v)) for k, v in tensors.items()}
     d = Path(root) / name
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))

@@ -168,12 +168,21 @@ class CudaBackend:
     def synchronize(self) -> None:
         cp.cuda.get_current_stream().synchronize()
 
+    def release_cached_memory(self) -> None:
+        """Return the pool's unused blocks to the driver, so the next measurement sees live arrays only."""
+        cp.get_default_memory_pool().free_all_blocks()
+
     def kv_cache_budget(self, utilization: float) -> int:
         """Bytes the KV cache may take: `utilization` of the card minus what is in use now. Call it
         after the profiling forward, whose activations CuPy's pool still holds (and will reuse)."""
         self.synchronize()
         free, total = cp.cuda.runtime.memGetInfo()
-        return int(total * utilization - (total - free))
+        pool = cp.get_default_memory_pool()
+        # pool.total_bytes(): weights plus the profiling step's peak activations (freed arrays stay in the
+        # pool). As in vLLM, the fraction is of the whole card; what other processes hold only caps it by
+        # what is actually free.
+        own = total * utilization - pool.total_bytes()
+        return int(min(own, free + pool.free_bytes() - (256 << 20)))
 
     # ---- checks -------------------------------------------------------------------------------
     def _check(self, name: str, arr, dtype=None, ndim: int | None = None, contiguous: bool = True):

@@ -50,6 +50,7 @@ class EngineCore:
         self.max_num_batched_tokens = default_max_num_batched_tokens(config, self.max_model_len)
         if self.backend.name != "cpu" and not config.num_gpu_blocks_override:
             # Profile the largest step with a KV cache just big enough for it, then size the real one.
+            self.backend.release_cached_memory()
             probe = ModelRunner(spec, weights, self.backend, -(-self.max_num_batched_tokens // config.block_size),
                                 config.block_size, config.seed)
             probe.profile_run(self.max_num_batched_tokens, config.max_num_seqs)

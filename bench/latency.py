@@ -1,0 +1,54 @@
+"""Batch-1 decode speed: one prompt of --input-len tokens, --output-len greedy tokens (ignore_eos).
+Prints decode tok/s (after the first token) and the per-step engine time.
+
+    python bench/latency.py --model qwen2.5-1.5b --load-format dummy [--device cuda] [--append-results]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import append_results  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-1.5b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--append-results", action="store_true")
+    args = ap.parse_args()
+
+    from rvllm import LLM, SamplingParams
+
+    llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=4096,
+              skip_tokenizer_init=True, num_gpu_blocks_override=512)
+    prompt = list(range(100, 100 + args.input_len))
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    rates = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        llm.generate([prompt], params)
+        wall = time.perf_counter() - t
+        rec = llm.engine.stats().finished[-1]
+        rates.append(((args.output_len - 1) / sum(rec.inter_token), wall, rec.ttft))
+    best = max(rates)
+    table = ("| model | device | in/out | decode tok/s (best of %d) | ms/token | TTFT ms | e2e s |\n"
+             "|---|---|---|---|---|---|---|\n" % args.iters +
+             f"| {args.model} | {llm.engine.backend.name} | {args.input_len}/{args.output_len} | {best[0]:.1f} | "
+             f"{1000 / best[0]:.2f} | {best[2] * 1000:.1f} | {best[1]:.2f} |")
+    print(table)
+    if args.append_results:
+        append_results(f"Batch-1 latency {args.model} (bench/latency.py)", table)
+
+
+if __name__ == "__main__":
+    main()
