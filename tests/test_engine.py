@@ -109,3 +109,23 @@ def test_max_tokens_eos_and_stop_token_ids(tiny):
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, min_tokens=12,
                                                 stop_token_ids=[stop_at]))[0].outputs[0]
     assert len(out.token_ids) == 12 and stop_at not in out.token_ids  # min_tokens suppresses the stop token
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=5), dict(num_gpu_blocks_override=20)],
+                         ids=["default", "chunked", "preempt"])
+def test_prompt_logprobs_match_reference(tiny, kw):
+    d, cfg, tensors = tiny
+    prompts = _prompts(cfg["vocab_size"])
+    ref = ReferenceModel(cfg, tensors)
+    outs = LLM(str(d), block_size=4, **kw).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=2))
+    for p, o in zip(prompts, outs):
+        logits = ref.forward(p, 0, ref.new_cache())
+        lp = logits - logits.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(p)
+        for pos in range(1, len(p)):
+            entry = o.prompt_logprobs[pos]
+            assert abs(entry[p[pos]].logprob - lp[pos - 1, p[pos]]) < 1e-4
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank)
+            assert [t for t, _ in top if _.rank <= 2][:2] == list(np.argsort(-lp[pos - 1])[:2])

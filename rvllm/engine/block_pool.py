@@ -14,6 +14,9 @@ Pure Python on ints and lists; see vLLM v1/core/block_pool.py and nano-vllm bloc
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
+
 from collections.abc import Iterable, Iterator, Sequence
 
 # Parent hash of the first block of every sequence. A fixed int (not hash("...")), so block hashes do
@@ -24,10 +27,12 @@ ROOT_BLOCK_HASH = 0x72766C6C6D  # "rvllm"
 def hash_block_tokens(parent_hash: int, token_ids: Sequence[int]) -> int:
     """Hash of one full block, chained from its parent's so equal hashes mean equal whole prefixes.
 
-    64-bit Python hash: a collision would silently share the wrong KV. That is vLLM's old default too
-    (it now offers sha256); acceptable for non-adversarial traffic.
+    SHA-256 (truncated to 128 bits) rather than Python's hash: a server shares its cache between
+    users, and a crafted collision would hand one user another's KV (vLLM's CVE-2025-25183).
+    About 1 us per block.
     """
-    return hash((parent_hash, tuple(token_ids)))
+    data = parent_hash.to_bytes(16, "little") + array("q", token_ids).tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:16], "little")
 
 
 class FreeBlockQueue:

@@ -29,6 +29,10 @@ class EngineDeadError(RuntimeError):
     """The engine core process died; in-flight requests cannot complete."""
 
 
+class RequestAborted(Exception):
+    """The request was aborted through AsyncEngineClient.abort while its stream was being read."""
+
+
 class _Stream:
     __slots__ = ("event", "error")
 
@@ -51,7 +55,8 @@ class AsyncEngineClient:
         self._stats_waiters: list[asyncio.Future] = []
         self._dead = asyncio.Event()
         self._engine_waiting = 0
-        self._unacked_adds = 0
+        self._adds_sent = 0  # compared with the core's count of adds taken: the difference is queued here
+        self._adds_seen = 0
         self._send_lock = threading.Lock()
         self._proc = None
         self._conn = None
@@ -132,7 +137,7 @@ class AsyncEngineClient:
             now = time.monotonic()
             for cid, cparams in children:
                 self._send(m.AddRequest(cid, list(prompt_token_ids), m.params_to_dict(cparams), now))
-                self._unacked_adds += 1
+                self._adds_sent += 1
             while True:
                 await stream.event.wait()
                 stream.event.clear()
@@ -157,7 +162,7 @@ class AsyncEngineClient:
             self._send_abort(ids)
         stream = self._streams.get(request_id)
         if stream is not None and stream.error is None:
-            stream.error = asyncio.CancelledError()
+            stream.error = RequestAborted(f"request {request_id} was aborted")
             stream.event.set()
 
     def _send_abort(self, ids) -> None:
@@ -167,7 +172,8 @@ class AsyncEngineClient:
             pass
 
     def num_waiting(self) -> int:
-        return self._engine_waiting + self._unacked_adds
+        """Requests waiting in the core's queue plus those sent but not yet taken by it."""
+        return self._engine_waiting + self._adds_sent - self._adds_seen
 
     async def get_stats(self) -> m.EngineStats:
         fut = asyncio.get_running_loop().create_future()
@@ -188,16 +194,20 @@ class AsyncEngineClient:
     def _reader(self) -> None:
         while True:
             try:
-                raw = self._conn.recv_bytes()
+                msg = self._decoder.decode(self._conn.recv_bytes())
             except (EOFError, OSError):
                 self._loop.call_soon_threadsafe(self._on_dead)
                 return
-            self._loop.call_soon_threadsafe(self._dispatch, self._decoder.decode(raw))
+            except Exception:  # a message we cannot read: nothing after it can be trusted
+                log.exception("cannot decode a message from the engine process")
+                self._loop.call_soon_threadsafe(self._on_dead)
+                return
+            self._loop.call_soon_threadsafe(self._dispatch, msg)
 
     def _dispatch(self, msg) -> None:
         if isinstance(msg, m.StepOutput):
             self._engine_waiting = msg.num_waiting
-            self._unacked_adds = 0
+            self._adds_seen = msg.num_adds_seen
             errors = [d for d in msg.deltas if d.finish_reason == "error"]
             if errors:
                 self._fail_requests(errors)

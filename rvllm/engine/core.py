@@ -135,7 +135,10 @@ class EngineCore:
 
     def _deltas(self, changed, out) -> list[RequestDelta]:
         deltas = []
-        for req in changed:
+        # A chunk in the middle of a prompt samples nothing but may carry prompt logprobs.
+        changed_ids = {r.request_id for r in changed}
+        extra = [self._requests[rid] for rid in out.prompt_logprobs if rid not in changed_ids and rid in self._requests]
+        for req in list(changed) + extra:
             rid = req.request_id
             new = [out.sampled[rid]] if rid in out.sampled else []
             self.generation_tokens_total += len(new)

@@ -75,6 +75,7 @@ class StepOutput(msgspec.Struct, tag="step"):
     deltas: list[RequestDelta]
     num_waiting: int = 0
     num_running: int = 0
+    num_adds_seen: int = 0  # AddRequests the core has taken so far: the front end counts the rest as queued
 
 
 class StatsOutput(msgspec.Struct, tag="stats_out"):

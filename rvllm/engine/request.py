@@ -65,6 +65,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.prompt_logprobs_done = 0  # prompt positions whose logprobs were sent (a recompute skips them)
         self.times = RequestTimes()
         if arrival_time is not None:
             self.times.arrival = arrival_time

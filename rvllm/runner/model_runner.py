@@ -112,9 +112,11 @@ class ModelRunner:
             query_lens.append(n)
             tables.append(blocks[: -(-end // bs)])
             params = req.sampling_params
-            if params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
-                last = min(end, req.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
-                b.prompt_logprob_rows.append((req, qsl[-2], start, last))
+            if params.prompt_logprobs is not None and req.prompt_logprobs_done < min(end, req.num_prompt_tokens - 1):
+                # Position p predicts prompt token p + 1; positions already sent (before a preemption) are skipped.
+                first, last = max(start, req.prompt_logprobs_done), min(end, req.num_prompt_tokens - 1)
+                b.prompt_logprob_rows.append((req, qsl[-2] + first - start, first, last))
+                req.prompt_logprobs_done = last
             if sr.sample:
                 b.logits_indices.append(qsl[-1] - 1)
                 b.sample_ids.append(req.request_id)

@@ -142,13 +142,8 @@ class Serving:
                 async for out in client.generate(ids[i], prompts[i][1], params_list[i], prompt=prompts[i][0]):
                     queue.put_nowait((i, out, None))
                 queue.put_nowait((i, None, None))
-            except Exception as e:  # handed to the consumer, which raises it in the handler
+            except Exception as e:  # incl. RequestAborted: handed to the consumer, which raises it in the handler
                 queue.put_nowait((i, None, e))
-            except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():
-                    raise  # we are being cancelled (cleanup below)
-                # The client ends an aborted stream with CancelledError; the consumer must not hang on it.
-                queue.put_nowait((i, None, RuntimeError(f"request {ids[i]} was aborted")))
 
         tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
         self._live.add(queue)
