@@ -72,14 +72,22 @@ class CpuBackend:
 
     def linear(self, x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
         """x @ weight.T (+ bias); weight is [out, in] as in HF checkpoints."""
-        out = x @ weight.T
+        out = self._matmul_t(x, weight)
         if bias is not None:
             out += bias
         return out
 
     def logits(self, x: np.ndarray, lm_head: np.ndarray) -> np.ndarray:
         """[B, H] x [V, H] -> [B, V] float32 logits."""
-        return (x @ lm_head.T).astype(np.float32, copy=False)
+        return self._matmul_t(x, lm_head).astype(np.float32, copy=False)
+
+    @staticmethod
+    def _matmul_t(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        # For few rows OpenBLAS runs weight @ x.T about twice as fast as x @ weight.T (measured on the
+        # 2-core CI machine at 16 rows); from ~64 rows on the plain form wins.
+        if x.shape[0] < 64:
+            return np.ascontiguousarray((weight @ x.T).T)
+        return x @ weight.T
 
     def silu_and_mul(self, x: np.ndarray) -> np.ndarray:
         gate, up = np.split(x, 2, axis=-1)  # [T, I] each
@@ -116,8 +124,11 @@ class CpuBackend:
         group = nh // nkv
         out = np.zeros_like(q)
         qsl = meta.query_start_loc
+        decodes = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
+        if len(decodes) > 1:  # one batched product for all single-token queries instead of a loop
+            self._decode_attention(q, k_cache, v_cache, meta, scale, decodes, out)
         for i, (qlen, slen) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-            if qlen == 0:
+            if qlen == 0 or (qlen == 1 and len(decodes) > 1):
                 continue
             start = int(qsl[i])
             nblocks = -(-slen // block_size)
@@ -136,3 +147,23 @@ class CpuBackend:
             o = np.einsum("kgnl,lkd->nkgd", probs, v)  # [n, nkv, g, hd]
             out[start:start + qlen] = o.reshape(qlen, nh, hd)
         return out
+
+    @staticmethod
+    def _decode_attention(q, k_cache, v_cache, meta, scale, rows: list[int], out) -> None:
+        """Requests `rows` each have one query token: gather their K/V padded to the longest context."""
+        _, nh, hd = q.shape
+        block_size, nkv = k_cache.shape[1], k_cache.shape[2]
+        seq_lens = np.asarray([meta.seq_lens_host[i] for i in rows])
+        longest = int(seq_lens.max())
+        tables = meta.block_tables[rows, : -(-longest // block_size)]  # [D, nb]
+        k = k_cache[tables].reshape(len(rows), -1, nkv, hd)[:, :longest]  # [D, L, nkv, hd]
+        v = v_cache[tables].reshape(len(rows), -1, nkv, hd)[:, :longest]
+        tok = meta.query_start_loc[rows]
+        qd = q[tok].reshape(len(rows), nkv, nh // nkv, hd)  # [D, nkv, g, hd]
+        scores = np.einsum("dkgh,dlkh->dkgl", qd, k) * scale  # [D, nkv, g, L]
+        pad = np.arange(longest)[None, :] >= seq_lens[:, None]  # [D, L]: past each request's context
+        scores[np.broadcast_to(pad[:, None, None, :], scores.shape)] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out[tok] = np.einsum("dkgl,dlkh->dkgh", probs, v).reshape(len(rows), nh, hd)
