@@ -23,8 +23,8 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# `rvllm serve` without a model pulls the default one (SmolLM2-135M-Instruct) when it is missing.
 serve: install
-	$(BIN)/rvllm pull
 	$(BIN)/rvllm serve --host $(HOST) --port $(PORT)
 
 test: install-test

@@ -34,6 +34,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_combine_kernel"), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
+    "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "philox_kernel"), False),
 }
 
 # Must match attention_decode.cu.

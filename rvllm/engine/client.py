@@ -24,6 +24,8 @@ from rvllm.sampling_params import SamplingParams
 
 log = logging.getLogger("rvllm.client")
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what clients call the default model
+
 
 class EngineDeadError(RuntimeError):
     """The engine core process died; in-flight requests cannot complete."""
@@ -75,6 +77,8 @@ class AsyncEngineClient:
                                             config.generation_config)
         tokenizer = load_tokenizer(source, config.tokenizer, config.chat_template)
         if config.model is None:
+            if not config.served_model_name:
+                config.served_model_name = [DEFAULT_MODEL_NAME]
             config.model = str(source.path)  # resolved (and pulled) once, here
         self = cls(config, tokenizer, source)
         self._loop = loop

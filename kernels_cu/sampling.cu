@@ -1,0 +1,483 @@
+// The GPU sampler (rvllm/sampling/gpu_sampler.py): float32 logits [B, V], one block of
+// SAMPLER_THREADS threads per row, every pass over the row a coalesced loop `i = tid; i += blockDim`.
+//
+// The NumPy sampler (rvllm/sampling/sampler.py) is the spec. Kernels:
+//   process_logits_kernel  copy a row, then penalties -> logit bias -> suppressed ids -> mask
+//                          (the same float32 operations as NumPy: bit-identical results)
+//   sample_kernel          per row: argmax (greedy rows), or temperature / top-k / top-p / min-p
+//                          and the exponential race (random rows); then, for rows that ask,
+//                          the chosen token's logprob and rank and the top-k logprobs (k <= 20)
+//   argmax_kernel          the all-greedy fast path
+//   philox_kernel          raw Philox4x32-10 blocks, for the known-answer test
+//
+// Kept-set semantics (random rows), on scaled = (x - row_max) / temperature, as in NumPy:
+//   top-k: thr_k = the k-th largest scaled value (with multiplicity); exact, by a radix select.
+//   top-p: thr_p = min{ v : M(v) < top_p * Z }, M(v) = mass of the tokens with scaled > v, Z = the
+//          mass of the whole row (or of the top-k set: M(thr_k) + (k - #{scaled > thr_k}) e^thr_k).
+//          That is NumPy's "smallest prefix of the sorted row whose mass reaches top_p" stated on
+//          values, so ties need no order. Found by a radix select weighted by mass.
+//   min-p: log(min_p) (computed on the host in float32, as NumPy does).
+//   kept: scaled >= max(thr_k, thr_p, log min_p) and scaled > -inf (ties with the last kept kept).
+// Masses are fixed point, round(e^scaled * 2^40) in 64-bit integers (e^scaled <= 1: the row max
+// has scaled = 0): sums are exact and independent of summation order, so the selection is
+// deterministic. NumPy sums float64 (top-k rows) or float32 (top-p-only rows) instead; the two
+// agree except when top_p * Z lands within ~1e-7 (relative) of a prefix mass.
+//
+// The race: argmax over kept tokens of scaled - log(q), q ~ Exp(1) (= argmax e^scaled / q, the
+// NumPy formulation, in log space so no underflow). q = -log(u), u from Philox4x32-10:
+//   key = (seed lo, seed hi), counter = (token >> 2, step lo, step hi, tag), word token & 3,
+// seeded rows: seed = the request's seed, step = its output tokens so far, tag = 0 (the same
+// token whatever the batch); unseeded rows: the sampler's seed, its call counter, tag = row + 1.
+// The noise differs from NumPy's (different generator): same distribution, not the same draws.
+#include "common.cuh"
+
+#define SAMPLER_THREADS 1024
+#define MAX_TOP_LOGPROBS 20  // gpu_sampler.py: MAX_TOP_LOGPROBS
+#define NO_TOKEN 0x7fffffff
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// One row's parameters; gpu_sampler.py ROW_DTYPE mirrors this layout (64 bytes).
+struct RowParams {
+  double top_p;        // >= 1: off
+  u64 seed;            // Philox key
+  u64 step;            // Philox counter words 1, 2
+  float temperature;
+  float log_min_p;     // -inf: off
+  float repetition_penalty;
+  float frequency_penalty;
+  float presence_penalty;
+  int top_k;           // 0: off (the host maps k <= 0 and k >= V to 0)
+  int tag;             // Philox counter word 3
+  int num_logprobs;    // -1: none; else the top-k logprobs wanted (0..MAX_TOP_LOGPROBS)
+  int greedy;          // 1: argmax
+  int mask_row;        // row of the allowed-token masks, -1: none
+};
+
+// ---- Philox4x32-10 (Salmon et al. 2011; Random123's reference rounds) --------------------------
+__device__ __forceinline__ void philox4x32_10(u32& c0, u32& c1, u32& c2, u32& c3, u32 k0, u32 k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const u32 hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    const u32 hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    const u32 n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+}
+
+// log(q) of the Exp(1) draw for `token`: u = (23 random bits + 0.5) / 2^23 lies strictly inside
+// (0, 1) and is exact in float32, so q = -log(u) is finite and > 0.
+__device__ __forceinline__ float log_exp_noise(const RowParams& p, int token) {
+  u32 c0 = (u32)token >> 2, c1 = (u32)p.step, c2 = (u32)(p.step >> 32), c3 = (u32)p.tag;
+  philox4x32_10(c0, c1, c2, c3, (u32)p.seed, (u32)(p.seed >> 32));
+  const int j = token & 3;
+  const u32 w = j == 0 ? c0 : j == 1 ? c1 : j == 2 ? c2 : c3;
+  const float u = ((float)(w >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
+  return logf(-logf(u));
+}
+
+// ---- order-preserving keys and fixed-point masses ---------------------------------------------
+// Larger float -> larger key; -0 maps to +0's key (they compare equal as floats). NaN: unordered.
+__device__ __forceinline__ u32 order_key(float f) {
+  u32 b = __float_as_uint(f);
+  if (b == 0x80000000u) b = 0u;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_value(u32 k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// e^s * 2^40 for s <= 0, rounded down: a row of V < 2^23 tokens sums below 2^63.
+__device__ __forceinline__ u64 fixed_mass(float s) {
+  return (u64)(expf(s) * 1099511627776.0f);
+}
+
+// ---- block reductions (every thread gets the result; a leading barrier allows reuse) ----------
+__device__ __forceinline__ u64 block_sum_u64(u64 v) {
+  __shared__ u64 s_part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (lane == 0) s_part[warp] = v;
+  __syncthreads();
+  v = lane < (int)(blockDim.x >> 5) ? s_part[lane] : 0ull;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// (value, index) with the largest value, the smallest index among equal values. NO_TOKEN marks
+// "none" (a thread that saw no candidate).
+__device__ __forceinline__ void argmax_pair(float& v, int& i, float ov, int oi) {
+  if (ov > v || (ov == v && oi < i)) {
+    v = ov;
+    i = oi;
+  }
+}
+
+__device__ __forceinline__ void block_argmax(float& v, int& i) {
+  __shared__ float s_v[32];
+  __shared__ int s_i[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    argmax_pair(v, i, ov, oi);
+  }
+  __syncthreads();
+  if (lane == 0) {
+    s_v[warp] = v;
+    s_i[warp] = i;
+  }
+  __syncthreads();
+  const bool have = lane < (int)(blockDim.x >> 5);
+  v = have ? s_v[lane] : RVLLM_NEG_INF;
+  i = have ? s_i[lane] : NO_TOKEN;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    argmax_pair(v, i, ov, oi);
+  }
+}
+
+// ---- radix select -------------------------------------------------------------------------------
+// Over the row's keys (8 bits a pass, most significant first), the key K with
+//   W(key > K) < target <= W(key >= K),
+// W = count (BY_MASS false: K is the target-th largest key) or the sum of the weights (BY_MASS
+// true: the value where the mass from the top first reaches target). *above = W(key > K).
+// kw(i, key, weight) gives token i's key and weight. Returns false when the row's total W is
+// below target (then *key_out is not set); every thread returns the same.
+template <bool BY_MASS, class KeyWeight>
+__device__ bool radix_select(const KeyWeight& kw, int V, u64 target, u32* key_out, u64* above_out) {
+  __shared__ u64 s_hist[256];
+  __shared__ u64 s_above;
+  __shared__ u32 s_bin;
+  __shared__ int s_found;
+  __shared__ u64 s_w[BY_MASS ? 32 : 1][32];  // per warp: the lanes' weights, for the leader to add
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  u32 prefix = 0u, mask = 0u;
+  u64 above = 0ull;
+#pragma unroll 1
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = tid; b < 256; b += blockDim.x) s_hist[b] = 0ull;
+    __syncthreads();
+    for (int base = 0; base < V; base += blockDim.x) {  // warp-uniform trip count: ballots below
+      const int i = base + tid;
+      bool in = false;
+      u32 bin = 0u;
+      u64 w = 0ull;
+      if (i < V) {
+        u32 k;
+        kw(i, k, w);
+        in = (k & mask) == prefix && (!BY_MASS || w);
+        bin = (k >> shift) & 255u;
+      }
+      // Most of a row shares a few bins (first pass: sign and exponent): one atomic per bin and
+      // warp, by its lowest lane, instead of up to 32 on one address. Integer sums: any order.
+      const u32 active = __ballot_sync(0xffffffffu, in);
+      if (in) {
+        const u32 peers = __match_any_sync(active, bin);
+        const int leader = __ffs(peers) - 1;
+        if (BY_MASS) {
+          s_w[warp][lane] = w;
+          __syncwarp(active);
+          if (lane == leader) {
+            u64 sum = 0ull;
+            for (u32 m = peers; m; m &= m - 1u) sum += s_w[warp][__ffs(m) - 1];
+            atomicAdd(&s_hist[bin], sum);
+          }
+          __syncwarp(active);  // s_w is rewritten by the next tile
+        } else if (lane == leader) {
+          atomicAdd(&s_hist[bin], (u64)__popc(peers));
+        }
+      }
+    }
+    __syncthreads();
+    if (tid < 32) {  // warp 0 finds the bin: lane l holds bins 255-8l .. 248-8l (descending)
+      u64 local = 0ull;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) local += s_hist[255 - 8 * lane - j];
+      u64 incl = local;  // inclusive prefix sum over lanes = mass of bins >= this lane's lowest
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const u64 t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      const u32 hits = __ballot_sync(0xffffffffu, above + incl >= target);
+      if (hits == 0u) {
+        if (lane == 0) s_found = 0;
+      } else if (lane == __ffs(hits) - 1) {
+        // the crossing is within this lane's 8 bins: everything above them is < target
+        u64 c = above + incl - local;
+        int b = 255 - 8 * lane;
+        for (int j = 0; j < 7; ++j, --b) {
+          const u64 h = s_hist[b];
+          if (c + h >= target) break;
+          c += h;
+        }
+        s_bin = (u32)b;
+        s_above = c;
+        s_found = 1;
+      }
+    }
+    __syncthreads();
+    if (!s_found) return false;
+    prefix |= s_bin << shift;
+    mask |= 255u << shift;
+    above = s_above;
+  }
+  *key_out = prefix;
+  *above_out = above;
+  return true;
+}
+
+// ---- kernels -------------------------------------------------------------------------------------
+
+// out[b, :] = logits[b, :] with, in NumPy's order: repetition (tokens in the prompt or the output:
+// > 0 divided, else multiplied), frequency * output count + presence subtracted (output tokens),
+// logit bias added, suppressed ids set to -inf, tokens outside the allowed mask set to -inf.
+// Per row CSR lists (offsets [B + 1]); tokens are unique within a row's penalty and bias lists
+// (the host builds them so); out-of-range tokens are skipped.
+extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_kernel(
+    float* __restrict__ out, const float* __restrict__ logits, int V, const RowParams* __restrict__ params,
+    const int* __restrict__ pen_off, const int* __restrict__ pen_tok, const int* __restrict__ pen_count,
+    const int* __restrict__ pen_in_prompt, const int* __restrict__ bias_off, const int* __restrict__ bias_tok,
+    const float* __restrict__ bias_val, const int* __restrict__ sup_off, const int* __restrict__ sup_tok,
+    const unsigned char* __restrict__ masks) {
+  const int row = blockIdx.x, tid = threadIdx.x;
+  const float* src = logits + (size_t)row * V;
+  float* dst = out + (size_t)row * V;
+  const RowParams& p = params[row];
+  for (int i = tid; i < V; i += blockDim.x) dst[i] = src[i];
+  __syncthreads();  // makes the copy visible to the threads that edit it below
+  const float rep = p.repetition_penalty, freq = p.frequency_penalty, pres = p.presence_penalty;
+  for (int j = pen_off[row] + tid; j < pen_off[row + 1]; j += blockDim.x) {
+    const int t = pen_tok[j], c = pen_count[j];
+    if (t < 0 || t >= V) continue;
+    float v = dst[t];
+    if (pen_in_prompt[j] || c > 0) v = v > 0.f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
+    // NumPy: x -= freq * count + presence, each op rounded to float32 (no fused multiply-add)
+    if (c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres));
+    dst[t] = v;
+  }
+  __syncthreads();
+  for (int j = bias_off[row] + tid; j < bias_off[row + 1]; j += blockDim.x) {
+    const int t = bias_tok[j];
+    if (t >= 0 && t < V) dst[t] = __fadd_rn(dst[t], bias_val[j]);
+  }
+  __syncthreads();
+  for (int j = sup_off[row] + tid; j < sup_off[row + 1]; j += blockDim.x) {
+    const int t = sup_tok[j];
+    if (t >= 0 && t < V) dst[t] = RVLLM_NEG_INF;
+  }
+  if (p.mask_row >= 0) {
+    __syncthreads();
+    const unsigned char* m = masks + (size_t)p.mask_row * V;
+    for (int i = tid; i < V; i += blockDim.x)
+      if (!m[i]) dst[i] = RVLLM_NEG_INF;
+  }
+}
+
+// out[b] = argmax of row b (first index among equal maxima; 0 for a row of -inf).
+extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(int* __restrict__ out,
+                                                                            const float* __restrict__ logits, int V) {
+  const float* x = logits + (size_t)blockIdx.x * V;
+  float best = RVLLM_NEG_INF;
+  int best_i = NO_TOKEN;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    const float v = x[i];
+    if (v > best) {
+      best = v;
+      best_i = i;
+    }
+  }
+  block_argmax(best, best_i);
+  if (threadIdx.x == 0) out[blockIdx.x] = best_i == NO_TOKEN ? 0 : best_i;
+}
+
+// out (int32): [0, B) token ids; for rows with num_logprobs >= 0 also
+//   [B + b] chosen logprob (float bits), [2B + b] its rank (tokens with logprob >= it),
+//   [3B + 20b + j] top ids, [23B + 20b + j] top logprobs (float bits), j < num_logprobs, best first,
+//   equal logprobs in token-id order.
+// Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
+extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
+    int* __restrict__ out, const float* __restrict__ logits, int V, int B, const RowParams* __restrict__ params) {
+  __shared__ float s_top_v[MAX_TOP_LOGPROBS];
+  __shared__ int s_top_i[MAX_TOP_LOGPROBS];
+  __shared__ int s_warp_eq[32];
+  __shared__ int s_gt_slot;
+  const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float* x = logits + (size_t)row * V;
+  const RowParams p = params[row];
+
+  // argmax and row max
+  float mx = RVLLM_NEG_INF;
+  int token = NO_TOKEN;
+  for (int i = tid; i < V; i += blockDim.x) {
+    const float v = x[i];
+    if (v > mx) {
+      mx = v;
+      token = i;
+    }
+  }
+  block_argmax(mx, token);
+  if (token == NO_TOKEN) token = 0;
+  const float row_max = (mx > RVLLM_NEG_INF && mx < -RVLLM_NEG_INF) ? mx : 0.f;  // NumPy: 0 if not finite
+
+  if (!p.greedy) {
+    const float temp = p.temperature;
+    // (x - max) / T: the same two float32 operations as NumPy, so the same values and ties
+    auto scaled = [&](int i) { return __fdiv_rn(__fsub_rn(x[i], row_max), temp); };
+    float thr = RVLLM_NEG_INF;
+    u64 cnt_gt = 0ull;
+    u32 k_key = 0u;
+    const bool has_k = p.top_k > 0 && p.top_k < V;
+    if (has_k) {
+      auto by_count = [&](int i, u32& k, u64& w) {
+        k = order_key(scaled(i));
+        w = 1ull;
+      };
+      if (radix_select<false>(by_count, V, (u64)p.top_k, &k_key, &cnt_gt)) thr = key_value(k_key);
+    }
+    if (p.top_p < 1.0) {
+      u64 z = 0ull;  // the mass top-p is a fraction of
+      for (int i = tid; i < V; i += blockDim.x) {
+        const float s = scaled(i);
+        if (!has_k || order_key(s) > k_key) z += fixed_mass(s);
+      }
+      z = block_sum_u64(z);
+      if (has_k) z += (u64)((long long)p.top_k - (long long)cnt_gt) * fixed_mass(thr);  // ties at the k-th
+      const double t = ceil(p.top_p * (double)z);
+      const u64 target = t < 1.0 ? 1ull : (u64)t;
+      auto by_mass = [&](int i, u32& k, u64& w) {
+        const float s = scaled(i);
+        k = order_key(s);
+        w = fixed_mass(s);
+      };
+      u32 p_key;
+      u64 unused;
+      if (radix_select<true>(by_mass, V, target, &p_key, &unused)) thr = fmaxf(thr, key_value(p_key));
+    }
+    thr = fmaxf(thr, p.log_min_p);
+
+    float best = RVLLM_NEG_INF;
+    int best_i = NO_TOKEN;
+    for (int i = tid; i < V; i += blockDim.x) {
+      const float s = scaled(i);
+      if (s >= thr && s > RVLLM_NEG_INF) {
+        const float r = s - log_exp_noise(p, i);
+        if (r > best) {
+          best = r;
+          best_i = i;
+        }
+      }
+    }
+    block_argmax(best, best_i);
+    if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
+  }
+  if (tid == 0) out[row] = token;
+  if (p.num_logprobs < 0) return;  // uniform over the block
+
+  // ---- logprobs: log_softmax(x) = (x - row_max) - log(sum exp(x - row_max)) ----
+  float se = 0.f;
+  for (int i = tid; i < V; i += blockDim.x) se += expf(x[i] - row_max);
+  const float lse = logf(block_sum(se));
+  auto logprob = [&](int i) { return __fsub_rn(__fsub_rn(x[i], row_max), lse); };
+  const float chosen = logprob(token);
+  const int k = min(min(p.num_logprobs, MAX_TOP_LOGPROBS), V);
+  u32 kth = 0u;
+  u64 n_gt = 0ull;
+  if (k > 0) {
+    auto by_count = [&](int i, u32& key, u64& w) {
+      key = order_key(logprob(i));
+      w = 1ull;
+    };
+    radix_select<false>(by_count, V, (u64)k, &kth, &n_gt);  // k <= V: always found
+  }
+  const int need_eq = k - (int)n_gt;  // tokens equal to the k-th logprob to take, lowest ids first
+  if (tid == 0) s_gt_slot = 0;
+  __syncthreads();
+  u64 rank = 0ull;
+  int eq_seen = 0;  // tokens equal to the k-th seen in earlier tiles (same in every thread)
+  const int num_warps = blockDim.x >> 5;
+  for (int base = 0; base < V; base += blockDim.x) {  // tiles in token order
+    const int i = base + tid;
+    const bool valid = i < V;
+    const float l = valid ? logprob(i) : RVLLM_NEG_INF;
+    if (valid && l >= chosen) ++rank;
+    if (k > 0) {
+      const u32 key = order_key(l);
+      if (valid && key > kth) {
+        const int slot = atomicAdd(&s_gt_slot, 1);  // < n_gt <= k - 1
+        s_top_v[slot] = l;
+        s_top_i[slot] = i;
+      }
+      const bool eq = valid && key == kth;
+      const u32 bal = __ballot_sync(0xffffffffu, eq);
+      if (lane == 0) s_warp_eq[warp] = __popc(bal);
+      __syncthreads();
+      int before = 0, total = 0;
+      for (int w = 0; w < num_warps; ++w) {
+        const int c = s_warp_eq[w];
+        before += w < warp ? c : 0;
+        total += c;
+      }
+      if (eq) {
+        const int ord = eq_seen + before + __popc(bal & ((1u << lane) - 1u));
+        if (ord < need_eq) {
+          s_top_v[(int)n_gt + ord] = l;
+          s_top_i[(int)n_gt + ord] = i;
+        }
+      }
+      eq_seen += total;
+      __syncthreads();  // s_warp_eq is rewritten by the next tile
+    }
+  }
+  rank = block_sum_u64(rank);  // its barriers also order the s_top writes before the sort
+  if (tid == 0) {
+    // insertion sort, best first, equal logprobs by token id
+    for (int a = 1; a < k; ++a) {
+      const float v = s_top_v[a];
+      const int id = s_top_i[a];
+      int b = a - 1;
+      while (b >= 0 && (s_top_v[b] < v || (s_top_v[b] == v && s_top_i[b] > id))) {
+        s_top_v[b + 1] = s_top_v[b];
+        s_top_i[b + 1] = s_top_i[b];
+        --b;
+      }
+      s_top_v[b + 1] = v;
+      s_top_i[b + 1] = id;
+    }
+    out[B + row] = __float_as_int(chosen);
+    out[2 * B + row] = (int)rank;
+    for (int j = 0; j < k; ++j) {
+      out[3 * B + MAX_TOP_LOGPROBS * row + j] = s_top_i[j];
+      out[23 * B + MAX_TOP_LOGPROBS * row + j] = __float_as_int(s_top_v[j]);
+    }
+  }
+}
+
+// Raw Philox4x32-10: in [n, 6] = (counter 0..3, key 0..1) -> out [n, 4].
+extern "C" __global__ void philox_kernel(u32* __restrict__ out, const u32* __restrict__ in, int n) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n) return;
+  const u32* a = in + 6 * t;
+  u32 c0 = a[0], c1 = a[1], c2 = a[2], c3 = a[3];
+  philox4x32_10(c0, c1, c2, c3, a[4], a[5]);
+  out[4 * t] = c0;
+  out[4 * t + 1] = c1;
+  out[4 * t + 2] = c2;
+  out[4 * t + 3] = c3;
+}

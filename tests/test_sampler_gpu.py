@@ -1,0 +1,552 @@
+"""The GPU sampler (kernels_cu/sampling.cu, rvllm/sampling/gpu_sampler.py) against the NumPy Sampler.
+
+Two halves:
+- CPU (always run): a NumPy Philox4x32-10 against Random123's known answers, and a NumPy emulation
+  of the kernels' algorithm (radix selects over order keys, fixed-point masses, the thresholds, the
+  race) reading the very buffer `pack_step` builds, against Sampler.process_logits,
+  Sampler.kept_tokens and gather_logprobs. This pins the semantics and the buffer layout.
+- GPU (-m gpu; skipped without a CUDA device): the kernels themselves against the NumPy Sampler.
+  Every device allocation starts filled with 0xFF bytes (NaN floats, -1 ints), so an output the
+  kernels forgot to write shows up.
+Chi-square critical values are for alpha = 1e-3; the data are seeded, so the tests are deterministic.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from rvllm.backend.cuda import is_cuda_available
+from rvllm.sampling.gpu_sampler import MAX_TOP_LOGPROBS, ROW_DTYPE, pack_step
+from rvllm.sampling.logprobs import gather_logprobs, log_softmax
+from rvllm.sampling.metadata import SamplingMetadata
+from rvllm.sampling.sampler import Sampler
+from rvllm.sampling_params import SamplingParams
+
+requires_gpu = pytest.mark.skipif(not is_cuda_available(), reason="no CUDA device (cupy missing or no GPU)")
+gpu = [pytest.mark.gpu, requires_gpu]
+
+M32 = 0xFFFFFFFF
+KAT = [  # Random123 kat_vectors: (counter, key, output)
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((M32,) * 4, (M32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def meta_for(params, prompts=None, outputs=None, eos=None) -> SamplingMetadata:
+    n = len(params)
+    prompts = prompts or [[] for _ in range(n)]
+    outputs = outputs or [[] for _ in range(n)]
+    eos = eos if eos is not None else [None] * n
+    return SamplingMetadata.from_requests(list(zip(params, prompts, outputs, eos)))
+
+
+def chi2_critical(dof: int, z: float = 3.0902) -> float:
+    """Upper critical value of chi-square(dof) at alpha = 1e-3 (Wilson-Hilferty)."""
+    a = 2.0 / (9.0 * dof)
+    return dof * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def assert_matches_distribution(tokens, probs):
+    """Pearson chi-square of the sampled counts against probs; cells expecting < 5 are pooled."""
+    n = len(tokens)
+    counts = np.bincount(np.asarray(tokens), minlength=len(probs)).astype(np.float64)
+    assert counts[probs <= 0].sum() == 0, "sampled a token outside the support"
+    expected = probs * n
+    big = expected >= 5
+    obs = list(counts[big]) + ([counts[~big & (probs > 0)].sum()] if (~big & (probs > 0)).any() else [])
+    exp = list(expected[big]) + ([expected[~big & (probs > 0)].sum()] if (~big & (probs > 0)).any() else [])
+    obs, exp = np.asarray(obs), np.asarray(exp)
+    assert len(exp) >= 2, "test design: need at least two cells"
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(exp) - 1
+    assert stat < chi2_critical(dof), (stat, dof, chi2_critical(dof))
+
+
+def target_probs(logits_row, kept, temperature):
+    """The distribution a random row samples from: softmax(x / T) over its kept set (float64)."""
+    x = np.asarray(logits_row, np.float64) / temperature
+    p = np.zeros(x.size)
+    p[kept] = np.exp(x[kept] - x[kept].max())
+    return p / p.sum()
+
+
+# ---- NumPy Philox4x32-10 and the noise, as sampling.cu computes them ------------------------------
+
+def philox(c0, c1, c2, c3, k0, k1):
+    c = [np.asarray(v, np.uint64) & np.uint64(M32) for v in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    m0, m1, mask = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), np.uint64(M32)
+    for r in range(10):
+        if r:
+            k0 = (k0 + np.uint64(0x9E3779B9)) & mask
+            k1 = (k1 + np.uint64(0xBB67AE85)) & mask
+        p0, p1 = m0 * c[0], m1 * c[2]  # < 2^64: exact
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+    return [v.astype(np.uint32) for v in c]
+
+
+def log_exp_noise(seed: int, step: int, tag: int, tokens: np.ndarray) -> np.ndarray:
+    tokens = np.asarray(tokens, np.int64)
+    words = philox(tokens >> 2, step & M32, step >> 32, tag, seed & M32, (seed >> 32) & M32)
+    w = np.choose(tokens & 3, words)
+    u = ((w >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+    return np.log(-np.log(u))
+
+
+def test_philox_matches_random123_known_answers():
+    for ctr, key, want in KAT:
+        got = philox(*ctr, *key)
+        assert [int(v) for v in got] == list(want)
+
+
+def test_exponential_noise_is_finite_and_exp1():
+    t = np.arange(200_000)
+    ln_q = log_exp_noise(12345, 7, 0, t)
+    q = np.exp(ln_q.astype(np.float64))
+    assert np.isfinite(ln_q).all() and (q > 0).all()
+    assert abs(q.mean() - 1) < 0.01 and abs(q.var() - 1) < 0.03
+    assert not np.array_equal(ln_q, log_exp_noise(12345, 8, 0, t)), "the step must change the noise"
+
+
+# ---- a NumPy emulation of sampling.cu, fed by pack_step's buffer ---------------------------------
+
+def unpack(host, offsets, n, vocab):
+    def sec(name, dtype):
+        off, size = offsets[name]
+        return host[off:off + size // np.dtype(dtype).itemsize * np.dtype(dtype).itemsize].view(dtype)
+    out = {k: sec(k, np.int32) for k in ("pen_off", "pen_tok", "pen_count", "pen_in_prompt", "bias_off",
+                                          "bias_tok", "sup_off", "sup_tok")}
+    out["bias_val"] = sec("bias_val", np.float32)
+    out["masks"] = sec("masks", np.uint8)
+    out["params"] = host[offsets["params"][0]:offsets["params"][0] + n * ROW_DTYPE.itemsize].view(ROW_DTYPE)
+    return out
+
+
+def order_key(f: np.ndarray) -> np.ndarray:
+    b = np.asarray(f, np.float32).view(np.uint32).copy()
+    b[b == 0x80000000] = 0
+    return np.where(b & 0x80000000, ~b, b | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def key_value(k: int) -> np.float32:
+    b = (k & 0x7FFFFFFF) if k & 0x80000000 else (~k & M32)
+    return np.array([b], np.uint32).view(np.float32)[0]
+
+
+def fixed_mass(s: np.ndarray) -> np.ndarray:
+    return (np.exp(np.asarray(s, np.float32)) * np.float32(2.0 ** 40)).astype(np.uint64)
+
+
+def radix_select(keys, weights, target):
+    """radix_select in sampling.cu, including its warp-0 walk (lanes of 8 bins, first lane to hit)."""
+    prefix = mask = above = 0
+    for shift in (24, 16, 8, 0):
+        sel = (keys & np.uint32(mask)) == np.uint32(prefix)
+        hist = np.zeros(256, np.uint64)
+        np.add.at(hist, ((keys[sel] >> np.uint32(shift)) & np.uint32(255)).astype(np.int64), weights[sel])
+        hist = [int(h) for h in hist]
+        local = [sum(hist[255 - 8 * lane - j] for j in range(8)) for lane in range(32)]
+        incl = np.cumsum(local).tolist()
+        hits = [lane for lane in range(32) if above + incl[lane] >= target]
+        if not hits:
+            return None
+        lane = hits[0]
+        c, b = above + incl[lane] - local[lane], 255 - 8 * lane
+        for _ in range(7):
+            if c + hist[b] >= target:
+                break
+            c += hist[b]
+            b -= 1
+        prefix |= b << shift
+        mask |= 255 << shift
+        above = c
+    return prefix, above
+
+
+def emulate(logits, meta, step=0, seed=0):
+    """(processed logits, tokens, kept masks (None for greedy rows), logprob rows) as the kernels compute them."""
+    n, vocab = logits.shape
+    host, offsets = pack_step(meta, vocab, step, seed)
+    s = unpack(host, offsets, n, vocab)
+    p = s["params"]
+    x = np.array(logits, np.float32)
+    if meta.needs_logit_processing:
+        for r in range(n):
+            row = x[r]
+            for j in range(s["pen_off"][r], s["pen_off"][r + 1]):
+                t, c = s["pen_tok"][j], int(s["pen_count"][j])
+                v = row[t]
+                if s["pen_in_prompt"][j] or c > 0:
+                    rep = p["repetition_penalty"][r]
+                    v = v / rep if v > 0 else v * rep
+                if c > 0:
+                    v = v - (p["frequency_penalty"][r] * np.float32(c) + p["presence_penalty"][r])
+                row[t] = v
+            for j in range(s["bias_off"][r], s["bias_off"][r + 1]):
+                row[s["bias_tok"][j]] += s["bias_val"][j]
+            row[s["sup_tok"][s["sup_off"][r]:s["sup_off"][r + 1]]] = -np.inf
+            if p["mask_row"][r] >= 0:
+                m = s["masks"][p["mask_row"][r] * vocab:(p["mask_row"][r] + 1) * vocab]
+                row[m == 0] = -np.inf
+    tokens, kept, rows = [], [], []
+    for r in range(n):
+        xr, pr = x[r], p[r]
+        mx = xr.max()
+        token = int(xr.argmax()) if mx > -np.inf else 0
+        row_max = mx if np.isfinite(mx) else np.float32(0)
+        keep = None
+        if not pr["greedy"]:
+            scaled = (xr - row_max) / pr["temperature"]
+            keys = order_key(scaled)
+            thr = np.float32(-np.inf)
+            k = int(pr["top_k"])
+            if k:
+                k_key, cnt_gt = radix_select(keys, np.ones(vocab, np.uint64), k)
+                thr = key_value(k_key)
+            if pr["top_p"] < 1.0:
+                mass = fixed_mass(scaled)
+                if k:
+                    z = int(mass[keys > k_key].sum()) + (k - cnt_gt) * int(fixed_mass(np.float32(thr)))
+                else:
+                    z = int(mass.sum())
+                target = max(1, math.ceil(float(pr["top_p"]) * float(z)))
+                found = radix_select(keys, mass, target)
+                if found:
+                    thr = max(thr, key_value(found[0]))
+            thr = max(thr, pr["log_min_p"])
+            keep = (scaled >= thr) & (scaled > -np.inf)
+            if keep.any():
+                ids = np.flatnonzero(keep)
+                race = scaled[ids] - log_exp_noise(int(pr["seed"]), int(pr["step"]), int(pr["tag"]), ids)
+                token = int(ids[np.argmax(race)])
+        tokens.append(token)
+        kept.append(keep)
+        if pr["num_logprobs"] >= 0:
+            lse = np.log(np.exp(xr - row_max).sum(dtype=np.float32))
+            lp = (xr - row_max) - lse
+            kk = min(int(pr["num_logprobs"]), vocab)
+            top = np.lexsort((np.arange(vocab), -lp))[:kk]
+            if kk:  # the kernel's selection: the radix select's k-th key, then the lowest ids among ties
+                kth, n_gt = radix_select(order_key(lp), np.ones(vocab, np.uint64), kk)
+                lk = order_key(lp)
+                assert (lk > kth).sum() == n_gt and set(top) == set(np.flatnonzero(lk > kth)) | set(
+                    np.flatnonzero(lk == kth)[:kk - n_gt])
+            rows.append((float(lp[token]), int((lp >= lp[token]).sum()), top.tolist(), lp[top].tolist()))
+        else:
+            rows.append(None)
+    return x, tokens, kept, rows
+
+
+def random_params(rng, n, vocab, greedy_share=0.2):
+    params = []
+    for _ in range(n):
+        kind = rng.integers(8)
+        sp = dict(temperature=0.0 if rng.random() < greedy_share else float(rng.choice([0.5, 1.0, 1.7])))
+        if kind in (1, 4, 6):
+            sp["top_k"] = int(rng.choice([1, 2, 5, 40, vocab - 1, vocab, vocab + 5]))
+        if kind in (2, 4, 5, 6):
+            sp["top_p"] = float(rng.choice([0.05, 0.5, 0.9, 0.999]))
+        if kind in (3, 5, 6):
+            sp["min_p"] = float(rng.choice([0.01, 0.1, 0.5]))
+        if rng.random() < 0.3:
+            sp["seed"] = int(rng.integers(-2**63, 2**63))
+        params.append(SamplingParams(**sp))
+    return params
+
+
+def crafted_logits(rng, n, vocab, kind):
+    if kind == "normal":
+        return rng.normal(0, 2, size=(n, vocab)).astype(np.float32)
+    if kind == "ties":  # multiples of 1/4: many ties, including at the top-k / top-p edges
+        return (np.round(rng.normal(0, 1.5, size=(n, vocab)) * 4) / 4).astype(np.float32)
+    x = rng.normal(-4, 1, size=(n, vocab)).astype(np.float32)  # "peaked": a few dominant tokens, -inf holes
+    for r in range(n):
+        x[r, rng.choice(vocab, 4, replace=False)] = rng.normal(6, 2, size=4)
+        x[r, rng.choice(vocab, vocab // 10, replace=False)] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "peaked"])
+@pytest.mark.parametrize("vocab", [50, 1000])
+def test_emulated_kernels_keep_the_numpy_kept_set(rng, kind, vocab):
+    n = 48
+    logits = crafted_logits(rng, n, vocab, kind)
+    params = random_params(rng, n, vocab)
+    meta = meta_for(params)
+    _, tokens, kept, _ = emulate(logits, meta, step=3, seed=99)
+    want = Sampler().kept_tokens(logits, meta)
+    for r in range(n):
+        if want[r] is None:
+            assert kept[r] is None and tokens[r] == int(logits[r].argmax())
+        else:
+            np.testing.assert_array_equal(np.flatnonzero(kept[r]), want[r], err_msg=f"row {r}: {params[r]}")
+            assert tokens[r] in want[r]
+
+
+def penalty_case(rng, n, vocab):
+    params, prompts, outputs = [], [], []
+    for i in range(n):
+        sp = {}
+        if i % 4 != 3:
+            sp = dict(repetition_penalty=float(rng.choice([1.0, 0.7, 1.3])),
+                      frequency_penalty=float(rng.choice([0.0, 0.5, -0.25])),
+                      presence_penalty=float(rng.choice([0.0, 0.3, -1.5])))
+        if i % 3 == 0:  # includes ids out of range: ignored
+            keys = rng.choice(vocab + 10, 5, replace=False) - 5
+            sp["logit_bias"] = {int(k): float(v) for k, v in zip(keys, rng.normal(0, 3, 5))}
+        if i % 5 == 1:
+            sp["min_tokens"] = 5
+            sp["stop_token_ids"] = [int(t) for t in rng.integers(0, vocab, 3)] + [vocab + 3]
+        sp["temperature"] = 0.0 if i % 2 else 1.0
+        sp["logprobs"] = [None, 0, 3, 20][i % 4]
+        params.append(SamplingParams(**sp))
+        prompts.append(rng.integers(-2, vocab + 2, rng.integers(0, 30)).tolist())
+        outputs.append(rng.integers(0, min(vocab, 40), rng.integers(0, 20)).tolist())  # repeats
+    eos = [int(rng.integers(0, vocab)) for _ in range(n)]
+    meta = meta_for(params, prompts, outputs, eos)
+    if n > 2:  # an allowed-token mask on one row (structured output later)
+        masks = [None] * n
+        masks[1] = rng.random(vocab) < 0.5
+        meta = SamplingMetadata(**{f: getattr(meta, f) for f in (
+            "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+            "logit_bias", "seeds", "output_token_ids", "prompt_token_ids", "suppress_token_ids", "num_logprobs")},
+            allowed_token_masks=masks)
+    return meta
+
+
+def test_emulated_processing_and_logprobs_match_numpy(rng):
+    n, vocab = 24, 300
+    logits = crafted_logits(rng, n, vocab, "ties")
+    meta = penalty_case(rng, n, vocab)
+    x, tokens, _, rows = emulate(logits, meta)
+    want = Sampler.process_logits(logits, meta)
+    np.testing.assert_array_equal(x, want)
+    lp = log_softmax(want)
+    for r in range(n):
+        if meta.num_logprobs[r] is None:
+            assert rows[r] is None
+            continue
+        ref = gather_logprobs(lp[r:r + 1], [tokens[r]], [meta.num_logprobs[r]])[0]
+        chosen, rank, ids, vals = rows[r]
+        assert abs(chosen - ref.logprob) < 1e-5 and rank == ref.rank
+        np.testing.assert_allclose(vals, ref.top_logprobs, atol=1e-5)
+        assert ids == ref.top_ids or np.allclose(lp[r, ids], lp[r, ref.top_ids])  # ties: any order of equals
+
+
+def test_emulated_race_matches_the_distribution():
+    logits = np.random.default_rng(5).normal(0, 1, size=(1, 24)).astype(np.float32)
+    for sp in (SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, top_k=6, min_p=0.05)):
+        meta = meta_for([sp])
+        kept = Sampler().kept_tokens(logits, meta)[0]
+        draws = [emulate(logits, meta, step=s, seed=1)[1][0] for s in range(4000)]
+        assert_matches_distribution(draws, target_probs(logits[0], kept, sp.temperature))
+
+
+def test_pack_step_layout():
+    meta = meta_for([SamplingParams(temperature=0.5, top_k=3, seed=-1, logprobs=25),
+                     SamplingParams(top_p=0.5, min_p=0.25)], outputs=[[1, 2], [3]])
+    host, offsets = pack_step(meta, 100, step=7, seed=11)
+    assert ROW_DTYPE.itemsize == 64 and all(off % 16 == 0 for off, _ in offsets.values())
+    p = unpack(host, offsets, 2, 100)["params"]
+    assert p["seed"].tolist() == [2**64 - 1, 11] and p["step"].tolist() == [2, 7] and p["tag"].tolist() == [0, 2]
+    assert p["top_k"].tolist() == [3, 0] and p["num_logprobs"].tolist() == [MAX_TOP_LOGPROBS, -1]
+    assert p["log_min_p"][1] == np.log(np.float32(0.25)) and p["log_min_p"][0] == -np.inf
+    assert p["greedy"].tolist() == [0, 0] and p["mask_row"].tolist() == [-1, -1]
+
+
+# ---- the kernels on a GPU ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def poisoned_allocations():
+    if not is_cuda_available():
+        yield
+        return
+    import cupy as cp
+
+    pool = cp.cuda.MemoryPool()
+
+    def alloc(size):
+        mem = pool.malloc(size)
+        if size:
+            cp.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cp.cuda.get_current_stream().ptr)
+        return mem
+
+    cp.cuda.set_allocator(alloc)
+    yield
+    cp.cuda.set_allocator(cp.get_default_memory_pool().malloc)
+    pool.free_all_blocks()
+
+
+@pytest.fixture(scope="module")
+def sampler(poisoned_allocations):
+    from rvllm.backend.cuda import CudaBackend
+    from rvllm.sampling.gpu_sampler import GpuSampler
+
+    return GpuSampler(CudaBackend("bfloat16"), seed=1234)
+
+
+def dev(x):
+    import cupy as cp
+
+    return cp.asarray(np.ascontiguousarray(x, dtype=np.float32))
+
+
+SIZES = [(b, v) for b in (1, 7, 256) for v in (1000, 49152, 151936)]
+SIZE_IDS = [f"B{b}-V{v}" for b, v in SIZES]
+
+
+@pytest.mark.parametrize("b,vocab", SIZES, ids=SIZE_IDS)
+@pytest.mark.gpu
+@requires_gpu
+def test_philox_kernel_and_greedy_fast_path(sampler, rng, b, vocab):
+    import cupy as cp
+
+    from rvllm.backend import nvrtc
+
+    if b == 1 and vocab == 1000:  # the raw generator, once
+        ctr = rng.integers(0, 2**32, size=(500, 6), dtype=np.uint64).astype(np.uint32)
+        ctr[:3] = [list(c) + list(k) for c, k, _ in KAT]
+        out = cp.empty((500, 4), np.uint32)
+        nvrtc.get_kernel("sampling.cu", "philox_kernel", sampler.dtype)((2,), (256,), (out, cp.asarray(ctr), np.int32(500)))
+        want = np.stack(philox(*ctr.T.astype(np.uint64)), axis=1)
+        np.testing.assert_array_equal(out.get(), want)
+    logits = rng.normal(0, 3, size=(b, vocab)).astype(np.float32)
+    logits[:, vocab // 3] = logits[:, 2 * vocab // 3] = logits.max(axis=1) + 1  # a tie: the first index wins
+    if b > 1:
+        logits[1] = -np.inf  # every token forbidden: token 0, as NumPy's argmax
+    got = sampler(dev(logits), meta_for([SamplingParams(temperature=0.0)] * b))
+    assert got.token_ids == logits.argmax(axis=1).tolist() and got.logprobs == [None] * b
+
+
+@pytest.mark.parametrize("b,vocab", SIZES, ids=SIZE_IDS)
+@pytest.mark.gpu
+@requires_gpu
+def test_processing_is_bit_identical_and_logprobs_match(sampler, rng, b, vocab):
+    logits = crafted_logits(rng, b, vocab, "ties" if b == 7 else "normal")
+    meta = penalty_case(rng, b, vocab)
+    want = Sampler.process_logits(logits, meta)
+    np.testing.assert_array_equal(sampler.process_logits(dev(logits), meta).get(), want)
+
+    out = sampler(dev(logits), meta)
+    lp = log_softmax(want)
+    greedy = np.asarray(meta.temperature) < 1e-5
+    for r in range(b):
+        tok = out.token_ids[r]
+        if greedy[r]:
+            assert tok == int(want[r].argmax())
+        else:
+            assert want[r, tok] > -np.inf
+        k = meta.num_logprobs[r]
+        if k is None:
+            assert out.logprobs[r] is None
+            continue
+        row = out.logprobs[r]
+        ref = gather_logprobs(lp[r:r + 1], [tok], [k])[0]
+        assert row.token_id == tok and abs(row.logprob - ref.logprob) < 1e-4
+        if greedy[r] or b == 7:  # an exact rank needs no rounding ties: the argmax, or logits on a grid
+            assert row.rank == ref.rank
+        else:
+            assert abs(row.rank - ref.rank) <= 2
+        order = np.lexsort((np.arange(vocab), -lp[r]))[:k]  # best first, ties by id: the kernel's order
+        assert row.top_ids == order.tolist()
+        np.testing.assert_allclose(row.top_logprobs, lp[r, order], atol=1e-4)
+
+
+@pytest.mark.parametrize("b,vocab", SIZES, ids=SIZE_IDS)
+@pytest.mark.gpu
+@requires_gpu
+def test_sampled_tokens_lie_in_the_numpy_kept_set(sampler, rng, b, vocab):
+    kind = ["normal", "ties", "peaked"][(b + vocab) % 3]
+    logits = crafted_logits(rng, b, vocab, kind)
+    params = random_params(rng, b, vocab)
+    meta = meta_for(params)
+    kept = Sampler().kept_tokens(logits, meta)
+    x = dev(logits)
+    for _ in range(8 if b * vocab > 10**7 else 30):
+        out = sampler(x, meta)
+        for r, tok in enumerate(out.token_ids):
+            if kept[r] is None:
+                assert tok == int(logits[r].argmax())
+            else:
+                assert np.isin(tok, kept[r]), f"row {r} ({params[r]}): token {tok} not kept"
+
+
+DIST_CASES = [
+    (64, dict(temperature=1.0)),
+    (64, dict(temperature=0.7, top_k=10)),
+    (64, dict(temperature=1.3, top_p=0.8)),
+    (64, dict(temperature=1.0, min_p=0.1)),
+    (64, dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.02)),
+    (151936, dict(temperature=1.0, top_k=12)),
+    (151936, dict(temperature=0.9, top_p=0.9)),
+]
+
+
+@pytest.mark.parametrize("vocab,sp", DIST_CASES, ids=[f"V{v}-" + "-".join(f"{k}{w}" for k, w in s.items()) for v, s in DIST_CASES])
+@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.gpu
+@requires_gpu
+def test_sampled_frequencies_match_the_target_distribution(sampler, vocab, sp, seeded):
+    rng = np.random.default_rng(vocab + len(sp))
+    row = rng.normal(0, 1, size=vocab).astype(np.float32)
+    if vocab > 1000:  # a small head over a long, low tail
+        row -= 12
+        row[rng.choice(vocab, 16, replace=False)] = rng.normal(0, 1, size=16)
+    b, calls = 256, 40
+    params = SamplingParams(**sp)
+    x = dev(np.tile(row, (b, 1)))
+    kept = Sampler().kept_tokens(row[None, :], meta_for([params]))[0]
+    draws = []
+    for c in range(calls):
+        if seeded:  # the same seed at many steps: the noise of (seed, step) is fresh per step
+            meta = meta_for([SamplingParams(**sp, seed=77)] * b, outputs=[[0] * (c * b + i) for i in range(b)])
+        else:
+            meta = meta_for([params] * b)
+        draws += sampler(x, meta).token_ids
+    assert_matches_distribution(draws, target_probs(row, kept, params.temperature))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_seeded_rows_reproduce_across_batches_positions_and_calls(sampler, rng):
+    vocab = 49152
+    target = rng.normal(0, 1, size=vocab).astype(np.float32)
+    sp = SamplingParams(temperature=1.0, top_p=0.95, seed=2024)
+    out_ids = [5, 6, 7]
+    results = []
+    for b, pos in ((1, 0), (7, 3), (256, 200)):
+        logits = rng.normal(0, 1, size=(b, vocab)).astype(np.float32)
+        logits[pos] = target
+        params = random_params(rng, b, vocab)
+        outputs = [rng.integers(0, vocab, rng.integers(0, 9)).tolist() for _ in range(b)]
+        params[pos], outputs[pos] = sp, out_ids
+        results.append(sampler(dev(logits), meta_for(params, outputs=outputs)).token_ids[pos])
+    assert len(set(results)) == 1, results
+    # other steps give other draws; unseeded rows differ between calls
+    steps = {sampler(dev(target[None]), meta_for([sp], outputs=[[0] * s])).token_ids[0] for s in range(20)}
+    assert len(steps) > 1
+    unseeded = {sampler(dev(target[None]), meta_for([SamplingParams(temperature=1.0)])).token_ids[0] for _ in range(20)}
+    assert len(unseeded) > 1
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_more_than_20_logprobs_fall_back_to_the_host(sampler, rng):
+    vocab = 1000
+    logits = rng.normal(0, 2, size=(2, vocab)).astype(np.float32)
+    meta = meta_for([SamplingParams(temperature=0.0, logprobs=25), SamplingParams(temperature=0.0, logprobs=2)])
+    out = sampler(dev(logits), meta)
+    ref = gather_logprobs(log_softmax(logits), logits.argmax(axis=1), [25, 2])
+    for got, want in zip(out.logprobs, ref):
+        assert got.top_ids == want.top_ids and got.rank == want.rank
+        np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, atol=1e-4)
