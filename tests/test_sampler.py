@@ -468,3 +468,21 @@ def test_clone_validates_and_marks_changed_fields_as_set():
         sp.clone(temperature=-1.0)
     with pytest.raises(ValueError, match="colour"):
         sp.clone(colour=1)
+
+
+def test_inverse_cdf_draws_across_chunk_boundaries():
+    """The two-level inverse-CDF draw (chunks of 256 tokens): frequencies match the probabilities,
+    zero-probability tokens are never drawn, and a ragged last chunk works."""
+    from rvllm.sampling.sampler import _inverse_cdf
+
+    vocab = 256 * 3 + 17
+    probs = np.zeros((2, vocab), np.float32)
+    hot = [0, 255, 256, 511, 700, vocab - 1]
+    probs[:, hot] = [0.1, 0.2, 0.05, 0.15, 0.3, 0.2]
+    rng = np.random.default_rng(7)
+    draws = np.concatenate([_inverse_cdf(probs * 5.0, rng) for _ in range(10000)])  # unnormalized is fine
+    counts = np.bincount(draws, minlength=vocab)
+    assert set(np.flatnonzero(counts)) <= set(hot)
+    expected = probs[0, hot] * len(draws)
+    chi2 = float(((counts[hot] - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # 5 degrees of freedom, alpha = 1e-3
