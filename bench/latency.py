@@ -23,13 +23,15 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--append-results", action="store_true")
     args = ap.parse_args()
 
     from rvllm import LLM, SamplingParams
 
     llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=4096,
-              skip_tokenizer_init=True, num_gpu_blocks_override=512)
+              skip_tokenizer_init=True, num_gpu_blocks_override=512, enforce_eager=args.enforce_eager,
+              max_num_seqs=8)
     prompt = list(range(100, 100 + args.input_len))
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
@@ -41,9 +43,10 @@ def main() -> None:
         rec = llm.engine.stats().finished[-1]
         rates.append(((args.output_len - 1) / sum(rec.inter_token), wall, rec.ttft))
     best = max(rates)
-    table = ("| model | device | in/out | decode tok/s (best of %d) | ms/token | TTFT ms | e2e s |\n"
-             "|---|---|---|---|---|---|---|\n" % args.iters +
-             f"| {args.model} | {llm.engine.backend.name} | {args.input_len}/{args.output_len} | {best[0]:.1f} | "
+    mode = "eager" if args.enforce_eager or llm.engine.backend.name == "cpu" else "graphs"
+    table = ("| model | device | mode | in/out | decode tok/s (best of %d) | ms/token | TTFT ms | e2e s |\n"
+             "|---|---|---|---|---|---|---|---|\n" % args.iters +
+             f"| {args.model} | {llm.engine.backend.name} | {mode} | {args.input_len}/{args.output_len} | {best[0]:.1f} | "
              f"{1000 / best[0]:.2f} | {best[2] * 1000:.1f} | {best[1]:.2f} |")
     print(table)
     if args.append_results:

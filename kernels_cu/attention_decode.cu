@@ -4,10 +4,14 @@
 // ragged step: every query row is handled on its own with its causal context length (see
 // query_context_len in common.cuh), which makes it the reference path for the prefill kernel.
 //
-// Kernel 1 (split): grid (num_kv_heads, num_tokens, max_parts), NUM_THREADS threads. One block
-// takes one query row, one KV head and all `group` query heads that share it (GQA), and one
-// partition of PARTITION_SIZE keys: each K/V row is loaded once for the whole group. It writes
-// the partition's normalized output and its softmax max and sum (float32 scratch).
+// Kernel 1 (split): grid (num_kv_heads, num_tokens, grid_parts), NUM_THREADS threads. One block
+// takes one query row, one KV head and all `group` query heads that share it (GQA), and
+// partitions blockIdx.z, blockIdx.z + grid_parts, ... of PARTITION_SIZE keys (those that start
+// inside the row's context): each K/V row is loaded once for the whole group. It writes each
+// partition's normalized output and its softmax max and sum (float32 scratch). Eager steps launch
+// one block per partition (grid_parts = partitions of the longest context); CUDA graphs launch a
+// grid fixed at capture and the blocks loop, so the same graph serves any context up to
+// max_parts * PARTITION_SIZE. Partitions past a row's context are neither computed nor read.
 // Kernel 2 (combine): grid (num_heads, num_tokens): rescales and sums the partitions.
 // A query row that no request owns gets a zero output row, like the CPU reference.
 //
@@ -34,18 +38,19 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
     const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
     const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
     const scalar_t* __restrict__ v_cache,
-    const int* __restrict__ block_tables,  // [num_reqs, max_blocks_per_seq]
-    int max_blocks_per_seq,
+    const int* __restrict__ block_tables,  // [num_reqs, row stride]
+    int max_blocks_per_seq,                // the row stride of block_tables, unless:
+    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
     const int* __restrict__ query_start_loc,  // [num_reqs + 1]
     const int* __restrict__ seq_lens,         // [num_reqs]
     int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, float scale) {
-  const int kvh = blockIdx.x, tok = blockIdx.y, part = blockIdx.z;
+  const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   int req;
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
-  const int start = part * PARTITION_SIZE;
-  if (req < 0 || start >= ctx) return;  // the combine kernel reads only partitions < ctx
-  const int n = min(PARTITION_SIZE, ctx - start);
+  // The combine kernel reads exactly partitions [0, num_parts) of each row.
+  const int num_parts = min((max(ctx, 0) + PARTITION_SIZE - 1) / PARTITION_SIZE, max_parts);
+  if (req < 0 || (int)blockIdx.z >= num_parts) return;
 
   extern __shared__ float smem[];
   float* s_logits = smem;
@@ -54,111 +59,118 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
-  const int* btab = block_tables + (i64)req * max_blocks_per_seq;
+  const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
+  const int* btab = block_tables + (i64)req * row_stride;
   const scalar_t* q_tok = q + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
 
-  // 1. Scores: a warp per key, lanes across head dims, all group heads per K load.
-  for (int g0 = 0; g0 < group; g0 += GCHUNK) {
-    float qr[GCHUNK][DPL];
-#pragma unroll
-    for (int gg = 0; gg < GCHUNK; ++gg) {
-#pragma unroll
-      for (int c = 0; c < DPL; ++c) {
-        const int d = lane + 32 * c;
-        qr[gg][c] = (g0 + gg < group && d < HEAD_DIM) ? to_f32(q_tok[(g0 + gg) * HEAD_DIM + d]) * scale : 0.f;
-      }
-    }
-    for (int i = warp; i < n; i += NUM_WARPS) {
-      const int t = start + i;
-      const i64 block = btab[t / block_size];
-      const scalar_t* kr = k_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
-      float kv[DPL];
-#pragma unroll
-      for (int c = 0; c < DPL; ++c) {
-        const int d = lane + 32 * c;
-        kv[c] = d < HEAD_DIM ? to_f32(kr[d]) : 0.f;
-      }
+  // Every iteration ends with a barrier (step 3), so the next one may rewrite shared memory.
+  for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
+    const int start = part * PARTITION_SIZE;
+    const int n = min(PARTITION_SIZE, ctx - start);
+
+    // 1. Scores: a warp per key, lanes across head dims, all group heads per K load.
+    for (int g0 = 0; g0 < group; g0 += GCHUNK) {
+      float qr[GCHUNK][DPL];
 #pragma unroll
       for (int gg = 0; gg < GCHUNK; ++gg) {
-        float acc = 0.f;
 #pragma unroll
-        for (int c = 0; c < DPL; ++c) acc += qr[gg][c] * kv[c];
-        acc = warp_sum(acc);
-        if (lane == 0 && g0 + gg < group) s_logits[(g0 + gg) * PARTITION_SIZE + i] = acc;
+        for (int c = 0; c < DPL; ++c) {
+          const int d = lane + 32 * c;
+          qr[gg][c] = (g0 + gg < group && d < HEAD_DIM) ? to_f32(q_tok[(g0 + gg) * HEAD_DIM + d]) * scale : 0.f;
+        }
       }
-    }
-  }
-  __syncthreads();
-
-  // 2. Softmax over this partition, a warp per query head: keep max and sum, store exp().
-  for (int g = warp; g < group; g += NUM_WARPS) {
-    float* lg = s_logits + g * PARTITION_SIZE;
-    float m = RVLLM_NEG_INF;
-    for (int i = lane; i < n; i += 32) m = fmaxf(m, lg[i]);
-    m = warp_max(m);
-    float l = 0.f;
-    for (int i = lane; i < n; i += 32) {
-      const float p = expf(lg[i] - m);
-      lg[i] = p;
-      l += p;
-    }
-    l = warp_sum(l);
-    if (lane == 0) {
-      s_stats[g] = m;
-      s_stats[group + g] = l;
-    }
-  }
-  __syncthreads();
-
-  // 3. P @ V: a warp per key again, each V row loaded once for the group; then sum the warps.
-  for (int g0 = 0; g0 < group; g0 += GCHUNK) {
-    float acc[GCHUNK][DPL];
+      for (int i = warp; i < n; i += NUM_WARPS) {
+        const int t = start + i;
+        const i64 block = btab[t / block_size];
+        const scalar_t* kr = k_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
+        float kv[DPL];
 #pragma unroll
-    for (int gg = 0; gg < GCHUNK; ++gg)
+        for (int c = 0; c < DPL; ++c) {
+          const int d = lane + 32 * c;
+          kv[c] = d < HEAD_DIM ? to_f32(kr[d]) : 0.f;
+        }
 #pragma unroll
-      for (int c = 0; c < DPL; ++c) acc[gg][c] = 0.f;
-    for (int i = warp; i < n; i += NUM_WARPS) {
-      const int t = start + i;
-      const i64 block = btab[t / block_size];
-      const scalar_t* vr = v_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
-      float vv[DPL];
+        for (int gg = 0; gg < GCHUNK; ++gg) {
+          float acc = 0.f;
 #pragma unroll
-      for (int c = 0; c < DPL; ++c) {
-        const int d = lane + 32 * c;
-        vv[c] = d < HEAD_DIM ? to_f32(vr[d]) : 0.f;
-      }
-#pragma unroll
-      for (int gg = 0; gg < GCHUNK; ++gg) {
-        const float p = (g0 + gg < group) ? s_logits[(g0 + gg) * PARTITION_SIZE + i] : 0.f;
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) acc[gg][c] += p * vv[c];
-      }
-    }
-#pragma unroll
-    for (int gg = 0; gg < GCHUNK; ++gg)
-#pragma unroll
-      for (int c = 0; c < DPL; ++c) {
-        const int d = lane + 32 * c;
-        if (d < HEAD_DIM) s_red[(warp * GCHUNK + gg) * HEAD_DIM + d] = acc[gg][c];
-      }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < GCHUNK * HEAD_DIM; idx += NUM_THREADS) {
-      const int gg = idx / HEAD_DIM, d = idx - gg * HEAD_DIM;
-      const int g = g0 + gg;
-      if (g < group) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) s += s_red[(w * GCHUNK + gg) * HEAD_DIM + d];
-        const i64 row = ((i64)tok * num_heads + (i64)kvh * group + g) * max_parts + part;
-        tmp_out[row * HEAD_DIM + d] = s / s_stats[group + g];
-        if (d == 0) {
-          tmp_max[row] = s_stats[g];
-          tmp_sum[row] = s_stats[group + g];
+          for (int c = 0; c < DPL; ++c) acc += qr[gg][c] * kv[c];
+          acc = warp_sum(acc);
+          if (lane == 0 && g0 + gg < group) s_logits[(g0 + gg) * PARTITION_SIZE + i] = acc;
         }
       }
     }
-    __syncthreads();  // s_red is rewritten by the next group chunk
-  }
+    __syncthreads();
+
+    // 2. Softmax over this partition, a warp per query head: keep max and sum, store exp().
+    for (int g = warp; g < group; g += NUM_WARPS) {
+      float* lg = s_logits + g * PARTITION_SIZE;
+      float m = RVLLM_NEG_INF;
+      for (int i = lane; i < n; i += 32) m = fmaxf(m, lg[i]);
+      m = warp_max(m);
+      float l = 0.f;
+      for (int i = lane; i < n; i += 32) {
+        const float p = expf(lg[i] - m);
+        lg[i] = p;
+        l += p;
+      }
+      l = warp_sum(l);
+      if (lane == 0) {
+        s_stats[g] = m;
+        s_stats[group + g] = l;
+      }
+    }
+    __syncthreads();
+
+    // 3. P @ V: a warp per key again, each V row loaded once for the group; then sum the warps.
+    for (int g0 = 0; g0 < group; g0 += GCHUNK) {
+      float acc[GCHUNK][DPL];
+#pragma unroll
+      for (int gg = 0; gg < GCHUNK; ++gg)
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) acc[gg][c] = 0.f;
+      for (int i = warp; i < n; i += NUM_WARPS) {
+        const int t = start + i;
+        const i64 block = btab[t / block_size];
+        const scalar_t* vr = v_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
+        float vv[DPL];
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) {
+          const int d = lane + 32 * c;
+          vv[c] = d < HEAD_DIM ? to_f32(vr[d]) : 0.f;
+        }
+#pragma unroll
+        for (int gg = 0; gg < GCHUNK; ++gg) {
+          const float p = (g0 + gg < group) ? s_logits[(g0 + gg) * PARTITION_SIZE + i] : 0.f;
+#pragma unroll
+          for (int c = 0; c < DPL; ++c) acc[gg][c] += p * vv[c];
+        }
+      }
+#pragma unroll
+      for (int gg = 0; gg < GCHUNK; ++gg)
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) {
+          const int d = lane + 32 * c;
+          if (d < HEAD_DIM) s_red[(warp * GCHUNK + gg) * HEAD_DIM + d] = acc[gg][c];
+        }
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < GCHUNK * HEAD_DIM; idx += NUM_THREADS) {
+        const int gg = idx / HEAD_DIM, d = idx - gg * HEAD_DIM;
+        const int g = g0 + gg;
+        if (g < group) {
+          float s = 0.f;
+#pragma unroll
+          for (int w = 0; w < NUM_WARPS; ++w) s += s_red[(w * GCHUNK + gg) * HEAD_DIM + d];
+          const i64 row = ((i64)tok * num_heads + (i64)kvh * group + g) * max_parts + part;
+          tmp_out[row * HEAD_DIM + d] = s / s_stats[group + g];
+          if (d == 0) {
+            tmp_max[row] = s_stats[g];
+            tmp_sum[row] = s_stats[group + g];
+          }
+        }
+      }
+      __syncthreads();  // s_red is rewritten by the next group chunk (and s_logits by the next partition)
+    }
+  }  // partitions
 }
 
 // Dynamic shared memory: max_parts floats.

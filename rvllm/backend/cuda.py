@@ -7,7 +7,10 @@ semantics). Differences a caller can see:
   dtype allocates it. `to_host` returns bfloat16 arrays as float32.
 - Every op returns a new array; inputs are never modified (the KV cache excepted).
 - Integer inputs (token ids, positions, slot mapping, attention metadata) must be int32.
-This is the only module that imports cupy (nvrtc.py imports it inside its loader functions).
+- Ops launch on the current CuPy stream; the model runner makes `self.stream` current for its
+  steps and captures CUDA graphs on it (graph_capture, and DecodeWorkspace in cuda_attention.py).
+The attention wrappers live in cuda_attention.py and the cuBLAS calls in cuda_blas.py; with this
+module they are the only ones that import cupy (nvrtc.py imports it inside its loader functions).
 """
 from __future__ import annotations
 
@@ -15,24 +18,15 @@ import os
 
 import numpy as np
 
-from rvllm.backend import nvrtc
+from rvllm.backend import cuda_attention, cuda_blas, nvrtc
+from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
 
 try:  # cupy is an optional dependency (the cuda12 / cuda13 extras)
     import cupy as cp
-    from cupy_backends.cuda.libs import cublas as _cublas
 except Exception:  # ImportError, or a broken CUDA install
     cp = None
-    _cublas = None
-
-# CUDA library enums (cudaDataType_t, cublasComputeType_t); stable across CUDA 11-13.
-_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
-_CUBLAS_COMPUTE_32F = 68
-_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
-_CUBLAS_GEMM_DEFAULT = -1
-_CUBLAS_POINTER_MODE_HOST = 0
 
 _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel gets without opting in
-_MAX_GRID_YZ = 65535
 
 
 def is_cuda_available() -> bool:
@@ -92,6 +86,11 @@ class CudaBackend:
         self._beta1 = np.array(1.0, dtype=np.float32)
         self._smem_set: dict[int, int] = {}  # id(kernel) -> dynamic shared memory limit set
         nvrtc.device_arch()  # fail now, not mid-forward, on a GPU older than sm_80
+        # The model runner makes this stream current for every step (and captures CUDA graphs on it);
+        # ops launch on the current stream. Non-blocking: it does not wait for the legacy default
+        # stream, so work queued there (weight loading) is finished with synchronize_device() first.
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._capture_workspace = None  # cuBLAS workspace of captured graphs (graph_capture)
 
     # ---- memory -------------------------------------------------------------------------------
     def _storage(self, dtype) -> np.dtype:
@@ -167,6 +166,29 @@ class CudaBackend:
 
     def synchronize(self) -> None:
         cp.cuda.get_current_stream().synchronize()
+
+    def synchronize_device(self) -> None:
+        """Wait for all work on every stream of the device."""
+        cp.cuda.Device().synchronize()
+
+    def pinned_empty(self, n: int, dtype=np.int32) -> np.ndarray:
+        """A page-locked host array of n elements (asynchronous copies need one); it keeps its memory."""
+        dt = np.dtype(dtype)
+        return np.frombuffer(cp.cuda.alloc_pinned_memory(max(n, 1) * dt.itemsize), dt, n)
+
+    def copy_from_pinned_async(self, dst, src: np.ndarray, n: int) -> None:
+        """dst[:n] = src[:n] on the current stream without waiting; src must be pinned (pinned_empty)
+        and stay unchanged until the copy has run (an event recorded after it, then synchronized)."""
+        if dst.dtype != src.dtype or not dst.flags.c_contiguous or n > min(dst.size, src.size):
+            raise ValueError(f"copy_from_pinned_async: {n} elements from {src.dtype} {src.shape} to {dst.dtype} {dst.shape}")
+        if n:
+            dst.data.copy_from_host_async(src.ctypes.data, n * src.itemsize, cp.cuda.get_current_stream())
+
+    def record_event(self, event=None):
+        """Records an event on the current stream (a new one when None) and returns it."""
+        event = event if event is not None else cp.cuda.Event(disable_timing=True)
+        event.record(cp.cuda.get_current_stream())
+        return event
 
     def release_cached_memory(self) -> None:
         """Return the pool's unused blocks to the driver, so the next measurement sees live arrays only."""
@@ -269,14 +291,16 @@ class CudaBackend:
         """
         num_tokens, k = x.shape
         n = weight.shape[0]
-        handle = cp.cuda.device.get_cublas_handle()
-        _cublas.setPointerMode(handle, _CUBLAS_POINTER_MODE_HOST)
-        _cublas.gemmEx(
-            handle, _CUBLAS_OP_T, _CUBLAS_OP_N, n, num_tokens, k,
-            self._alpha.ctypes.data, weight.data.ptr, self._gemm_type, k,
-            x.data.ptr, self._gemm_type, x.strides[0] // x.itemsize,
-            beta.ctypes.data, out.data.ptr, out_type, n,
-            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+        cuda_blas.gemm_ex(n, num_tokens, k, self._alpha.ctypes.data, weight.data.ptr, self._gemm_type, k,
+                          x.data.ptr, self._gemm_type, x.strides[0] // x.itemsize,
+                          beta.ctypes.data, out.data.ptr, out_type, n)
+
+    def graph_capture(self):
+        """Context for capturing this backend's ops into a CUDA graph on self.stream: cuBLAS bound to
+        it and to a workspace of its own, allocated once and kept for the graphs' lifetime."""
+        if self._capture_workspace is None:
+            self._capture_workspace = cp.empty(cuda_blas.CAPTURE_WORKSPACE_BYTES, dtype=np.uint8)
+        return cuda_blas.capturing(self.stream, self._capture_workspace)
 
     def _gemm_input(self, name: str, x):
         self._check(name, x, contiguous=False)
@@ -308,13 +332,20 @@ class CudaBackend:
             out.fill(0)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
-    def logits(self, x, lm_head):
-        """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly)."""
+    def logits(self, x, lm_head, out=None):
+        """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly), into `out`
+        (a C-contiguous float32 [B, V] array) when given."""
         x2 = self._gemm_input("logits x", x)
         self._check("logits lm_head", lm_head, ndim=2)
         if lm_head.shape[1] != x2.shape[1]:
             raise ValueError(f"logits: x has {x2.shape[1]} features, lm_head is {lm_head.shape}")
-        out = cp.empty((x2.shape[0], lm_head.shape[0]), dtype=np.float32)
+        shape = (x2.shape[0], lm_head.shape[0])
+        if out is None:
+            out = cp.empty(shape, dtype=np.float32)
+        else:
+            self._check("logits out", out, np.float32, ndim=2)
+            if out.shape != shape:
+                raise ValueError(f"logits: out is {out.shape}, expected {shape}")
         if out.size:
             self._gemm(x2, lm_head, out, _CUDA_R_32F, self._beta0)
         return out
@@ -370,84 +401,15 @@ class CudaBackend:
         return q_out
 
     def _check_cache(self, k_cache, v_cache, nkv: int, hd: int) -> None:
-        self._check("k_cache", k_cache, ndim=4)
-        self._check("v_cache", v_cache, ndim=4)
-        if k_cache.shape != v_cache.shape or k_cache.shape[2:] != (nkv, hd):
-            raise ValueError(f"KV cache: k {k_cache.shape}, v {v_cache.shape}; expected [num_blocks, block_size, {nkv}, {hd}]")
-        if k_cache.data.ptr % 16 or v_cache.data.ptr % 16:
-            raise ValueError("KV cache: base address must be 16-byte aligned")
+        cuda_attention.check_cache(self, k_cache, v_cache, nkv, hd)
 
     def paged_attention(self, q, k_cache, v_cache, meta, scale: float):
         """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd].
         Decode-only steps (max_query_len == 1) use the split-context decode kernel; others the
-        tensor-core prefill kernel. Rows no request owns come back as zeros."""
-        self._check("paged_attention q", q, ndim=3)
-        num_tokens, nh, hd = q.shape
-        nkv, block_size = k_cache.shape[2], k_cache.shape[1]
-        self._check_cache(k_cache, v_cache, nkv, hd)
-        if nh % nkv:
-            raise ValueError(f"paged_attention: {nh} query heads is not a multiple of {nkv} KV heads")
-        self._check("query_start_loc", meta.query_start_loc, np.int32, ndim=1)
-        self._check("seq_lens", meta.seq_lens, np.int32, ndim=1)
-        self._check("block_tables", meta.block_tables, np.int32, ndim=2)
-        num_reqs = meta.seq_lens.shape[0]
-        if meta.query_start_loc.shape[0] != num_reqs + 1 or meta.block_tables.shape[0] < num_reqs:
-            raise ValueError(f"paged_attention: query_start_loc {meta.query_start_loc.shape}, seq_lens "
-                             f"{meta.seq_lens.shape}, block_tables {meta.block_tables.shape} disagree")
-        if hd % 8:
-            raise ValueError(f"paged_attention: head_dim must be a multiple of 8, got {hd}")
-        if num_tokens == 0 or num_reqs == 0:
-            return cp.zeros_like(q)
-        prefill_ok = hd % 16 == 0 and hd <= 128
-        if meta.max_query_len <= 1 or self.attention == "split" or not prefill_ok:
-            return self._attention_split(q, k_cache, v_cache, meta, scale, num_reqs, block_size)
-        return self._attention_prefill(q, k_cache, v_cache, meta, scale, num_reqs, block_size)
+        tensor-core prefill kernel. Rows no request owns come back as zeros. A `decode_workspace`
+        attribute on meta (a cuda_attention.DecodeWorkspace) makes decode steps graph-safe."""
+        return cuda_attention.paged_attention(self, q, k_cache, v_cache, meta, scale)
 
-    def _attention_split(self, q, k_cache, v_cache, meta, scale, num_reqs, block_size):
-        num_tokens, nh, hd = q.shape
-        nkv = k_cache.shape[2]
-        group = nh // nkv
-        parts = max(1, -(-int(meta.max_seq_len) // nvrtc.DECODE_PARTITION_SIZE))
-        if num_tokens > _MAX_GRID_YZ or parts > _MAX_GRID_YZ:
-            raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {_MAX_GRID_YZ}")
-        tmp_out = cp.empty((num_tokens, nh, parts, hd), dtype=np.float32)
-        tmp_max = cp.empty((num_tokens, nh, parts), dtype=np.float32)
-        tmp_sum = cp.empty((num_tokens, nh, parts), dtype=np.float32)
-        out = cp.empty_like(q)
-        split = self._kernel("attention_decode.cu", "paged_attention_split_kernel", hd)
-        smem = nvrtc.decode_smem_bytes(hd, group)
-        self._ensure_smem(split, smem)
-        split((nkv, num_tokens, parts), (nvrtc.DECODE_NUM_THREADS,),
-              (tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables,
-               np.int32(meta.block_tables.shape[1]), meta.query_start_loc, meta.seq_lens,
-               np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),
-               np.float32(scale)),
-              shared_mem=smem)
-        combine = self._kernel("attention_decode.cu", "paged_attention_combine_kernel", hd)
-        # The compiler reads the weights in 16-byte vectors: round the buffer up so the last read stays inside.
-        smem = 16 * (-(-parts // 4) + 1)
-        self._ensure_smem(combine, smem)
-        combine((nh, num_tokens), (nvrtc.DECODE_NUM_THREADS,),
-                (out, tmp_out, tmp_max, tmp_sum, meta.query_start_loc, meta.seq_lens,
-                 np.int32(num_reqs), np.int32(nh), np.int32(parts)),
-                shared_mem=smem)
-        return out
-
-    def _attention_prefill(self, q, k_cache, v_cache, meta, scale, num_reqs, block_size):
-        num_tokens, nh, hd = q.shape
-        nkv = k_cache.shape[2]
-        group = nh // nkv
-        if num_reqs > _MAX_GRID_YZ:
-            raise ValueError(f"paged_attention (prefill): {num_reqs} requests exceed {_MAX_GRID_YZ}")
-        out = cp.empty_like(q)
-        covered = int(sum(meta.query_lens_host))  # rows past the last request's are padding
-        if covered < num_tokens:
-            out[covered:] = 0
-        m_tiles = -(-int(meta.max_query_len) * group // 64)  # BLOCK_M in attention_prefill.cu
-        if m_tiles:
-            self._kernel("attention_prefill.cu", "paged_attention_prefill_kernel", hd)(
-                (m_tiles, nkv, num_reqs), (128,),
-                (out, q, k_cache, v_cache, meta.block_tables, np.int32(meta.block_tables.shape[1]),
-                 meta.query_start_loc, meta.seq_lens, np.int32(nh), np.int32(nkv), np.int32(block_size),
-                 np.float32(scale)))
-        return out
+    def decode_workspace(self, max_tokens: int, num_heads: int, head_dim: int, max_context: int, row_stride):
+        """Preallocated decode-attention scratch for CUDA graphs (see cuda_attention.DecodeWorkspace)."""
+        return cuda_attention.DecodeWorkspace.allocate(max_tokens, num_heads, head_dim, max_context, row_stride)

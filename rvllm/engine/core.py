@@ -52,11 +52,14 @@ class EngineCore:
             # Profile the largest step with a KV cache just big enough for it, then size the real one.
             self.backend.release_cached_memory()
             probe = ModelRunner(spec, weights, self.backend, -(-self.max_num_batched_tokens // config.block_size),
-                                config.block_size, config.seed)
+                                config.block_size, config.seed, max_num_seqs=config.max_num_seqs,
+                                max_num_batched_tokens=self.max_num_batched_tokens)
             probe.profile_run(self.max_num_batched_tokens, config.max_num_seqs)
             del probe
         num_blocks = self._num_blocks()
-        self.runner = ModelRunner(spec, weights, self.backend, num_blocks, config.block_size, config.seed)
+        self.runner = ModelRunner(spec, weights, self.backend, num_blocks, config.block_size, config.seed,
+                                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                                  cuda_graphs=not config.enforce_eager)
         self.kv_seconds = time.monotonic() - t1
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(

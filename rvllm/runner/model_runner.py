@@ -1,11 +1,19 @@
 """SchedulerOutput -> one flat ragged batch -> model forward -> sampler -> token ids.
 
-The runner owns the device side of the engine: the backend, the model, the paged KV cache and the
-sampler. It reads the scheduled requests (token ids, block ids, sampling params) and returns, per
-request that reached the end of its tokens, the next token id (and logprobs when asked).
+The runner owns the device side of the engine: the backend, the model, the paged KV cache, the
+step-input buffers, the CUDA graphs and the sampler. It reads the scheduled requests (token ids,
+block ids, sampling params) and returns, per request that reached the end of its tokens, the next
+token id (and logprobs when asked).
+
+A step on the GPU: the inputs are packed from Python lists into one pinned buffer and copied to the
+device in one asynchronous copy (step_inputs.py); a pure-decode step replays the CUDA graph of its
+batch-size bucket (graphs.py), any other step runs the forward eagerly; the sampler reads the
+logits on the device (GpuSampler, when rvllm.sampling.gpu_sampler exists) or on the host (the NumPy
+Sampler). Everything runs on backend.stream; the only host sync is reading the sampled tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,11 +22,22 @@ import numpy as np
 
 from rvllm.backend.cpu import AttentionMetadata
 from rvllm.model.llama import LlamaModel
+from rvllm.runner.step_inputs import StepBuffers, StepLayout, StepMetadata, collect, serialize
 from rvllm.sampling.logprobs import gather_logprobs, log_softmax
 from rvllm.sampling.metadata import SamplingMetadata
 from rvllm.sampling.sampler import Sampler
 
+try:
+    from rvllm.sampling.gpu_sampler import GpuSampler
+except ModuleNotFoundError as e:  # not written yet: the NumPy sampler on host logits
+    if e.name != "rvllm.sampling.gpu_sampler":
+        raise
+    GpuSampler = None
+
 log = logging.getLogger("rvllm.runner")
+
+# Token rows the step buffers hold when the engine does not say (they grow on demand in eager mode).
+_DEFAULT_MAX_TOKENS = 8192
 
 
 @dataclass
@@ -31,19 +50,53 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, spec, weights, backend, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, spec, weights, backend, num_blocks: int, block_size: int, seed: int = 0, *,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, cuda_graphs: bool = False):
+        """max_num_seqs, max_num_batched_tokens: the scheduler's limits (they size the step buffers
+        and the graph buckets). cuda_graphs: capture decode graphs now (CUDA only; the engine passes
+        `not enforce_eager`)."""
         self.spec = spec
         self.ops = backend
         self.model = LlamaModel(spec, weights, backend)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_model_len = int(weights.cos_sin.shape[0])  # the loader sizes the rotary table to it
+        self.stream = getattr(backend, "stream", None)  # CUDA: every step runs on it
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        # [num_blocks, block_size, num_kv_heads, head_dim] per layer, for K and for V.
-        self.kv_caches = [(backend.zeros(shape, backend.compute_dtype), backend.zeros(shape, backend.compute_dtype))
-                          for _ in range(spec.num_layers)]
-        self.sampler = Sampler()
-        self.rng = np.random.default_rng(seed)
-        self.timings: dict[str, float] = {}
+        with self._on_stream():
+            # [num_blocks, block_size, num_kv_heads, head_dim] per layer, for K and for V.
+            self.kv_caches = [(backend.zeros(shape, backend.compute_dtype), backend.zeros(shape, backend.compute_dtype))
+                              for _ in range(spec.num_layers)]
+            max_reqs = max(1, max_num_seqs)
+            max_tokens = max(max_num_batched_tokens or _DEFAULT_MAX_TOKENS, min(max_reqs, 512))
+            max_width = -(-self.max_model_len // block_size)
+            self.inputs = StepBuffers(backend, StepLayout(max_tokens, min(max_reqs, max_tokens), max_width).size)
+            self.sampler = Sampler()
+            self.rng = np.random.default_rng(seed)
+            self.gpu_sampler = GpuSampler(backend, seed) if GpuSampler is not None and backend.name == "cuda" else None
+            self.graphs = None
+            self.timings: dict[str, float] = {}
+            if self.stream is not None:
+                backend.synchronize_device()  # weights were loaded on another stream
+            if cuda_graphs and backend.name == "cuda":
+                self.capture_graphs(max_num_seqs)
+
+    def _on_stream(self):
+        return self.stream if self.stream is not None else contextlib.nullcontext()
+
+    def capture_graphs(self, max_num_seqs: int) -> None:
+        from rvllm.runner.graphs import CudaGraphs
+
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        with self._on_stream():
+            graphs = CudaGraphs(self, max_num_seqs)
+            graphs.capture()
+        self.graphs = graphs
+        log.info("CUDA graphs: %d decode batch sizes (%d..%d, contexts up to %d tokens) captured in %.2f s",
+                 len(graphs.buckets), graphs.buckets[0], graphs.buckets[-1], graphs.max_context,
+                 graphs.capture_seconds)
 
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         """One forward of `num_tokens` prompt tokens (as one request) plus logits for `num_seqs` rows,
@@ -51,16 +104,16 @@ class ModelRunner:
         num_tokens = min(num_tokens, self.num_blocks * self.block_size)
         blocks = list(range(-(-num_tokens // self.block_size)))
         ops = self.ops
-        meta = AttentionMetadata(
-            ops.from_host(np.array([0, num_tokens], np.int32)), ops.from_host(np.array([num_tokens], np.int32)),
-            ops.from_host(np.array([blocks], np.int32)),
-            ops.from_host(np.arange(num_tokens, dtype=np.int32)), num_tokens, num_tokens, [num_tokens], [num_tokens])
-        ids = ops.from_host(np.zeros(num_tokens, np.int32))
-        positions = ops.from_host(np.arange(num_tokens, dtype=np.int32) % self.model.w.cos_sin.shape[0])
-        hidden = self.model.forward(ids, positions, self.kv_caches, meta)
-        rows = ops.from_host(np.arange(min(num_seqs, num_tokens), dtype=np.int64))
-        self.model.compute_logits(hidden[rows])
-        ops.synchronize()
+        with self._on_stream():
+            meta = AttentionMetadata(
+                ops.from_host(np.array([0, num_tokens], np.int32)), ops.from_host(np.array([num_tokens], np.int32)),
+                ops.from_host(np.array([blocks], np.int32)),
+                ops.from_host(np.arange(num_tokens, dtype=np.int32)), num_tokens, num_tokens, [num_tokens], [num_tokens])
+            ids = ops.from_host(np.zeros(num_tokens, np.int32))
+            positions = ops.from_host(np.arange(num_tokens, dtype=np.int32) % self.model.w.cos_sin.shape[0])
+            hidden = self.model.forward(ids, positions, self.kv_caches, meta)
+            self.model.compute_logits(hidden[: min(num_seqs, num_tokens)])
+            ops.synchronize()
 
     @staticmethod
     def kv_bytes_per_block(spec, block_size: int, itemsize: int) -> int:
@@ -69,92 +122,75 @@ class ModelRunner:
     def execute(self, sched) -> RunnerOutput:
         if not sched.scheduled:
             return RunnerOutput()
+        with self._on_stream():
+            return self._execute(sched)
+
+    def _execute(self, sched) -> RunnerOutput:
         t0 = time.perf_counter()
-        batch = self._pack(sched)
+        batch, hidden, logits, bucket = self.forward_step(sched)
         t1 = time.perf_counter()
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)  # [T, H]
         out = RunnerOutput()
         if batch.sample_rows:
-            logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
-            logits = self.ops.to_host(logits)
-            meta = SamplingMetadata.from_requests(batch.sample_rows)
-            result = self.sampler(logits, meta, self.rng)
-            for req_id, tok, lp in zip(batch.sample_ids, result.token_ids, result.logprobs):
-                out.sampled[req_id] = int(tok)
-                if lp is not None:
-                    out.logprobs[req_id] = (lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
+            self._sample(logits, batch, out)
         if batch.prompt_logprob_rows:
             self._prompt_logprobs(hidden, batch, out)
-        t2 = time.perf_counter()
-        self.timings = {"pack": t1 - t0, "forward_and_sample": t2 - t1}
+        self.timings = {"forward": t1 - t0, "sample": time.perf_counter() - t1, "graph": bucket is not None}
         return out
 
-    # ---- packing --------------------------------------------------------------------------------
-    def _pack(self, sched) -> "_Batch":
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        tables: list[list[int]] = []
-        b = _Batch()
-        for sr in sched.scheduled:
-            req, start, n = sr.request, sr.start, sr.num_new_tokens
-            end = start + n
-            input_ids.extend(req.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            query_lens.append(n)
-            tables.append(blocks[: -(-end // bs)])
-            params = req.sampling_params
-            if params.prompt_logprobs is not None and req.prompt_logprobs_done < min(end, req.num_prompt_tokens - 1):
-                # Position p predicts prompt token p + 1; positions already sent (before a preemption) are skipped.
-                first, last = max(start, req.prompt_logprobs_done), min(end, req.num_prompt_tokens - 1)
-                b.prompt_logprob_rows.append((req, qsl[-2] + first - start, first, last))
-                req.prompt_logprobs_done = last
-            if sr.sample:
-                b.logits_indices.append(qsl[-1] - 1)
-                b.sample_ids.append(req.request_id)
-                b.sample_rows.append((params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids))
-        width = max(len(t) for t in tables)
-        table_arr = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table_arr[i, : len(t)] = t
-        ops = self.ops
-        b.input_ids = ops.from_host(np.asarray(input_ids, dtype=np.int32))
-        b.positions = ops.from_host(np.asarray(positions, dtype=np.int32))
-        b.meta = AttentionMetadata(
-            query_start_loc=ops.from_host(np.asarray(qsl, dtype=np.int32)),
-            seq_lens=ops.from_host(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=ops.from_host(table_arr),
-            slot_mapping=ops.from_host(np.asarray(slots, dtype=np.int32)),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_host=query_lens, seq_lens_host=seq_lens,
-        )
-        b.logits_indices = ops.from_host(np.asarray(b.logits_indices, dtype=np.int64))
-        return b
+    def forward_step(self, sched, use_graphs: bool = True):
+        """Packs and uploads the step, runs the forward -> (StepBatch, hidden [T, H] or None after a
+        graph replay, logits [S, V] of the rows that sample or None, graph bucket or None). Runs on
+        the current stream (execute makes backend.stream current); tests call it directly."""
+        batch = collect(sched, self.block_size)
+        bucket = self.graphs.bucket_for(batch) if self.graphs is not None and use_graphs else None
+        data, lay = serialize(batch, bucket or 0, bucket or 0)
+        if not self.inputs.fits(lay.size):  # only when the engine did not pass its limits
+            if self.graphs is not None:  # they hold views of the old buffers
+                log.warning("a step of %d tokens outgrew the step buffers: CUDA graphs dropped", batch.num_tokens)
+                self.graphs.release()
+                self.graphs = None
+                bucket = None
+                data, lay = serialize(batch)
+            self.inputs.grow(lay.size)
+        self.inputs.upload(data)
+        if bucket is not None:
+            return batch, None, self.graphs.replay(bucket)[: batch.num_reqs], bucket  # decode: every row samples
+        hidden, logits = self._forward_eager(batch, lay)
+        return batch, hidden, logits, None
 
-    def _prompt_logprobs(self, hidden, batch: "_Batch", out: RunnerOutput) -> None:
+    def _forward_eager(self, batch, lay: StepLayout):
+        """(hidden [T, H], logits of the sampled rows [S, V] or None)."""
+        ids, positions, slots, qsl, seq_lens, logits_idx, tables = self.inputs.views(lay)
+        meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=max(batch.query_lens),
+                            max_seq_len=max(batch.seq_lens), query_lens_host=batch.query_lens,
+                            seq_lens_host=batch.seq_lens)
+        hidden = self.model.forward(ids, positions, self.kv_caches, meta)  # [T, H]
+        if not batch.sample_rows:
+            return hidden, None
+        num_sample = len(batch.logits_indices)
+        if num_sample == batch.num_tokens:  # every row samples (a decode step): no gather
+            rows = hidden
+        else:
+            rows = hidden[logits_idx[:num_sample]]
+        return hidden, self.model.compute_logits(rows)  # [S, V]
+
+    def _sample(self, logits, batch, out: RunnerOutput) -> None:
+        meta = SamplingMetadata.from_requests(batch.sample_rows)
+        if self.gpu_sampler is not None:
+            result = self.gpu_sampler(logits, meta)
+        else:
+            result = self.sampler(self.ops.to_host(logits), meta, self.rng)
+        for req_id, tok, lp in zip(batch.sample_ids, result.token_ids, result.logprobs):
+            out.sampled[req_id] = int(tok)
+            if lp is not None:
+                out.logprobs[req_id] = (lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
+
+    def _prompt_logprobs(self, hidden, batch, out: RunnerOutput) -> None:
         """Logprobs of prompt tokens 1.. from the raw logits (the position before each predicts it)."""
         for req, row0, start, last in batch.prompt_logprob_rows:
-            rows = self.ops.from_host(np.arange(row0, row0 + (last - start), dtype=np.int64))
-            logprobs = log_softmax(self.ops.to_host(self.model.compute_logits(hidden[rows])))
+            logprobs = log_softmax(self.ops.to_host(self.model.compute_logits(hidden[row0: row0 + (last - start)])))
             targets = np.asarray(req.prompt_token_ids[start + 1: last + 1])
             k = req.sampling_params.prompt_logprobs
             entries = gather_logprobs(logprobs, targets, [k] * len(targets))
             out.prompt_logprobs.setdefault(req.request_id, []).extend(
                 (e.token_id, e.logprob, e.rank, e.top_ids, e.top_logprobs) for e in entries)
-
-
-class _Batch:
-    def __init__(self):
-        self.input_ids = self.positions = self.meta = None
-        self.logits_indices: list = []
-        self.sample_ids: list[str] = []
-        self.sample_rows: list = []
-        self.prompt_logprob_rows: list = []

@@ -1,0 +1,168 @@
+"""Paged attention on the GPU: the wrappers of kernels_cu/attention_decode.cu (split-context
+"flash-decoding") and kernels_cu/attention_prefill.cu (tensor cores). CudaBackend.paged_attention
+calls `paged_attention` here; backend/cpu.py is the reference semantics.
+
+Two ways to run the decode kernel:
+- eager (the default): scratch allocated per call and one block per partition of the longest
+  context in the step (`meta.max_seq_len`);
+- fixed (`meta.decode_workspace` is a DecodeWorkspace): preallocated scratch, a grid that depends
+  only on the shapes, and the block table's row stride read on the device. Nothing then depends on
+  host values that change between steps, so the launch can be captured in a CUDA graph and
+  replayed for any context up to `DecodeWorkspace.max_context`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from rvllm.backend import nvrtc
+
+try:
+    import cupy as cp
+except Exception:  # ImportError, or a broken CUDA install (cuda.py says the same)
+    cp = None
+
+MAX_GRID_YZ = 65535
+# Fixed-grid decode: aim for this many blocks per multiprocessor (the blocks loop over partitions).
+_BLOCKS_PER_SM = 4
+
+
+@dataclass
+class DecodeWorkspace:
+    """Scratch for the decode kernel at fixed addresses (CUDA graphs), for up to `max_tokens` query
+    rows of `num_heads` heads with contexts up to `max_parts` * the kernel's partition size."""
+
+    tmp_out: object  # float32 [max_tokens * num_heads * max_parts * head_dim]
+    tmp_max: object  # float32 [max_tokens * num_heads * max_parts]
+    tmp_sum: object  # float32 [max_tokens * num_heads * max_parts]
+    row_stride: object  # int32 [1] on the device: the block table's row stride, written with each step's inputs
+    max_tokens: int
+    num_heads: int
+    head_dim: int
+    max_parts: int
+    num_sms: int
+
+    @property
+    def max_context(self) -> int:
+        return self.max_parts * nvrtc.DECODE_PARTITION_SIZE
+
+    @classmethod
+    def allocate(cls, max_tokens: int, num_heads: int, head_dim: int, max_context: int, row_stride):
+        if row_stride.dtype != np.int32 or row_stride.size != 1:
+            raise ValueError("DecodeWorkspace: row_stride must be one int32 on the device")
+        parts = max(1, -(-max_context // nvrtc.DECODE_PARTITION_SIZE))
+        rows = max_tokens * num_heads * parts
+        num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+        return cls(cp.empty(rows * head_dim, np.float32), cp.empty(rows, np.float32), cp.empty(rows, np.float32),
+                   row_stride, max_tokens, num_heads, head_dim, parts, int(num_sms))
+
+    def grid_parts(self, num_tokens: int, num_kv_heads: int) -> int:
+        """Blocks along the partition axis: enough blocks to fill the GPU, at most one per partition."""
+        want = math.ceil(_BLOCKS_PER_SM * self.num_sms / max(1, num_kv_heads * num_tokens))
+        return max(1, min(self.max_parts, want))
+
+
+def check_cache(b, k_cache, v_cache, nkv: int, hd: int) -> None:
+    b._check("k_cache", k_cache, ndim=4)
+    b._check("v_cache", v_cache, ndim=4)
+    if k_cache.shape != v_cache.shape or k_cache.shape[2:] != (nkv, hd):
+        raise ValueError(f"KV cache: k {k_cache.shape}, v {v_cache.shape}; expected [num_blocks, block_size, {nkv}, {hd}]")
+    if k_cache.data.ptr % 16 or v_cache.data.ptr % 16:
+        raise ValueError("KV cache: base address must be 16-byte aligned")
+
+
+def paged_attention(b, q, k_cache, v_cache, meta, scale: float):
+    """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd] (b: the
+    CudaBackend). Decode-only steps (max_query_len == 1) use the split-context decode kernel;
+    others the tensor-core prefill kernel. Rows no request owns come back as zeros."""
+    b._check("paged_attention q", q, ndim=3)
+    num_tokens, nh, hd = q.shape
+    nkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    check_cache(b, k_cache, v_cache, nkv, hd)
+    if nh % nkv:
+        raise ValueError(f"paged_attention: {nh} query heads is not a multiple of {nkv} KV heads")
+    b._check("query_start_loc", meta.query_start_loc, np.int32, ndim=1)
+    b._check("seq_lens", meta.seq_lens, np.int32, ndim=1)
+    b._check("block_tables", meta.block_tables, np.int32, ndim=2)
+    num_reqs = meta.seq_lens.shape[0]
+    if meta.query_start_loc.shape[0] != num_reqs + 1 or meta.block_tables.shape[0] < num_reqs:
+        raise ValueError(f"paged_attention: query_start_loc {meta.query_start_loc.shape}, seq_lens "
+                         f"{meta.seq_lens.shape}, block_tables {meta.block_tables.shape} disagree")
+    if hd % 8:
+        raise ValueError(f"paged_attention: head_dim must be a multiple of 8, got {hd}")
+    workspace = getattr(meta, "decode_workspace", None)
+    if num_tokens == 0 or num_reqs == 0:
+        if workspace is not None:
+            raise ValueError("paged_attention: a fixed (graph) decode step needs rows and requests")
+        return cp.zeros_like(q)
+    prefill_ok = hd % 16 == 0 and hd <= 128
+    if meta.max_query_len <= 1 or b.attention == "split" or not prefill_ok:
+        return _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size,
+                                workspace if meta.max_query_len <= 1 else None)
+    return _attention_prefill(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size)
+
+
+def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace):
+    num_tokens, nh, hd = q.shape
+    nkv = k_cache.shape[2]
+    group = nh // nkv
+    if workspace is None:  # eager: scratch for this step's longest context, one block per partition
+        parts = max(1, -(-int(meta.max_seq_len) // nvrtc.DECODE_PARTITION_SIZE))
+        grid_parts = parts
+        tmp_out = cp.empty((num_tokens, nh, parts, hd), dtype=np.float32)
+        tmp_max = cp.empty((num_tokens, nh, parts), dtype=np.float32)
+        tmp_sum = cp.empty((num_tokens, nh, parts), dtype=np.float32)
+        stride_arg, stride_dev = np.int32(meta.block_tables.shape[1]), np.uint64(0)  # a null pointer
+    else:  # fixed: shapes only (CUDA graphs)
+        ws = workspace
+        if num_tokens > ws.max_tokens or nh != ws.num_heads or hd != ws.head_dim:
+            raise ValueError(f"paged_attention: workspace is for {ws.max_tokens} rows x {ws.num_heads} heads x "
+                             f"{ws.head_dim}, got {num_tokens} x {nh} x {hd}")
+        parts = ws.max_parts
+        grid_parts = ws.grid_parts(num_tokens, nkv)
+        rows = num_tokens * nh * parts
+        tmp_out, tmp_max, tmp_sum = ws.tmp_out[: rows * hd], ws.tmp_max[:rows], ws.tmp_sum[:rows]
+        stride_arg, stride_dev = np.int32(0), ws.row_stride
+    if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
+        raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {MAX_GRID_YZ}")
+    out = cp.empty_like(q)
+    split = b._kernel("attention_decode.cu", "paged_attention_split_kernel", hd)
+    smem = nvrtc.decode_smem_bytes(hd, group)
+    b._ensure_smem(split, smem)
+    split((nkv, num_tokens, grid_parts), (nvrtc.DECODE_NUM_THREADS,),
+          (tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev,
+           meta.query_start_loc, meta.seq_lens,
+           np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),
+           np.float32(scale)),
+          shared_mem=smem)
+    combine = b._kernel("attention_decode.cu", "paged_attention_combine_kernel", hd)
+    # The compiler reads the weights in 16-byte vectors: round the buffer up so the last read stays inside.
+    smem = 16 * (-(-parts // 4) + 1)
+    b._ensure_smem(combine, smem)
+    combine((nh, num_tokens), (nvrtc.DECODE_NUM_THREADS,),
+            (out, tmp_out, tmp_max, tmp_sum, meta.query_start_loc, meta.seq_lens,
+             np.int32(num_reqs), np.int32(nh), np.int32(parts)),
+            shared_mem=smem)
+    return out
+
+
+def _attention_prefill(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size):
+    num_tokens, nh, hd = q.shape
+    nkv = k_cache.shape[2]
+    group = nh // nkv
+    if num_reqs > MAX_GRID_YZ:
+        raise ValueError(f"paged_attention (prefill): {num_reqs} requests exceed {MAX_GRID_YZ}")
+    out = cp.empty_like(q)
+    covered = int(sum(meta.query_lens_host))  # rows past the last request's are padding
+    if covered < num_tokens:
+        out[covered:] = 0
+    m_tiles = -(-int(meta.max_query_len) * group // 64)  # BLOCK_M in attention_prefill.cu
+    if m_tiles:
+        b._kernel("attention_prefill.cu", "paged_attention_prefill_kernel", hd)(
+            (m_tiles, nkv, num_reqs), (128,),
+            (out, q, k_cache, v_cache, meta.block_tables, np.int32(meta.block_tables.shape[1]),
+             meta.query_start_loc, meta.seq_lens, np.int32(nh), np.int32(nkv), np.int32(block_size),
+             np.float32(scale)))
+    return out

@@ -1,0 +1,241 @@
+"""A step's inputs as one flat int32 buffer: built from Python ints and lists, one copy to the device.
+
+`collect` walks the SchedulerOutput once and gathers Python lists; `serialize` lays them out, padded
+to a CUDA-graph bucket when asked, in one `array('i')`; `StepBuffers.upload` puts that in a pinned
+host buffer and copies it with one asynchronous host-to-device copy into a persistent device buffer
+(on the CPU backend the array itself is the "device" buffer), and the AttentionMetadata arrays are
+views into it. Layout, in int32 elements, for n token rows, r request rows and block tables w wide:
+
+    [0]                         w, the block tables' row stride (graph-replayed decode attention
+                                reads it on the device: a fixed address for every bucket)
+    ids        [n]              at 1
+    positions  [n]              at 1 + n
+    slots      [n]              at 1 + 2n        cache slot of each new token; -1 = padding row
+    qsl        [r + 1]          at 1 + 3n        query_start_loc
+    seq_lens   [r]              at 2 + 3n + r
+    logits_idx [r]              at 2 + 3n + 2r   rows that sample, first; zeros after
+    tables     [r, w]           at 2 + 3n + 3r   block ids, rows padded with 0
+
+Padding (a decode step padded to bucket B: n = r = B): padding rows have id 0, position 0 and slot
+-1 (nothing written to the cache); padding request k owns the k-th padding row with seq_len 0, so
+attention sees no keys and writes zeros; their outputs are ignored.
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rvllm.backend.cpu import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    n: int  # token rows
+    r: int  # request rows
+    w: int  # block table width
+
+    @property
+    def ids(self) -> int:
+        return 1
+
+    @property
+    def positions(self) -> int:
+        return 1 + self.n
+
+    @property
+    def slots(self) -> int:
+        return 1 + 2 * self.n
+
+    @property
+    def qsl(self) -> int:
+        return 1 + 3 * self.n
+
+    @property
+    def seq_lens(self) -> int:
+        return 2 + 3 * self.n + self.r
+
+    @property
+    def logits_idx(self) -> int:
+        return 2 + 3 * self.n + 2 * self.r
+
+    @property
+    def tables(self) -> int:
+        return 2 + 3 * self.n + 3 * self.r
+
+    @property
+    def size(self) -> int:
+        return self.tables + self.r * self.w
+
+
+@dataclass
+class StepMetadata(AttentionMetadata):
+    """AttentionMetadata plus, for graph-replayed decode steps, the preallocated decode-attention
+    scratch (backend.decode_workspace): the backend then launches with shapes only."""
+
+    decode_workspace: object = None
+
+
+@dataclass
+class StepBatch:
+    """One step as Python lists, in the scheduler's request order."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
+    sample_rows: list = field(default_factory=list)  # (params, prompt ids, output ids, eos ids) per sampled row
+    prompt_logprob_rows: list = field(default_factory=list)  # (request, first row, first position, last position)
+    # Every request has one new token and samples, and no prompt logprobs are due: a graph may run it.
+    decode_only: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def width(self) -> int:
+        return max(1, max(map(len, self.tables), default=1))
+
+
+def collect(sched, block_size: int) -> StepBatch:
+    """SchedulerOutput -> StepBatch. Marks prompt logprobs of the scheduled positions as sent."""
+    bs = block_size
+    b = StepBatch()
+    ids, positions, slots, tables = b.input_ids, b.positions, b.slots, b.tables
+    num_rows = 0
+    for sr in sched.scheduled:
+        req, start, n = sr.request, sr.start, sr.num_new_tokens
+        end = start + n
+        blocks = req.block_ids
+        if n == 1:
+            ids.append(req.all_token_ids[start])
+            positions.append(start)
+            slots.append(blocks[start // bs] * bs + start % bs)
+        else:
+            b.decode_only = False
+            ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            p = start
+            while p < end:  # one range per cache block
+                off = p % bs
+                k = min(bs - off, end - p)
+                base = blocks[p // bs] * bs + off
+                slots.extend(range(base, base + k))
+                p += k
+        b.query_lens.append(n)
+        b.seq_lens.append(end)
+        tables.append(blocks[: -(-end // bs)])
+        params = req.sampling_params
+        if params.prompt_logprobs is not None and req.prompt_logprobs_done < min(end, req.num_prompt_tokens - 1):
+            # Position p predicts prompt token p + 1; positions already sent (before a preemption) are skipped.
+            first, last = max(start, req.prompt_logprobs_done), min(end, req.num_prompt_tokens - 1)
+            b.prompt_logprob_rows.append((req, num_rows + first - start, first, last))
+            req.prompt_logprobs_done = last
+            b.decode_only = False
+        num_rows += n
+        if sr.sample:
+            b.logits_indices.append(num_rows - 1)
+            b.sample_ids.append(req.request_id)
+            b.sample_rows.append((params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids))
+        else:
+            b.decode_only = False
+    return b
+
+
+def serialize(b: StepBatch, pad_tokens: int = 0, pad_reqs: int = 0) -> tuple[array, StepLayout]:
+    """The step in the layout above, with at least pad_tokens token rows and pad_reqs request rows."""
+    nt, nr = b.num_tokens, b.num_reqs
+    n, r, w = max(nt, pad_tokens), max(nr, pad_reqs), b.width
+    lay = StepLayout(n, r, w)
+    out = array("i", (w,))
+    out.extend(b.input_ids)
+    out.frombytes(bytes(4 * (n - nt)))
+    out.extend(b.positions)
+    out.frombytes(bytes(4 * (n - nt)))
+    out.extend(b.slots)
+    out.extend(array("i", (-1,)) * (n - nt))
+    qsl = 0
+    out.append(0)
+    for q in b.query_lens:
+        qsl += q
+        out.append(qsl)
+    out.extend(min(n, qsl + k) for k in range(1, r - nr + 1))  # padding request k owns padding row k
+    out.extend(b.seq_lens)
+    out.frombytes(bytes(4 * (r - nr)))
+    out.extend(b.logits_indices)
+    out.frombytes(bytes(4 * (r - len(b.logits_indices))))
+    for t in b.tables:
+        out.extend(t)
+        if len(t) < w:
+            out.frombytes(bytes(4 * (w - len(t))))
+    out.frombytes(bytes(4 * w * (r - nr)))
+    assert len(out) == lay.size, (len(out), lay)
+    return out, lay
+
+
+class StepBuffers:
+    """The persistent step-input buffers: on CUDA a pinned host buffer and a device buffer of the
+    same capacity (int32 elements), one asynchronous copy per step on the current stream; on the
+    CPU the serialized array is used as it is."""
+
+    def __init__(self, backend, capacity: int):
+        self.ops = backend
+        self.on_device = backend.name != "cpu"
+        self.capacity = 0
+        self.host = self.device = None
+        self._copied = None  # event after the last copy out of the pinned buffer
+        if self.on_device:
+            self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.host = self.ops.pinned_empty(capacity, np.int32)
+        self.device = self.ops.zeros((capacity,), np.int32)
+        self._copied = None
+
+    def fits(self, size: int) -> bool:
+        return not self.on_device or size <= self.capacity
+
+    def grow(self, size: int) -> None:
+        """Reallocates both buffers (views made earlier, CUDA graphs included, go stale)."""
+        self.ops.synchronize()
+        self._allocate(max(size, 2 * self.capacity))
+
+    def upload(self, data: array) -> None:
+        """data (serialize's output) -> the device buffer, asynchronously on the current stream."""
+        if not self.on_device:
+            self.device = np.frombuffer(data, np.int32)
+            return
+        n = len(data)
+        if n > self.capacity:
+            raise ValueError(f"step inputs: {n} int32 values exceed the buffer's {self.capacity}")
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has read the pinned buffer
+        self.host[:n] = np.frombuffer(data, np.int32)
+        self.ops.copy_from_pinned_async(self.device, self.host, n)
+        self._copied = self.ops.record_event(self._copied)
+
+    def views(self, lay: StepLayout, table_width: int | None = None):
+        """(input_ids, positions, slot_mapping, query_start_loc, seq_lens, logits_idx, block_tables)
+        views of the device buffer in layout `lay`; block_tables is [r, table_width or lay.w]."""
+        d = self.device
+        n, r = lay.n, lay.r
+        w = table_width or lay.w
+        return (d[lay.ids: lay.ids + n], d[lay.positions: lay.positions + n], d[lay.slots: lay.slots + n],
+                d[lay.qsl: lay.qsl + r + 1], d[lay.seq_lens: lay.seq_lens + r],
+                d[lay.logits_idx: lay.logits_idx + r], d[lay.tables: lay.tables + r * w].reshape(r, w))
+
+    @property
+    def row_stride(self):
+        """The device int32 [1] holding the block tables' row stride of the current step."""
+        return self.device[0:1]

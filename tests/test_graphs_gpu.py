@@ -1,0 +1,159 @@
+"""CUDA graphs for decode steps (-m gpu): the same tokens and logits as eager steps.
+
+Engines are made with enforce_eager=True and graphs captured explicitly through
+runner.capture_graphs, so these tests do not depend on how the engine core wires the flag;
+test_enforce_eager_controls_capture checks that wiring.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from rvllm.backend.cpu import CpuBackend
+from rvllm.backend.cuda import is_cuda_available
+from rvllm.runner.graphs import batch_size_buckets, choose_bucket
+from tests.tiny_models import write_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not is_cuda_available(), reason="no CUDA device")]
+
+MAX_SEQS = 32  # buckets 1, 2, 4, 8, 16, 24, 32
+BATCHES = [1, 3, 8, 9, 17]
+CPU = CpuBackend()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def tiny(request, tmp_path_factory):
+    # A sharp lm_head keeps greedy choices far from ties, so 16-bit rounding differences between
+    # the eager and the captured GEMMs cannot flip them. qwen2 has a qkv bias (an elementwise copy
+    # inside the graph), qwen3 per-head q/k norms.
+    return write_model(tmp_path_factory.mktemp("graphs"), request.param, seed=7, sharp=True)
+
+
+def _llm(model_dir, graphs: bool, **kw):
+    from rvllm import LLM
+
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", block_size=16, skip_tokenizer_init=True,
+              num_gpu_blocks_override=512, max_num_seqs=MAX_SEQS, enforce_eager=True, **kw)
+    if graphs:
+        llm.engine.runner.capture_graphs(MAX_SEQS)
+        assert llm.engine.runner.graphs.buckets == batch_size_buckets(MAX_SEQS)
+    return llm
+
+
+@pytest.fixture(scope="module")
+def engines(tiny):
+    d = tiny[0]
+    return _llm(d, graphs=False), _llm(d, graphs=True)
+
+
+def _prompts(vocab, n, seed):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, vocab, int(rng.integers(3, 41)))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_greedy_graphs_match_eager(tiny, engines, batch):
+    """Requests stop at different lengths, so the decode batch shrinks across bucket boundaries."""
+    from rvllm import SamplingParams
+
+    _, cfg, _ = tiny
+    eager, graphs = engines
+    prompts = _prompts(cfg["vocab_size"], batch, seed=batch)
+    params = [SamplingParams(temperature=0.0, max_tokens=5 + 3 * (i % 4), ignore_eos=True) for i in range(batch)]
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    before = graphs.engine.runner.graphs.num_replays
+    got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
+    assert graphs.engine.runner.graphs.num_replays > before, "no decode step replayed a graph"
+    assert got == want
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_decode_logits_graph_vs_eager(tiny, engines, batch):
+    """One decode step run eagerly and then from the graph on the same inputs: logits agree within
+    bf16 tolerance (the GEMMs differ only in the padded row count)."""
+    from rvllm import SamplingParams
+
+    _, cfg, _ = tiny
+    core = engines[1].engine
+    runner = core.runner
+    ids = [f"logits-{batch}-{i}" for i in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for rid, p in zip(ids, _prompts(cfg["vocab_size"], batch, seed=100 + batch)):
+        core.add_request(rid, p, params)
+    try:
+        sched = core.scheduler.schedule()  # the prompts
+        out = runner.execute(sched)
+        core.scheduler.update_from_output(sched, out.sampled, time.monotonic())
+        sched = core.scheduler.schedule()  # one decode token each
+        assert [s.num_new_tokens for s in sched.scheduled] == [1] * batch
+        with runner.stream:
+            _, _, logits, bucket = runner.forward_step(sched, use_graphs=False)
+            assert bucket is None
+            eager = runner.ops.to_host(logits)
+            _, hidden, logits, bucket = runner.forward_step(sched, use_graphs=True)
+            assert bucket == choose_bucket(runner.graphs.buckets, batch) and hidden is None
+            graph = runner.ops.to_host(logits)
+    finally:
+        core.abort_requests(ids)
+    assert graph.shape == eager.shape == (batch, cfg["vocab_size"])
+    assert np.isfinite(graph).all()
+    err = np.linalg.norm(graph - eager) / np.linalg.norm(eager)
+    assert err < 2e-2, f"relative error {err:.3e}"
+    assert (graph.argmax(axis=1) == eager.argmax(axis=1)).all()
+
+
+def test_enforce_eager_controls_capture(tiny):
+    """The engine captures graphs unless enforce_eager (EngineCore passes the flag to the runner)."""
+    from rvllm import LLM
+
+    d = tiny[0]
+    kw = dict(device="cuda", block_size=16, skip_tokenizer_init=True, num_gpu_blocks_override=64, max_num_seqs=20)
+    on = LLM(str(d), **kw)
+    assert on.engine.runner.graphs is not None and on.engine.runner.graphs.buckets == [1, 2, 4, 8, 16, 20]
+    off = LLM(str(d), enforce_eager=True, **kw)
+    assert off.engine.runner.graphs is None
+
+
+# ---- the fixed-grid (graph) decode attention against the CPU reference --------------------------
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def gpu(request):
+    from rvllm.backend.cuda import CudaBackend
+
+    return CudaBackend(request.param)
+
+
+@pytest.mark.parametrize("num_sms", [1, 1000], ids=["blocks-loop-over-partitions", "a-block-per-partition"])
+def test_fixed_grid_decode_attention(gpu, num_sms):
+    """Contexts across partition (512) boundaries, two padding requests (seq_len 0), and a block
+    table whose row stride is read on the device and differs from the view's width."""
+    from rvllm.backend.cuda import cp
+    from rvllm.backend.cuda_attention import DecodeWorkspace
+    from rvllm.runner.step_inputs import StepMetadata
+    from tests.test_kernels_gpu import _attention_case, check
+
+    rng = np.random.default_rng(zlib.crc32(f"fixed-{gpu.dtype}-{num_sms}".encode()))
+    lens = [1, 511, 512, 513, 1500, 2048]
+    pad, nkv, group, hd, bs = 2, 2, 4, 128, 16
+    (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
+                                                              block_size=bs, pad_rows=pad)
+    scale = hd ** -0.5
+    ref = CPU.paged_attention(q, kc, vc, meta, scale)  # rows past the real requests: zeros
+    r, w = len(lens) + pad, meta.block_tables.shape[1]
+    wide = w + 37  # the view is wider than the rows: only the device stride is right
+    flat = np.full(r * wide, -7, np.int32)  # garbage past the compact rows: never read
+    flat[: len(lens) * w] = meta.block_tables.ravel()
+    flat[len(lens) * w: r * w] = 0
+    tables = cp.asarray(flat).reshape(r, wide)
+    qsl = cp.asarray(np.arange(r + 1, dtype=np.int32))  # every request, padding ones too, owns one row
+    seq_lens = cp.asarray(np.asarray(lens + [0] * pad, np.int32))
+    ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)))
+    ws.num_sms = num_sms
+    m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,  # max_seq_len unused here
+                     query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
+    ws.tmp_out.fill(np.nan)
+    out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
+    check(gpu, out, ref, f"fixed-grid decode (grid {ws.grid_parts(r, nkv)} of {ws.max_parts} partitions)")
