@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from rvllm.backend.cpu import AttentionMetadata, CpuBackend
-from rvllm.backend.cuda import bf16_bits_to_f32, f32_to_bf16_bits, is_cuda_available
+from rvllm.backend.cuda import is_cuda_available
+from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
 from rvllm.model.config import ModelSpec
 from rvllm.model.llama import LayerWeights, LlamaModel, ModelWeights
 from rvllm.model.rope import cos_sin_table
@@ -42,24 +43,8 @@ def gpu_split(gpu):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def poisoned_allocations():
-    if not is_cuda_available():
-        yield
-        return
-    from rvllm.backend.cuda import cp
-
-    pool = cp.cuda.MemoryPool()
-
-    def alloc(size):
-        mem = pool.malloc(size)
-        if size:
-            cp.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cp.cuda.get_current_stream().ptr)
-        return mem
-
-    cp.cuda.set_allocator(alloc)
+def _poison_every_allocation(poisoned_allocations):
     yield
-    cp.cuda.set_allocator(cp.get_default_memory_pool().malloc)
-    pool.free_all_blocks()
 
 
 @pytest.fixture

@@ -366,25 +366,6 @@ def test_pack_step_layout():
 
 # ---- the kernels on a GPU ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def poisoned_allocations():
-    if not is_cuda_available():
-        yield
-        return
-    import cupy as cp
-
-    pool = cp.cuda.MemoryPool()
-
-    def alloc(size):
-        mem = pool.malloc(size)
-        if size:
-            cp.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cp.cuda.get_current_stream().ptr)
-        return mem
-
-    cp.cuda.set_allocator(alloc)
-    yield
-    cp.cuda.set_allocator(cp.get_default_memory_pool().malloc)
-    pool.free_all_blocks()
 
 
 @pytest.fixture(scope="module")

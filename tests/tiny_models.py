@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from rvllm.model.safetensors_reader import bf16_bits_to_float32, float32_to_bf16_bits
+from rvllm.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 
 BASE = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rvllm.bf16 import bf16_bits_to_float32
+
 
 @dataclass
 class AttentionMetadata:
@@ -41,7 +43,7 @@ class CpuBackend:
     def weight(self, arr: np.ndarray, dtype_name: str = "float32") -> np.ndarray:
         """A checkpoint tensor (bfloat16 arrives as uint16 bits) in the dtype this backend computes in."""
         if dtype_name == "bfloat16":
-            return (arr.astype(np.uint32) << 16).view(np.float32)
+            return bf16_bits_to_float32(arr)
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0) -> np.ndarray:

@@ -19,6 +19,8 @@ import os
 import numpy as np
 
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
+from rvllm.backend.cuda_probe import cuda_available
+from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
 
 try:  # cupy is an optional dependency (the cuda12 / cuda13 extras)
@@ -31,30 +33,7 @@ _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel gets without opting 
 
 def is_cuda_available() -> bool:
     """True when cupy imports and sees at least one CUDA device."""
-    if cp is None:
-        return False
-    try:
-        return cp.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-# ---- bfloat16 on the host (numpy has no bfloat16; ml_dtypes is optional) -----------------------
-
-def f32_to_bf16_bits(x) -> np.ndarray:
-    """float array -> bfloat16 bits (uint16), rounded to nearest even, NaN kept NaN."""
-    x = np.asarray(x)
-    if x.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: already the bits
-        return np.ascontiguousarray(x).view(np.uint16)
-    f = np.ascontiguousarray(x, dtype=np.float32)
-    b = f.view(np.uint32).astype(np.uint64)
-    bits = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-    bits[np.isnan(f)] = 0x7FC0
-    return bits
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return cp is not None and cuda_available()[0]
 
 
 def _launch_threads(d: int) -> int:

@@ -17,7 +17,8 @@ from rvllm.errors import ModelLoadError
 from rvllm.model.config import PRESETS, ModelSpec, load_hf_config, preset_spec
 from rvllm.model.llama import LayerWeights, ModelWeights
 from rvllm.model.rope import cos_sin_table
-from rvllm.model.safetensors_reader import SafetensorsFile, bf16_bits_to_float32
+from rvllm.bf16 import bf16_bits_to_float32
+from rvllm.model.safetensors_reader import SafetensorsFile
 
 
 @dataclass

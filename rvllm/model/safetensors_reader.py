@@ -67,14 +67,3 @@ class SafetensorsFile:
         arr = np.frombuffer(self._mmap, dtype=np_dtype, count=(end - begin) // np.dtype(np_dtype).itemsize,
                             offset=self._data_start + begin)
         return arr.reshape(info["shape"]), dtype_name
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16 bits (what torch does)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounding = ((u >> 16) & 1) + 0x7FFF
-    return ((u + rounding) >> 16).astype(np.uint16)
