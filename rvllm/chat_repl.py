@@ -13,7 +13,7 @@ def run_chat(config: EngineConfig, args) -> int:
     llm = LLM(**{k: v for k, v in vars(config).items() if k != "extra"})
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    print("rvllm chat — type /exit to leave, /reset to clear the history.", file=sys.stderr)
+    print("rvllm chat — /exit leaves, /reset clears the history, /history shows it.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -27,6 +27,10 @@ def run_chat(config: EngineConfig, args) -> int:
             return 0
         if line == "/reset":
             history = history[:1] if args.system else []
+            continue
+        if line == "/history":
+            for turn in history:
+                print(f"[{turn['role']}] {turn['content']}")
             continue
         history.append({"role": "user", "content": line})
         reply = llm.chat(history, params)[0].outputs[0].text

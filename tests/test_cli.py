@@ -59,3 +59,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         pytest.skip("this machine has a GPU")
     d, _, _ = write_model(tmp_path, "llama")
     _assert_one_line_error(rvllm("generate", "hi", "--model", str(d), "--device", "cuda"), "--device cuda")
+
+
+def test_chat_keeps_history_and_exits(smollm2_path):
+    """`rvllm chat` on stdin: two turns, /history shows both with the first answer, /exit leaves."""
+    proc = subprocess.run([sys.executable, "-m", "rvllm", "chat", "--model", str(smollm2_path), "--device", "cpu",
+                           "--temperature", "0", "--max-tokens", "24", "--system", "Be brief."],
+                          input="What is the capital of France?\nAnd of Italy?\n/history\n/exit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Paris" in out.split("[system]")[0]  # the first reply, before the history listing
+    history = out[out.index("[system]"):].splitlines()
+    assert history[0] == "[system] Be brief."
+    assert history[1] == "[user] What is the capital of France?"
+    assert history[2].startswith("[assistant]") and "Paris" in history[2]
+    assert history[3] == "[user] And of Italy?"
+    assert history[4].startswith("[assistant]")
