@@ -162,9 +162,11 @@ class CpuBackend:
         v = v_cache[tables].reshape(len(rows), -1, nkv, hd)[:, :longest]
         tok = meta.query_start_loc[rows]
         qd = q[tok].reshape(len(rows), nkv, nh // nkv, hd)  # [D, nkv, g, hd]
-        scores = np.einsum("dkgh,dlkh->dkgl", qd, k) * scale  # [D, nkv, g, L]
-        pad = np.arange(longest)[None, :] >= seq_lens[:, None]  # [D, L]: past each request's context
-        scores[np.broadcast_to(pad[:, None, None, :], scores.shape)] = -np.inf
+        scores = np.einsum("dkgh,dlkh->dkgl", qd, k)  # [D, nkv, g, L]
+        scores *= scale
+        # -inf past each request's context, added as a bias: a boolean-mask assignment costs ~3x more.
+        bias = np.where(np.arange(longest)[None, :] >= seq_lens[:, None], -np.inf, 0.0).astype(np.float32)
+        scores += bias[:, None, None, :]
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
