@@ -11,7 +11,7 @@ import mmap
 import os
 import re
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ _STRING, _ARRAY = 8, 9
 class GGUFModel:
     path: Path
     spec: ModelSpec
-    tensors: dict[str, np.ndarray]  # HF names, float32, [out, in]
+    tensors: Mapping[str, np.ndarray]  # HF names -> float32 [out, in], dequantized on access
     tokenizer_json: str  # an HF `tokenizers` JSON rebuilt from tokenizer.ggml.*
     tokenizer_config: dict  # chat_template, bos_token, eos_token, add_bos_token
     generation_config: dict  # eos_token_id (int or list), bos_token_id
@@ -252,8 +252,23 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
             w = unpermute_rotary(w, spec.num_heads if ".attn_q." in gname else spec.num_kv_heads)
         return w
 
-    # numpy releases the GIL in the big elementwise ops, so threads use both cores.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        tensors = dict(zip(names.values(), pool.map(load, names)))
+    tensors = _LazyTensors({hf: g for g, hf in names.items()}, load)
     tok_json, tok_cfg, gen_cfg = tokenizer_files(path, meta, spec)
     return GGUFModel(path, spec, tensors, tok_json, tok_cfg, gen_cfg, meta)
+
+
+class _LazyTensors(Mapping):
+    """HF name -> float32 tensor, dequantized when asked for and not kept: the front-end process
+    reads a GGUF only for its tokenizer and limits, and must not hold the model (540 MB for SmolLM2)."""
+
+    def __init__(self, hf_to_gguf: dict[str, str], load):
+        self._names, self._load = hf_to_gguf, load
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._load(self._names[name])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

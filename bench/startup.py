@@ -1,0 +1,96 @@
+"""`rvllm serve` start-up time (process start to /health 200) and the resident memory of all its
+processes when idle.
+
+    python bench/startup.py [--runs 2] [-- SERVE ARGS...]
+    python bench/startup.py -- --model qwen2.5-1.5b --load-format dummy --device cuda
+
+On a GPU, delete $RVLLM_CACHE/kernels first for a cold (compiling) start; later runs are warm.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import append_results  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and all its descendants (from /proc), in MB."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def one_run(serve_args: list[str]) -> tuple[float, float]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "rvllm", "serve", "--port", str(port), "--log-level", "warning", *serve_args]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"rvllm serve exited with {proc.returncode}: {' '.join(cmd)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        ready = time.perf_counter() - t0
+        time.sleep(2.0)  # idle
+        return ready, tree_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--append-results", action="store_true")
+    ap.add_argument("serve_args", nargs="*", help="after --: arguments for rvllm serve")
+    args = ap.parse_args()
+    rows = []
+    for i in range(args.runs):
+        ready, rss = one_run(args.serve_args)
+        rows.append(f"| {i + 1} | {' '.join(args.serve_args) or '(default model)'} | {ready:.2f} | {rss:.0f} |")
+    table = "| run | serve args | to /health 200 (s) | RSS of all processes, idle (MB) |\n|---|---|---|---|\n"
+    table += "\n".join(rows)
+    print(table)
+    if args.append_results:
+        append_results("Startup and footprint (bench/startup.py)", table,
+                       "run 1 after whatever ran before; later runs warm (OS page cache, kernel cache)")
+
+
+if __name__ == "__main__":
+    main()
