@@ -21,10 +21,14 @@ def load_tokenizer(source, tokenizer: str | None = None, chat_template: str | No
     else:
         # Dummy presets have no tokenizer of their own. SmolLM2's (49,152 ids) fits every preset's vocabulary,
         # so text prompts still work for benchmarks and smoke tests.
-        from rvllm.model.pull import ensure_default_model
+        from rvllm.model.pull import PullError, ensure_default_model
 
         log.info("no tokenizer for %s; using SmolLM2's", source.name)
-        tok = _from_path(ensure_default_model())
+        try:
+            tok = _from_path(ensure_default_model())
+        except PullError as e:
+            raise ModelLoadError(f"{source.name} has no tokenizer of its own and SmolLM2's could not be fetched "
+                                 f"({e}); pass --tokenizer with a tokenizer directory or .gguf file") from None
     if chat_template:
         path = Path(chat_template)
         tok.chat_template = path.read_text() if path.is_file() else chat_template
