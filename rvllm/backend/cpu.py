@@ -162,7 +162,8 @@ class CpuBackend:
         v = v_cache[tables].reshape(len(rows), -1, nkv, hd)[:, :longest]
         tok = meta.query_start_loc[rows]
         qd = q[tok].reshape(len(rows), nkv, nh // nkv, hd)  # [D, nkv, g, hd]
-        scores = np.einsum("dkgh,dlkh->dkgl", qd, k)  # [D, nkv, g, L]
+        # Batched matmuls on transposed views: ~2x faster than the equivalent einsum at these shapes.
+        scores = qd @ k.transpose(0, 2, 3, 1)  # [D, nkv, g, hd] @ [D, nkv, hd, L] -> [D, nkv, g, L]
         scores *= scale
         # -inf past each request's context, added as a bias: a boolean-mask assignment costs ~3x more.
         bias = np.where(np.arange(longest)[None, :] >= seq_lens[:, None], -np.inf, 0.0).astype(np.float32)
@@ -170,4 +171,4 @@ class CpuBackend:
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
-        out[tok] = np.einsum("dkgl,dlkh->dkgh", probs, v).reshape(len(rows), nh, hd)
+        out[tok] = (probs @ v.transpose(0, 2, 1, 3)).reshape(len(rows), nh, hd)  # [D, nkv, g, hd]
