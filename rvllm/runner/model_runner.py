@@ -7,9 +7,9 @@ token id (and logprobs when asked).
 
 A step on the GPU: the inputs are packed from Python lists into one pinned buffer and copied to the
 device in one asynchronous copy (step_inputs.py); a pure-decode step replays the CUDA graph of its
-batch-size bucket (graphs.py), any other step runs the forward eagerly; the sampler reads the
-logits on the device (GpuSampler, when rvllm.sampling.gpu_sampler exists) or on the host (the NumPy
-Sampler). Everything runs on backend.stream; the only host sync is reading the sampled tokens.
+batch-size bucket (graphs.py), any other step runs the forward eagerly; GpuSampler samples from the
+logits on the device (the NumPy Sampler on the CPU backend). Everything runs on backend.stream; the
+only host sync is reading the sampled tokens.
 """
 from __future__ import annotations
 
@@ -23,16 +23,11 @@ import numpy as np
 from rvllm.backend.cpu import AttentionMetadata
 from rvllm.model.llama import LlamaModel
 from rvllm.runner.step_inputs import StepBuffers, StepLayout, StepMetadata, collect, serialize
+from rvllm.sampling.gpu_sampler import GpuSampler
 from rvllm.sampling.logprobs import gather_logprobs, log_softmax
 from rvllm.sampling.metadata import SamplingMetadata
 from rvllm.sampling.sampler import Sampler
 
-try:
-    from rvllm.sampling.gpu_sampler import GpuSampler
-except ModuleNotFoundError as e:  # not written yet: the NumPy sampler on host logits
-    if e.name != "rvllm.sampling.gpu_sampler":
-        raise
-    GpuSampler = None
 
 log = logging.getLogger("rvllm.runner")
 
@@ -73,7 +68,7 @@ class ModelRunner:
             self.inputs = StepBuffers(backend, StepLayout(max_tokens, min(max_reqs, max_tokens), max_width).size)
             self.sampler = Sampler()
             self.rng = np.random.default_rng(seed)
-            self.gpu_sampler = GpuSampler(backend, seed) if GpuSampler is not None and backend.name == "cuda" else None
+            self.gpu_sampler = GpuSampler(backend, seed) if backend.name == "cuda" else None
             self.graphs = None
             self.timings: dict[str, float] = {}
             if self.stream is not None:
