@@ -35,7 +35,9 @@ class Serving:
     def __init__(self, client, served_model_names: list[str], chat_template: str | None = None):
         self.client = client
         self.tokenizer = client.tokenizer
-        self.vocab_size: int = client.tokenizer.vocab_size
+        # Token ids are checked against the model's vocabulary, which can exceed the tokenizer's (a dummy
+        # preset borrows SmolLM2's tokenizer); the engine reports it once it has loaded the model.
+        self.vocab_size: int = (getattr(client, "info", None) or {}).get("vocab_size") or client.tokenizer.vocab_size
         self.max_model_len: int = client.max_model_len
         self.served_model_names = served_model_names
         self.model_name = served_model_names[0]
