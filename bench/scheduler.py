@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import append_results  # noqa: E402
+from rvllm.engine.core_proc import quiet_gc  # noqa: E402
 from rvllm.engine.request import Request  # noqa: E402
 from rvllm.engine.scheduler import Scheduler  # noqa: E402
 from rvllm.sampling_params import SamplingParams  # noqa: E402
@@ -100,6 +101,7 @@ def main() -> None:
     args = ap.parse_args()
 
     rows = []
+    quiet_gc()  # the engine process's collector settings
     for name, fn in (("256 decodes, 1-2k context", run_decode), ("mixed prefill + decode", run_mixed)):
         gc.collect()
         times = fn(args.steps)

@@ -33,13 +33,19 @@ def run_engine_process(config, conn, log_level: str = "info") -> None:
         log.debug("engine failed to start", exc_info=True)
         conn.send_bytes(encoder.encode(m.ErrorOutput(f"{e}", fatal=True)))
         return
-    # Everything loaded so far lives as long as the process: keep the collector from re-scanning it in
-    # the middle of steps (its pauses were the p99 of scheduler steps, bench/scheduler.py).
-    gc.collect()
-    gc.freeze()
+    quiet_gc()
     conn.send_bytes(encoder.encode(m.ReadyOutput(core.info())))
     log.info("engine core ready (pid %d)", os.getpid())
     _loop(core, conn, encoder, decoder)
+
+
+def quiet_gc() -> None:
+    """Keep the cyclic collector out of the middle of steps: what is loaded so far lives as long as the
+    process (freeze it), and a generation-0 pass every 50k container allocations instead of 700 (every
+    request brings token lists). bench/scheduler.py, mixed prefill + decode: p99 2830 -> 1015 us."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _leave_a_core_to_the_front_end() -> None:
