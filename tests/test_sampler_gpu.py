@@ -24,6 +24,7 @@ from rvllm.sampling.logprobs import gather_logprobs, log_softmax
 from rvllm.sampling.metadata import SamplingMetadata
 from rvllm.sampling.sampler import Sampler
 from rvllm.sampling_params import SamplingParams
+from tests.test_sampler import meta_for
 
 requires_gpu = pytest.mark.skipif(not is_cuda_available(), reason="no CUDA device (cupy missing or no GPU)")
 gpu = [pytest.mark.gpu, requires_gpu]
@@ -40,14 +41,6 @@ KAT = [  # Random123 kat_vectors: (counter, key, output)
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
-def meta_for(params, prompts=None, outputs=None, eos=None) -> SamplingMetadata:
-    n = len(params)
-    prompts = prompts or [[] for _ in range(n)]
-    outputs = outputs or [[] for _ in range(n)]
-    eos = eos if eos is not None else [None] * n
-    return SamplingMetadata.from_requests(list(zip(params, prompts, outputs, eos)))
 
 
 def chi2_critical(dof: int, z: float = 3.0902) -> float:
