@@ -6,8 +6,10 @@ tokenizer and limits without touching weights; `load_weights` runs in the engine
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +125,11 @@ class _TensorSource:
 
 class _GGUFTensors:
     def __init__(self, gguf_model):
-        self.tensors = gguf_model.tensors
+        # read_gguf dequantizes lazily (the front end only wants the tokenizer); here every tensor is
+        # needed, and NumPy releases the GIL in the big elementwise ops, so threads use every core.
+        names = list(gguf_model.tensors)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            self.tensors = dict(zip(names, pool.map(gguf_model.tensors.__getitem__, names)))
 
     def get(self, name: str):
         if name not in self.tensors:
