@@ -10,6 +10,7 @@ bench/throughput.py and bench/latency.py so the numbers compare.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,13 +85,18 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--compile", action="store_true",
+                    help="let transformers torch.compile (inductor); its first use took over 240 s on an H100")
     args = ap.parse_args()
+    if not args.compile:
+        os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before torch is imported: torch.compile becomes a no-op
     import transformers
 
     attn, cb = continuous(args.model, args.num_prompts, args.input_len, args.output_len)
     b1 = static_batch1(args.model, 32, args.output_len)
+    mode = "torch.compile" if args.compile else "eager, TORCHDYNAMO_DISABLE=1"
     print(f"| peer | model | workload | output tok/s |\n|---|---|---|---|\n"
-          f"| transformers {transformers.__version__} generate_batch ({attn}) | {args.model} | "
+          f"| transformers {transformers.__version__} generate_batch ({attn}, {mode}) | {args.model} | "
           f"{args.num_prompts} x {args.input_len}/{args.output_len} | {cb:.0f} |\n"
           f"| transformers {transformers.__version__} generate, static cache, batch 1 (incl. prefill) | "
           f"{args.model} | 32/{args.output_len} | {b1:.1f} |")

@@ -128,8 +128,8 @@ def test_fused_add_rms_norm(gpu, rng, num_tokens, d):
     check(gpu, res_dev, res, "input residual untouched", tol=1e-7)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 17, 256])
-@pytest.mark.parametrize("k,n", [(64, 96), (576, 1536), (1024, 4096)])
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 17, 256])  # <= 8 rows: gemv.cu; more: cuBLAS
+@pytest.mark.parametrize("k,n", [(64, 96), (100, 40), (576, 1536), (1024, 4096), (8960, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(gpu, rng, num_tokens, k, n, bias):
     x = rounded(gpu, rng.standard_normal((num_tokens, k)))
@@ -137,6 +137,33 @@ def test_linear(gpu, rng, num_tokens, k, n, bias):
     b = rounded(gpu, rng.standard_normal(n)) if bias else None
     out = gpu.linear(gpu.weight(x), gpu.weight(w), gpu.weight(b) if bias else None)
     check(gpu, out, CPU.linear(x, w, b), "linear")
+    if num_tokens <= 8 and k % 8 == 0:  # the case above ran the small-batch kernel, not cuBLAS
+        assert gpu.gemv.linear(gpu.weight(x), gpu.weight(w)) is not None
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 8, 9, 40])
+@pytest.mark.parametrize("d,n", [(64, 96), (1536, 2048), (4096, 512), (4100, 64)])
+@pytest.mark.parametrize("form", ["first_layer", "residual", "bias", "silu"])
+def test_add_norm_linear(gpu, rng, num_tokens, d, n, form):
+    """rms_norm(x + residual) @ W.T (+ bias, or SiLU-and-mul of the halves): one gemv.cu kernel at
+    <= 8 rows with K a multiple of 8, the separate kernels and cuBLAS otherwise; both against the CPU."""
+    x = rounded(gpu, rng.standard_normal((num_tokens, d)))
+    res = None if form == "first_layer" else rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu, rng.standard_normal((n, d)) / np.sqrt(d))
+    b = rounded(gpu, rng.standard_normal(n)) if form == "bias" else None
+    act = "silu_and_mul" if form == "silu" else None
+    dev = lambda a: None if a is None else gpu.weight(a)  # noqa: E731
+    x_dev, res_dev = dev(x), dev(res)
+    out, new_res = gpu.add_norm_linear(x_dev, res_dev, dev(nw), 1e-6, dev(w), dev(b), act)
+    ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, b, act)
+    check(gpu, out, ref_out, f"add_norm_linear {form}")
+    check(gpu, new_res, ref_res, "new residual", tol=1e-2 if res is not None else 1e-7)
+    check(gpu, x_dev, x, "input x untouched", tol=1e-7)
+    if res is not None:
+        check(gpu, res_dev, res, "input residual untouched", tol=1e-7)
+    fused = gpu.gemv.add_norm_linear(x_dev, res_dev, dev(nw), 1e-6, dev(w), dev(b), act)
+    assert (fused is not None) == (num_tokens <= 8 and d % 8 == 0)
 
 
 def test_linear_on_row_strided_input(gpu, rng):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.bf16 import bf16_bits_to_float32
 
 
@@ -78,6 +79,10 @@ class CpuBackend:
         if bias is not None:
             out += bias
         return out
+
+    def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
+        """(act(rms_norm(x + residual) @ weight.T + bias), x + residual); see backend/fused.py."""
+        return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
 
     def logits(self, x: np.ndarray, lm_head: np.ndarray) -> np.ndarray:
         """[B, H] x [V, H] -> [B, V] float32 logits."""

@@ -19,6 +19,8 @@ import os
 import numpy as np
 
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
+from rvllm.backend.cuda_gemv import MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
+from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
@@ -44,10 +46,12 @@ def _launch_threads(d: int) -> int:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, dtype: str = "bfloat16", attention: str | None = None):
+    def __init__(self, dtype: str = "bfloat16", attention: str | None = None, gemv_max_rows: int | None = None):
         """dtype: "bfloat16" or "float16". attention: "auto" (decode kernel for decode-only
         steps, tensor-core prefill kernel otherwise) or "split" (the decode kernel for every
-        step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto"."""
+        step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto".
+        gemv_max_rows: steps of at most this many token rows run their linear layers on the
+        kernels of gemv.cu (0 = always cuBLAS); default from $RVLLM_GEMV_MAX_ROWS, else 8."""
         if cp is None:
             raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         if dtype not in nvrtc.DTYPES:
@@ -70,6 +74,10 @@ class CudaBackend:
         # stream, so work queued there (weight loading) is finished with synchronize_device() first.
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._capture_workspace = None  # cuBLAS workspace of captured graphs (graph_capture)
+        if gemv_max_rows is None:
+            gemv_max_rows = int(os.environ.get("RVLLM_GEMV_MAX_ROWS", _GEMV_MAX_ROWS))
+        num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+        self.gemv = SmallBatchGemv(self, gemv_max_rows, int(num_sms))
 
     # ---- memory -------------------------------------------------------------------------------
     def _storage(self, dtype) -> np.dtype:
@@ -297,12 +305,16 @@ class CudaBackend:
         self._check("linear weight", weight, ndim=2)
         if weight.shape[1] != x2.shape[1]:
             raise ValueError(f"linear: x has {x2.shape[1]} features, weight is {weight.shape}")
-        out = cp.empty((x2.shape[0], weight.shape[0]), dtype=self.compute_dtype)
-        beta = self._beta0
         if bias is not None:
             self._check("linear bias", bias, ndim=1)
             if bias.shape[0] != weight.shape[0]:
                 raise ValueError(f"linear: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
+        small = self.gemv.linear(x2, weight, bias) if x2.shape[0] and x2.shape[1] else None
+        if small is not None:
+            return small.reshape(*x.shape[:-1], weight.shape[0])
+        out = cp.empty((x2.shape[0], weight.shape[0]), dtype=self.compute_dtype)
+        beta = self._beta0
+        if bias is not None:
             out[...] = bias  # broadcast copy; cuBLAS then adds the product (beta = 1)
             beta = self._beta1
         if out.size and x2.shape[1]:
@@ -310,6 +322,30 @@ class CudaBackend:
         elif out.size and bias is None:
             out.fill(0)
         return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
+        """(act(rms_norm(x + residual) @ weight.T + bias), x + residual); see backend/fused.py.
+        One kernel (gemv.cu) for steps of up to gemv.max_rows rows, the separate ops otherwise."""
+        self._check("add_norm_linear x", x, ndim=2)
+        self._check("add_norm_linear weight", weight, ndim=2)
+        self._check("add_norm_linear norm weight", norm_weight, ndim=1)
+        if residual is not None:
+            self._check("add_norm_linear residual", residual, ndim=2)
+            if residual.shape != x.shape:
+                raise ValueError(f"add_norm_linear: x {x.shape} and residual {residual.shape} differ")
+        if weight.shape[1] != x.shape[1] or norm_weight.shape[0] != x.shape[1]:
+            raise ValueError(f"add_norm_linear: x {x.shape}, norm weight {norm_weight.shape}, weight {weight.shape}")
+        if bias is not None:
+            self._check("add_norm_linear bias", bias, ndim=1)
+            if bias.shape[0] != weight.shape[0]:
+                raise ValueError(f"add_norm_linear: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
+        if act == "silu_and_mul" and weight.shape[0] % 2:
+            raise ValueError(f"add_norm_linear: silu_and_mul needs an even number of weight rows, got {weight.shape[0]}")
+        if x.shape[0] and x.shape[1]:
+            fused = self.gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias, act)
+            if fused is not None:
+                return fused
+        return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
 
     def logits(self, x, lm_head, out=None):
         """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly), into `out`

@@ -34,6 +34,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_combine_kernel"), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
+    "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
+                      for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
     "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "philox_kernel"), False),
 }
 

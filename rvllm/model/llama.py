@@ -42,24 +42,23 @@ class LlamaModel:
     def forward(self, input_ids, positions, kv_caches, meta):
         """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache) -> hidden [T, H]."""
         s, ops = self.spec, self.ops
+        # `hidden` is each sublayer's output before it joins the residual stream: add_norm_linear
+        # adds it, normalizes and projects in one op (one kernel for decode-sized steps on CUDA).
         hidden = ops.embedding(input_ids, self.w.embed)  # [T, H]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches):
-            if residual is None:
-                residual = hidden
-                x = ops.rms_norm(hidden, layer.input_norm, s.rms_norm_eps)
-            else:
-                x, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, s.rms_norm_eps)
-            attn = self._attention(x, positions, layer, k_cache, v_cache, meta)  # [T, H]
-            x, residual = ops.fused_add_rms_norm(attn, residual, layer.post_norm, s.rms_norm_eps)
-            hidden = ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up)), layer.down)  # [T, H]
+            qkv, residual = ops.add_norm_linear(hidden, residual, layer.input_norm, s.rms_norm_eps,
+                                                layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
+            hidden = self._attention(qkv, positions, layer, k_cache, v_cache, meta)  # [T, H]
+            act, residual = ops.add_norm_linear(hidden, residual, layer.post_norm, s.rms_norm_eps,
+                                                layer.gate_up, act="silu_and_mul")  # [T, I]
+            hidden = ops.linear(act, layer.down)  # [T, H]
         x, _ = ops.fused_add_rms_norm(hidden, residual, self.w.final_norm, s.rms_norm_eps)
         return x
 
-    def _attention(self, x, positions, layer: LayerWeights, k_cache, v_cache, meta):
+    def _attention(self, qkv, positions, layer: LayerWeights, k_cache, v_cache, meta):
         s, ops = self.spec, self.ops
-        num_tokens = x.shape[0]
-        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
+        num_tokens = qkv.shape[0]
         q = qkv[:, : s.q_size].reshape(num_tokens, s.num_heads, s.head_dim)
         k = qkv[:, s.q_size : s.q_size + s.kv_size].reshape(num_tokens, s.num_kv_heads, s.head_dim)
         v = qkv[:, s.q_size + s.kv_size :].reshape(num_tokens, s.num_kv_heads, s.head_dim)

@@ -1,0 +1,88 @@
+"""Decode-sized linear layers on the GPU: the wrappers of kernels_cu/gemv.cu.
+
+CudaBackend.linear and CudaBackend.add_norm_linear route steps of at most `max_rows` token rows
+here (decode steps of up to 8 requests); larger steps go to cuBLAS. The kernels are compiled for
+1, 2, 4 and 8 rows; a step runs the smallest that holds it. A call the kernels cannot take (K not
+a multiple of 8, unaligned rows, a bias with the SiLU form, too much shared memory) returns None
+and the caller uses the general path.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import cupy as cp
+except Exception:  # ImportError, or a broken CUDA install (cuda.py says the same)
+    cp = None
+
+ROW_BUCKETS = (1, 2, 4, 8)
+MAX_ROWS = ROW_BUCKETS[-1]
+_WARPS = 8  # GEMV_THREADS / 32 in gemv.cu
+_THREADS = 32 * _WARPS
+_MAX_SMEM = 200 * 1024  # the normed rows staged in shared memory (an H100 allows 227 KiB a block)
+
+
+def _ptr(a):
+    """A kernel pointer argument: the array, or NULL for None."""
+    return a if a is not None else np.uint64(0)
+
+
+def _aligned(x) -> bool:
+    return x.data.ptr % 16 == 0 and (x.shape[0] == 1 or (x.strides[0] // x.itemsize) % 8 == 0)
+
+
+class SmallBatchGemv:
+    def __init__(self, backend, max_rows: int, num_sms: int):
+        self.ops = backend
+        self.max_rows = min(max_rows, MAX_ROWS)
+        self.num_sms = num_sms
+
+    def _bucket(self, rows: int) -> int | None:
+        if rows < 1 or rows > self.max_rows:
+            return None
+        return next(b for b in ROW_BUCKETS if b >= rows)
+
+    def _grid(self, units: int, per_sm: int) -> tuple[int]:
+        return (max(1, min(-(-units // _WARPS), self.num_sms * per_sm)),)
+
+    def linear(self, x, weight, bias=None):
+        """x [rows, K] (rows contiguous) @ weight[N, K].T (+ bias) -> [rows, N], or None."""
+        rows, k = x.shape
+        m = self._bucket(rows)
+        if m is None or k % 8 or not _aligned(x) or not _aligned(weight) or not weight.flags.c_contiguous:
+            return None
+        n = weight.shape[0]
+        out = cp.empty((rows, n), dtype=weight.dtype)
+        self.ops._kernel("gemv.cu", f"gemv_m{m}")(
+            self._grid(n, 8), (_THREADS,),
+            (out, x, np.int64(x.strides[0] // x.itemsize), weight, _ptr(bias), np.int32(rows), np.int32(n), np.int32(k)))
+        return out
+
+    def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
+        """backend/fused.py's add_norm_linear in one kernel, or None."""
+        rows, k = x.shape
+        m = self._bucket(rows)
+        smem = m * k * x.itemsize if m else 0
+        if (m is None or k % 8 or smem > _MAX_SMEM or not x.flags.c_contiguous or not weight.flags.c_contiguous
+                or (residual is not None and not residual.flags.c_contiguous) or not _aligned(weight)
+                or (act is not None and bias is not None)):
+            return None
+        n = weight.shape[0]
+        s_out = None if residual is None else cp.empty_like(x)  # None: x is the residual stream, unchanged
+        per_sm = 4 if m <= 2 else 2  # each block stages the rows once: fewer, longer-lived blocks at larger m
+        if act == "silu_and_mul":
+            inter = n // 2
+            out = cp.empty((rows, inter), dtype=weight.dtype)
+            kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_silu_m{m}")
+            self.ops._ensure_smem(kernel, smem)
+            kernel(self._grid(inter, per_sm), (_THREADS,),
+                   (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight,
+                    np.int32(rows), np.int32(inter), np.int32(k)), shared_mem=smem)
+        else:
+            out = cp.empty((rows, n), dtype=weight.dtype)
+            kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_m{m}")
+            self.ops._ensure_smem(kernel, smem)
+            kernel(self._grid(n, per_sm), (_THREADS,),
+                   (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
+                    np.int32(rows), np.int32(n), np.int32(k)), shared_mem=smem)
+        return out, (x if s_out is None else s_out)
