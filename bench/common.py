@@ -48,3 +48,19 @@ def append_results(title: str, table: str, note: str = "") -> None:
         if note:
             f.write(f"- note: {note}\n")
         f.write(f"\n{table}\n")
+
+
+def profile_table(llm, run) -> str:
+    """Runs `run()` with the engine's step profiler on (runner/profiling.py) and returns a table of
+    mean and median microseconds per phase."""
+    from rvllm.runner.profiling import StepProfiler
+
+    runner = llm.engine.runner
+    runner.profiler = StepProfiler(llm.engine.backend)
+    try:
+        run()
+    finally:
+        prof, runner.profiler = runner.profiler, None
+    lines = [f"| phase (us per step, {len(prof.rows)} steps) | mean | median |", "|---|---|---|"]
+    lines += [f"| {phase} | {mean:.0f} | {median:.0f} |" for phase, (mean, median) in prof.summary().items()]
+    return "\n".join(lines)

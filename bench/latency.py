@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import append_results  # noqa: E402
+from bench.common import append_results, profile_table  # noqa: E402
 
 
 def main() -> None:
@@ -24,6 +24,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: the engine's (on with CUDA)")
+    ap.add_argument("--profile", action="store_true", help="also print the per-step phase breakdown of one more run")
     ap.add_argument("--append-results", action="store_true")
     args = ap.parse_args()
 
@@ -31,6 +34,7 @@ def main() -> None:
 
     llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=4096,
               skip_tokenizer_init=True, num_gpu_blocks_override=512, enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling,
               max_num_seqs=8)
     prompt = list(range(100, 100 + args.input_len))
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -44,10 +48,13 @@ def main() -> None:
         rates.append(((args.output_len - 1) / sum(rec.inter_token), wall, rec.ttft))
     best = max(rates)
     mode = "eager" if args.enforce_eager or llm.engine.backend.name == "cpu" else "graphs"
+    mode += ", async" if llm.engine.async_scheduling else ", in-order"
     table = ("| model | device | mode | in/out | decode tok/s (best of %d) | ms/token | TTFT ms | e2e s |\n"
              "|---|---|---|---|---|---|---|---|\n" % args.iters +
              f"| {args.model} | {llm.engine.backend.name} | {mode} | {args.input_len}/{args.output_len} | {best[0]:.1f} | "
              f"{1000 / best[0]:.2f} | {best[2] * 1000:.1f} | {best[1]:.2f} |")
+    if args.profile:
+        table += "\n\n" + profile_table(llm, lambda: llm.generate([prompt], params))
     print(table)
     if args.append_results:
         append_results(f"Batch-1 latency {args.model} (bench/latency.py)", table)

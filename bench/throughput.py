@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.common import append_results  # noqa: E402
+from bench.common import append_results, profile_table  # noqa: E402
 
 
 def main() -> None:
@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: the engine's (on with CUDA)")
+    ap.add_argument("--profile", action="store_true", help="also print the per-step phase breakdown of one more run")
     ap.add_argument("--append-results", action="store_true")
     args = ap.parse_args()
 
@@ -38,6 +41,7 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling,
               skip_tokenizer_init=True)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -50,11 +54,15 @@ def main() -> None:
     wall = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = args.num_prompts * args.input_len
-    table = ("| model | device | prompts | in/out | load s | wall s | req/s | output tok/s | total tok/s |\n"
-             "|---|---|---|---|---|---|---|---|---|\n"
-             f"| {args.model} | {llm.engine.backend.name} | {args.num_prompts} | {args.input_len}/{args.output_len} | "
+    mode = "eager" if args.enforce_eager or llm.engine.backend.name == "cpu" else "graphs"
+    mode += ", async" if llm.engine.async_scheduling else ", in-order"
+    table = ("| model | device | mode | prompts | in/out | load s | wall s | req/s | output tok/s | total tok/s |\n"
+             "|---|---|---|---|---|---|---|---|---|---|\n"
+             f"| {args.model} | {llm.engine.backend.name} | {mode} | {args.num_prompts} | {args.input_len}/{args.output_len} | "
              f"{load_s:.1f} | {wall:.2f} | {args.num_prompts / wall:.2f} | {n_out / wall:.0f} | "
              f"{(n_in + n_out) / wall:.0f} |")
+    if args.profile:
+        table += "\n\n" + profile_table(llm, lambda: llm.generate(prompts, params))
     print(table)
     if args.append_results:
         append_results(f"Throughput {args.model} (bench/throughput.py)", table)

@@ -22,3 +22,13 @@ extern "C" __global__ void __launch_bounds__(256) embedding_kernel(
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
   }
 }
+
+// Async scheduling: an input id -1 - k stands for row k of the previous step's sampled ids, which
+// the host has not read yet (runner/step_inputs.py packs them so). Runs before the forward.
+extern "C" __global__ void fill_placeholders_kernel(int* __restrict__ ids, const int* __restrict__ prev, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const int v = ids[i];
+    if (v < 0) ids[i] = prev[-1 - v];
+  }
+}

@@ -25,6 +25,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the GPU runs this one (default: on with CUDA)")
     p.add_argument("--generation-config", default="auto",
                    help="'auto' (the model's generation_config.json), 'vllm' (none), or a directory")
     p.add_argument("--chat-template", help="a chat template file or inline template")
@@ -33,7 +35,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "load_format", "max_model_len", "device", "seed", "block_size",
                  "gpu_memory_utilization", "num_gpu_blocks_override", "enable_prefix_caching", "max_num_seqs",
-                 "max_num_batched_tokens", "enforce_eager", "generation_config", "chat_template", "log_level")
+                 "max_num_batched_tokens", "enforce_eager", "async_scheduling", "generation_config", "chat_template", "log_level")
 _SERVE_FLAGS = ("host", "port", "api_key", "served_model_name", "max_logprobs", "max_queued_requests",
                 "enable_log_requests")
 

@@ -29,6 +29,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU: KV cache size; None = enough for max_num_seqs full contexts, capped
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Launch step N+1 before reading step N's tokens (vLLM's --async-scheduling). None: on for CUDA.
+    async_scheduling: bool | None = None
     # scheduler
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256

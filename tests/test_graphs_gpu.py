@@ -157,3 +157,26 @@ def test_fixed_grid_decode_attention(gpu, num_sms):
     ws.tmp_out.fill(np.nan)
     out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
     check(gpu, out, ref, f"fixed-grid decode (grid {ws.grid_parts(r, nkv)} of {ws.max_parts} partitions)")
+
+
+def test_async_scheduling_matches_in_order_steps(tiny):
+    """Graph replays with inputs filled from the previous step's sampled ids on the device give the
+    tokens and logprobs of in-order steps; requests end at different steps while one is in flight."""
+    from rvllm import SamplingParams
+
+    d, cfg, _ = tiny
+    prompts = _prompts(cfg["vocab_size"], 24, seed=3)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.7, seed=i, max_tokens=1 + 3 * (i % 5), ignore_eos=True,
+                             logprobs=2 if i % 3 == 0 else None) for i in range(24)]
+    runs = []
+    for async_scheduling in (False, True):
+        llm = _llm(d, graphs=True, async_scheduling=async_scheduling)
+        outs = llm.generate(prompts, params)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                      None if o.outputs[0].logprobs is None else
+                      [{t: round(v.logprob, 4) for t, v in e.items()} for e in o.outputs[0].logprobs]) for o in outs])
+        placeholders = llm.engine.runner.num_placeholder_tokens
+        assert (placeholders > 0) == async_scheduling
+        assert llm.engine.runner.graphs.num_replays > 0
+        del llm
+    assert runs[1] == runs[0]

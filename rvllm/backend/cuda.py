@@ -225,6 +225,15 @@ class CudaBackend:
                 (num_tokens,), (256,), (out, ids, table, np.int32(hidden), np.int32(vocab)))
         return out
 
+    def fill_placeholders(self, ids, prev_sampled) -> None:
+        """In place: ids[i] = prev_sampled[-1 - ids[i]] where ids[i] < 0 (async scheduling's
+        placeholders for tokens the previous step sampled on the device)."""
+        self._check("fill_placeholders ids", ids, np.int32, ndim=1)
+        self._check("fill_placeholders prev_sampled", prev_sampled, np.int32, ndim=1)
+        n = ids.shape[0]
+        if n:
+            self._kernel("embedding.cu", "fill_placeholders_kernel")((-(-n // 256),), (256,), (ids, prev_sampled, np.int32(n)))
+
     def rms_norm(self, x, weight, eps: float):
         """RMSNorm over the last dim. x may be a strided 2-D or 3-D view whose last dim is
         contiguous (q or k sliced out of the qkv output); the result is contiguous."""

@@ -70,6 +70,13 @@ class EngineCore:
         gen_eos = self.source.generation_config.get("eos_token_id")
         if gen_eos is not None:
             self.eos_token_ids = tuple(gen_eos) if isinstance(gen_eos, list) else (int(gen_eos),)
+        # Async scheduling: step N+1 is launched before step N's tokens are read, so the host's
+        # scheduling and packing overlap the GPU's work. Requests with penalties need their real
+        # output tokens when their step is packed: while one is in the engine, steps run in order.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.backend.name != "cpu")
+        self._inflight = None  # (SchedulerOutput, PendingStep) launched and not read yet
+        self._sync_ids: set[str] = set()
         self._requests: dict[str, Request] = {}
         self._finished_records: list[FinishedRecord] = []
         self.prompt_tokens_total = 0
@@ -118,6 +125,8 @@ class EngineCore:
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
                       min(self.max_model_len, capacity), arrival_time)
         self._requests[request_id] = req
+        if params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            self._sync_ids.add(request_id)
         self.scheduler.add_request(req)
         self.prompt_tokens_total += n
 
@@ -131,10 +140,47 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        if not self.async_scheduling:
+            t0 = time.perf_counter()
+            sched = self.scheduler.schedule()
+            t1 = time.perf_counter()
+            return self._complete_step(sched, self.runner.launch(sched), t1 - t0)
+        deltas = self._finish_inflight() if self._sync_ids else []
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
-        out = self.runner.execute(sched)
+        t1 = time.perf_counter()
+        launched = None
+        if sched.scheduled:
+            launched = self.runner.launch(sched)
+            for item in sched.scheduled:
+                if item.sample:
+                    item.request.append_placeholder()
+        deltas += self._finish_inflight()  # the previous step: the GPU has this one queued behind it
+        if launched is not None:
+            self._inflight = (sched, launched, t1 - t0)
+        return deltas
+
+    def _finish_inflight(self) -> list[RequestDelta]:
+        """Waits for the launched step's tokens and applies them (async scheduling)."""
+        if self._inflight is None:
+            return []
+        sched, pending, schedule_seconds = self._inflight
+        self._inflight = None
+        return self._complete_step(sched, pending, schedule_seconds)
+
+    def _complete_step(self, sched, pending, schedule_seconds: float) -> list[RequestDelta]:
+        """Waits for a launched step's tokens, updates the scheduler, returns the output deltas."""
+        out = pending.result()
+        t0 = time.perf_counter()
         changed = self.scheduler.update_from_output(sched, out.sampled, time.monotonic())
-        return self._deltas(changed, out)
+        deltas = self._deltas(changed, out)
+        prof = self.runner.profiler
+        if prof is not None and pending.profile is not None:
+            row = {"schedule": schedule_seconds, "update": time.perf_counter() - t0}
+            row.update((k, v) for k, v in pending.profile.items() if k != "events")
+            row.update(prof.device_times(pending.profile["events"]))
+            prof.add(row)
+        return deltas
 
     def _deltas(self, changed, out) -> list[RequestDelta]:
         deltas = []
@@ -156,6 +202,7 @@ class EngineCore:
 
     def _finish(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
+        self._sync_ids.discard(req.request_id)
         t = req.times
         now = t.finished or time.monotonic()
         self._finished_records.append(FinishedRecord(

@@ -73,7 +73,9 @@ class KVCacheManager:
         """Register the request's blocks that are now full of computed tokens in the prefix cache."""
         if not self.enable_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        # Blocks ending in a placeholder (async scheduling) wait until the token is known.
+        known = request.num_tokens - request.num_pending
+        num_full = min(request.num_computed_tokens, known) // self.block_size
         done = self.num_cached_blocks.get(request.request_id, 0)
         if num_full <= done:
             return
@@ -83,6 +85,7 @@ class KVCacheManager:
 
     def hashes_filled(self, request: Request, start: int, end: int) -> list[int]:
         """Chained hashes of the blocks that computing tokens [start, end) completes."""
+        end = min(end, request.num_tokens - request.num_pending)  # a placeholder's block has no hash yet
         first, last = start // self.block_size, end // self.block_size
         if last <= first or not self.enable_caching:
             return []

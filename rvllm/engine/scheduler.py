@@ -13,7 +13,13 @@ queue). Then waiting requests in arrival order (preempted ones first), unless a 
 this step: a waiting request never pushes a running one out.
 
 Prefix caching: a block is shared only after the step that computed it, so a request never reads
-KV that is not written yet. A waiting request whose next prefix block is being computed this step
+KV that is not written yet. (With async scheduling, "after" means after that step was launched: a
+later step that reads the block runs after it on the same CUDA stream.)
+
+Async scheduling (the engine launches step N+1 before it reads step N's tokens): a request whose
+token is in flight carries a placeholder (request.py) and is scheduled as a decode of it; one whose
+in-flight token is its max_tokens-th is not scheduled again; a preempted one is not readmitted
+until its token has landed. A waiting request whose next prefix block is being computed this step
 by another request waits one step and then shares it (n > 1 samples of one prompt).
 """
 from __future__ import annotations
@@ -109,6 +115,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
+            if request.num_pending and request.reached_length():
+                i += 1  # async: its in-flight token is its last; nothing more to compute
+                continue
             start = request.num_computed_tokens
             num_new = min(len(request.all_token_ids) - start, budget)  # >= 1: every step ends with a sampled token
             # Most decode steps still fit in the last block: skip the allocator call then.
@@ -138,6 +147,9 @@ class Scheduler:
             deferred: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
+                if request.num_pending:  # preempted with a token in flight: its ids are not all known yet
+                    deferred.append(self.waiting.popleft())
+                    continue
                 hits, num_cached = kv.get_computed_blocks(request)
                 if filling and kv.next_block_hash(request, len(hits)) in filling:
                     deferred.append(self.waiting.popleft())
@@ -178,6 +190,13 @@ class Scheduler:
         for item in scheduler_output.scheduled:
             request = item.request
             if request.status is not RUNNING:
+                if request.status is RequestStatus.PREEMPTED and item.sample and request.num_pending:
+                    # Async: preempted by the schedule that followed this step; its token still counts.
+                    request.append_output_token(sampled[request.request_id], now)
+                    if request.check_stop():
+                        self.waiting.remove(request)
+                        self._release(request, now)
+                    changed.append(request)
                 continue  # aborted or finished since schedule(); its blocks are gone
             # The tokens scheduled last step now have KV: share blocks this step filled (before any free).
             start = item.start

@@ -44,6 +44,50 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
 
 
+class _Done:
+    """A sampling result that is already on the host (the CPU backend samples synchronously)."""
+
+    def __init__(self, result):
+        self._result = result
+        self.token_ids = np.asarray(result.token_ids, np.int32)
+
+    def result(self):
+        return self._result
+
+
+class PendingStep:
+    """A launched step (ModelRunner.launch); result() waits for its sampled ids and returns them."""
+
+    def __init__(self, runner, batch, hidden=None, bucket=None):
+        self.runner, self.batch, self.hidden, self.bucket = runner, batch, hidden, bucket
+        self.sample = None
+        self.timings: dict = {}
+        self.profile: dict | None = None  # with a profiler: host seconds and the step's CUDA events
+
+    def sample_ids_device(self):
+        return self.sample.token_ids if self.sample is not None else None
+
+    def result(self) -> RunnerOutput:
+        out = RunnerOutput()
+        batch = self.batch
+        if batch is None:
+            return out
+        if self.sample is not None:
+            t0 = time.perf_counter()
+            result = self.sample.result()
+            if self.profile is not None:
+                self.profile["wait"] = time.perf_counter() - t0
+            for req_id, tok, lp in zip(batch.sample_ids, result.token_ids, result.logprobs):
+                out.sampled[req_id] = int(tok)
+                if lp is not None:
+                    out.logprobs[req_id] = (lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
+        if batch.prompt_logprob_rows:
+            with self.runner._on_stream():
+                self.runner._prompt_logprobs(self.hidden, batch, out)
+        self.runner.timings = self.timings
+        return out
+
+
 class ModelRunner:
     def __init__(self, spec, weights, backend, num_blocks: int, block_size: int, seed: int = 0, *,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, cuda_graphs: bool = False):
@@ -71,6 +115,13 @@ class ModelRunner:
             self.gpu_sampler = GpuSampler(backend, seed) if backend.name == "cuda" else None
             self.graphs = None
             self.timings: dict[str, float] = {}
+            # The last launch's sampled ids (device) and request id -> row: placeholders read them.
+            self._prev_sampled = None
+            self._prev_rows: dict[str, int] = {}
+            self.num_placeholder_tokens = 0  # input tokens read from the device (async scheduling)
+            self.profiler = None  # a runner/profiling.StepProfiler while benchmarks profile steps
+            self._pack_seconds = 0.0
+            self._uploaded_mark = None
             if self.stream is not None:
                 backend.synchronize_device()  # weights were loaded on another stream
             if cuda_graphs and backend.name == "cuda":
@@ -115,28 +166,41 @@ class ModelRunner:
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
 
     def execute(self, sched) -> RunnerOutput:
-        if not sched.scheduled:
-            return RunnerOutput()
-        with self._on_stream():
-            return self._execute(sched)
+        """Runs one step and returns its tokens (launch, then wait for its result)."""
+        return self.launch(sched).result()
 
-    def _execute(self, sched) -> RunnerOutput:
-        t0 = time.perf_counter()
-        batch, hidden, logits, bucket = self.forward_step(sched)
-        t1 = time.perf_counter()
-        out = RunnerOutput()
-        if batch.sample_rows:
-            self._sample(logits, batch, out)
-        if batch.prompt_logprob_rows:
-            self._prompt_logprobs(hidden, batch, out)
-        self.timings = {"forward": t1 - t0, "sample": time.perf_counter() - t1, "graph": bucket is not None}
-        return out
+    def launch(self, sched) -> "PendingStep":
+        """Queues one step on the device and returns without waiting for it: the inputs are uploaded,
+        the forward and the sampler launched, the sampled ids' copy to the host queued. Placeholder
+        tokens (async scheduling, engine/request.py) are read from the previous launch's sampled ids
+        on the device. PendingStep.result() waits for this step only."""
+        if not sched.scheduled:
+            return PendingStep(self, None)
+        prof = self.profiler
+        with self._on_stream():
+            t0 = time.perf_counter()
+            start = prof.mark() if prof else None
+            batch, hidden, logits, bucket = self.forward_step(sched)
+            forwarded = prof.mark() if prof else None
+            t1 = time.perf_counter()
+            pending = PendingStep(self, batch, hidden, bucket)
+            if batch.sample_rows:
+                pending.sample = self._launch_sample(logits, batch)
+            self._prev_sampled = pending.sample_ids_device()
+            self._prev_rows = {rid: i for i, rid in enumerate(batch.sample_ids)}
+            t2 = time.perf_counter()
+            pending.timings = {"forward": t1 - t0, "sample": t2 - t1, "graph": bucket is not None}
+            if prof:
+                pending.profile = {"pack": self._pack_seconds, "launch": t2 - t0,
+                                   "events": (start, self._uploaded_mark, forwarded, prof.mark())}
+        return pending
 
     def forward_step(self, sched, use_graphs: bool = True):
         """Packs and uploads the step, runs the forward -> (StepBatch, hidden [T, H] or None after a
         graph replay, logits [S, V] of the rows that sample or None, graph bucket or None). Runs on
         the current stream (execute makes backend.stream current); tests call it directly."""
-        batch = collect(sched, self.block_size)
+        t0 = time.perf_counter()
+        batch = collect(sched, self.block_size, self._prev_rows)
         bucket = self.graphs.bucket_for(batch) if self.graphs is not None and use_graphs else None
         data, lay = serialize(batch, bucket or 0, bucket or 0)
         if not self.inputs.fits(lay.size):  # only when the engine did not pass its limits
@@ -147,7 +211,13 @@ class ModelRunner:
                 bucket = None
                 data, lay = serialize(batch)
             self.inputs.grow(lay.size)
+        self._pack_seconds = time.perf_counter() - t0
         self.inputs.upload(data)
+        if batch.num_placeholders:
+            self._fill_placeholders(lay.n)
+            self.num_placeholder_tokens += batch.num_placeholders
+        if self.profiler:
+            self._uploaded_mark = self.profiler.mark()
         if bucket is not None:
             return batch, None, self.graphs.replay(bucket)[: batch.num_reqs], bucket  # decode: every row samples
         hidden, logits = self._forward_eager(batch, lay)
@@ -169,16 +239,21 @@ class ModelRunner:
             rows = hidden[logits_idx[:num_sample]]
         return hidden, self.model.compute_logits(rows)  # [S, V]
 
-    def _sample(self, logits, batch, out: RunnerOutput) -> None:
+    def _fill_placeholders(self, num_rows: int) -> None:
+        """Token ids packed as -1 - k (collect's placeholders) become row k of the previous step's
+        sampled ids, on the device, before the forward reads them."""
+        ids = self.inputs.views(StepLayout(num_rows, 0, 0))[0]
+        if self.ops.name == "cpu":
+            neg = ids < 0
+            ids[neg] = np.asarray(self._prev_sampled)[-1 - ids[neg]]
+        else:
+            self.ops.fill_placeholders(ids, self._prev_sampled)
+
+    def _launch_sample(self, logits, batch):
         meta = SamplingMetadata.from_requests(batch.sample_rows)
         if self.gpu_sampler is not None:
-            result = self.gpu_sampler(logits, meta)
-        else:
-            result = self.sampler(self.ops.to_host(logits), meta, self.rng)
-        for req_id, tok, lp in zip(batch.sample_ids, result.token_ids, result.logprobs):
-            out.sampled[req_id] = int(tok)
-            if lp is not None:
-                out.logprobs[req_id] = (lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
+            return self.gpu_sampler.launch(logits, meta)
+        return _Done(self.sampler(self.ops.to_host(logits), meta, self.rng))
 
     def _prompt_logprobs(self, hidden, batch, out: RunnerOutput) -> None:
         """Logprobs of prompt tokens 1.. from the raw logits (the position before each predicts it)."""

@@ -93,6 +93,7 @@ class StepBatch:
     prompt_logprob_rows: list = field(default_factory=list)  # (request, first row, first position, last position)
     # Every request has one new token and samples, and no prompt logprobs are due: a graph may run it.
     decode_only: bool = True
+    num_placeholders: int = 0  # input ids packed as -1 - k: row k of the previous step's sampled ids
 
     @property
     def num_tokens(self) -> int:
@@ -107,8 +108,12 @@ class StepBatch:
         return max(1, max(map(len, self.tables), default=1))
 
 
-def collect(sched, block_size: int) -> StepBatch:
-    """SchedulerOutput -> StepBatch. Marks prompt logprobs of the scheduled positions as sent."""
+def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> StepBatch:
+    """SchedulerOutput -> StepBatch. Marks prompt logprobs of the scheduled positions as sent.
+
+    prev_rows: request id -> its row in the previous step's sampled ids. A placeholder token
+    (async scheduling: sampled by that step, not known on the host yet) is packed as -1 - row; the
+    runner replaces it on the device before the forward."""
     bs = block_size
     b = StepBatch()
     ids, positions, slots, tables = b.input_ids, b.positions, b.slots, b.tables
@@ -118,12 +123,18 @@ def collect(sched, block_size: int) -> StepBatch:
         end = start + n
         blocks = req.block_ids
         if n == 1:
-            ids.append(req.all_token_ids[start])
+            tok = req.all_token_ids[start]
+            if tok < 0:
+                tok = -1 - prev_rows[req.request_id]
+                b.num_placeholders += 1
+            ids.append(tok)
             positions.append(start)
             slots.append(blocks[start // bs] * bs + start % bs)
         else:
             b.decode_only = False
             ids.extend(req.all_token_ids[start:end])
+            if req.num_pending and end > req.num_tokens - req.num_pending:
+                raise RuntimeError(f"request {req.request_id}: a multi-token step reaches a placeholder")
             positions.extend(range(start, end))
             p = start
             while p < end:  # one range per cache block

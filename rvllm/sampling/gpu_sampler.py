@@ -62,46 +62,35 @@ class GpuSampler:
     # ---- the step ---------------------------------------------------------------------------------
     def __call__(self, logits, meta: SamplingMetadata) -> SamplerOutput:
         """logits: cupy float32 [B, V], C-contiguous, on the device. Returns host token ids."""
+        return self.launch(logits, meta).result()
+
+    def launch(self, logits, meta: SamplingMetadata) -> "PendingSample":
+        """Queues the sampling of `logits` on the current stream without waiting for the device:
+        inputs go up from pinned memory, the results come back into pinned memory behind an event.
+        PendingSample.token_ids is the device array of sampled ids (the next step's inputs may read
+        it); .result() waits for the copy and returns the SamplerOutput."""
         num_rows, vocab = self._check(logits, meta)
         step = self.calls
         self.calls += 1
         if num_rows == 0:
-            return SamplerOutput([], [])
+            return PendingSample(meta, 0, vocab)
         if meta.all_greedy and not meta.needs_logit_processing and meta.max_num_logprobs is None:
             out = cp.empty(num_rows, dtype=np.int32)
             self._kernel("argmax_kernel")((num_rows,), (THREADS,), (out, logits, np.int32(vocab)))
-            return SamplerOutput(out.get().tolist(), [None] * num_rows)
+            return PendingSample(meta, num_rows, vocab, out)
 
-        dev, args = self._upload(meta, vocab, step)
+        staged, dev, args = self._upload(meta, vocab, step)
         x = self._process(logits, dev, args) if meta.needs_logit_processing else logits
         want_lp = meta.max_num_logprobs is not None
         out = cp.empty(num_rows * (3 + 2 * MAX_TOP_LOGPROBS) if want_lp else num_rows, dtype=np.int32)
         self._kernel("sample_kernel")((num_rows,), (THREADS,),
                                       (out, x, np.int32(vocab), np.int32(num_rows), args["params"]))
-        host = out.get()  # the one device-to-host copy
-        tokens = host[:num_rows]
-        logprobs: list[LogprobsRow | None] = [None] * num_rows
-        if want_lp:
-            n = num_rows
-            chosen = host[n:2 * n].view(np.float32)
-            ranks = host[2 * n:3 * n]
-            top_ids = host[3 * n:23 * n].reshape(n, MAX_TOP_LOGPROBS)
-            top_lps = host[23 * n:43 * n].view(np.float32).reshape(n, MAX_TOP_LOGPROBS)
-            big = []
-            for i, k in enumerate(meta.num_logprobs):
-                if k is None:
-                    continue
-                if k > MAX_TOP_LOGPROBS and vocab > MAX_TOP_LOGPROBS:
-                    big.append(i)
-                    continue
-                m = min(k, vocab)
-                logprobs[i] = LogprobsRow(int(tokens[i]), float(chosen[i]), int(ranks[i]),
-                                          top_ids[i, :m].tolist(), top_lps[i, :m].tolist())
-            if big:  # rare: more than the kernel's top-k; the whole rows on the host
-                lp = log_softmax(cp.asnumpy(x[cp.asarray(big)]))
-                for i, r in zip(big, gather_logprobs(lp, tokens[big], [meta.num_logprobs[i] for i in big])):
-                    logprobs[i] = r
-        return SamplerOutput(tokens.tolist(), logprobs)
+        # Rows asking more logprobs than the kernel keeps get theirs on the host in result(): copy
+        # their logits now (a graph replay of the next step reuses the logits buffer).
+        big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
+            if want_lp and vocab > MAX_TOP_LOGPROBS else []
+        big_logits = x[cp.asarray(big, dtype=np.int32)] if big else None
+        return PendingSample(meta, num_rows, vocab, out, (big, big_logits), keep=(staged, dev))
 
     def process_logits(self, logits, meta: SamplingMetadata):
         """Penalties, bias, suppressed ids and masks applied to a copy: cupy float32 [B, V].
@@ -109,8 +98,10 @@ class GpuSampler:
         num_rows, vocab = self._check(logits, meta)
         if num_rows == 0:
             return logits.copy()
-        dev, args = self._upload(meta, vocab, self.calls)
-        return self._process(logits, dev, args)
+        staged, dev, args = self._upload(meta, vocab, self.calls)
+        out = self._process(logits, dev, args)
+        cp.cuda.get_current_stream().synchronize()  # `staged` must outlive the copy
+        return out
 
     def _process(self, logits, dev, args):
         num_rows, vocab = logits.shape
@@ -123,12 +114,15 @@ class GpuSampler:
         return out
 
     def _upload(self, meta: SamplingMetadata, vocab: int, step: int):
-        """pack_step's buffer on the device (one copy); returns it and the kernel arguments: views
-        into it, one per section (the buffer must outlive the launches; CuPy's pool is stream-ordered)."""
+        """pack_step's buffer on the device: one asynchronous copy from pinned memory (a pageable
+        copy would wait for the stream). Returns (the pinned buffer, which must live until the copy
+        ran, the device buffer, the kernel arguments: views into it, one per section)."""
         host, offsets = pack_step(meta, vocab, step, self.seed)
+        staged = _pinned(host.size, np.uint8)
+        staged[:] = host
         dev = cp.empty(host.size, dtype=np.uint8)
-        dev.set(host)  # the one host-to-device copy
-        return dev, {k: dev[off:off + size] for k, (off, size) in offsets.items()}
+        dev.data.copy_from_host_async(staged.ctypes.data, host.size, cp.cuda.get_current_stream())
+        return staged, dev, {k: dev[off:off + size] for k, (off, size) in offsets.items()}
 
     @staticmethod
     def _check(logits, meta: SamplingMetadata) -> tuple[int, int]:
@@ -143,6 +137,59 @@ class GpuSampler:
         if not 0 < vocab < MAX_VOCAB:
             raise ValueError(f"GpuSampler: vocabulary size {vocab} outside (0, {MAX_VOCAB})")
         return num_rows, vocab
+
+
+def _pinned(n: int, dtype) -> np.ndarray:
+    """n elements of page-locked host memory from CuPy's pinned pool (freed back to it with the array)."""
+    dt = np.dtype(dtype)
+    mem = cp.cuda.alloc_pinned_memory(max(n, 1) * dt.itemsize)
+    return np.frombuffer(mem, dt, n)
+
+
+class PendingSample:
+    """A launched sampling step: device results, their copy to pinned host memory, an event after it."""
+
+    def __init__(self, meta: SamplingMetadata, num_rows: int, vocab: int, out=None, big=([], None), keep=None):
+        """big: (rows that asked more than MAX_TOP_LOGPROBS logprobs, a device copy of their logits)."""
+        self.meta, self.num_rows, self.vocab = meta, num_rows, vocab
+        self.token_ids = out[:num_rows] if out is not None else None  # device int32 [num_rows]
+        self._big, self._big_logits = big
+        self._keep = keep  # the input buffers, alive until the kernels ran
+        self._host = None
+        if out is not None:
+            self._host = _pinned(out.size, np.int32)
+            stream = cp.cuda.get_current_stream()
+            out.data.copy_to_host_async(self._host.ctypes.data, out.nbytes, stream)
+            self._event = cp.cuda.Event(disable_timing=True)
+            self._event.record(stream)
+            self._out = out
+
+    def result(self) -> SamplerOutput:
+        """Waits for this step's copy (not for later work on the stream) and unpacks it."""
+        n, meta = self.num_rows, self.meta
+        if self._host is None:
+            return SamplerOutput([], [])
+        self._event.synchronize()
+        host = self._host
+        tokens = host[:n]
+        logprobs: list[LogprobsRow | None] = [None] * n
+        if host.size > n:  # the logprobs layout (sample_kernel with logprobs)
+            chosen = host[n:2 * n].view(np.float32)
+            ranks = host[2 * n:3 * n]
+            top_ids = host[3 * n:23 * n].reshape(n, MAX_TOP_LOGPROBS)
+            top_lps = host[23 * n:43 * n].view(np.float32).reshape(n, MAX_TOP_LOGPROBS)
+            big = self._big
+            for i, k in enumerate(meta.num_logprobs):
+                if k is None or i in big:
+                    continue
+                m = min(k, self.vocab)
+                logprobs[i] = LogprobsRow(int(tokens[i]), float(chosen[i]), int(ranks[i]),
+                                          top_ids[i, :m].tolist(), top_lps[i, :m].tolist())
+            if big:  # rare: more than the kernel's top-k; the whole rows on the host
+                lp = log_softmax(cp.asnumpy(self._big_logits))
+                for i, r in zip(big, gather_logprobs(lp, tokens[big], [meta.num_logprobs[i] for i in big])):
+                    logprobs[i] = r
+        return SamplerOutput(tokens.tolist(), logprobs)
 
 
 # ---- host-side packing (pure NumPy: the CPU tests check it through an emulation of the kernels) ----

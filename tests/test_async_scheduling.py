@@ -1,0 +1,125 @@
+"""Async scheduling (step N+1 launched before step N's tokens are read) gives exactly the output of
+in-order steps: the same tokens, logprobs and finish reasons under chunked prefill, preemption,
+prefix caching, n > 1, seeds, stop tokens, max_tokens of 1, penalties and aborts. On the CPU the
+runner's work is synchronous, but the engine, the scheduler's placeholders and the runner's
+placeholder inputs follow the same path as on the GPU (where the fill runs as a kernel)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rvllm import LLM, SamplingParams
+from rvllm.engine.request import PLACEHOLDER
+from tests.test_engine import _prompts
+from tests.tiny_models import write_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d, cfg, _ = write_model(tmp_path_factory.mktemp("models"), "llama", seed=3)
+    return d, cfg
+
+
+def _generate(d, prompts, params, async_scheduling, **kw):
+    llm = LLM(str(d), block_size=4, async_scheduling=async_scheduling, **kw)
+    outs = llm.generate(prompts, params)
+    got = [[(c.token_ids, c.finish_reason, c.stop_reason,
+             None if c.logprobs is None else [{t: round(v.logprob, 5) for t, v in e.items()} for e in c.logprobs])
+            for c in o.outputs] for o in outs]
+    return got, llm
+
+
+def _both(d, prompts, params, **kw):
+    want, sync_llm = _generate(d, prompts, params, False, **kw)
+    got, llm = _generate(d, prompts, params, True, **kw)
+    assert sync_llm.engine.runner.num_placeholder_tokens == 0
+    stats = llm.engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
+    return want, got, llm
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(enable_prefix_caching=False), dict(max_num_batched_tokens=5), dict(num_gpu_blocks_override=20),
+    dict(num_gpu_blocks_override=16), dict(max_num_seqs=2),
+], ids=["default", "no-prefix-cache", "chunked", "preempt", "context-full", "two-at-a-time"])
+def test_greedy_mixed_lengths(tiny, kw):
+    """max_tokens of 1 and 2 finish with a step in flight; with 16 blocks of 4 the cache (64 tokens)
+    is also the context limit, so two requests end by length there (after 1 and 4 tokens)."""
+    d, cfg = tiny
+    prompts = _prompts(cfg["vocab_size"])
+    lengths = (12,) * 6 if "num_gpu_blocks_override" in kw else (12, 1, 12, 2, 12, 3)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
+    want, got, llm = _both(d, prompts, params, **kw)
+    assert got == want
+    assert llm.engine.runner.num_placeholder_tokens > 0  # decode inputs really came from the device
+    if "num_gpu_blocks_override" in kw:
+        assert llm.engine.stats().num_preemptions > 0
+
+
+def test_seeded_sampling_n_and_logprobs(tiny):
+    d, cfg = tiny
+    prompts = _prompts(cfg["vocab_size"])[:4]
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=11 + i, max_tokens=8, ignore_eos=True, logprobs=2)
+              for i in range(3)] + [SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)]
+    want, got, _ = _both(d, prompts, params, num_gpu_blocks_override=24)
+    assert got == want
+
+
+def test_stop_tokens_end_a_request_with_a_step_in_flight(tiny):
+    d, cfg = tiny
+    prompt = _prompts(cfg["vocab_size"])[4]
+    free, _ = _generate(d, [prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), True)
+    toks = free[0][0][0]
+    stop_at = toks[4]
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at]),
+              SamplingParams(temperature=0, max_tokens=12, min_tokens=12, stop_token_ids=[stop_at])]
+    want, got, _ = _both(d, [prompt, prompt], params)
+    assert got == want
+    assert got[0][0][0] == toks[: toks.index(stop_at) + 1] and got[0][0][1] == "stop"
+    assert len(got[1][0][0]) == 12
+
+
+def test_penalties_fall_back_to_in_order_steps(tiny):
+    d, cfg = tiny
+    prompts = _prompts(cfg["vocab_size"])[:3]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=0.5),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)]
+    want, got, _ = _both(d, prompts, params)
+    assert got == want
+
+
+def test_abort_with_a_step_in_flight(tiny):
+    d, cfg = tiny
+    prompts = _prompts(cfg["vocab_size"])[:3]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    runs = []
+    for async_scheduling in (False, True):
+        llm = LLM(str(d), block_size=4, async_scheduling=async_scheduling)
+        core = llm.engine
+        for i, p in enumerate(prompts):
+            core.add_request(str(i), p, params)
+        tokens: dict[str, list[int]] = {str(i): [] for i in range(3)}
+        steps = 0
+        while core.has_unfinished_requests():
+            for delta in core.step():
+                tokens[delta.request_id].extend(delta.new_token_ids)
+            steps += 1
+            if steps == 4:
+                core.abort_requests(["1"])
+        assert core.stats().kv_cache_usage == 0.0
+        runs.append(tokens)
+    assert runs[1]["0"] == runs[0]["0"] and runs[1]["2"] == runs[0]["2"] and len(runs[1]["0"]) == 10
+    assert len(runs[1]["1"]) < 10  # aborted part-way, whatever arrived before is a prefix of the full run
+    assert runs[0]["1"][: len(runs[1]["1"])] == runs[1]["1"]
+
+
+def test_placeholders_never_reach_outputs_or_hashes(tiny):
+    d, cfg = tiny
+    prompts = _prompts(cfg["vocab_size"])
+    llm = LLM(str(d), block_size=4, async_scheduling=True)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    assert all(PLACEHOLDER not in c.token_ids for o in outs for c in o.outputs)
+    again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    assert np.all([len(o.outputs[0].token_ids) == 9 for o in outs])
