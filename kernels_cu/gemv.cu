@@ -21,7 +21,6 @@
 
 #define GEMV_THREADS 256
 #define GEMV_WARPS (GEMV_THREADS / 32)
-#define GEMV_UNROLL 4  // 8-value chunks of each weight row a lane has in flight
 
 // 16 bytes of weights that are read once: bypass L1 (the activations stay there).
 __device__ __forceinline__ uint4 load_stream(const scalar_t* p) {
@@ -41,53 +40,58 @@ __device__ __forceinline__ void unpack8(const uint4 u, float* f) {
   }
 }
 
+// U 8-value chunks of each of R weight rows, one lane's share of a stretch of 32 * U chunks.
+// Loads are predicated, not looped, so a short row (K = 1536 is 6 chunks a lane) is one batch
+// of independent loads rather than a chain of dependent ones.
+template <int R, int U>
+struct WeightBatch {
+  uint4 v[U][R];
+
+  __device__ __forceinline__ void load(const scalar_t* const (&w)[R], int c0, int chunks) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        v[u][r] = c0 + 32 * u < chunks ? load_stream(w[r] + (i64)(c0 + 32 * u) * 8) : make_uint4(0, 0, 0, 0);
+  }
+};
+
 // acc[r][m] = sum_k w[r][k] * x[m * x_stride + k] for this warp's R weight rows, reduced over the
-// warp (every lane holds the sums). x may be shared or global memory (the kernels inline this, so
-// the compiler sees which).
-template <int M, int R>
-__device__ __forceinline__ void warp_dot_rows(float (&acc)[R][M], const scalar_t* const (&w)[R],
-                                              const scalar_t* x, i64 x_stride, int K, int lane) {
+// warp (every lane holds the sums). `batch` holds the first stretch already (a kernel issues it
+// before its prologue); while one stretch is multiplied the next is in flight. x may be shared or
+// global memory (the kernels inline this, so the compiler sees which).
+template <int M, int R, int U>
+__device__ __forceinline__ void warp_dot_rows(float (&acc)[R][M], WeightBatch<R, U>& batch,
+                                              const scalar_t* const (&w)[R], const scalar_t* x, i64 x_stride,
+                                              int K, int lane) {
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   const int chunks = K >> 3;
-  int c = lane;
-  for (; c + 32 * (GEMV_UNROLL - 1) < chunks; c += 32 * GEMV_UNROLL) {
-    uint4 wv[GEMV_UNROLL][R];
+  for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+    WeightBatch<R, U> next;
+    const bool more = c0 + 32 * U < chunks;  // uniform over the warp
+    if (more) next.load(w, c0 + 32 * U, chunks);
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u)
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < chunks) {
+        float wf[R][8];
 #pragma unroll
-      for (int r = 0; r < R; ++r) wv[u][r] = load_stream(w[r] + (i64)(c + 32 * u) * 8);
+        for (int r = 0; r < R; ++r) unpack8(batch.v[u][r], wf[r]);
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-      float wf[R][8];
+        for (int m = 0; m < M; ++m) {
+          float xf[8];
+          unpack8(*reinterpret_cast<const uint4*>(x + m * x_stride + (i64)c * 8), xf);
 #pragma unroll
-      for (int r = 0; r < R; ++r) unpack8(wv[u][r], wf[r]);
+          for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float xf[8];
-        unpack8(*reinterpret_cast<const uint4*>(x + m * x_stride + (i64)(c + 32 * u) * 8), xf);
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
+            for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
+        }
       }
     }
-  }
-  for (; c < chunks; c += 32) {  // the tail: fewer than GEMV_UNROLL chunks per lane left
-    float wf[R][8];
-#pragma unroll
-    for (int r = 0; r < R; ++r) unpack8(load_stream(w[r] + (i64)c * 8), wf[r]);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xf[8];
-      unpack8(*reinterpret_cast<const uint4*>(x + m * x_stride + (i64)c * 8), xf);
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
-    }
+    if (more) batch = next;
   }
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -95,16 +99,18 @@ __device__ __forceinline__ void warp_dot_rows(float (&acc)[R][M], const scalar_t
     for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
 }
 
+// Rows n, n + num_warps, ... of this warp; the first one's weights are prefetched by the caller.
 template <int M>
-__device__ __forceinline__ void gemv_rows(scalar_t* __restrict__ out, const scalar_t* x, i64 x_stride,
-                                          const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias,
-                                          int rows, int N, int K) {
+__device__ __forceinline__ void gemv_rows(WeightBatch<1, 8>& first, scalar_t* __restrict__ out, const scalar_t* x,
+                                          i64 x_stride, const scalar_t* __restrict__ W,
+                                          const scalar_t* __restrict__ bias, int rows, int N, int K) {
   const int lane = threadIdx.x & 31;
   const int num_warps = gridDim.x * GEMV_WARPS;
   for (int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5); n < N; n += num_warps) {
     const scalar_t* const w[1] = {W + (i64)n * K};
+    if (n >= num_warps) first.load(w, lane, K >> 3);  // rows after the first: fetched here
     float acc[1][M];
-    warp_dot_rows<M, 1>(acc, w, x, x_stride, K, lane);
+    warp_dot_rows<M, 1, 8>(acc, first, w, x, x_stride, K, lane);
     const float b = bias != nullptr ? to_f32(bias[n]) : 0.f;
 #pragma unroll
     for (int m = 0; m < M; ++m)
@@ -113,14 +119,16 @@ __device__ __forceinline__ void gemv_rows(scalar_t* __restrict__ out, const scal
 }
 
 template <int M>
-__device__ __forceinline__ void gemv_silu_rows(scalar_t* __restrict__ out, const scalar_t* x, i64 x_stride,
-                                               const scalar_t* __restrict__ W, int rows, int inter, int K) {
+__device__ __forceinline__ void gemv_silu_rows(WeightBatch<2, 4>& first, scalar_t* __restrict__ out,
+                                               const scalar_t* x, i64 x_stride, const scalar_t* __restrict__ W,
+                                               int rows, int inter, int K) {
   const int lane = threadIdx.x & 31;
   const int num_warps = gridDim.x * GEMV_WARPS;
   for (int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5); j < inter; j += num_warps) {
     const scalar_t* const w[2] = {W + (i64)j * K, W + (i64)(inter + j) * K};
+    if (j >= num_warps) first.load(w, lane, K >> 3);
     float acc[2][M];
-    warp_dot_rows<M, 2>(acc, w, x, x_stride, K, lane);
+    warp_dot_rows<M, 2, 4>(acc, first, w, x, x_stride, K, lane);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       if (lane == m && m < rows) {
@@ -129,6 +137,19 @@ __device__ __forceinline__ void gemv_silu_rows(scalar_t* __restrict__ out, const
       }
     }
   }
+}
+
+// The first stretch of this warp's first row(s), issued before anything else so that the weight
+// stream is already running while a kernel's prologue (the norm) waits on its own loads.
+template <int R, int U>
+__device__ __forceinline__ void prefetch_first(WeightBatch<R, U>& batch, const scalar_t* __restrict__ W,
+                                               int units, int second_offset, int K) {
+  const int unit = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+  if (unit >= units) return;
+  const scalar_t* w[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) w[r] = W + (i64)(unit + r * second_offset) * K;
+  batch.load(reinterpret_cast<const scalar_t* const (&)[R]>(w), threadIdx.x & 31, K >> 3);
 }
 
 // The shared prologue: xs[m, :] = rms_norm(a[m] + b[m]) for m < rows (zeros for padding rows);
@@ -166,7 +187,9 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
   extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_m##M(                               \
       scalar_t* __restrict__ out, const scalar_t* __restrict__ x, i64 x_stride,                       \
       const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias, int rows, int N, int K) {    \
-    gemv_rows<M>(out, x, x_stride, W, bias, rows, N, K);                                              \
+    WeightBatch<1, 8> first;                                                                          \
+    prefetch_first<1, 8>(first, W, N, 0, K);                                                          \
+    gemv_rows<M>(first, out, x, x_stride, W, bias, rows, N, K);                                       \
   }                                                                                                   \
   extern "C" __global__ void __launch_bounds__(GEMV_THREADS) add_norm_gemv_m##M(                      \
       scalar_t* __restrict__ out, scalar_t* __restrict__ s_out, const scalar_t* __restrict__ a,       \
@@ -174,8 +197,10 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
       const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias, int rows, int N, int K) {    \
     extern __shared__ __align__(16) unsigned char gemv_smem[];                                        \
     scalar_t* xs = reinterpret_cast<scalar_t*>(gemv_smem);                                            \
+    WeightBatch<1, 8> first;                                                                          \
+    prefetch_first<1, 8>(first, W, N, 0, K);                                                          \
     stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
-    gemv_rows<M>(out, xs, K, W, bias, rows, N, K);                                                    \
+    gemv_rows<M>(first, out, xs, K, W, bias, rows, N, K);                                             \
   }                                                                                                   \
   extern "C" __global__ void __launch_bounds__(GEMV_THREADS) add_norm_gemv_silu_m##M(                 \
       scalar_t* __restrict__ out, scalar_t* __restrict__ s_out, const scalar_t* __restrict__ a,       \
@@ -183,8 +208,10 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
       const scalar_t* __restrict__ W, int rows, int inter, int K) {                                   \
     extern __shared__ __align__(16) unsigned char gemv_smem[];                                        \
     scalar_t* xs = reinterpret_cast<scalar_t*>(gemv_smem);                                            \
+    WeightBatch<2, 4> first;                                                                          \
+    prefetch_first<2, 4>(first, W, inter, inter, K);                                                  \
     stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
-    gemv_silu_rows<M>(out, xs, K, W, rows, inter, K);                                                 \
+    gemv_silu_rows<M>(first, out, xs, K, W, rows, inter, K);                                          \
   }
 
 GEMV_ENTRY_POINTS(1)

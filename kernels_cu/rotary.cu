@@ -26,7 +26,7 @@ __device__ __forceinline__ void rotate_heads(scalar_t* __restrict__ dst, const s
   }
 }
 
-extern "C" __global__ void __launch_bounds__(256) rotary_cache_kernel(
+extern "C" __global__ void __launch_bounds__(1024) rotary_cache_kernel(
     scalar_t* __restrict__ q_out,        // [T, num_heads, head_dim]
     scalar_t* __restrict__ k_cache,      // [num_blocks, block_size, num_kv_heads, head_dim]
     scalar_t* __restrict__ v_cache,

@@ -421,8 +421,11 @@ class CudaBackend:
         self._check_cache(k_cache, v_cache, nkv, hd)
         q_out = cp.empty((num_tokens, nh, hd), dtype=self.compute_dtype)
         if num_tokens:
+            # A thread per rotated pair of q (one block per token): with 128 threads, 7 dependent
+            # rounds made it 7.4 us at batch 1 on an H100 (ncu).
+            threads = min(1024, max(128, -(-(nh * hd // 2) // 32) * 32))
             self._kernel("rotary.cu", "rotary_cache_kernel")(
-                (num_tokens,), (128,),
+                (num_tokens,), (threads,),
                 (q_out, k_cache, v_cache, q, np.int64(q_stride), k, np.int64(k_stride), v, np.int64(v_stride),
                  positions, slot_mapping, cos_sin, np.int32(cos_sin.shape[0]),
                  np.int32(nh), np.int32(nkv), np.int32(hd), np.int32(1 if neox else 0)))
