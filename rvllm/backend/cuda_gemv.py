@@ -20,6 +20,7 @@ MAX_ROWS = ROW_BUCKETS[-1]
 _WARPS = 8  # GEMV_THREADS / 32 in gemv.cu
 _THREADS = 32 * _WARPS
 _MAX_SMEM = 200 * 1024  # the normed rows staged in shared memory (an H100 allows 227 KiB a block)
+_SMEM_PER_SM = 228 * 1024  # an H100's (sm_80: 164 KiB; the occupancy then only errs high)
 
 
 def _ptr(a):
@@ -36,14 +37,25 @@ class SmallBatchGemv:
         self.ops = backend
         self.max_rows = min(max_rows, MAX_ROWS)
         self.num_sms = num_sms
+        self._resident: dict = {}  # (kernel, shared memory) -> blocks an SM holds at once
 
     def _bucket(self, rows: int) -> int | None:
         if rows < 1 or rows > self.max_rows:
             return None
         return next(b for b in ROW_BUCKETS if b >= rows)
 
-    def _grid(self, units: int, per_sm: int) -> tuple[int]:
-        return (max(1, min(-(-units // _WARPS), self.num_sms * per_sm)),)
+    def _grid(self, kernel, units: int, smem: int = 0) -> tuple[int]:
+        """One block per 8 units (rows, or gate/up row pairs), at most as many as fit on the GPU at
+        once: the blocks loop over the rest. More would run in a second wave, paying the norm
+        prologue and the load latency again (the SiLU form did: 528 blocks, 264 resident)."""
+        key = (id(kernel), smem)
+        resident = self._resident.get(key)
+        if resident is None:
+            regs = -(-int(kernel.attributes["num_regs"]) // 8) * 8
+            static = int(kernel.attributes.get("shared_size_bytes", 0))
+            resident = max(1, min(2048 // _THREADS, 65536 // (regs * _THREADS), _SMEM_PER_SM // (smem + static + 1024)))
+            self._resident[key] = resident
+        return (max(1, min(-(-units // _WARPS), self.num_sms * resident)),)
 
     def linear(self, x, weight, bias=None):
         """x [rows, K] (rows contiguous) @ weight[N, K].T (+ bias) -> [rows, N], or None."""
@@ -53,8 +65,9 @@ class SmallBatchGemv:
             return None
         n = weight.shape[0]
         out = cp.empty((rows, n), dtype=weight.dtype)
-        self.ops._kernel("gemv.cu", f"gemv_m{m}")(
-            self._grid(n, 8), (_THREADS,),
+        kernel = self.ops._kernel("gemv.cu", f"gemv_m{m}")
+        kernel(
+            self._grid(kernel, n), (_THREADS,),
             (out, x, np.int64(x.strides[0] // x.itemsize), weight, _ptr(bias), np.int32(rows), np.int32(n), np.int32(k)))
         return out
 
@@ -69,20 +82,19 @@ class SmallBatchGemv:
             return None
         n = weight.shape[0]
         s_out = None if residual is None else cp.empty_like(x)  # None: x is the residual stream, unchanged
-        per_sm = 4 if m <= 2 else 2  # each block stages the rows once: fewer, longer-lived blocks at larger m
         if act == "silu_and_mul":
             inter = n // 2
             out = cp.empty((rows, inter), dtype=weight.dtype)
             kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_silu_m{m}")
             self.ops._ensure_smem(kernel, smem)
-            kernel(self._grid(inter, per_sm), (_THREADS,),
+            kernel(self._grid(kernel, inter, smem), (_THREADS,),
                    (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight,
                     np.int32(rows), np.int32(inter), np.int32(k)), shared_mem=smem)
         else:
             out = cp.empty((rows, n), dtype=weight.dtype)
             kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_m{m}")
             self.ops._ensure_smem(kernel, smem)
-            kernel(self._grid(n, per_sm), (_THREADS,),
+            kernel(self._grid(kernel, n, smem), (_THREADS,),
                    (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
                     np.int32(rows), np.int32(n), np.int32(k)), shared_mem=smem)
         return out, (x if s_out is None else s_out)
