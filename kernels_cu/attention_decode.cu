@@ -4,15 +4,16 @@
 // ragged step: every query row is handled on its own with its causal context length (see
 // query_context_len in common.cuh), which makes it the reference path for the prefill kernel.
 //
-// Kernel 1 (split): grid (num_kv_heads, num_tokens, grid_parts), NUM_THREADS threads. One block
-// takes one query row, one KV head and all `group` query heads that share it (GQA), and
-// partitions blockIdx.z, blockIdx.z + grid_parts, ... of PARTITION_SIZE keys (those that start
-// inside the row's context): each K/V row is loaded once for the whole group. It writes each
-// partition's normalized output and its softmax max and sum (float32 scratch). Eager steps launch
-// one block per partition (grid_parts = partitions of the longest context); CUDA graphs launch a
-// grid fixed at capture and the blocks loop, so the same graph serves any context up to
+// One kernel, grid (num_kv_heads, num_tokens, grid_parts), NUM_THREADS threads. One block takes
+// one query row, one KV head and all `group` query heads that share it (GQA), and partitions
+// blockIdx.z, blockIdx.z + grid_parts, ... of PARTITION_SIZE keys (those that start inside the
+// row's context): each K/V row is loaded once for the whole group. It writes each partition's
+// normalized output and its softmax max and sum (float32 scratch); the last block of a (row, KV
+// head) to finish, found with an atomic counter, combines the partitions into the output and
+// resets the counter (a separate combine kernel cost a launch and 5 us at batch 1). Eager steps
+// launch one block per partition (grid_parts = partitions of the longest context); CUDA graphs
+// launch a grid fixed at capture and the blocks loop, so the same graph serves any context up to
 // max_parts * PARTITION_SIZE. Partitions past a row's context are neither computed nor read.
-// Kernel 2 (combine): grid (num_heads, num_tokens): rescales and sums the partitions.
 // A query row that no request owns gets a zero output row, like the CPU reference.
 //
 // Compile-time: HEAD_DIM (any multiple of 8 up to 256), RVLLM_FP16 / RVLLM_BF16.
@@ -29,12 +30,21 @@
 #define GCHUNK 8                       // query heads of the group held in registers at once
 #define DPL ((HEAD_DIM + 31) / 32)     // head dims per lane
 // Keys a warp loads before using any: a warp per key in turn made a chain of dependent loads
-// (21 us for a 44-token context at batch 1 on an H100, ncu); four at a time overlap them.
-#define KEYS_IN_FLIGHT 4
+// (21 us for a 44-token context at batch 1 on an H100, ncu); eight at a time overlap them.
+#define KEYS_IN_FLIGHT 8
+
+// A float another block wrote during this kernel: read through L2, never a stale L1 line.
+__device__ __forceinline__ float load_cg(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
 
 // Dynamic shared memory (floats): s_logits [group][PARTITION_SIZE], s_red [NUM_WARPS][GCHUNK]
 // [HEAD_DIM], s_stats [2][group]. The backend computes the same size (nvrtc.py / cuda.py).
 extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(
+    scalar_t* __restrict__ out,    // [num_tokens, num_heads, HEAD_DIM]
+    int* __restrict__ counters,    // [num_tokens * num_kv_heads], zero before and after the kernel
     float* __restrict__ tmp_out,   // [num_tokens, num_heads, max_parts, HEAD_DIM]
     float* __restrict__ tmp_max,   // [num_tokens, num_heads, max_parts]
     float* __restrict__ tmp_sum,   // [num_tokens, num_heads, max_parts]
@@ -53,7 +63,14 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
   // The combine kernel reads exactly partitions [0, num_parts) of each row.
   const int num_parts = min((max(ctx, 0) + PARTITION_SIZE - 1) / PARTITION_SIZE, max_parts);
-  if (req < 0 || (int)blockIdx.z >= num_parts) return;
+  if (req < 0 || num_parts <= 0) {  // a padding row: zeros, written once
+    if (blockIdx.z == 0) {
+      scalar_t* o = out + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
+      for (int i = threadIdx.x; i < group * HEAD_DIM; i += NUM_THREADS) o[i] = 0;
+    }
+    return;
+  }
+  if ((int)blockIdx.z >= num_parts) return;
 
   extern __shared__ float smem[];
   float* s_logits = smem;
@@ -190,41 +207,43 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
       __syncthreads();  // s_red is rewritten by the next group chunk (and s_logits by the next partition)
     }
   }  // partitions
-}
 
-// Dynamic shared memory: max_parts floats.
-extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_combine_kernel(
-    scalar_t* __restrict__ out,           // [num_tokens, num_heads, HEAD_DIM]
-    const float* __restrict__ tmp_out,    // [num_tokens, num_heads, max_parts, HEAD_DIM]
-    const float* __restrict__ tmp_max,    // [num_tokens, num_heads, max_parts]
-    const float* __restrict__ tmp_sum,
-    const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
-    int num_reqs, int num_heads, int max_parts) {
-  const int h = blockIdx.x, tok = blockIdx.y;
-  int req;
-  const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
-  scalar_t* o = out + ((i64)tok * num_heads + h) * HEAD_DIM;
-  const int parts = min((max(ctx, 0) + PARTITION_SIZE - 1) / PARTITION_SIZE, max_parts);
-  if (req < 0 || parts <= 0) {
-    for (int d = threadIdx.x; d < HEAD_DIM; d += NUM_THREADS) o[d] = 0;
-    return;
+  // 4. The last block of this (row, KV head) combines the partitions (all blocks' scratch is in L2).
+  __shared__ int s_last;
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's scratch before its count
+    const int participants = min((int)gridDim.z, num_parts);
+    const int done = atomicAdd(&counters[tok * num_kv_heads + kvh], 1) + 1;
+    s_last = done == participants;
+    if (s_last) counters[tok * num_kv_heads + kvh] = 0;  // ready for the next launch
   }
-  extern __shared__ float s_w[];
-  const i64 row0 = ((i64)tok * num_heads + h) * max_parts;
-  float m = RVLLM_NEG_INF;
-  for (int p = threadIdx.x; p < parts; p += NUM_THREADS) m = fmaxf(m, tmp_max[row0 + p]);
-  m = block_max(m);
-  float l = 0.f;
-  for (int p = threadIdx.x; p < parts; p += NUM_THREADS) {
-    const float w = tmp_sum[row0 + p] * expf(tmp_max[row0 + p] - m);
-    s_w[p] = w;
-    l += w;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
+  // Per head: the weight of partition p is sum_p * exp(max_p - max), stored in s_logits[g][p].
+  for (int g = warp; g < group; g += NUM_WARPS) {
+    const i64 row0 = (head0 + g) * max_parts;
+    float* w = s_logits + g * PARTITION_SIZE;
+    float m = RVLLM_NEG_INF;
+    for (int p = lane; p < num_parts; p += 32) m = fmaxf(m, load_cg(tmp_max + row0 + p));
+    m = warp_max(m);
+    float l = 0.f;
+    for (int p = lane; p < num_parts; p += 32) {
+      const float wp = load_cg(tmp_sum + row0 + p) * expf(load_cg(tmp_max + row0 + p) - m);
+      w[p] = wp;
+      l += wp;
+    }
+    l = warp_sum(l);
+    if (lane == 0) s_stats[g] = 1.f / l;
   }
-  l = block_sum(l);  // its barriers also publish s_w
-  const float inv = 1.f / l;
-  for (int d = threadIdx.x; d < HEAD_DIM; d += NUM_THREADS) {
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += NUM_THREADS) {
+    const int g = idx / HEAD_DIM, d = idx - g * HEAD_DIM;
+    const i64 row0 = (head0 + g) * max_parts;
+    const float* w = s_logits + g * PARTITION_SIZE;
     float acc = 0.f;
-    for (int p = 0; p < parts; ++p) acc += s_w[p] * tmp_out[(row0 + p) * HEAD_DIM + d];
-    o[d] = from_f32(acc * inv);
+    for (int p = 0; p < num_parts; ++p) acc += w[p] * load_cg(tmp_out + (row0 + p) * HEAD_DIM + d);
+    out[(head0 + g) * HEAD_DIM + d] = from_f32(acc * s_stats[g]);
   }
 }

@@ -22,10 +22,11 @@
 #define GEMV_THREADS 256
 #define GEMV_WARPS (GEMV_THREADS / 32)
 
-// 16 bytes of weights that are read once: bypass L1 (the activations stay there).
+// 16 bytes of weights that are read once: bypass L1 (the activations stay there). volatile keeps
+// the load where it is written: without it the compiler may sink a prefetch to its first use.
 __device__ __forceinline__ uint4 load_stream(const scalar_t* p) {
   uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return r;

@@ -38,6 +38,7 @@ class DecodeWorkspace:
     tmp_max: object  # float32 [max_tokens * num_heads * max_parts]
     tmp_sum: object  # float32 [max_tokens * num_heads * max_parts]
     row_stride: object  # int32 [1] on the device: the block table's row stride, written with each step's inputs
+    counters: object  # int32 [max_tokens * num_heads], zeros: the kernel's per-(row, KV head) completion counts
     max_tokens: int
     num_heads: int
     head_dim: int
@@ -55,8 +56,12 @@ class DecodeWorkspace:
         parts = max(1, -(-max_context // nvrtc.DECODE_PARTITION_SIZE))
         rows = max_tokens * num_heads * parts
         num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+        if parts > nvrtc.DECODE_PARTITION_SIZE:
+            raise ValueError(f"DecodeWorkspace: contexts up to {max_context} tokens need {parts} partitions; "
+                             f"the kernel combines at most {nvrtc.DECODE_PARTITION_SIZE}")
         return cls(cp.empty(rows * head_dim, np.float32), cp.empty(rows, np.float32), cp.empty(rows, np.float32),
-                   row_stride, max_tokens, num_heads, head_dim, parts, int(num_sms))
+                   row_stride, cp.zeros(max_tokens * num_heads, np.int32), max_tokens, num_heads, head_dim, parts,
+                   int(num_sms))
 
     def grid_parts(self, num_tokens: int, num_kv_heads: int) -> int:
         """Blocks along the partition axis: enough blocks to fill the GPU, at most one per partition."""
@@ -115,6 +120,10 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
         tmp_max = cp.empty((num_tokens, nh, parts), dtype=np.float32)
         tmp_sum = cp.empty((num_tokens, nh, parts), dtype=np.float32)
         stride_arg, stride_dev = np.int32(meta.block_tables.shape[1]), np.uint64(0)  # a null pointer
+        if parts > nvrtc.DECODE_PARTITION_SIZE:
+            raise ValueError(f"paged_attention (split): a {meta.max_seq_len}-token context needs {parts} partitions; "
+                             f"the kernel combines at most {nvrtc.DECODE_PARTITION_SIZE}")
+        counters = _eager_counters(b, num_tokens * nkv)
     else:  # fixed: shapes only (CUDA graphs)
         ws = workspace
         if num_tokens > ws.max_tokens or nh != ws.num_heads or hd != ws.head_dim:
@@ -125,6 +134,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
         rows = num_tokens * nh * parts
         tmp_out, tmp_max, tmp_sum = ws.tmp_out[: rows * hd], ws.tmp_max[:rows], ws.tmp_sum[:rows]
         stride_arg, stride_dev = np.int32(0), ws.row_stride
+        counters = ws.counters
     if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
         raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {MAX_GRID_YZ}")
     out = cp.empty_like(q)
@@ -132,20 +142,22 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     smem = nvrtc.decode_smem_bytes(hd, group)
     b._ensure_smem(split, smem)
     split((nkv, num_tokens, grid_parts), (nvrtc.DECODE_NUM_THREADS,),
-          (tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev,
+          (out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev,
            meta.query_start_loc, meta.seq_lens,
            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),
            np.float32(scale)),
           shared_mem=smem)
-    combine = b._kernel("attention_decode.cu", "paged_attention_combine_kernel", hd)
-    # The compiler reads the weights in 16-byte vectors: round the buffer up so the last read stays inside.
-    smem = 16 * (-(-parts // 4) + 1)
-    b._ensure_smem(combine, smem)
-    combine((nh, num_tokens), (nvrtc.DECODE_NUM_THREADS,),
-            (out, tmp_out, tmp_max, tmp_sum, meta.query_start_loc, meta.seq_lens,
-             np.int32(num_reqs), np.int32(nh), np.int32(parts)),
-            shared_mem=smem)
     return out
+
+
+def _eager_counters(b, n: int):
+    """The decode kernel's completion counters for eager steps: zeros, kept by the backend and grown
+    on demand (every launch leaves them zero again; launches on one stream never overlap)."""
+    counters = getattr(b, "_decode_counters", None)
+    if counters is None or counters.size < n:
+        counters = cp.zeros(max(n, 1024), np.int32)
+        b._decode_counters = counters
+    return counters
 
 
 def _attention_prefill(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size):
