@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, compute-sanitizer over every kernel, the card's copy bandwidth (the
 # batch-1 roofline), batch-1 latency and throughput with async scheduling on and off (with the
-# phase breakdown). Tables append to bench/RESULTS.md, which is copied to $OUT.
+# phase breakdown), then the 7b/8b presets at batch 1 and qwen2.5-7b at 128 concurrent. Tables append to bench/RESULTS.md, which is copied to $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD RVLLM_CACHE=/tmp/rvllm-cache PYTHONUNBUFFERED=1
@@ -27,4 +27,7 @@ for a in --no-async-scheduling --async-scheduling; do
   timeout 90 python3 bench/latency.py --model qwen2.5-1.5b --device cuda --iters 3 $a --profile --append-results 2>&1 | grep "^|" | head -3
   timeout 100 python3 bench/throughput.py --model qwen2.5-1.5b --device cuda --num-prompts 256 $a --profile --append-results 2>&1 | grep "^|" | head -3
 done
+timeout 90 python3 bench/latency.py --model qwen2.5-7b --device cuda --iters 2 --append-results 2>&1 | grep "^|" | tail -1
+timeout 90 python3 bench/latency.py --model llama-3.1-8b --device cuda --iters 2 --append-results 2>&1 | grep "^|" | tail -1
+timeout 120 python3 bench/throughput.py --model qwen2.5-7b --device cuda --num-prompts 128 --max-num-seqs 128 --append-results 2>&1 | grep "^|" | tail -1
 cp bench/RESULTS.md "$OUT/RESULTS.md"

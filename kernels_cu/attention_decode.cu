@@ -7,10 +7,11 @@
 // One kernel, grid (num_kv_heads, num_tokens, grid_parts), NUM_THREADS threads. One block takes
 // one query row, one KV head and all `group` query heads that share it (GQA), and partitions
 // blockIdx.z, blockIdx.z + grid_parts, ... of PARTITION_SIZE keys (those that start inside the
-// row's context): each K/V row is loaded once for the whole group. It writes each partition's
-// normalized output and its softmax max and sum (float32 scratch); the last block of a (row, KV
-// head) to finish, found with an atomic counter, combines the partitions into the output and
-// resets the counter (a separate combine kernel cost a launch and 5 us at batch 1). Eager steps
+// row's context): each K/V row is loaded once for the whole group. A context of one partition is
+// written to the output directly. Otherwise each partition's normalized output and its softmax
+// max and sum go to float32 scratch, and the last block of a (row, KV head) to finish, found with
+// an atomic counter, combines the partitions into the output and resets the counter (a separate
+// combine kernel cost a launch and 5 us at batch 1). Eager steps
 // launch one block per partition (grid_parts = partitions of the longest context); CUDA graphs
 // launch a grid fixed at capture and the blocks loop, so the same graph serves any context up to
 // max_parts * PARTITION_SIZE. Partitions past a row's context are neither computed nor read.
@@ -196,6 +197,10 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
           float s = 0.f;
 #pragma unroll
           for (int w = 0; w < NUM_WARPS; ++w) s += s_red[(w * GCHUNK + gg) * HEAD_DIM + d];
+          if (num_parts == 1) {  // the whole context in one partition: the output itself
+            out[((i64)tok * num_heads + (i64)kvh * group + g) * HEAD_DIM + d] = from_f32(s / s_stats[group + g]);
+            continue;
+          }
           const i64 row = ((i64)tok * num_heads + (i64)kvh * group + g) * max_parts + part;
           tmp_out[row * HEAD_DIM + d] = s / s_stats[group + g];
           if (d == 0) {
@@ -207,6 +212,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
       __syncthreads();  // s_red is rewritten by the next group chunk (and s_logits by the next partition)
     }
   }  // partitions
+
+  if (num_parts == 1) return;  // written above; no scratch, no counter
 
   // 4. The last block of this (row, KV head) combines the partitions (all blocks' scratch is in L2).
   __shared__ int s_last;
