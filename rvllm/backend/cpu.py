@@ -47,6 +47,13 @@ class CpuBackend:
             return bf16_bits_to_float32(arr)
         return np.ascontiguousarray(arr, dtype=np.float32)
 
+    def weight_concat(self, parts) -> np.ndarray:
+        """[(tensor, dtype_name)] concatenated along the first dimension, as float32."""
+        return np.concatenate([self.weight(a, d) for a, d in parts], axis=0)
+
+    def weights_loaded(self) -> None:
+        pass
+
     def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0) -> np.ndarray:
         rng = np.random.default_rng(seed)
         out = rng.standard_normal(shape, dtype=np.float32)

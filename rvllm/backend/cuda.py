@@ -20,6 +20,7 @@ import numpy as np
 
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
 from rvllm.backend.cuda_gemv import MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
+from rvllm.backend.cuda_upload import StagedUploader
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
@@ -74,6 +75,7 @@ class CudaBackend:
         # stream, so work queued there (weight loading) is finished with synchronize_device() first.
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._capture_workspace = None  # cuBLAS workspace of captured graphs (graph_capture)
+        self._uploader = StagedUploader()  # checkpoint tensors -> device (weight, weight_concat)
         if gemv_max_rows is None:
             gemv_max_rows = int(os.environ.get("RVLLM_GEMV_MAX_ROWS", _GEMV_MAX_ROWS))
         num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
@@ -113,17 +115,41 @@ class CudaBackend:
 
     def weight(self, arr, dtype_name: str = "float32"):
         """A checkpoint tensor (bfloat16 arrives as uint16 bits, dtype_name "bfloat16") in this
-        backend's 16-bit dtype, on the device. Conversions from float32 run on the GPU."""
-        a = np.asarray(arr)
-        bf16_bits = dtype_name == "bfloat16" or a.dtype.name == "bfloat16"
-        if bf16_bits and a.dtype.itemsize == 2:
-            bits = cp.asarray(np.ascontiguousarray(a).view(np.uint16))
-            if self.dtype == "bfloat16":
-                return bits
-            return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
-        if a.dtype == self.compute_dtype and self.dtype == "float16":
-            return cp.asarray(np.ascontiguousarray(a))
-        return self._from_f32(cp.asarray(np.ascontiguousarray(a, dtype=np.float32)))
+        backend's 16-bit dtype, on the device, uploaded through pinned staging buffers
+        (cuda_upload.py). Conversions from float32 run on the GPU."""
+        return self.weight_concat([(arr, dtype_name)])
+
+    def weight_concat(self, parts):
+        """[(tensor, dtype_name)] concatenated along the first dimension, on the device: each part is
+        uploaded into its row range (no concatenated copy on the host)."""
+        arrays = [np.asarray(a) for a, _ in parts]
+        rows = sum(a.shape[0] if a.ndim else 1 for a in arrays)
+        shape = (rows, *arrays[0].shape[1:]) if arrays[0].ndim else ()
+        out = cp.empty(shape, dtype=self.compute_dtype)
+        row = 0
+        for a, (_, dtype_name) in zip(arrays, parts):
+            n = a.shape[0] if a.ndim else 1
+            dst = out[row: row + n] if a.ndim else out
+            row += n
+            bf16_bits = dtype_name == "bfloat16" or a.dtype.name == "bfloat16"
+            if bf16_bits and a.dtype.itemsize == 2:
+                if self.dtype == "bfloat16":
+                    self._uploader.copy(dst, a.view(np.uint16))
+                    continue
+                bits = cp.empty(a.shape, np.uint16)
+                self._uploader.copy(bits, a.view(np.uint16))
+                dst[...] = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+            elif a.dtype == self.compute_dtype and self.dtype == "float16":
+                self._uploader.copy(dst, a)
+            else:
+                f32 = cp.empty(a.shape, np.float32)
+                self._uploader.copy(f32, np.ascontiguousarray(a, dtype=np.float32))
+                dst[...] = self._from_f32(f32)
+        return out
+
+    def weights_loaded(self) -> None:
+        """Loading is over: wait for the staged copies and free the pinned staging buffers."""
+        self._uploader.release()
 
     def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0):
         """Random normal(mean, std) weights generated on the GPU (fast for large presets; the

@@ -140,18 +140,6 @@ class _GGUFTensors:
         return name in self.tensors
 
 
-def _concat(parts):
-    """Concatenate (array, dtype) pairs along the output dimension in storage dtype (bf16 bits stay bits)."""
-    dtypes = {d for _, d in parts}
-    if len(dtypes) != 1:
-        parts = [(_to_f32(a, d), "float32") for a, d in parts]
-    return np.concatenate([a for a, _ in parts], axis=0), parts[0][1]
-
-
-def _to_f32(arr, dtype_name):
-    return bf16_bits_to_float32(arr) if dtype_name == "bfloat16" else arr.astype(np.float32)
-
-
 def load_weights(source: ModelSource, backend, max_positions: int, seed: int = 0) -> ModelWeights:
     """Load every tensor onto `backend` (its `weight` converts to the compute dtype)."""
     spec = source.spec
@@ -164,8 +152,8 @@ def load_weights(source: ModelSource, backend, max_positions: int, seed: int = 0
         arr, dt = tensors.get(name)
         return backend.weight(arr, dt)
 
-    def cat(names):
-        return backend.weight(*_concat([tensors.get(n) for n in names]))
+    def cat(names):  # q|k|v, gate|up: concatenated on the device (CUDA) or here (CPU)
+        return backend.weight_concat([tensors.get(n) for n in names])
 
     embed = w("model.embed_tokens.weight")
     progress.step()
@@ -192,6 +180,7 @@ def load_weights(source: ModelSource, backend, max_positions: int, seed: int = 0
     lm_head = embed if tied else w("lm_head.weight")
     progress.step()
     cos_sin = backend.from_host(cos_sin_table(spec, max_positions))
+    backend.weights_loaded()
     return ModelWeights(embed, layers, final_norm, lm_head, cos_sin)
 
 
