@@ -82,17 +82,20 @@ def test_weight_upload_through_staging_chunks(gpu, rng):
     tensor takes several, with odd sizes); concatenated parts land in their row ranges."""
     from rvllm.backend.cuda_upload import StagedUploader
 
+    a = rng.standard_normal((37, 24)).astype(np.float32)
+    b = rng.standard_normal((5, 24)).astype(np.float32)
+    bits = f32_to_bf16_bits(b)  # a bf16 checkpoint tensor arrives as its uint16 bits
+    # What the backend stores for each (rounded on the host: no device call before the swap below).
+    as_stored = lambda x: bf16_bits_to_f32(f32_to_bf16_bits(x)) if gpu.dtype == "bfloat16" \
+        else x.astype(np.float16).astype(np.float32)  # noqa: E731
+    want = np.concatenate([as_stored(a), as_stored(bf16_bits_to_f32(bits)), as_stored(a[:3])])
     saved, gpu._uploader = gpu._uploader, StagedUploader(chunk_bytes=1000)
     try:
-        a = rng.standard_normal((37, 24)).astype(np.float32)
-        b = rng.standard_normal((5, 24)).astype(np.float32)
-        bits = f32_to_bf16_bits(b)  # a bf16 checkpoint tensor arrives as its uint16 bits
         got = gpu.weight_concat([(a, "float32"), (bits, "bfloat16"), (a[:3], "float32")])
-        want = np.concatenate([rounded(gpu, a), bf16_bits_to_f32(bits), rounded(gpu, a[:3])])
-        np.testing.assert_array_equal(gpu.to_host(got).astype(np.float32), want)
         one = gpu.weight(bits, "bfloat16")
-        np.testing.assert_array_equal(gpu.to_host(one).astype(np.float32), rounded(gpu, bf16_bits_to_f32(bits)))
         assert gpu._uploader.bytes_uploaded == a.nbytes + bits.nbytes + a[:3].nbytes + bits.nbytes
+        np.testing.assert_array_equal(gpu.to_host(got).astype(np.float32), want)
+        np.testing.assert_array_equal(gpu.to_host(one).astype(np.float32), as_stored(bf16_bits_to_f32(bits)))
         gpu.weights_loaded()
         assert not gpu._uploader._buffers  # the pinned buffers are freed after loading
     finally:
