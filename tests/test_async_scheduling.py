@@ -107,7 +107,11 @@ def test_abort_with_a_step_in_flight(tiny):
             steps += 1
             if steps == 4:
                 core.abort_requests(["1"])
-        assert core.stats().kv_cache_usage == 0.0
+        stats = core.stats()
+        assert stats.kv_cache_usage == 0.0
+        # The aborted request's record counts the tokens it delivered, not a placeholder in flight.
+        by_count = sorted(r.generation_tokens for r in stats.finished)
+        assert by_count == sorted(len(t) for t in tokens.values())
         runs.append(tokens)
     assert runs[1]["0"] == runs[0]["0"] and runs[1]["2"] == runs[0]["2"] and len(runs[1]["0"]) == 10
     assert len(runs[1]["1"]) < 10  # aborted part-way, whatever arrived before is a prefix of the full run

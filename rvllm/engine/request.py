@@ -91,7 +91,8 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        """Output tokens known on the host (placeholders of steps in flight not counted)."""
+        return len(self.output_token_ids) - self.num_pending
 
     @property
     def is_finished(self) -> bool:
