@@ -1,4 +1,5 @@
-"""EngineCore: schedule -> execute -> update, one step at a time.
+"""EngineCore: schedule -> execute -> update, one step at a time, or pipelined (async scheduling:
+schedule and launch step N+1, then read and apply step N's tokens, so the GPU never waits on Python).
 
 It owns the scheduler (pure Python) and the model runner (device side). The front end (LLM or the
 server's engine client) adds and aborts requests and turns the returned deltas into outputs.
@@ -75,7 +76,7 @@ class EngineCore:
         # output tokens when their step is packed: while one is in the engine, steps run in order.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.backend.name != "cpu")
-        self._inflight = None  # (SchedulerOutput, PendingStep) launched and not read yet
+        self._inflight = None  # (SchedulerOutput, PendingStep, schedule seconds): launched, not read yet
         self._sync_ids: set[str] = set()
         self._requests: dict[str, Request] = {}
         self._finished_records: list[FinishedRecord] = []

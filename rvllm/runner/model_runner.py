@@ -10,6 +10,10 @@ device in one asynchronous copy (step_inputs.py); a pure-decode step replays the
 batch-size bucket (graphs.py), any other step runs the forward eagerly; GpuSampler samples from the
 logits on the device (the NumPy Sampler on the CPU backend). Everything runs on backend.stream; the
 only host sync is reading the sampled tokens.
+
+`launch` queues a step and returns a PendingStep without waiting; `PendingStep.result()` waits for
+that step's sampled ids. The engine's async scheduling launches step N+1 before reading step N: a
+decode whose input token is still a placeholder gets it from step N's sampled ids on the device.
 """
 from __future__ import annotations
 
