@@ -47,7 +47,8 @@ class SmallBatchGemv:
     def _grid(self, kernel, units: int, smem: int = 0) -> tuple[int]:
         """One block per 8 units (rows, or gate/up row pairs), at most as many as fit on the GPU at
         once: the blocks loop over the rest. More would run in a second wave, paying the norm
-        prologue and the load latency again (the SiLU form did: 528 blocks, 264 resident)."""
+        prologue again (the SiLU form had 528 blocks for 264 places; fixing that changed batch-1
+        speed by less than the noise, bench/NOTES.md)."""
         key = (id(kernel), smem)
         resident = self._resident.get(key)
         if resident is None:
