@@ -159,3 +159,21 @@ def test_server_with_async_scheduling_answers_as_in_order(smollm2_path):
             stop_server(server)
     assert answers[1] == answers[0]
     assert answers[0][4][0][1] == "length" and len(answers[0][3]) == 2
+
+
+def test_step_profiler_records_host_phases(tiny):
+    """bench/latency.py --profile's instrument on the CPU: one row per step with the host phases
+    (the device phases exist only on CUDA)."""
+    from rvllm.runner.profiling import HOST_PHASES, StepProfiler
+
+    d, cfg = tiny
+    for async_scheduling in (False, True):
+        llm = LLM(str(d), block_size=4, async_scheduling=async_scheduling)
+        runner = llm.engine.runner
+        runner.profiler = StepProfiler(llm.engine.backend)
+        llm.generate(_prompts(cfg["vocab_size"])[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        rows = runner.profiler.rows
+        assert len(rows) >= 6  # a prefill and five decodes each (the second prompt waits a step for the shared prefix)
+        assert all(set(HOST_PHASES) <= set(r) and all(r[p] >= 0 for p in HOST_PHASES) for r in rows)
+        summary = runner.profiler.summary()
+        assert set(summary) == set(HOST_PHASES) and summary["launch"][0] > 0
