@@ -88,8 +88,18 @@ class SamplingMetadata:
 
         The id lists are kept by reference (not copied): the sampler only reads them.
         """
-        suppress = []
+        # One tuple of per-row values per distinct SamplingParams (requests usually share a few),
+        # then columns: at 256 rows this is a few times cheaper than one pass per field.
+        per_params: dict[int, tuple] = {}
+        values, suppress = [], []
         for sp, _, out, eos in rows:
+            v = per_params.get(id(sp))
+            if v is None:
+                v = per_params[id(sp)] = (
+                    float(sp.temperature), float(sp.top_p), max(int(sp.top_k), 0), float(sp.min_p),
+                    float(sp.presence_penalty), float(sp.frequency_penalty), float(sp.repetition_penalty),
+                    sp.logit_bias or None, sp.seed, sp.logprobs)
+            values.append(v)
             if len(out) < sp.min_tokens:
                 # vLLM: min_tokens holds back every token that would stop the request. With
                 # ignore_eos, EOS does not stop it, so EOS stays allowed.
@@ -99,18 +109,12 @@ class SamplingMetadata:
                 suppress.append(ids)
             else:
                 suppress.append([])
+        cols = [list(c) for c in zip(*values)] if values else [[] for _ in range(10)]
         return cls(
-            temperature=[float(sp.temperature) for sp, *_ in rows],
-            top_p=[float(sp.top_p) for sp, *_ in rows],
-            top_k=[max(int(sp.top_k), 0) for sp, *_ in rows],
-            min_p=[float(sp.min_p) for sp, *_ in rows],
-            presence_penalty=[float(sp.presence_penalty) for sp, *_ in rows],
-            frequency_penalty=[float(sp.frequency_penalty) for sp, *_ in rows],
-            repetition_penalty=[float(sp.repetition_penalty) for sp, *_ in rows],
-            logit_bias=[sp.logit_bias or None for sp, *_ in rows],
-            seeds=[sp.seed for sp, *_ in rows],
+            temperature=cols[0], top_p=cols[1], top_k=cols[2], min_p=cols[3], presence_penalty=cols[4],
+            frequency_penalty=cols[5], repetition_penalty=cols[6], logit_bias=cols[7], seeds=cols[8],
             output_token_ids=[out for _, _, out, _ in rows],
             prompt_token_ids=[prompt for _, prompt, _, _ in rows],
             suppress_token_ids=suppress,
-            num_logprobs=[sp.logprobs for sp, *_ in rows],
+            num_logprobs=cols[9],
         )
