@@ -177,3 +177,21 @@ def test_step_profiler_records_host_phases(tiny):
         assert all(set(HOST_PHASES) <= set(r) and all(r[p] >= 0 for p in HOST_PHASES) for r in rows)
         summary = runner.profiler.summary()
         assert set(summary) == set(HOST_PHASES) and summary["launch"][0] > 0
+
+
+def test_a_reused_request_id_gets_nothing_of_an_aborted_step(tiny):
+    """An aborted request's in-flight step (a prompt chunk with prompt logprobs) finishes after a new
+    request took the same id: the new request must not receive the old one's prompt logprobs."""
+    d, cfg = tiny
+    prompts = _prompts(cfg["vocab_size"])
+    llm = LLM(str(d), block_size=4, async_scheduling=True, max_num_batched_tokens=5)
+    core = llm.engine
+    core.add_request("a", prompts[5], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1))
+    core.step()  # the first chunk is launched, not read
+    core.abort_requests(["a"])
+    core.add_request("a", prompts[1][:4], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    got = []
+    while core.has_unfinished_requests():
+        got += [dl for dl in core.step() if dl.request_id == "a"]
+    assert all(dl.prompt_logprobs is None for dl in got)
+    assert sum(len(dl.new_token_ids) for dl in got) == 3

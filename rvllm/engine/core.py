@@ -174,7 +174,7 @@ class EngineCore:
         out = pending.result()
         t0 = time.perf_counter()
         changed = self.scheduler.update_from_output(sched, out.sampled, time.monotonic())
-        deltas = self._deltas(changed, out)
+        deltas = self._deltas(changed, out, sched)
         prof = self.runner.profiler
         if prof is not None and pending.profile is not None:
             row = {"schedule": schedule_seconds, "update": time.perf_counter() - t0}
@@ -183,11 +183,15 @@ class EngineCore:
             prof.add(row)
         return deltas
 
-    def _deltas(self, changed, out) -> list[RequestDelta]:
+    def _deltas(self, changed, out, sched) -> list[RequestDelta]:
         deltas = []
         # A chunk in the middle of a prompt samples nothing but may carry prompt logprobs.
         changed_ids = {r.request_id for r in changed}
-        extra = [self._requests[rid] for rid in out.prompt_logprobs if rid not in changed_ids and rid in self._requests]
+        # By object, not id: with async scheduling a step may finish after its request was aborted
+        # and a new request took the same id.
+        extra = [it.request for it in sched.scheduled
+                 if it.request.request_id in out.prompt_logprobs and it.request.request_id not in changed_ids
+                 and self._requests.get(it.request.request_id) is it.request]
         for req in list(changed) + extra:
             rid = req.request_id
             new = [out.sampled[rid]] if rid in out.sampled else []
