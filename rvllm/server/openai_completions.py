@@ -113,6 +113,11 @@ async def _stream(request, stream, *, serving, req, prompts, n, request_id, mode
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     prompt_tokens = sum(len(ids) for _, ids in prompts)
+
+    def usage() -> P.UsageInfo:
+        return P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
+
     try:
         async for i, ro in stream:
             if ro.prompt_logprobs is not None:
@@ -133,19 +138,13 @@ async def _stream(request, stream, *, serving, req, prompts, n, request_id, mode
                 if not first and not text and not o.token_ids and o.finish_reason is None:
                     continue
                 completion_tokens += len(o.token_ids)
-                usage = None
-                if continuous:
-                    usage = P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                        total_tokens=prompt_tokens + completion_tokens)
                 await sse.send_struct(P.CompletionStreamResponse(
-                    id=request_id, created=created, model=model, usage=usage,
+                    id=request_id, created=created, model=model, usage=usage() if continuous else None,
                     choices=[P.CompletionStreamChoice(index=index, text=text, logprobs=lps,
                                                       finish_reason=o.finish_reason, stop_reason=o.stop_reason)]))
         if include_usage:
             await sse.send_struct(P.CompletionStreamResponse(
-                id=request_id, created=created, model=model, choices=[],
-                usage=P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens)))
+                id=request_id, created=created, model=model, choices=[], usage=usage()))
         return await sse.done()
     except ConnectionResetError:
         raise  # the client went away: Serving.generate's cleanup has aborted the engine request
