@@ -5,7 +5,6 @@ runner's work is synchronous, but the engine, the scheduler's placeholders and t
 placeholder inputs follow the same path as on the GPU (where the fill runs as a kernel)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from rvllm import LLM, SamplingParams
@@ -126,7 +125,7 @@ def test_placeholders_never_reach_outputs_or_hashes(tiny):
     assert all(PLACEHOLDER not in c.token_ids for o in outs for c in o.outputs)
     again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
-    assert np.all([len(o.outputs[0].token_ids) == 9 for o in outs])
+    assert all(len(o.outputs[0].token_ids) == 9 for o in outs)
 
 
 def test_server_with_async_scheduling_answers_as_in_order(smollm2_path):

@@ -62,10 +62,9 @@ class _Done:
 class PendingStep:
     """A launched step (ModelRunner.launch); result() waits for its sampled ids and returns them."""
 
-    def __init__(self, runner, batch, hidden=None, bucket=None):
-        self.runner, self.batch, self.hidden, self.bucket = runner, batch, hidden, bucket
+    def __init__(self, runner, batch, hidden=None):
+        self.runner, self.batch, self.hidden = runner, batch, hidden  # hidden: for prompt logprobs
         self.sample = None
-        self.timings: dict = {}
         self.profile: dict | None = None  # with a profiler: host seconds and the step's CUDA events
 
     def sample_ids_device(self):
@@ -88,7 +87,6 @@ class PendingStep:
         if batch.prompt_logprob_rows:
             with self.runner._on_stream():
                 self.runner._prompt_logprobs(self.hidden, batch, out)
-        self.runner.timings = self.timings
         return out
 
 
@@ -118,7 +116,6 @@ class ModelRunner:
             self.rng = np.random.default_rng(seed)
             self.gpu_sampler = GpuSampler(backend, seed) if backend.name == "cuda" else None
             self.graphs = None
-            self.timings: dict[str, float] = {}
             # The last launch's sampled ids (device) and request id -> row: placeholders read them.
             self._prev_sampled = None
             self._prev_rows: dict[str, int] = {}
@@ -184,18 +181,15 @@ class ModelRunner:
         with self._on_stream():
             t0 = time.perf_counter()
             start = prof.mark() if prof else None
-            batch, hidden, logits, bucket = self.forward_step(sched)
+            batch, hidden, logits, _ = self.forward_step(sched)
             forwarded = prof.mark() if prof else None
-            t1 = time.perf_counter()
-            pending = PendingStep(self, batch, hidden, bucket)
+            pending = PendingStep(self, batch, hidden)
             if batch.sample_rows:
                 pending.sample = self._launch_sample(logits, batch)
             self._prev_sampled = pending.sample_ids_device()
             self._prev_rows = {rid: i for i, rid in enumerate(batch.sample_ids)}
-            t2 = time.perf_counter()
-            pending.timings = {"forward": t1 - t0, "sample": t2 - t1, "graph": bucket is not None}
             if prof:
-                pending.profile = {"pack": self._pack_seconds, "launch": t2 - t0,
+                pending.profile = {"pack": self._pack_seconds, "launch": time.perf_counter() - t0,
                                    "events": (start, self._uploaded_mark, forwarded, prof.mark())}
         return pending
 
