@@ -1,7 +1,13 @@
-"""GPU time of each backend op at one decode step's shapes (CUDA events, median of 50), to find
-which kernel keeps batch-1 decode far from the memory roofline.
+"""GPU time of each op of one decode layer (and the logits) at one step's shapes, to find which
+kernel keeps batch-1 decode from the memory roofline.
 
-    python bench/op_times.py --model qwen2.5-1.5b --batch 1 --context 160
+Each op is captured `reps` times into one CUDA graph and the replays are timed with CUDA events, so
+launch gaps are those of the real decode graphs. The weights rotate through enough copies that
+every launch reads them from DRAM (the H100's L2 is 50 MB), as in a real forward. Next to each
+weight-reading op: its bandwidth, cuBLAS on the same shapes, and a plain grid-stride read of the
+same number of bytes (what a kernel of that size can reach on this card).
+
+    python bench/op_times.py --model qwen2.5-1.5b --batch 1 --context 128
 """
 from __future__ import annotations
 
@@ -13,78 +19,130 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+_READ_KERNEL = r"""
+extern "C" __global__ void read_bytes(const uint4* __restrict__ p, long long n, float* out) {
+  unsigned int acc = 0;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) out[0] = 1.f;  // keeps the loads
+}
+"""
+_L2_BYTES = 50 << 20
+
+
+def _time_graph(cp, stream, build, reps: int, graph_capture) -> float:
+    """Median microseconds per call of build(i) over replays of a graph of `reps` calls."""
+    with stream, graph_capture():
+        build(0)  # warm-up: compiles kernels and lets cuBLAS choose before capture
+        stream.synchronize()
+        stream.begin_capture()
+        for i in range(reps):
+            build(i)
+        graph = stream.end_capture()
+        graph.upload(stream)
+        for _ in range(3):
+            graph.launch(stream)
+        times = []
+        for _ in range(10):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, end) * 1000 / reps)
+    return float(np.median(times))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=160)
+    ap.add_argument("--context", type=int, default=128)
     args = ap.parse_args()
     import cupy as cp
 
-    from rvllm.backend.cpu import AttentionMetadata
     from rvllm.backend.cuda import CudaBackend
+    from rvllm.backend.cuda_attention import DecodeWorkspace
     from rvllm.model.config import preset_spec
     from rvllm.model.rope import cos_sin_table
-    from rvllm.sampling.gpu_sampler import GpuSampler
-    from rvllm.sampling.metadata import SamplingMetadata
-    from rvllm import SamplingParams
+    from rvllm.runner.step_inputs import StepMetadata
 
-    s, b, B = preset_spec(args.model), CudaBackend("bfloat16"), args.batch
-    bs, ctx = 16, args.context
-    h, qkv_out = s.hidden_size, s.q_size + 2 * s.kv_size
-    w = lambda *shape: b.dummy_weight(shape, 0.02, 1)  # noqa: E731
-    x = w(B, h)
-    xq = w(B, s.q_size)
-    weights = {"qkv": w(qkv_out, h), "o": w(h, s.q_size), "gate_up": w(2 * s.intermediate_size, h),
-               "down": w(h, s.intermediate_size)}
+    s, B, ctx, bs = preset_spec(args.model), args.batch, args.context, 16
+    b = CudaBackend("bfloat16")
+    blas = CudaBackend("bfloat16", gemv_max_rows=0)  # the same ops on cuBLAS (and separate norm / SiLU kernels)
+    blas.stream = b.stream
+    h, qkv_out, inter = s.hidden_size, s.q_size + 2 * s.kv_size, s.intermediate_size
+    seed = iter(range(1, 10_000))
+    w = lambda *shape: b.dummy_weight(shape, 0.02, next(seed))  # noqa: E731
+
+    def copies(*shape):
+        nbytes = 2 * int(np.prod(shape))
+        return [w(*shape) for _ in range(max(1, min(64, -(-4 * _L2_BYTES // nbytes))))]
+
+    W = {"qkv": copies(qkv_out, h), "o": copies(h, s.q_size), "gate_up": copies(2 * inter, h),
+         "down": copies(h, inter), "lm_head": [w(s.vocab_size, h)]}
+    bias = w(qkv_out) if s.attention_bias else None
+    x, res, norm_w = w(B, h), w(B, h), w(h)
+    xq, xi = w(B, s.q_size), w(B, inter)
     nblocks = -(-ctx // bs)
     kc = b.dummy_weight((B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 2)
     vc = b.dummy_weight((B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 3)
-    tables = np.arange(B * nblocks, dtype=np.int32).reshape(B, nblocks)
-    meta = AttentionMetadata(b.from_host(np.arange(B + 1, dtype=np.int32)), b.from_host(np.full(B, ctx, np.int32)),
-                             b.from_host(tables), b.from_host((tables[:, -1] * bs + (ctx - 1) % bs).astype(np.int32)),
-                             1, ctx, [1] * B, [ctx] * B)
+    tables = b.from_host(np.arange(B * nblocks, dtype=np.int32).reshape(B, nblocks))
+    ws = DecodeWorkspace.allocate(B, s.num_heads, s.head_dim, 8192, b.from_host(np.array([nblocks], np.int32)))
+    meta = StepMetadata(b.from_host(np.arange(B + 1, dtype=np.int32)), b.from_host(np.full(B, ctx, np.int32)), tables,
+                        b.from_host((np.arange(B) * nblocks * bs + ctx - 1).astype(np.int32)), max_query_len=1,
+                        max_seq_len=ctx, query_lens_host=[1] * B, seq_lens_host=[ctx] * B, decode_workspace=ws)
     q = w(B, s.num_heads, s.head_dim)
     k, v = w(B, s.num_kv_heads, s.head_dim), w(B, s.num_kv_heads, s.head_dim)
     cos_sin = b.from_host(cos_sin_table(s, 4096))
     pos = b.from_host(np.full(B, ctx - 1, np.int32))
-    lm_head = w(s.vocab_size, h)
-    norm_w = w(h)
-    sampler = GpuSampler(b)
-    greedy = SamplingMetadata.from_requests([(SamplingParams(temperature=0), [1], [2], 2)] * B)
-    logits = b.logits(x, lm_head)
-    ops = {
-        "qkv linear": lambda: b.linear(x, weights["qkv"]),
-        "o_proj linear": lambda: b.linear(xq, weights["o"]),
-        "gate_up linear": lambda: b.linear(x, weights["gate_up"]),
-        "down linear": lambda: b.linear(b.silu_and_mul(b.linear(x, weights["gate_up"])), weights["down"]),
-        "rms_norm": lambda: b.rms_norm(x, norm_w, 1e-6),
-        "fused_add_rms_norm": lambda: b.fused_add_rms_norm(x, x, norm_w, 1e-6),
-        "rotary+cache write": lambda: b.rotary_and_cache_write(q, k, v, pos, cos_sin, kc, vc, meta.slot_mapping, True),
-        "decode attention": lambda: b.paged_attention(q, kc, vc, meta, s.head_dim ** -0.5),
-        "logits": lambda: b.logits(x, lm_head),
-        "greedy sampler (incl. D2H)": lambda: sampler(logits, greedy),
-    }
-    print(f"| op ({args.model}, batch {B}, context {ctx}) | median us | per-token bytes / us = GB/s |")
-    print("|---|---|---|")
-    for name, fn in ops.items():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(50):
-            start, end = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, end) * 1000)
-        t = float(np.median(times))
-        nbytes = {"qkv linear": weights["qkv"].nbytes, "o_proj linear": weights["o"].nbytes,
-                  "gate_up linear": weights["gate_up"].nbytes,
-                  "down linear": weights["gate_up"].nbytes + weights["down"].nbytes, "logits": lm_head.nbytes}.get(name)
-        bw = f"{nbytes / t / 1e3:.0f}" if nbytes else ""
-        print(f"| {name} | {t:.1f} | {bw} |")
+    eps = 1e-6
+    read = cp.RawKernel(_READ_KERNEL, "read_bytes")
+    num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+    sink = cp.zeros(1, np.float32)
+
+    def reader(name):
+        mats = W[name]
+
+        def run(i):
+            m = mats[i % len(mats)]
+            read((num_sms * 8,), (256,), (m, np.int64(m.nbytes // 16), sink), stream=b.stream)
+        return run
+
+    def rot(name, fn):
+        mats = W[name]
+        return lambda i: fn(mats[i % len(mats)])
+
+    ops = [
+        ("add_norm + qkv", "qkv", rot("qkv", lambda m: b.add_norm_linear(x, res, norm_w, eps, m, bias)),
+         rot("qkv", lambda m: blas.add_norm_linear(x, res, norm_w, eps, m, bias))),
+        ("rotary + KV write", None, lambda i: b.rotary_and_cache_write(q, k, v, pos, cos_sin, kc, vc, meta.slot_mapping,
+                                                                       True), None),
+        ("decode attention", None, lambda i: b.paged_attention(q, kc, vc, meta, s.head_dim ** -0.5), None),
+        ("o_proj", "o", rot("o", lambda m: b.linear(xq, m)), rot("o", lambda m: blas.linear(xq, m))),
+        ("add_norm + gate_up + SiLU", "gate_up",
+         rot("gate_up", lambda m: b.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul")),
+         rot("gate_up", lambda m: blas.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul"))),
+        ("down", "down", rot("down", lambda m: b.linear(xi, m)), rot("down", lambda m: blas.linear(xi, m))),
+        ("logits", "lm_head", rot("lm_head", lambda m: b.logits(x, m)), None),
+    ]
+    print(f"| op ({args.model}, batch {B}, context {ctx}, {b.device_name}) | us | GB/s | cuBLAS path us "
+          f"| grid-stride read of the same bytes, us |")
+    print("|---|---|---|---|---|")
+    layer = 0.0
+    for name, wname, fn, blas_fn in ops:
+        reps = max(20, 2 * len(W[wname])) if wname else 20
+        t = _time_graph(cp, b.stream, fn, reps, b.graph_capture)
+        nbytes = W[wname][0].nbytes if wname else 0
+        t_blas = _time_graph(cp, b.stream, blas_fn, reps, b.graph_capture) if blas_fn else None
+        t_read = _time_graph(cp, b.stream, reader(wname), reps, b.graph_capture) if wname else None
+        if name != "logits":
+            layer += t
+        print(f"| {name} | {t:.1f} | {f'{nbytes / t / 1e3:.0f}' if nbytes else ''} | "
+              f"{f'{t_blas:.1f}' if t_blas else ''} | {f'{t_read:.1f}' if t_read else ''} |")
+    print(f"| one layer (sum) | {layer:.1f} | | | |")
 
 
 if __name__ == "__main__":

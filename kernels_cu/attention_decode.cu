@@ -6,15 +6,18 @@
 //
 // One kernel, grid (num_kv_heads, num_tokens, grid_parts), NUM_THREADS threads. One block takes
 // one query row, one KV head and all `group` query heads that share it (GQA), and partitions
-// blockIdx.z, blockIdx.z + grid_parts, ... of PARTITION_SIZE keys (those that start inside the
-// row's context): each K/V row is loaded once for the whole group. A context of one partition is
+// blockIdx.z, blockIdx.z + grid_parts, ... of `part_size` keys (those that start inside the
+// row's context): each K/V row is loaded once for the whole group. The backend picks part_size
+// (at most PARTITION_SIZE, the shared-memory bound) from the step's size: a batch-1 step has only
+// num_kv_heads (row, KV head) pairs, so its contexts are cut into 32-key partitions to spread over
+// many blocks, each of which then loads its keys in one round trip; large steps use 512. A context of one partition is
 // written to the output directly. Otherwise each partition's normalized output and its softmax
 // max and sum go to float32 scratch, and the last block of a (row, KV head) to finish, found with
 // an atomic counter, combines the partitions into the output and resets the counter (a separate
 // combine kernel cost a launch and 5 us at batch 1). Eager steps
 // launch one block per partition (grid_parts = partitions of the longest context); CUDA graphs
 // launch a grid fixed at capture and the blocks loop, so the same graph serves any context up to
-// max_parts * PARTITION_SIZE. Partitions past a row's context are neither computed nor read.
+// max_parts * part_size. Partitions past a row's context are neither computed nor read.
 // A query row that no request owns gets a zero output row, like the CPU reference.
 //
 // Compile-time: HEAD_DIM (any multiple of 8 up to 256), RVLLM_FP16 / RVLLM_BF16.
@@ -57,13 +60,13 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
     const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
     const int* __restrict__ query_start_loc,  // [num_reqs + 1]
     const int* __restrict__ seq_lens,         // [num_reqs]
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, float scale) {
+    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale) {
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   int req;
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
   // The combine kernel reads exactly partitions [0, num_parts) of each row.
-  const int num_parts = min((max(ctx, 0) + PARTITION_SIZE - 1) / PARTITION_SIZE, max_parts);
+  const int num_parts = min((max(ctx, 0) + part_size - 1) / part_size, max_parts);
   if (req < 0 || num_parts <= 0) {  // a padding row: zeros, written once
     if (blockIdx.z == 0) {
       scalar_t* o = out + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
@@ -86,8 +89,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
 
   // Every iteration ends with a barrier (step 3), so the next one may rewrite shared memory.
   for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
-    const int start = part * PARTITION_SIZE;
-    const int n = min(PARTITION_SIZE, ctx - start);
+    const int start = part * part_size;
+    const int n = min(part_size, ctx - start);
 
     // 1. Scores: a warp per key, lanes across head dims, all group heads per K load.
     for (int g0 = 0; g0 < group; g0 += GCHUNK) {
@@ -107,12 +110,17 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
           const int i = i0 + u * NUM_WARPS;
           const int t = start + min(i, n - 1);
           const i64 block = btab[t / block_size];
-          const scalar_t* kr = k_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
+          const i64 row = (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
+          const scalar_t* kr = k_cache + row;
 #pragma unroll
           for (int c = 0; c < DPL; ++c) {
             const int d = lane + 32 * c;
             kv[u][c] = (i < n && d < HEAD_DIM) ? to_f32(kr[d]) : 0.f;
           }
+          // Step 3 reads this key's V row: start it towards L2 now (a lane per 32-byte sector), so
+          // that a short partition pays one DRAM round trip for K and V, not two.
+          if (g0 == 0 && i < n && lane * 16 < HEAD_DIM)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(v_cache + row + lane * 16));
         }
 #pragma unroll
         for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {

@@ -128,8 +128,9 @@ def gpu(request):
 
 @pytest.mark.parametrize("num_sms", [1, 1000], ids=["blocks-loop-over-partitions", "a-block-per-partition"])
 def test_fixed_grid_decode_attention(gpu, num_sms):
-    """Contexts across partition (512) boundaries, two padding requests (seq_len 0), and a block
-    table whose row stride is read on the device and differs from the view's width."""
+    """Contexts across partition boundaries (32-key partitions with 1000 SMs, 512 with one), two
+    padding requests (seq_len 0), and a block table whose row stride is read on the device and differs
+    from the view's width."""
     from rvllm.backend.cuda import cp
     from rvllm.backend.cuda_attention import DecodeWorkspace
     from rvllm.runner.step_inputs import StepMetadata
@@ -150,13 +151,14 @@ def test_fixed_grid_decode_attention(gpu, num_sms):
     tables = cp.asarray(flat).reshape(r, wide)
     qsl = cp.asarray(np.arange(r + 1, dtype=np.int32))  # every request, padding ones too, owns one row
     seq_lens = cp.asarray(np.asarray(lens + [0] * pad, np.int32))
-    ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)))
-    ws.num_sms = num_sms
+    ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)), num_sms=num_sms)
     m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,  # max_seq_len unused here
                      query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
     ws.tmp_out.fill(np.nan)
     out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
-    check(gpu, out, ref, f"fixed-grid decode (grid {ws.grid_parts(r, nkv)} of {ws.max_parts} partitions)")
+    size, parts, grid_parts = ws.layout(r, nkv)
+    assert size == (512 if num_sms == 1 else 32)
+    check(gpu, out, ref, f"fixed-grid decode (grid {grid_parts} of {parts} partitions of {size} keys)")
 
 
 def test_async_scheduling_matches_in_order_steps(tiny):

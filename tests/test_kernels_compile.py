@@ -72,3 +72,35 @@ def test_broken_kernel_reports_file_and_log():
     with pytest.raises(RuntimeError, match=r"kernels_cu/broken\.cu[\s\S]*undefined_name"):
         compile_source('extern "C" __global__ void k() { undefined_name = 1; }', "broken.cu",
                        nvrtc.compile_options(90, "float16"))
+
+
+def test_decode_partition_size_spreads_small_steps_and_respects_the_combine_bound():
+    """The decode kernel's partition size (chosen on the host, so checked here without a GPU): short
+    partitions for few (row, KV head) pairs, the kernel's maximum for large steps, never more
+    partitions than the combine step holds, and never shrinking as the step grows."""
+    from rvllm.backend.cuda_attention import partition_size
+
+    limit = nvrtc.DECODE_PARTITION_SIZE
+    assert partition_size(1, 2, 8192, 132) == 32
+    assert partition_size(256, 2, 8192, 132) == limit
+    assert partition_size(1, 2, limit * limit, 132) == limit  # 512 partitions of 512 keys
+    assert partition_size(1, 2, limit * 32 + 1, 132) == 64  # 32-key partitions would be 513
+    sizes = [partition_size(t, 4, 4096, 132) for t in range(1, 600)]
+    assert sizes == sorted(sizes) and all(s & (s - 1) == 0 and 32 <= s <= limit for s in sizes)
+    for t in (1, 3, 8, 64, 512):
+        assert -(-100_000 // partition_size(t, 1, 100_000, 132)) <= limit
+
+
+def test_gemv_split_k_covers_k_with_short_segments():
+    """gemv.cu's work split (host side): ks warps per output unit cover K in segments of at most
+    about one stretch each, and a block holds whole units."""
+    from rvllm.backend.cuda_gemv import split_k
+
+    for k in (8, 64, 1536, 4096, 8960, 14336, 18944, 29568):
+        for stretch in (4, 8):
+            ks, rpb, seg = split_k(k, stretch)
+            chunks = k // 8
+            assert 1 <= ks <= 8 and ks * rpb <= 8 and rpb >= 1
+            assert ks * seg >= chunks and (ks - 1) * seg < chunks  # every segment is used
+            assert seg <= 32 * stretch or ks == 8
+    assert split_k(8960, 8) == (5, 1, 224) and split_k(1536, 8) == (1, 8, 192) and split_k(1536, 4) == (2, 4, 96)

@@ -298,7 +298,7 @@ DECODE_LENS = [1, 15, 16, 17, 100, 1000, 1500]
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 7])
 def test_decode_attention_context_lengths(gpu, rng, head_dim, group):
-    """One decode row per request; contexts across block and partition (512) boundaries."""
+    """One decode row per request; contexts across block and partition boundaries (64-key partitions here)."""
     _run_attention([gpu], rng, [(1, n) for n in DECODE_LENS], nkv=2, group=group, head_dim=head_dim)
 
 

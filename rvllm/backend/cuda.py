@@ -79,7 +79,8 @@ class CudaBackend:
         if gemv_max_rows is None:
             gemv_max_rows = int(os.environ.get("RVLLM_GEMV_MAX_ROWS", _GEMV_MAX_ROWS))
         num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
-        self.gemv = SmallBatchGemv(self, gemv_max_rows, int(num_sms))
+        self.num_sms = int(num_sms)
+        self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms)
 
     # ---- memory -------------------------------------------------------------------------------
     def _storage(self, dtype) -> np.dtype:

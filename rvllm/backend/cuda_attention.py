@@ -27,46 +27,74 @@ except Exception:  # ImportError, or a broken CUDA install (cuda.py says the sam
 MAX_GRID_YZ = 65535
 # Fixed-grid decode: aim for this many blocks per multiprocessor (the blocks loop over partitions).
 _BLOCKS_PER_SM = 4
+_MIN_PARTITION = 32  # a partition of 32 keys is one load per warp of the kernel's 4 warps x 8 keys in flight
+
+
+def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Keys per partition of the decode kernel for a step of num_tokens query rows.
+
+    Each block's keys cost a chain of dependent loads (block table, K, then V), so a step with few
+    (row, KV head) pairs needs short partitions to spread a context over many blocks: at batch 1 a
+    512-key partition left two blocks doing all the work (29 us at a 150-token context, ncu). The
+    size is the power of two (32 to the kernel's PARTITION_SIZE) at which a 1024-token context in
+    every row would make about two waves of blocks, and at least large enough that max_context needs
+    at most PARTITION_SIZE partitions (the combine step's bound)."""
+    limit = nvrtc.DECODE_PARTITION_SIZE
+    want = num_tokens * num_kv_heads * 1024 / (2 * max(1, num_sms))
+    size = _MIN_PARTITION
+    while size < limit and (size < want or -(-max_context // size) > limit):
+        size *= 2
+    return size
 
 
 @dataclass
 class DecodeWorkspace:
     """Scratch for the decode kernel at fixed addresses (CUDA graphs), for up to `max_tokens` query
-    rows of `num_heads` heads with contexts up to `max_parts` * the kernel's partition size."""
+    rows of `num_heads` heads with contexts up to `max_context` keys, at the partition size
+    partition_size() gives each step size."""
 
-    tmp_out: object  # float32 [max_tokens * num_heads * max_parts * head_dim]
-    tmp_max: object  # float32 [max_tokens * num_heads * max_parts]
-    tmp_sum: object  # float32 [max_tokens * num_heads * max_parts]
+    tmp_out: object  # float32 [rows * head_dim]: rows = max over step sizes of tokens * num_heads * partitions
+    tmp_max: object  # float32 [rows]
+    tmp_sum: object  # float32 [rows]
     row_stride: object  # int32 [1] on the device: the block table's row stride, written with each step's inputs
     counters: object  # int32 [max_tokens * num_heads], zeros: the kernel's per-(row, KV head) completion counts
     max_tokens: int
     num_heads: int
     head_dim: int
-    max_parts: int
+    max_context: int
     num_sms: int
 
-    @property
-    def max_context(self) -> int:
-        return self.max_parts * nvrtc.DECODE_PARTITION_SIZE
-
     @classmethod
-    def allocate(cls, max_tokens: int, num_heads: int, head_dim: int, max_context: int, row_stride):
+    def allocate(cls, max_tokens: int, num_heads: int, head_dim: int, max_context: int, row_stride,
+                 num_sms: int | None = None):
+        """num_sms: the GPU's multiprocessor count (tests pass others to force both grid shapes)."""
         if row_stride.dtype != np.int32 or row_stride.size != 1:
             raise ValueError("DecodeWorkspace: row_stride must be one int32 on the device")
-        parts = max(1, -(-max_context // nvrtc.DECODE_PARTITION_SIZE))
-        rows = max_tokens * num_heads * parts
-        num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
-        if parts > nvrtc.DECODE_PARTITION_SIZE:
-            raise ValueError(f"DecodeWorkspace: contexts up to {max_context} tokens need {parts} partitions; "
-                             f"the kernel combines at most {nvrtc.DECODE_PARTITION_SIZE}")
-        return cls(cp.empty(rows * head_dim, np.float32), cp.empty(rows, np.float32), cp.empty(rows, np.float32),
-                   row_stride, cp.zeros(max_tokens * num_heads, np.int32), max_tokens, num_heads, head_dim, parts,
-                   int(num_sms))
+        if -(-max_context // nvrtc.DECODE_PARTITION_SIZE) > nvrtc.DECODE_PARTITION_SIZE:
+            raise ValueError(f"DecodeWorkspace: contexts up to {max_context} tokens need more than "
+                             f"{nvrtc.DECODE_PARTITION_SIZE} partitions, which the kernel cannot combine")
+        if num_sms is None:
+            num_sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
+        ws = cls(None, None, None, row_stride, cp.zeros(max_tokens * num_heads, np.int32), max_tokens, num_heads,
+                 head_dim, max_context, num_sms)
+        ws._reserve()
+        return ws
 
-    def grid_parts(self, num_tokens: int, num_kv_heads: int) -> int:
-        """Blocks along the partition axis: enough blocks to fill the GPU, at most one per partition."""
+    def _reserve(self) -> None:
+        """Scratch for the largest step size's partitions (the KV-head count does not matter: the
+        partition size grows with it, which only shrinks the partition count; 1 is the worst case)."""
+        rows = max(t * self.num_heads * self.layout(t, 1)[1] for t in range(1, self.max_tokens + 1))
+        self.tmp_out = cp.empty(rows * self.head_dim, np.float32)
+        self.tmp_max = cp.empty(rows, np.float32)
+        self.tmp_sum = cp.empty(rows, np.float32)
+
+    def layout(self, num_tokens: int, num_kv_heads: int) -> tuple[int, int, int]:
+        """(partition size, partitions a max_context row has, blocks along the partition axis: enough
+        to fill the GPU, at most one per partition)."""
+        size = partition_size(num_tokens, num_kv_heads, self.max_context, self.num_sms)
+        parts = max(1, -(-self.max_context // size))
         want = math.ceil(_BLOCKS_PER_SM * self.num_sms / max(1, num_kv_heads * num_tokens))
-        return max(1, min(self.max_parts, want))
+        return size, parts, max(1, min(parts, want))
 
 
 def check_cache(b, k_cache, v_cache, nkv: int, hd: int) -> None:
@@ -114,24 +142,27 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     nkv = k_cache.shape[2]
     group = nh // nkv
     if workspace is None:  # eager: scratch for this step's longest context, one block per partition
-        parts = max(1, -(-int(meta.max_seq_len) // nvrtc.DECODE_PARTITION_SIZE))
+        max_seq = int(meta.max_seq_len)
+        if -(-max_seq // nvrtc.DECODE_PARTITION_SIZE) > nvrtc.DECODE_PARTITION_SIZE:
+            raise ValueError(f"paged_attention (split): a {max_seq}-token context needs more than "
+                             f"{nvrtc.DECODE_PARTITION_SIZE} partitions, which the kernel cannot combine")
+        size = partition_size(num_tokens, nkv, max_seq, b.num_sms)
+        parts = max(1, -(-max_seq // size))
         grid_parts = parts
         tmp_out = cp.empty((num_tokens, nh, parts, hd), dtype=np.float32)
         tmp_max = cp.empty((num_tokens, nh, parts), dtype=np.float32)
         tmp_sum = cp.empty((num_tokens, nh, parts), dtype=np.float32)
         stride_arg, stride_dev = np.int32(meta.block_tables.shape[1]), np.uint64(0)  # a null pointer
-        if parts > nvrtc.DECODE_PARTITION_SIZE:
-            raise ValueError(f"paged_attention (split): a {meta.max_seq_len}-token context needs {parts} partitions; "
-                             f"the kernel combines at most {nvrtc.DECODE_PARTITION_SIZE}")
         counters = _eager_counters(b, num_tokens * nkv)
     else:  # fixed: shapes only (CUDA graphs)
         ws = workspace
         if num_tokens > ws.max_tokens or nh != ws.num_heads or hd != ws.head_dim:
             raise ValueError(f"paged_attention: workspace is for {ws.max_tokens} rows x {ws.num_heads} heads x "
                              f"{ws.head_dim}, got {num_tokens} x {nh} x {hd}")
-        parts = ws.max_parts
-        grid_parts = ws.grid_parts(num_tokens, nkv)
+        size, parts, grid_parts = ws.layout(num_tokens, nkv)
         rows = num_tokens * nh * parts
+        if rows > ws.tmp_max.size:
+            raise ValueError(f"paged_attention: the workspace holds {ws.tmp_max.size} partition rows, this step needs {rows}")
         tmp_out, tmp_max, tmp_sum = ws.tmp_out[: rows * hd], ws.tmp_max[:rows], ws.tmp_sum[:rows]
         stride_arg, stride_dev = np.int32(0), ws.row_stride
         counters = ws.counters
@@ -145,7 +176,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
           (out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev,
            meta.query_start_loc, meta.seq_lens,
            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),
-           np.float32(scale)),
+           np.int32(size), np.float32(scale)),
           shared_mem=smem)
     return out
 

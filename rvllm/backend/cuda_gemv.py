@@ -17,8 +17,8 @@ except Exception:  # ImportError, or a broken CUDA install (cuda.py says the sam
 
 ROW_BUCKETS = (1, 2, 4, 8)
 MAX_ROWS = ROW_BUCKETS[-1]
-_WARPS = 8  # GEMV_THREADS / 32 in gemv.cu
-_THREADS = 32 * _WARPS
+_MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
+_STRETCH = {"gemv": 8, "silu": 4}  # U in gemv.cu: 16-byte chunks per lane per stretch (R = 1 / R = 2 rows)
 _MAX_SMEM = 200 * 1024  # the normed rows staged in shared memory (an H100 allows 227 KiB a block)
 _SMEM_PER_SM = 228 * 1024  # an H100's (sm_80: 164 KiB; the occupancy then only errs high)
 
@@ -32,31 +32,43 @@ def _aligned(x) -> bool:
     return x.data.ptr % 16 == 0 and (x.shape[0] == 1 or (x.strides[0] // x.itemsize) % 8 == 0)
 
 
+def split_k(k: int, stretch: int) -> tuple[int, int, int]:
+    """(ks, rpb, seg_chunks) for K = k: ks warps share an output unit, each taking a segment of
+    seg_chunks 16-byte chunks, so that a segment is about one stretch (32 lanes x `stretch` chunks)
+    and a warp's chain of dependent loads stays short; rpb units side by side fill a block."""
+    chunks = k // 8
+    ks = min(_MAX_WARPS, max(1, -(-chunks // (32 * stretch))))
+    return ks, _MAX_WARPS // ks, -(-chunks // ks)
+
+
 class SmallBatchGemv:
     def __init__(self, backend, max_rows: int, num_sms: int):
         self.ops = backend
         self.max_rows = min(max_rows, MAX_ROWS)
         self.num_sms = num_sms
-        self._resident: dict = {}  # (kernel, shared memory) -> blocks an SM holds at once
+        self._resident: dict = {}  # (kernel, threads, shared memory) -> blocks an SM holds at once
 
     def _bucket(self, rows: int) -> int | None:
         if rows < 1 or rows > self.max_rows:
             return None
         return next(b for b in ROW_BUCKETS if b >= rows)
 
-    def _grid(self, kernel, units: int, smem: int = 0) -> tuple[int]:
-        """One block per 8 units (rows, or gate/up row pairs), at most as many as fit on the GPU at
-        once: the blocks loop over the rest. More would run in a second wave, paying the norm
-        prologue again (the SiLU form had 528 blocks for 264 places; fixing that changed batch-1
-        speed by less than the noise, bench/NOTES.md)."""
-        key = (id(kernel), smem)
+    def _launch(self, kernel, units: int, k: int, form: str, args: tuple, smem: int = 0) -> None:
+        """Blocks of ks * rpb warps (split_k), at most as many as fit on the GPU at once: each loops
+        over passes of rpb units, so the norm prologue runs once per block, and a warp's next
+        stretch is in flight while it multiplies the current one."""
+        ks, rpb, seg_chunks = split_k(k, _STRETCH[form])
+        threads = 32 * ks * rpb
+        key = (id(kernel), threads, smem)
         resident = self._resident.get(key)
         if resident is None:
             regs = -(-int(kernel.attributes["num_regs"]) // 8) * 8
             static = int(kernel.attributes.get("shared_size_bytes", 0))
-            resident = max(1, min(2048 // _THREADS, 65536 // (regs * _THREADS), _SMEM_PER_SM // (smem + static + 1024)))
+            resident = max(1, min(2048 // threads, 32, 65536 // (regs * threads),
+                                  _SMEM_PER_SM // (smem + static + 1024)))
             self._resident[key] = resident
-        return (max(1, min(-(-units // _WARPS), self.num_sms * resident)),)
+        grid = max(1, min(-(-units // rpb), self.num_sms * resident))
+        kernel((grid,), (threads,), args + (np.int32(ks), np.int32(seg_chunks)), shared_mem=smem)
 
     def linear(self, x, weight, bias=None):
         """x [rows, K] (rows contiguous) @ weight[N, K].T (+ bias) -> [rows, N], or None."""
@@ -67,9 +79,9 @@ class SmallBatchGemv:
         n = weight.shape[0]
         out = cp.empty((rows, n), dtype=weight.dtype)
         kernel = self.ops._kernel("gemv.cu", f"gemv_m{m}")
-        kernel(
-            self._grid(kernel, n), (_THREADS,),
-            (out, x, np.int64(x.strides[0] // x.itemsize), weight, _ptr(bias), np.int32(rows), np.int32(n), np.int32(k)))
+        self._launch(kernel, n, k, "gemv",
+                     (out, x, np.int64(x.strides[0] // x.itemsize), weight, _ptr(bias), np.int32(rows), np.int32(n),
+                      np.int32(k)))
         return out
 
     def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
@@ -88,14 +100,14 @@ class SmallBatchGemv:
             out = cp.empty((rows, inter), dtype=weight.dtype)
             kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_silu_m{m}")
             self.ops._ensure_smem(kernel, smem)
-            kernel(self._grid(kernel, inter, smem), (_THREADS,),
-                   (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight,
-                    np.int32(rows), np.int32(inter), np.int32(k)), shared_mem=smem)
+            self._launch(kernel, inter, k, "silu",
+                         (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight,
+                          np.int32(rows), np.int32(inter), np.int32(k)), smem)
         else:
             out = cp.empty((rows, n), dtype=weight.dtype)
             kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_m{m}")
             self.ops._ensure_smem(kernel, smem)
-            kernel(self._grid(kernel, n, smem), (_THREADS,),
-                   (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
-                    np.int32(rows), np.int32(n), np.int32(k)), shared_mem=smem)
+            self._launch(kernel, n, k, "gemv",
+                         (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
+                          np.int32(rows), np.int32(n), np.int32(k)), smem)
         return out, (x if s_out is None else s_out)
