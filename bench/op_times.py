@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-1.5b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--attention-variants", action="store_true",
+                    help="also time the decode kernel at other partition sizes, and the tensor-core prefill kernel on the decode step")
     args = ap.parse_args()
     import cupy as cp
 
@@ -128,6 +130,39 @@ def main() -> None:
         ("down", "down", rot("down", lambda m: b.linear(xi, m)), rot("down", lambda m: blas.linear(xi, m))),
         ("logits", "lm_head", rot("lm_head", lambda m: b.logits(x, m)), None),
     ]
+    if args.attention_variants:
+        from rvllm.backend import cuda_attention
+
+        scale = s.head_dim ** -0.5
+        eager = StepMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 1, ctx,
+                             [1] * B, [ctx] * B)
+
+        def with_partition(size):
+            def run(i):
+                saved = cuda_attention.partition_size
+                cuda_attention.partition_size = lambda *a: size  # noqa: E731
+                try:
+                    b.paged_attention(q, kc, vc, eager, scale)
+                finally:
+                    cuda_attention.partition_size = saved
+            return run
+
+        def with_kernel(name):
+            def run(i):
+                saved = cuda_attention.decode_kernel_name
+                cuda_attention.decode_kernel_name = lambda *a: name  # noqa: E731
+                try:
+                    b.paged_attention(q, kc, vc, meta, scale)
+                finally:
+                    cuda_attention.decode_kernel_name = saved
+            return run
+
+        for kname in ("paged_attention_split_kernel", "paged_attention_split_lean_kernel"):
+            ops.append((f"decode attention, {kname}", None, with_kernel(kname), None))
+        for size in (32, 64, 128, 256, 512):
+            ops.append((f"decode attention, eager, {size}-key partitions", None, with_partition(size), None))
+        ops.append(("decode attention, tensor-core prefill kernel", None,
+                    lambda i: cuda_attention._attention_prefill(b, q, kc, vc, eager, scale, B, bs), None))
     print(f"| op ({args.model}, batch {B}, context {ctx}, {b.device_name}) | us | GB/s | cuBLAS path us "
           f"| grid-stride read of the same bytes, us |")
     print("|---|---|---|---|---|")
@@ -138,7 +173,7 @@ def main() -> None:
         nbytes = W[wname][0].nbytes if wname else 0
         t_blas = _time_graph(cp, b.stream, blas_fn, reps, b.graph_capture) if blas_fn else None
         t_read = _time_graph(cp, b.stream, reader(wname), reps, b.graph_capture) if wname else None
-        if name != "logits":
+        if name != "logits" and not name.startswith("decode attention,"):
             layer += t
         print(f"| {name} | {t:.1f} | {f'{nbytes / t / 1e3:.0f}' if nbytes else ''} | "
               f"{f'{t_blas:.1f}' if t_blas else ''} | {f'{t_read:.1f}' if t_read else ''} |")

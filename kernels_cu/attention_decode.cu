@@ -35,7 +35,28 @@
 #define DPL ((HEAD_DIM + 31) / 32)     // head dims per lane
 // Keys a warp loads before using any: a warp per key in turn made a chain of dependent loads
 // (21 us for a 44-token context at batch 1 on an H100, ncu); eight at a time overlap them.
-#define KEYS_IN_FLIGHT 8
+#define KEYS_IN_FLIGHT (HEAD_DIM > 128 ? 4 : 8)
+
+// Sums N values (N a multiple of 32) over the warp and scatters the sums: afterwards lane l holds
+// in v[0 .. N/32) the sums of values (N/32) * l + i. Each step halves the values a lane keeps and
+// swaps the other half with its partner lane: N - N/32 shuffles in all.
+template <int N, int OFFSET>
+struct WarpReduceScatter {
+  static __device__ __forceinline__ void run(float* v, int lane) {
+    const bool upper = (lane & OFFSET) != 0;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const float send = upper ? v[i] : v[i + N / 2];
+      const float keep = upper ? v[i + N / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
+    }
+    WarpReduceScatter<N / 2, OFFSET / 2>::run(v, lane);
+  }
+};
+template <int N>
+struct WarpReduceScatter<N, 0> {
+  static __device__ __forceinline__ void run(float*, int) {}
+};
 
 // A float another block wrote during this kernel: read through L2, never a stale L1 line.
 __device__ __forceinline__ float load_cg(const float* p) {
@@ -46,7 +67,8 @@ __device__ __forceinline__ float load_cg(const float* p) {
 
 // Dynamic shared memory (floats): s_logits [group][PARTITION_SIZE], s_red [NUM_WARPS][GCHUNK]
 // [HEAD_DIM], s_stats [2][group]. The backend computes the same size (nvrtc.py / cuda.py).
-extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(
+template <bool HOIST_Q>
+__device__ __forceinline__ void split_attention(
     scalar_t* __restrict__ out,    // [num_tokens, num_heads, HEAD_DIM]
     int* __restrict__ counters,    // [num_tokens * num_kv_heads], zero before and after the kernel
     float* __restrict__ tmp_out,   // [num_tokens, num_heads, max_parts, HEAD_DIM]
@@ -63,6 +85,25 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
     int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale) {
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // Loads that need no metadata go first, so that they overlap the chain that does (the request
+  // lookup, then the block table, then K): the table's row stride, and the group's query rows when
+  // they fit the registers of one pass (group <= GCHUNK, the usual case).
+  const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
+  const scalar_t* q_tok = q + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
+  float qr[GCHUNK][DPL];
+  auto load_q = [&](int g0) {
+#pragma unroll
+    for (int gg = 0; gg < GCHUNK; ++gg) {
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) {
+        const int d = lane + 32 * c;
+        qr[gg][c] = (g0 + gg < group && d < HEAD_DIM) ? to_f32(q_tok[(g0 + gg) * HEAD_DIM + d]) * scale : 0.f;
+      }
+    }
+  };
+  const bool q_held = HOIST_Q && group <= GCHUNK;
+  if (q_held) load_q(0);
   int req;
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
   // The combine kernel reads exactly partitions [0, num_parts) of each row.
@@ -81,11 +122,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
   float* s_red = s_logits + group * PARTITION_SIZE;
   float* s_stats = s_red + NUM_WARPS * GCHUNK * HEAD_DIM;  // [0, group): max, [group, 2 group): sum
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
-  const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
   const int* btab = block_tables + (i64)req * row_stride;
-  const scalar_t* q_tok = q + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
 
   // Every iteration ends with a barrier (step 3), so the next one may rewrite shared memory.
   for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
@@ -94,15 +132,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
 
     // 1. Scores: a warp per key, lanes across head dims, all group heads per K load.
     for (int g0 = 0; g0 < group; g0 += GCHUNK) {
-      float qr[GCHUNK][DPL];
-#pragma unroll
-      for (int gg = 0; gg < GCHUNK; ++gg) {
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) {
-          const int d = lane + 32 * c;
-          qr[gg][c] = (g0 + gg < group && d < HEAD_DIM) ? to_f32(q_tok[(g0 + gg) * HEAD_DIM + d]) * scale : 0.f;
-        }
-      }
+      if (!q_held) load_q(g0);
       for (int i0 = warp; i0 < n; i0 += NUM_WARPS * KEYS_IN_FLIGHT) {
         float kv[KEYS_IN_FLIGHT][DPL];
 #pragma unroll
@@ -122,17 +152,24 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
           if (g0 == 0 && i < n && lane * 16 < HEAD_DIM)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(v_cache + row + lane * 16));
         }
+        // The lanes' partial dot products of 4 keys x GCHUNK heads (32 values) are summed over
+        // the warp with one reduce-scatter (31 shuffles; a warp_sum per value took 160), which
+        // leaves lane l with the sum for key l / GCHUNK, head l % GCHUNK.
 #pragma unroll
-        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
-          const int i = i0 + u * NUM_WARPS;
+        for (int h = 0; h < KEYS_IN_FLIGHT / 4; ++h) {
+          float part[4 * GCHUNK];
 #pragma unroll
-          for (int gg = 0; gg < GCHUNK; ++gg) {
-            float acc = 0.f;
+          for (int u = 0; u < 4; ++u)
 #pragma unroll
-            for (int c = 0; c < DPL; ++c) acc += qr[gg][c] * kv[u][c];
-            acc = warp_sum(acc);
-            if (lane == 0 && g0 + gg < group && i < n) s_logits[(g0 + gg) * PARTITION_SIZE + i] = acc;
-          }
+            for (int gg = 0; gg < GCHUNK; ++gg) {
+              float acc = 0.f;
+#pragma unroll
+              for (int c = 0; c < DPL; ++c) acc += qr[gg][c] * kv[4 * h + u][c];
+              part[u * GCHUNK + gg] = acc;
+            }
+          WarpReduceScatter<4 * GCHUNK, 16>::run(part, lane);
+          const int i = i0 + (4 * h + lane / GCHUNK) * NUM_WARPS, gg = lane % GCHUNK;
+          if (g0 + gg < group && i < n) s_logits[(g0 + gg) * PARTITION_SIZE + i] = part[0];
         }
       }
     }
@@ -261,4 +298,45 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_
     for (int p = 0; p < num_parts; ++p) acc += w[p] * load_cg(tmp_out + (row0 + p) * HEAD_DIM + d);
     out[(head0 + g) * HEAD_DIM + d] = from_f32(acc * s_stats[g]);
   }
+}
+
+// Two builds of the kernel. Small steps (few blocks, each one chain of dependent loads) want the
+// query rows loaded before the metadata chain; that holds 32 more registers for the whole kernel,
+// which at batch 256 costs a block per SM (168 registers: 3 blocks; ncu: 2.6 active warps per
+// scheduler, 0.53 instructions issued per cycle). The lean build loads them after the chain and is
+// held to 4 blocks per SM at head sizes <= 128. The backend picks by step size (cuda_attention.py).
+extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(
+    scalar_t* __restrict__ out,    // [num_tokens, num_heads, HEAD_DIM]
+    int* __restrict__ counters,    // [num_tokens * num_kv_heads], zero before and after the kernel
+    float* __restrict__ tmp_out,   // [num_tokens, num_heads, max_parts, HEAD_DIM]
+    float* __restrict__ tmp_max,   // [num_tokens, num_heads, max_parts]
+    float* __restrict__ tmp_sum,   // [num_tokens, num_heads, max_parts]
+    const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
+    const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+    const scalar_t* __restrict__ v_cache,
+    const int* __restrict__ block_tables,  // [num_reqs, row stride]
+    int max_blocks_per_seq,                // the row stride of block_tables, unless:
+    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
+    const int* __restrict__ query_start_loc,  // [num_reqs + 1]
+    const int* __restrict__ seq_lens,         // [num_reqs]
+    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale) {
+  split_attention<true>(out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, HEAD_DIM <= 128 ? 4 : 2) paged_attention_split_lean_kernel(
+    scalar_t* __restrict__ out,    // [num_tokens, num_heads, HEAD_DIM]
+    int* __restrict__ counters,    // [num_tokens * num_kv_heads], zero before and after the kernel
+    float* __restrict__ tmp_out,   // [num_tokens, num_heads, max_parts, HEAD_DIM]
+    float* __restrict__ tmp_max,   // [num_tokens, num_heads, max_parts]
+    float* __restrict__ tmp_sum,   // [num_tokens, num_heads, max_parts]
+    const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
+    const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+    const scalar_t* __restrict__ v_cache,
+    const int* __restrict__ block_tables,  // [num_reqs, row stride]
+    int max_blocks_per_seq,                // the row stride of block_tables, unless:
+    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
+    const int* __restrict__ query_start_loc,  // [num_reqs + 1]
+    const int* __restrict__ seq_lens,         // [num_reqs]
+    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale) {
+  split_attention<false>(out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale);
 }

@@ -219,6 +219,8 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
     if (m < rows) {
       for (int k = threadIdx.x; k < K; k += blockDim.x) {
         const i64 i = (i64)m * K + k;
+        // The rescale below reads norm_w after the block-wide sum; start it towards L1 now.
+        if (m == 0) asm volatile("prefetch.global.L1 [%0];" ::"l"(norm_w + k));
         const scalar_t s = b != nullptr ? from_f32(to_f32(a[i]) + to_f32(b[i])) : a[i];
         if (store) s_out[i] = s;
         xs[i] = s;

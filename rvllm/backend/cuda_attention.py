@@ -47,6 +47,15 @@ def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms
     return size
 
 
+def decode_kernel_name(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> str:
+    """Which build of the decode kernel (attention_decode.cu): the lean one (fewer registers, more
+    blocks per SM) once the step has at least one (row, KV head) pair per SM, the one that loads the
+    query before the metadata chain for smaller steps, whose time is that chain's latency. The lean
+    build only saves registers at head sizes >= 128 (at 64 it spills)."""
+    lean = head_dim >= 128 and num_tokens * num_kv_heads >= num_sms
+    return "paged_attention_split_lean_kernel" if lean else "paged_attention_split_kernel"
+
+
 @dataclass
 class DecodeWorkspace:
     """Scratch for the decode kernel at fixed addresses (CUDA graphs), for up to `max_tokens` query
@@ -169,7 +178,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
         raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {MAX_GRID_YZ}")
     out = cp.empty_like(q)
-    split = b._kernel("attention_decode.cu", "paged_attention_split_kernel", hd)
+    split = b._kernel("attention_decode.cu", decode_kernel_name(num_tokens, nkv, hd, b.num_sms), hd)
     smem = nvrtc.decode_smem_bytes(hd, group)
     b._ensure_smem(split, smem)
     split((nkv, num_tokens, grid_parts), (nvrtc.DECODE_NUM_THREADS,),

@@ -32,7 +32,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "norm.cu": (("rms_norm_kernel", "fused_add_rms_norm_kernel"), False),
     "activation.cu": (("silu_and_mul_kernel",), False),
     "rotary.cu": (("rotary_cache_kernel",), False),
-    "attention_decode.cu": (("paged_attention_split_kernel",), True),
+    "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel"), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
