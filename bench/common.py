@@ -12,6 +12,10 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def commit() -> str:
+    """The checkout's commit; $RVLLM_BENCH_COMMIT wins (the device machine's copy of the tree carries
+    stale git metadata, so the caller passes the commit it sent)."""
+    if os.environ.get("RVLLM_BENCH_COMMIT"):
+        return os.environ["RVLLM_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],

@@ -23,7 +23,8 @@ e.record(); e.synchronize()
 ms = cp.cuda.get_elapsed_time(s, e) / 10
 print(f"copy bandwidth (read+write): {2 * n / ms / 1e6:.0f} GB/s")
 PY
-for a in --no-async-scheduling --async-scheduling; do
+# ASYNC="--no-async-scheduling --async-scheduling" runs both modes (the before/after of async scheduling).
+for a in ${ASYNC:---async-scheduling}; do
   timeout 90 python3 bench/latency.py --model qwen2.5-1.5b --device cuda --iters 3 $a --profile --append-results 2>&1 | grep "^|" | head -3
   timeout 100 python3 bench/throughput.py --model qwen2.5-1.5b --device cuda --num-prompts 256 $a --profile --append-results 2>&1 | grep "^|" | head -3
 done
