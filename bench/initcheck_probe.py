@@ -5,12 +5,17 @@ import sys
 
 from rvllm.backend.cuda import CudaBackend
 
-b = CudaBackend("bfloat16", gemv_max_rows=0)
-h, w = b.dummy_weight((33, 256), 1.0, 1), b.dummy_weight((512, 256), 1.0, 2)
+import numpy as np
+
+b = CudaBackend(sys.argv[2] if len(sys.argv) > 2 else "bfloat16")
+n = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+rng = np.random.default_rng(0)
+h = b.weight(rng.standard_normal((33, 256)).astype(np.float32))  # uploaded as gpu_kernel_check.sh's smoke does
+w = b.weight(rng.standard_normal((n, 256)).astype(np.float32))
 if sys.argv[1] == "cublas":
     y = b.linear(h, w)
 else:
-    y = b.zeros((33, 512))
+    y = b.zeros((33, n))
     y[...] = 1
 b.silu_and_mul(y)
 b.synchronize()
