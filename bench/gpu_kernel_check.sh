@@ -69,7 +69,8 @@ for dtype in ("bfloat16", "float16"):
                       list(range(13)) + list(range(20))),
                      ([0, 1, 6], [14, 25], [slot(0, 13)] + [slot(1, p) for p in range(20, 25)], [13] + list(range(20, 25))),
                      ([0, 1, 2], [15, 26], [slot(0, 14), slot(1, 25)], [14, 25])]
-            for qsl, seq_lens, slots, positions in steps:
+            for i, (qsl, seq_lens, slots, positions) in enumerate(steps):
+                print(f"smoke: {dtype} hd={hd} {attention} step {i + 1}", flush=True)  # locates sanitizer reports
                 m = meta(b, qsl, seq_lens, tables, slots)
                 t = qsl[-1]
                 x = b.embedding(b.from_host(rng.integers(0, vocab, t).astype(np.int32)), table)
@@ -105,7 +106,7 @@ python3 "$SMOKE" 2>&1 | tail -5
 rc_smoke=${PIPESTATUS[0]}
 
 declare -A rc_san
-for tool in memcheck racecheck synccheck initcheck; do
+for tool in ${SAN_TOOLS:-memcheck racecheck synccheck initcheck}; do
   echo "== compute-sanitizer --tool $tool"
   compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 20 python3 "$SMOKE" > "$LOGS/sanitizer-$tool.log" 2>&1
   rc_san[$tool]=$?
@@ -118,7 +119,7 @@ echo "| --- | --- |"
 echo "| pytest -m gpu | $rc_pytest |"
 echo "| smoke | $rc_smoke |"
 status=$(( rc_pytest != 0 || rc_smoke != 0 ))
-for tool in memcheck racecheck synccheck initcheck; do
+for tool in ${SAN_TOOLS:-memcheck racecheck synccheck initcheck}; do
   echo "| sanitizer $tool | ${rc_san[$tool]} |"
   [ "${rc_san[$tool]}" -ne 0 ] && status=1
 done

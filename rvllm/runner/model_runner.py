@@ -184,12 +184,14 @@ class ModelRunner:
             batch, hidden, logits, _ = self.forward_step(sched)
             forwarded = prof.mark() if prof else None
             pending = PendingStep(self, batch, hidden)
+            t_sample = time.perf_counter()
             if batch.sample_rows:
                 pending.sample = self._launch_sample(logits, batch)
+            t_sample = time.perf_counter() - t_sample
             self._prev_sampled = pending.sample_ids_device()
             self._prev_rows = {rid: i for i, rid in enumerate(batch.sample_ids)}
             if prof:
-                pending.profile = {"pack": self._pack_seconds, "launch": time.perf_counter() - t0,
+                pending.profile = {"pack": self._pack_seconds, "launch": time.perf_counter() - t0, "sampler": t_sample,
                                    "events": (start, self._uploaded_mark, forwarded, prof.mark())}
         return pending
 

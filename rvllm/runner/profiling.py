@@ -1,8 +1,9 @@
 """Per-step timings for `bench/latency.py --profile` and `bench/throughput.py --profile`.
 
 Host phases (time.perf_counter, in the engine process): schedule, pack (collect + serialize the
-step's inputs), launch (everything the runner does before returning, pack and H2D enqueue included),
-wait (blocked on the step's sampled ids), update (scheduler update + output deltas).
+step's inputs), launch (everything the runner does before returning, pack, H2D enqueue and
+sampler included), sampler (its part of launch: sampling metadata, parameter packing and upload,
+kernel launches), wait (blocked on the step's sampled ids), update (scheduler update + output deltas).
 Device phases (CUDA events on the runner's stream): h2d (the step-input copy, and the placeholder
 fill under async scheduling), forward (graph replay or eager forward, logits included), sample
 (sampler kernels and the copy of the ids to the host), gap (the stream idle between the end of the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-HOST_PHASES = ("schedule", "pack", "launch", "wait", "update")
+HOST_PHASES = ("schedule", "pack", "launch", "sampler", "wait", "update")
 DEVICE_PHASES = ("h2d", "forward", "sample", "gap")
 
 
