@@ -137,30 +137,22 @@ def main() -> None:
         eager = StepMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 1, ctx,
                              [1] * B, [ctx] * B)
 
-        def with_partition(size):
+        def with_choice(attr, value, m):
+            """The decode attention op with cuda_attention.<attr> (a chooser) answering `value`."""
             def run(i):
-                saved = cuda_attention.partition_size
-                cuda_attention.partition_size = lambda *a: size  # noqa: E731
+                saved = getattr(cuda_attention, attr)
+                setattr(cuda_attention, attr, lambda *a: value)
                 try:
-                    b.paged_attention(q, kc, vc, eager, scale)
+                    b.paged_attention(q, kc, vc, m, scale)
                 finally:
-                    cuda_attention.partition_size = saved
-            return run
-
-        def with_kernel(name):
-            def run(i):
-                saved = cuda_attention.decode_kernel_name
-                cuda_attention.decode_kernel_name = lambda *a: name  # noqa: E731
-                try:
-                    b.paged_attention(q, kc, vc, meta, scale)
-                finally:
-                    cuda_attention.decode_kernel_name = saved
+                    setattr(cuda_attention, attr, saved)
             return run
 
         for kname in ("paged_attention_split_kernel", "paged_attention_split_lean_kernel"):
-            ops.append((f"decode attention, {kname}", None, with_kernel(kname), None))
+            ops.append((f"decode attention, {kname}", None, with_choice("decode_kernel_name", kname, meta), None))
         for size in (32, 64, 128, 256, 512):
-            ops.append((f"decode attention, eager, {size}-key partitions", None, with_partition(size), None))
+            ops.append((f"decode attention, eager, {size}-key partitions", None,
+                        with_choice("partition_size", size, eager), None))
         ops.append(("decode attention, tensor-core prefill kernel", None,
                     lambda i: cuda_attention._attention_prefill(b, q, kc, vc, eager, scale, B, bs), None))
     print(f"| op ({args.model}, batch {B}, context {ctx}, {b.device_name}) | us | GB/s | cuBLAS path us "

@@ -67,22 +67,28 @@ __device__ __forceinline__ float load_cg(const float* p) {
 
 // Dynamic shared memory (floats): s_logits [group][PARTITION_SIZE], s_red [NUM_WARPS][GCHUNK]
 // [HEAD_DIM], s_stats [2][group]. The backend computes the same size (nvrtc.py / cuda.py).
+// The kernel's parameters, shared by its two builds (below).
+#define SPLIT_ATTENTION_PARAMS \
+    scalar_t* __restrict__ out,    /* [num_tokens, num_heads, HEAD_DIM] */ \
+    int* __restrict__ counters,    /* [num_tokens * num_kv_heads], zero before and after the kernel */ \
+    float* __restrict__ tmp_out,   /* [num_tokens, num_heads, max_parts, HEAD_DIM] */ \
+    float* __restrict__ tmp_max,   /* [num_tokens, num_heads, max_parts] */ \
+    float* __restrict__ tmp_sum,   /* [num_tokens, num_heads, max_parts] */ \
+    const scalar_t* __restrict__ q,        /* [num_tokens, num_heads, HEAD_DIM] */ \
+    const scalar_t* __restrict__ k_cache,  /* [num_blocks, block_size, num_kv_heads, HEAD_DIM] */ \
+    const scalar_t* __restrict__ v_cache, \
+    const int* __restrict__ block_tables,  /* [num_reqs, row stride] */ \
+    int max_blocks_per_seq,                /* the row stride of block_tables, unless: */ \
+    const int* __restrict__ row_stride_dev,  /* not null: the row stride, read on the device (CUDA graphs) */ \
+    const int* __restrict__ query_start_loc,  /* [num_reqs + 1] */ \
+    const int* __restrict__ seq_lens,         /* [num_reqs] */ \
+    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale
+#define SPLIT_ATTENTION_ARGS \
+    out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, \
+    row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale
+
 template <bool HOIST_Q>
-__device__ __forceinline__ void split_attention(
-    scalar_t* __restrict__ out,    // [num_tokens, num_heads, HEAD_DIM]
-    int* __restrict__ counters,    // [num_tokens * num_kv_heads], zero before and after the kernel
-    float* __restrict__ tmp_out,   // [num_tokens, num_heads, max_parts, HEAD_DIM]
-    float* __restrict__ tmp_max,   // [num_tokens, num_heads, max_parts]
-    float* __restrict__ tmp_sum,   // [num_tokens, num_heads, max_parts]
-    const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
-    const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-    const scalar_t* __restrict__ v_cache,
-    const int* __restrict__ block_tables,  // [num_reqs, row stride]
-    int max_blocks_per_seq,                // the row stride of block_tables, unless:
-    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
-    const int* __restrict__ query_start_loc,  // [num_reqs + 1]
-    const int* __restrict__ seq_lens,         // [num_reqs]
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale) {
+__device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -305,38 +311,11 @@ __device__ __forceinline__ void split_attention(
 // which at batch 256 costs a block per SM (168 registers: 3 blocks; ncu: 2.6 active warps per
 // scheduler, 0.53 instructions issued per cycle). The lean build loads them after the chain and is
 // held to 4 blocks per SM at head sizes <= 128. The backend picks by step size (cuda_attention.py).
-extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(
-    scalar_t* __restrict__ out,    // [num_tokens, num_heads, HEAD_DIM]
-    int* __restrict__ counters,    // [num_tokens * num_kv_heads], zero before and after the kernel
-    float* __restrict__ tmp_out,   // [num_tokens, num_heads, max_parts, HEAD_DIM]
-    float* __restrict__ tmp_max,   // [num_tokens, num_heads, max_parts]
-    float* __restrict__ tmp_sum,   // [num_tokens, num_heads, max_parts]
-    const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
-    const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-    const scalar_t* __restrict__ v_cache,
-    const int* __restrict__ block_tables,  // [num_reqs, row stride]
-    int max_blocks_per_seq,                // the row stride of block_tables, unless:
-    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
-    const int* __restrict__ query_start_loc,  // [num_reqs + 1]
-    const int* __restrict__ seq_lens,         // [num_reqs]
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale) {
-  split_attention<true>(out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale);
+extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(SPLIT_ATTENTION_PARAMS) {
+  split_attention<true>(SPLIT_ATTENTION_ARGS);
 }
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS, HEAD_DIM <= 128 ? 4 : 2) paged_attention_split_lean_kernel(
-    scalar_t* __restrict__ out,    // [num_tokens, num_heads, HEAD_DIM]
-    int* __restrict__ counters,    // [num_tokens * num_kv_heads], zero before and after the kernel
-    float* __restrict__ tmp_out,   // [num_tokens, num_heads, max_parts, HEAD_DIM]
-    float* __restrict__ tmp_max,   // [num_tokens, num_heads, max_parts]
-    float* __restrict__ tmp_sum,   // [num_tokens, num_heads, max_parts]
-    const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
-    const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-    const scalar_t* __restrict__ v_cache,
-    const int* __restrict__ block_tables,  // [num_reqs, row stride]
-    int max_blocks_per_seq,                // the row stride of block_tables, unless:
-    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
-    const int* __restrict__ query_start_loc,  // [num_reqs + 1]
-    const int* __restrict__ seq_lens,         // [num_reqs]
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale) {
-  split_attention<false>(out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale);
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, HEAD_DIM <= 128 ? 4 : 2)
+    paged_attention_split_lean_kernel(SPLIT_ATTENTION_PARAMS) {
+  split_attention<false>(SPLIT_ATTENTION_ARGS);
 }
