@@ -115,7 +115,8 @@ async def _stream(request, stream, *, serving, req, prompt_len, request_id, top_
         return P.UsageInfo(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
                            total_tokens=prompt_len + completion_tokens)
 
-    try:
+    async def produce():
+        nonlocal completion_tokens
         async for _, ro in stream:
             for o in ro.outputs:
                 if o.index not in started:  # vLLM: each choice opens with the role and empty content
@@ -132,13 +133,8 @@ async def _stream(request, stream, *, serving, req, prompt_len, request_id, top_
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason)], usage() if continuous else None))
         if include_usage:
             await sse.send_struct(chunk([], usage()))
-        return await sse.done()
-    except ConnectionResetError:
-        raise  # the client went away: Serving.generate's cleanup has aborted the engine request
-    except Exception as e:
-        return await sse.fail(engine_error(e))
-    finally:
-        await stream.aclose()
+
+    return await sse.run(stream, produce)
 
 
 async def _collect(stream, *, serving, req, prompt_len, request_id, top_n, model, created):

@@ -220,6 +220,21 @@ class SSEWriter:
         await self.response.write_eof()
         return self.response
 
+    async def run(self, stream, produce) -> web.StreamResponse:
+        """One streamed engine request: `produce()` sends the events, then [DONE] follows; an engine
+        failure becomes an error event (a JSON error before the first event); the engine stream is
+        closed either way. A client that went away (ConnectionResetError) propagates: Serving.generate's
+        cleanup has aborted the engine request."""
+        try:
+            await produce()
+            return await self.done()
+        except ConnectionResetError:
+            raise
+        except Exception as e:
+            return await self.fail(engine_error(e))
+        finally:
+            await stream.aclose()
+
 
 def json_response(obj, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(obj), status=status, content_type="application/json")

@@ -118,7 +118,8 @@ async def _stream(request, stream, *, serving, req, prompts, n, request_id, mode
         return P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                            total_tokens=prompt_tokens + completion_tokens)
 
-    try:
+    async def produce():
+        nonlocal completion_tokens
         async for i, ro in stream:
             if ro.prompt_logprobs is not None:
                 prompt_lps[i] = ro.prompt_logprobs
@@ -145,13 +146,8 @@ async def _stream(request, stream, *, serving, req, prompts, n, request_id, mode
         if include_usage:
             await sse.send_struct(P.CompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=[], usage=usage()))
-        return await sse.done()
-    except ConnectionResetError:
-        raise  # the client went away: Serving.generate's cleanup has aborted the engine request
-    except Exception as e:
-        return await sse.fail(engine_error(e))
-    finally:
-        await stream.aclose()
+
+    return await sse.run(stream, produce)
 
 
 async def _collect(stream, *, serving, req, prompts, n, request_id, model, created):
