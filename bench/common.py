@@ -1,6 +1,7 @@
 """Shared bits of the bench scripts: machine description, git commit, RESULTS.md appending."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -68,3 +69,18 @@ def profile_table(llm, run) -> str:
     lines = [f"| phase (us per step, {len(prof.rows)} steps) | mean | median |", "|---|---|---|"]
     lines += [f"| {phase} | {mean:.0f} | {median:.0f} |" for phase, (mean, median) in prof.summary().items()]
     return "\n".join(lines)
+
+
+def add_engine_args(ap, input_len: int, output_len: int = 128) -> None:
+    """The arguments bench/latency.py and bench/throughput.py share: model, load format, device,
+    lengths, eager / async switches, --profile and --append-results."""
+    ap.add_argument("--model", default="qwen2.5-1.5b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--input-len", type=int, default=input_len)
+    ap.add_argument("--output-len", type=int, default=output_len)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: the engine's (on with CUDA)")
+    ap.add_argument("--profile", action="store_true", help="also print the per-step phase breakdown of one more run")
+    ap.add_argument("--append-results", action="store_true")

@@ -12,22 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import append_results, profile_table  # noqa: E402
+from bench.common import add_engine_args, append_results, profile_table  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="qwen2.5-1.5b")
-    ap.add_argument("--load-format", default="dummy")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--input-len", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_engine_args(ap, input_len=32)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                    help="default: the engine's (on with CUDA)")
-    ap.add_argument("--profile", action="store_true", help="also print the per-step phase breakdown of one more run")
-    ap.add_argument("--append-results", action="store_true")
     args = ap.parse_args()
 
     from rvllm import LLM, SamplingParams
