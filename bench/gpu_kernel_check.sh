@@ -30,7 +30,10 @@ fi
 
 SMOKE=/tmp/rvllm_kernel_smoke.py
 cat > "$SMOKE" <<'EOF'
-"""Calls every kernel once (both dtypes, both attention paths) on small inputs, for compute-sanitizer."""
+"""Calls every kernel once (both dtypes, both attention paths) on small inputs, for compute-sanitizer.
+$SMOKE_DTYPES (default bfloat16,float16) picks the dtypes and their order."""
+import os
+
 import numpy as np
 
 from rvllm.backend.cpu import AttentionMetadata
@@ -49,7 +52,7 @@ def meta(b, qsl, seq_lens, tables, slots):
                              max(q_lens), max(seq_lens), q_lens, list(seq_lens))
 
 
-for dtype in ("bfloat16", "float16"):
+for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
     for hd in (64, 128):
         for attention in ("auto", "split"):
             b = CudaBackend(dtype, attention=attention)

@@ -10,6 +10,7 @@ extern "C" __global__ void __launch_bounds__(SILU_THREADS) silu_and_mul_kernel(
     scalar_t* __restrict__ out,      // [num_tokens, inter]
     const scalar_t* __restrict__ x,  // [num_tokens, 2 * inter]
     int inter) {
+  pdl_enter();
   const i64 t = blockIdx.y;
   const scalar_t* gate = x + t * 2 * inter;
   const scalar_t* up = gate + inter;

@@ -87,14 +87,14 @@ __device__ __forceinline__ float load_cg(const float* p) {
     out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, \
     row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale
 
-template <bool HOIST_Q>
+template <bool SMALL_STEP>
 __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  // Loads that need no metadata go first, so that they overlap the chain that does (the request
-  // lookup, then the block table, then K): the table's row stride, and the group's query rows when
-  // they fit the registers of one pass (group <= GCHUNK, the usual case).
+  // The metadata chain (the request lookup, then the block table) reads only the step's inputs,
+  // so it runs before pdl_wait(), while the kernels before this one (rotary, the qkv product)
+  // finish; see common.cuh.
   const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
   const scalar_t* q_tok = q + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
   float qr[GCHUNK][DPL];
@@ -108,12 +108,29 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
       }
     }
   };
-  const bool q_held = HOIST_Q && group <= GCHUNK;
-  if (q_held) load_q(0);
+  const bool q_held = SMALL_STEP && group <= GCHUNK;
   int req;
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
   // The combine kernel reads exactly partitions [0, num_parts) of each row.
   const int num_parts = min((max(ctx, 0) + part_size - 1) / part_size, max_parts);
+  const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
+  const int* btab = block_tables + (i64)req * row_stride;
+  if (SMALL_STEP && req >= 0 && (int)blockIdx.z < num_parts) {
+    // Small steps (this build): start this block's first partition of K and V towards L2, a
+    // thread per 32-byte sector, before the wait. The newest key may still be being written by
+    // the rotary kernel: L2 is where that write lands, so a prefetch cannot make it stale.
+    const int start = blockIdx.z * part_size, n = min(part_size, ctx - start);
+    constexpr int sectors = (HEAD_DIM + 15) / 16;
+    for (int j = threadIdx.x; j < n * sectors; j += NUM_THREADS) {
+      const int i = j / sectors, t = start + i;
+      const i64 row = ((i64)btab[t / block_size] * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM
+                      + (j - i * sectors) * 16;
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(k_cache + row));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(v_cache + row));
+    }
+  }
+  pdl_enter();
+  if (q_held) load_q(0);
   if (req < 0 || num_parts <= 0) {  // a padding row: zeros, written once
     if (blockIdx.z == 0) {
       scalar_t* o = out + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
@@ -127,9 +144,6 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   float* s_logits = smem;
   float* s_red = s_logits + group * PARTITION_SIZE;
   float* s_stats = s_red + NUM_WARPS * GCHUNK * HEAD_DIM;  // [0, group): max, [group, 2 group): sum
-
-  const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
-  const int* btab = block_tables + (i64)req * row_stride;
 
   // Every iteration ends with a barrier (step 3), so the next one may rewrite shared memory.
   for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
@@ -306,11 +320,13 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   }
 }
 
-// Two builds of the kernel. Small steps (few blocks, each one chain of dependent loads) want the
-// query rows loaded before the metadata chain; that holds 32 more registers for the whole kernel,
-// which at batch 256 costs a block per SM (168 registers: 3 blocks; ncu: 2.6 active warps per
-// scheduler, 0.53 instructions issued per cycle). The lean build loads them after the chain and is
-// held to 4 blocks per SM at head sizes <= 128. The backend picks by step size (cuda_attention.py).
+// Two builds of the kernel. Small steps (few blocks, each one chain of dependent loads) want their
+// first partition's K and V on the way to L2 before the wait and the query rows held in registers
+// for the whole kernel; that holds 32 more registers, which at batch 256 costs a block per SM (168
+// registers: 3 blocks; ncu: 2.6 active warps per scheduler, 0.53 instructions issued per cycle),
+// and a step that large would prefetch a whole layer's cache into L2. The lean build loads the
+// query rows per group chunk and is held to 4 blocks per SM at head sizes <= 128. The backend
+// picks by step size (cuda_attention.py).
 extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(SPLIT_ATTENTION_PARAMS) {
   split_attention<true>(SPLIT_ATTENTION_ARGS);
 }

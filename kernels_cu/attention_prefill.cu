@@ -60,6 +60,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_prefil
     const int* __restrict__ query_start_loc,  // [num_reqs + 1]
     const int* __restrict__ seq_lens,         // [num_reqs]
     int num_heads, int num_kv_heads, int block_size, float scale) {
+  pdl_enter();
   const int m_tile = blockIdx.x, kvh = blockIdx.y, req = blockIdx.z;
   const int group = num_heads / num_kv_heads;
   const int q_start = query_start_loc[req];

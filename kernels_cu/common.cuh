@@ -41,6 +41,35 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
   return (unsigned int)from_f32(lo) | ((unsigned int)from_f32(hi) << 16);
 }
 
+// Programmatic dependent launch (sm_90+). backend/cuda_launch.py launches every kernel with the
+// PDL attribute, so a kernel may start while the one before it in the stream is still running:
+// its blocks fill SMs as the previous kernel's blocks leave, and can load what does not depend on
+// that kernel (weights, the step's inputs) meanwhile. The contract, for every kernel in this
+// folder: call pdl_wait() before reading anything an earlier kernel writes and before writing
+// anything (an earlier kernel may still read it); then pdl_launch_dependents(), which lets the
+// next kernel start its own independent part. Calling it only after the wait keeps the overlap
+// one kernel deep: when kernel N+1 starts, every kernel before N has finished, so N+1 may read
+// before its wait what no kernel of the step writes: weights and the step's inputs (copied before
+// the first kernel; backend/cuda.py's weight() waits for the kernels that convert weights, since a
+// test may call a kernel right after). On older GPUs, or when
+// launched without the attribute, both are no-ops. tests/test_kernels_compile.py checks that
+// every entry point calls the wait.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Both, for kernels with nothing to do before the wait.
+__device__ __forceinline__ void pdl_enter() {
+  pdl_wait();
+  pdl_launch_dependents();
+}
+
 #define RVLLM_NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float warp_sum(float v) {

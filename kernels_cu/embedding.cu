@@ -6,6 +6,7 @@ extern "C" __global__ void __launch_bounds__(256) embedding_kernel(
     const int* __restrict__ ids,         // [num_tokens]
     const scalar_t* __restrict__ table,  // [vocab, hidden]
     int hidden, int vocab) {
+  pdl_enter();
   const i64 t = blockIdx.x;
   const int id = ids[t];
   scalar_t* dst = out + t * hidden;
@@ -26,6 +27,7 @@ extern "C" __global__ void __launch_bounds__(256) embedding_kernel(
 // Async scheduling: an input id -1 - k stands for row k of the previous step's sampled ids, which
 // the host has not read yet (runner/step_inputs.py packs them so). Runs before the forward.
 extern "C" __global__ void fill_placeholders_kernel(int* __restrict__ ids, const int* __restrict__ prev, int n) {
+  pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) {
     const int v = ids[i];

@@ -11,6 +11,7 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_kernel(
     const scalar_t* __restrict__ x, i64 stride_outer, i64 stride_inner, int inner,
     const scalar_t* __restrict__ weight,  // [d]
     int d, float eps) {
+  pdl_enter();
   const i64 row = blockIdx.x;
   const i64 o = row / inner, i = row % inner;
   const scalar_t* xr = x + o * stride_outer + i * stride_inner;
@@ -37,6 +38,7 @@ extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_kernel(
     const scalar_t* residual,
     const scalar_t* __restrict__ weight,
     int d, float eps) {
+  pdl_enter();
   const i64 base = (i64)blockIdx.x * d;
   float ss = 0.f;
   for (int j = threadIdx.x; j < d; j += blockDim.x) {

@@ -37,6 +37,7 @@ extern "C" __global__ void __launch_bounds__(1024) rotary_cache_kernel(
     const int* __restrict__ slot_mapping,  // [T]
     const float* __restrict__ cos_sin, int max_pos,
     int num_heads, int num_kv_heads, int head_dim, int neox) {
+  pdl_enter();
   const i64 t = blockIdx.x;
   int pos = positions[t];
   pos = min(max(pos, 0), max_pos - 1);  // never read outside the table

@@ -256,6 +256,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_ker
     const int* __restrict__ pen_in_prompt, const int* __restrict__ bias_off, const int* __restrict__ bias_tok,
     const float* __restrict__ bias_val, const int* __restrict__ sup_off, const int* __restrict__ sup_tok,
     const unsigned char* __restrict__ masks) {
+  pdl_enter();
   const int row = blockIdx.x, tid = threadIdx.x;
   const float* src = logits + (size_t)row * V;
   float* dst = out + (size_t)row * V;
@@ -293,6 +294,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_ker
 // out[b] = argmax of row b (first index among equal maxima; 0 for a row of -inf).
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(int* __restrict__ out,
                                                                             const float* __restrict__ logits, int V) {
+  pdl_enter();
   const float* x = logits + (size_t)blockIdx.x * V;
   float best = RVLLM_NEG_INF;
   int best_i = NO_TOKEN;
@@ -314,6 +316,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(int*
 // Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, int B, const RowParams* __restrict__ params) {
+  pdl_enter();
   __shared__ float s_top_v[MAX_TOP_LOGPROBS];
   __shared__ int s_top_i[MAX_TOP_LOGPROBS];
   __shared__ int s_warp_eq[32];
@@ -471,6 +474,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
 
 // Raw Philox4x32-10: in [n, 6] = (counter 0..3, key 0..1) -> out [n, 4].
 extern "C" __global__ void philox_kernel(u32* __restrict__ out, const u32* __restrict__ in, int n) {
+  pdl_enter();
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= n) return;
   const u32* a = in + 6 * t;

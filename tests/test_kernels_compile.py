@@ -104,3 +104,46 @@ def test_gemv_split_k_covers_k_with_short_segments():
             assert ks * seg >= chunks and (ks - 1) * seg < chunks  # every segment is used
             assert seg <= 32 * stretch or ks == 8
     assert split_k(8960, 8) == (5, 1, 224) and split_k(1536, 8) == (1, 8, 192) and split_k(1536, 4) == (2, 4, 96)
+
+
+@pytest.mark.parametrize("file", list(nvrtc.KERNELS))
+def test_every_kernel_waits_for_the_previous_one_on_sm90(file):
+    """cuda_launch.py launches every kernel with programmatic dependent launch on sm_90, so each
+    entry point must execute griddepcontrol.wait (common.cuh's pdl_wait) or it could read its input
+    before the kernel writing it has finished. Checked in the PTX of each entry; sm_80 has none."""
+    from rvllm.backend.nvrtc_check import compile_source
+
+    if _NVRTC_ERROR:
+        pytest.fail(_NVRTC_ERROR)
+    dtype, head_dim = nvrtc.specializations(file)[0]
+    names, _ = nvrtc.KERNELS[file]
+    for arch in ARCHS:
+        ptx, _ = compile_source(nvrtc.kernel_source(file), file, nvrtc.compile_options(arch, dtype, head_dim, ptx=True),
+                                ptx=True)
+        entries = re.split(r"\.entry\s+", ptx.decode(errors="replace"))[1:]
+        found = {e.split("(", 1)[0].strip(): e for e in entries}
+        assert set(names) <= set(found), f"{file}: entries {sorted(found)}"
+        for name in names:
+            waits = "griddepcontrol.wait" in found[name]
+            assert waits == (arch >= 90), f"{file}:{name} on sm_{arch}: griddepcontrol.wait {'missing' if arch >= 90 else 'present'}"
+
+
+def test_pdl_launch_packs_each_argument_into_an_8_byte_slot():
+    """The PDL launcher hands the driver one pointer per argument into 8-byte slots; numpy scalars
+    keep their width, and an untyped Python number is refused rather than guessed."""
+    import struct
+
+    import numpy as np
+
+    from rvllm.backend.cuda_launch import _pack
+
+    fmt, values = _pack((np.int32(-3), np.float32(1.5), np.int64(-2), np.uint64(7), np.uint32(9)))
+    assert fmt == "i4xf4xqQI4x"
+    packed = struct.pack("=" + fmt, *values)
+    assert len(packed) == 40
+    assert struct.unpack_from("=i", packed, 0)[0] == -3 and struct.unpack_from("=f", packed, 8)[0] == 1.5
+    assert struct.unpack_from("=q", packed, 16)[0] == -2 and struct.unpack_from("=Q", packed, 24)[0] == 7
+    assert struct.unpack_from("=I", packed, 32)[0] == 9
+    for bad in (3, 1.5, np.float64(1.0)):
+        with pytest.raises(TypeError, match="numpy scalar"):
+            _pack((bad,))

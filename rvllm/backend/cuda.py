@@ -127,7 +127,7 @@ class CudaBackend:
         rows = sum(a.shape[0] if a.ndim else 1 for a in arrays)
         shape = (rows, *arrays[0].shape[1:]) if arrays[0].ndim else ()
         out = cp.empty(shape, dtype=self.compute_dtype)
-        row = 0
+        row, converted = 0, False
         for a, (_, dtype_name) in zip(arrays, parts):
             n = a.shape[0] if a.ndim else 1
             dst = out[row: row + n] if a.ndim else out
@@ -140,13 +140,23 @@ class CudaBackend:
                 bits = cp.empty(a.shape, np.uint16)
                 self._uploader.copy(bits, a.view(np.uint16))
                 dst[...] = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+                converted = True
             elif a.dtype == self.compute_dtype and self.dtype == "float16":
                 self._uploader.copy(dst, a)
             else:
                 f32 = cp.empty(a.shape, np.float32)
                 self._uploader.copy(f32, np.ascontiguousarray(a, dtype=np.float32))
                 dst[...] = self._from_f32(f32)
-        return out
+                converted = True
+        return self._settled(out) if converted else out
+
+    @staticmethod
+    def _settled(w):
+        """w, once the kernels that wrote it have finished. gemv.cu's kernels load weights before
+        their pdl_wait (common.cuh), which is safe only if the kernel just before them did not write
+        those weights; a test may call one right after making its weights."""
+        cp.cuda.get_current_stream().synchronize()
+        return w
 
     def weights_loaded(self) -> None:
         """Loading is over: wait for the staged copies and free the pinned staging buffers."""
@@ -158,7 +168,7 @@ class CudaBackend:
         x = cp.random.RandomState(seed).standard_normal(shape, dtype=np.float32)
         x *= np.float32(std)
         x += np.float32(mean)
-        return self._from_f32(x)
+        return self._settled(self._from_f32(x))
 
     def _from_f32(self, x):
         """float32 device array -> this backend's storage, rounded to nearest even."""

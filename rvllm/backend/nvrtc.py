@@ -20,6 +20,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from rvllm.backend.cuda_launch import Kernel
+
 DTYPES = ("float16", "bfloat16")
 # Head sizes compiled by default for the attention kernels. Others that are multiples of 16
 # (the prefill kernel's mma k-step) up to 128 also compile on demand.
@@ -190,10 +192,12 @@ def load_module(file: str, dtype: str, head_dim: int | None = None):
 
 @functools.cache
 def get_kernel(file: str, kernel: str, dtype: str, head_dim: int | None = None):
-    """One compiled kernel (a cupy.RawKernel), cached per (file, kernel, dtype, head_dim)."""
+    """One compiled kernel (a cuda_launch.Kernel around a cupy.RawKernel: it launches with PDL where it
+    can), cached per (file, kernel, dtype, head_dim)."""
     names, per_head_dim = KERNELS[file]
     if kernel not in names:
         raise ValueError(f"kernels_cu/{file} has no kernel {kernel!r}; it has {', '.join(names)}")
     if per_head_dim and head_dim is None:
         raise ValueError(f"kernels_cu/{file} is compiled per head size: pass head_dim")
-    return load_module(file, dtype, head_dim if per_head_dim else None).get_function(kernel)
+    raw = load_module(file, dtype, head_dim if per_head_dim else None).get_function(kernel)
+    return Kernel(raw, f"{file}:{kernel}")

@@ -1,0 +1,153 @@
+"""Kernel launches with programmatic dependent launch (PDL) on Hopper and newer.
+
+A decode step at batch 1 is ~200 short kernels in a row, and each boundary costs the tail of one
+kernel (its last blocks finishing, SMs idle) plus the start of the next (its first loads in
+flight). With the PDL launch attribute a kernel's blocks may start while the previous kernel is
+still running; every kernel in kernels_cu/ issues what does not depend on that kernel (weights,
+the step's inputs) and then waits for it (`pdl_wait` in common.cuh). Stream capture turns these
+launches into programmatic edges of the CUDA graph, so the graphs replay the overlap.
+
+CuPy's RawKernel launch takes no launch attributes, so this calls the driver's cuLaunchKernelEx
+through ctypes with the CUfunction CuPy loaded. Where PDL is off (RVLLM_PDL=0, a GPU older than
+sm_90, a driver without cuLaunchKernelEx) the kernel is launched by CuPy as before; the kernels'
+wait is then a no-op.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import threading
+
+import numpy as np
+
+try:
+    import cupy as cp
+except Exception:  # ImportError, or a broken CUDA install (cuda.py says the same)
+    cp = None
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+# Each argument gets an 8-byte slot; the driver reads each through its own pointer, so the slot's
+# padding is never seen.
+_SLOT = {np.dtype(np.int32): "i4x", np.dtype(np.uint32): "I4x", np.dtype(np.float32): "f4x",
+         np.dtype(np.int64): "q", np.dtype(np.uint64): "Q"}
+
+
+class _Driver:
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        self.launch = lib.cuLaunchKernelEx  # AttributeError on drivers before CUDA 12
+        self.launch.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.launch.restype = ctypes.c_int
+        self.error_name = lib.cuGetErrorName
+        self.error_name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        self.attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attr.value[0] = 1
+        self.local = threading.local()  # per thread: the config and the argument slots it fills
+
+    def slots(self, n: int):
+        cache = self.local.__dict__.setdefault("slots", {})
+        if n not in cache:
+            buf = ctypes.create_string_buffer(8 * max(n, 1))
+            ptrs = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(buf) + 8 * i for i in range(max(n, 1))])
+            cache[n] = (buf, ptrs)
+        return cache[n]
+
+    def config(self) -> _LaunchConfig:
+        cfg = self.local.__dict__.get("config")
+        if cfg is None:
+            cfg = self.local.config = _LaunchConfig(attrs=ctypes.pointer(self.attr), num_attrs=1)
+        return cfg
+
+    def check(self, status: int, name: str) -> None:
+        if status:
+            text = ctypes.c_char_p()
+            self.error_name(status, ctypes.byref(text))
+            raise RuntimeError(f"cuLaunchKernelEx({name}) failed: {(text.value or b'?').decode()} ({status})")
+
+
+_driver: _Driver | None = None
+_enabled: dict[int, bool] = {}  # device id -> PDL used
+_formats: dict[tuple, struct.Struct] = {}
+
+
+def pdl_enabled() -> bool:
+    """PDL on the current device: sm_90 or newer, a driver with cuLaunchKernelEx, RVLLM_PDL not 0."""
+    global _driver
+    dev = cp.cuda.runtime.getDevice()
+    on = _enabled.get(dev)
+    if on is None:
+        on = os.environ.get("RVLLM_PDL", "1") != "0" and int(cp.cuda.Device(dev).compute_capability) >= 90
+        if on and _driver is None:
+            try:
+                _driver = _Driver()
+            except (OSError, AttributeError):
+                on = False
+        _enabled[dev] = on
+    return on
+
+
+def _pack(args: tuple) -> tuple[str, list]:
+    codes, values = [], []
+    for a in args:
+        if cp is not None and isinstance(a, cp.ndarray):
+            codes.append("Q")
+            values.append(a.data.ptr)
+        elif isinstance(a, np.generic) and a.dtype in _SLOT:
+            codes.append(_SLOT[a.dtype])
+            values.append(a)
+        else:  # a Python int would have no width: every kernel argument is typed at the call
+            raise TypeError(f"kernel argument of type {type(a).__name__}: pass a cupy array or a numpy "
+                            f"scalar of int32, uint32, int64, uint64 or float32")
+    return "".join(codes), values
+
+
+class Kernel:
+    """One compiled kernel (nvrtc.get_kernel): called like a cupy.RawKernel."""
+
+    def __init__(self, raw, name: str):
+        self.raw = raw
+        self.name = name
+        self._function = None  # the CUfunction, once loaded
+
+    @property
+    def attributes(self):
+        return self.raw.attributes
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        return self.raw.max_dynamic_shared_size_bytes
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, nbytes: int) -> None:
+        self.raw.max_dynamic_shared_size_bytes = nbytes  # an attribute of the CUfunction both launches use
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+        if not pdl_enabled():
+            self.raw(grid, block, args, shared_mem=shared_mem)
+            return
+        fmt, values = _pack(args)
+        packer = _formats.get(fmt)
+        if packer is None:
+            packer = _formats[fmt] = struct.Struct("=" + fmt)
+        buf, ptrs = _driver.slots(len(values))
+        packer.pack_into(buf, 0, *values)
+        cfg = _driver.config()
+        cfg.grid[:] = [int(g) for g in (tuple(grid) + (1, 1))[:3]]
+        cfg.block[:] = [int(b) for b in (tuple(block) + (1, 1))[:3]]
+        cfg.shared_mem = int(shared_mem)
+        cfg.stream = cp.cuda.get_current_stream().ptr
+        if self._function is None:
+            self._function = self.raw.kernel.ptr
+        _driver.check(_driver.launch(ctypes.byref(cfg), self._function, ptrs, None), self.name)
