@@ -42,18 +42,19 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 }
 
 // Programmatic dependent launch (sm_90+). backend/cuda_launch.py launches every kernel with the
-// PDL attribute, so a kernel may start while the one before it in the stream is still running:
-// its blocks fill SMs as the previous kernel's blocks leave, and can load what does not depend on
-// that kernel (weights, the step's inputs) meanwhile. The contract, for every kernel in this
-// folder: call pdl_wait() before reading anything an earlier kernel writes and before writing
-// anything (an earlier kernel may still read it); then pdl_launch_dependents(), which lets the
-// next kernel start its own independent part. Calling it only after the wait keeps the overlap
-// one kernel deep: when kernel N+1 starts, every kernel before N has finished, so N+1 may read
-// before its wait what no kernel of the step writes: weights and the step's inputs (copied before
-// the first kernel; backend/cuda.py's weight() waits for the kernels that convert weights, since a
-// test may call a kernel right after). On older GPUs, or when
-// launched without the attribute, both are no-ops. tests/test_kernels_compile.py checks that
-// every entry point calls the wait.
+// PDL attribute, so a kernel may start once every block of the kernel before it in the stream has
+// called pdl_launch_dependents() (or exited): its blocks fill SMs as the previous kernel's leave,
+// and load what does not depend on earlier kernels meanwhile. The contract, for every kernel here:
+//  - before pdl_wait(), read only what no kernel of the step writes: weights and the step's
+//    metadata (copied before the first kernel; the token ids are not: fill_placeholders_kernel
+//    writes them). backend/cuda.py's weight() waits for the kernels
+//    that convert weights, since a test may call a kernel right after;
+//  - write nothing before pdl_wait() (an earlier kernel may still read it);
+//  - call pdl_wait() in every block. It returns once the previous kernel has finished and its
+//    writes are visible; since that kernel waited too, so had every kernel before it.
+// pdl_launch_dependents() comes after the wait in most kernels; gemv.cu triggers first (see there).
+// On older GPUs, or when launched without the attribute, both are no-ops.
+// tests/test_kernels_compile.py checks that every entry point calls the wait.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -239,6 +239,14 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
   __syncthreads();
 }
 
+// PDL (common.cuh), with the trigger before the wait: the next kernel may then start while this
+// one still waits (its pre-wait reads are weights or step metadata, which no kernel writes), and its
+// blocks take the SM slots this grid leaves free to start their own weight loads.
+__device__ __forceinline__ void gemv_pdl_enter() {
+  pdl_launch_dependents();
+  pdl_wait();
+}
+
 // Launch: blockDim.x = 32 * ks * rpb (at most GEMV_MAX_WARPS warps), seg_chunks = ceil((K / 8) / ks).
 #define GEMV_ENTRY_POINTS(M)                                                                          \
   extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, 2) gemv_m##M(                        \
@@ -248,7 +256,7 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
     const GemvWork w = gemv_work(N, K, ks, seg_chunks, 8);                                            \
     WeightBatch<1, 8> first;                                                                          \
     first.load(w, W, 0, 0);                                                                           \
-    pdl_enter(); /* the first weights are in flight while the previous kernel finishes */             \
+    gemv_pdl_enter(); /* the first weights are in flight while the previous kernel finishes */        \
     gemv_stream<M, 1, 8, false>(first, w, W, 0, x, x_stride, out, bias, rows);                        \
   }                                                                                                   \
   extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, 2) add_norm_gemv_m##M(               \
@@ -261,7 +269,7 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
     const GemvWork w = gemv_work(N, K, ks, seg_chunks, 8);                                            \
     WeightBatch<1, 8> first;                                                                          \
     first.load(w, W, 0, 0); /* before the prologue: the weight stream runs while the norm waits */    \
-    pdl_enter();                                                                                      \
+    gemv_pdl_enter();                                                                                 \
     stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
     gemv_stream<M, 1, 8, false>(first, w, W, 0, xs, K, out, bias, rows);                              \
   }                                                                                                   \
@@ -274,7 +282,7 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
     const GemvWork w = gemv_work(inter, K, ks, seg_chunks, 4);                                        \
     WeightBatch<2, 4> first;                                                                          \
     first.load(w, W, inter, 0);                                                                       \
-    pdl_enter();                                                                                      \
+    gemv_pdl_enter();                                                                                 \
     stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
     gemv_stream<M, 2, 4, true>(first, w, W, inter, xs, K, out, nullptr, rows);                        \
   }
