@@ -291,14 +291,30 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_ker
   }
 }
 
-// out[b] = argmax of row b (first index among equal maxima; 0 for a row of -inf).
-extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(int* __restrict__ out,
-                                                                            const float* __restrict__ logits, int V) {
+// The order of (value, index) pairs as one 64-bit integer: larger values first, then smaller
+// indices; 0 is below every pair with a value above -inf. -0 counts as +0 (they compare equal).
+__device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
+  const unsigned int u = __float_as_uint(v + 0.f);
+  const unsigned int ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ((unsigned long long)ordered << 32) | (0xffffffffu - (unsigned int)i);
+}
+
+// out[b] = argmax of row b (first index among equal maxima; 0 for a row of -inf). Grid (B, splits):
+// a batch-1 row is 152k floats, which one block read in ~60 us on an H100, so small batches split
+// each row over `splits` blocks. Each block's best pair goes into keys[b] with a 64-bit atomicMax;
+// the last block of the row (counted in done[b]) writes the index and leaves keys[b] and done[b]
+// zero for the next launch (both start zeroed: gpu_sampler.py).
+extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
+    int* __restrict__ out, const float* __restrict__ logits, int V, unsigned long long* __restrict__ keys,
+    int* __restrict__ done) {
   pdl_enter();
-  const float* x = logits + (size_t)blockIdx.x * V;
+  const int row = blockIdx.x, splits = gridDim.y;
+  const int chunk = (V + splits - 1) / splits;
+  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
+  const float* x = logits + (size_t)row * V;
   float best = RVLLM_NEG_INF;
   int best_i = NO_TOKEN;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+  for (int i = start + threadIdx.x; i < end; i += blockDim.x) {
     const float v = x[i];
     if (v > best) {
       best = v;
@@ -306,7 +322,18 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(int*
     }
   }
   block_argmax(best, best_i);
-  if (threadIdx.x == 0) out[blockIdx.x] = best_i == NO_TOKEN ? 0 : best_i;
+  if (threadIdx.x != 0) return;
+  if (splits == 1) {
+    out[row] = best_i == NO_TOKEN ? 0 : best_i;
+    return;
+  }
+  if (best_i != NO_TOKEN) atomicMax(keys + row, argmax_key(best, best_i));
+  __threadfence();  // the key before the count
+  if (atomicAdd(done + row, 1) == splits - 1) {
+    const unsigned long long k = atomicExch(keys + row, 0ull);
+    out[row] = k == 0ull ? 0 : (int)(0xffffffffu - (unsigned int)(k & 0xffffffffu));
+    done[row] = 0;
+  }
 }
 
 // out (int32): [0, B) token ids; for rows with num_logprobs >= 0 also

@@ -147,3 +147,18 @@ def test_pdl_launch_packs_each_argument_into_an_8_byte_slot():
     for bad in (3, 1.5, np.float64(1.0)):
         with pytest.raises(TypeError, match="numpy scalar"):
             _pack((bad,))
+
+
+def test_argmax_splits_spread_small_batches_and_keep_large_ones_whole():
+    """argmax_kernel's blocks per row (host side): a batch-1 row of a 152k vocabulary is spread over
+    many blocks of at least 2048 floats; batches that fill the GPU, or pass the scratch the kernel
+    keeps, use one block a row."""
+    from rvllm.sampling.gpu_sampler import ARGMAX_SPLIT_ROWS, argmax_splits
+
+    assert argmax_splits(1, 151936, 132) == 75 and argmax_splits(1, 1000, 132) == 1
+    assert argmax_splits(7, 151936, 132) == 38 and argmax_splits(256, 151936, 132) == 2
+    assert argmax_splits(ARGMAX_SPLIT_ROWS + 1, 151936, 132) == 1
+    for rows in (1, 3, 8, 64, 300, ARGMAX_SPLIT_ROWS):
+        for vocab in (1, 2047, 2049, 32000, 151936):
+            s = argmax_splits(rows, vocab, 132)
+            assert 1 <= s <= max(1, -(-vocab // 2048)) and (s == 1 or rows * (s - 1) < 2 * 132)

@@ -32,6 +32,8 @@ THREADS = 1024  # SAMPLER_THREADS in sampling.cu
 MAX_TOP_LOGPROBS = 20  # sampling.cu; rows asking for more get theirs on the host
 MAX_VOCAB = 1 << 23  # fixed-point masses (2^40 per token) must sum below 2^63
 _MASK64 = (1 << 64) - 1
+ARGMAX_SPLIT_ROWS = 1024  # rows the split argmax keeps scratch for; larger batches use one block a row
+_ARGMAX_CHUNK = 2048  # the fewest floats a split argmax block reads
 _ALIGN = 16
 
 # Mirrors `struct RowParams` in sampling.cu (64 bytes).
@@ -42,6 +44,14 @@ ROW_DTYPE = np.dtype({
     "offsets": [0, 8, 16, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60],
     "itemsize": 64,
 })
+
+
+def argmax_splits(num_rows: int, vocab: int, num_sms: int) -> int:
+    """Blocks per row for argmax_kernel: enough for about two blocks per SM over the batch, each
+    reading at least _ARGMAX_CHUNK floats; one for batches past ARGMAX_SPLIT_ROWS rows."""
+    if num_rows > ARGMAX_SPLIT_ROWS or num_rows < 1:
+        return 1
+    return max(1, min(-(-vocab // _ARGMAX_CHUNK), -(-2 * num_sms // num_rows)))
 
 
 class GpuSampler:
@@ -55,6 +65,11 @@ class GpuSampler:
         self.dtype = dtype if dtype in nvrtc.DTYPES else nvrtc.DTYPES[0]
         self.seed = int(seed) & _MASK64
         self.calls = 0  # the Philox step of unseeded rows
+        # The split argmax's per-row scratch: zero, and left zero by every launch (sampling.cu).
+        # Allocated here, before any CUDA graph capture, and kept for the graphs' lifetime.
+        self._argmax_keys = cp.zeros(ARGMAX_SPLIT_ROWS, np.uint64)
+        self._argmax_done = cp.zeros(ARGMAX_SPLIT_ROWS, np.int32)
+        self.num_sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
 
     def _kernel(self, name: str):
         return nvrtc.get_kernel(FILE, name, self.dtype)
@@ -76,7 +91,9 @@ class GpuSampler:
             return PendingSample(meta, 0, vocab)
         if meta.all_greedy and not meta.needs_logit_processing and meta.max_num_logprobs is None:
             out = cp.empty(num_rows, dtype=np.int32)
-            self._kernel("argmax_kernel")((num_rows,), (THREADS,), (out, logits, np.int32(vocab)))
+            splits = argmax_splits(num_rows, vocab, self.num_sms)
+            self._kernel("argmax_kernel")((num_rows, splits), (THREADS,),
+                                          (out, logits, np.int32(vocab), self._argmax_keys, self._argmax_done))
             return PendingSample(meta, num_rows, vocab, out)
 
         staged, dev, args = self._upload(meta, vocab, step)
