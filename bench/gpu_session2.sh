@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD RVLLM_CACHE=/tmp/rvllm-cache PYTHONUNBUFFERED=1
 export RVLLM_BENCH_GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for c in cublas cupy; do compute-sanitizer --tool initcheck python3 bench/initcheck_probe.py $c 2>&1 | grep -E "ERROR SUMMARY|probe" | head -2; done
+[ -n "${PROBE:-}" ] && for c in cublas cupy; do compute-sanitizer --tool initcheck python3 bench/initcheck_probe.py $c 2>&1 | grep -E "ERROR SUMMARY|probe" | head -2; done
 timeout 90 python3 bench/latency.py --model qwen2.5-1.5b --device cuda --iters 3 --append-results 2>&1 | grep "^|" | tail -1
 timeout 100 python3 bench/throughput.py --model qwen2.5-1.5b --device cuda --num-prompts 256 --append-results 2>&1 | grep "^|" | tail -1
 timeout 240 python3 bench/peer_transformers.py --model qwen2.5-1.5b 2>&1 | grep "^|" | tail -2
