@@ -1,4 +1,5 @@
-"""Checkpoint tensors to the GPU through a pinned staging ring: no host copy of the model.
+"""Checkpoint tensors to the GPU through a pinned staging ring: no host copy of the model; and
+CudaBackend's transfers between host and device (DeviceTransfers).
 
 A memory-mapped safetensors tensor is read in chunks into one of two page-locked buffers and each
 chunk is sent with an asynchronous copy on the current stream; while one buffer's copy runs, the
@@ -11,6 +12,8 @@ array, so they are not concatenated on the host either.
 from __future__ import annotations
 
 import numpy as np
+
+from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
 
 try:
     import cupy as cp
@@ -63,3 +66,105 @@ class StagedUploader:
             if event is not None:
                 event.synchronize()
         self._buffers, self._events, self._next = [], [], 0
+
+
+class DeviceTransfers:
+    """CudaBackend's host <-> device transfers and weight uploads. Uses the backend's `dtype`,
+    `compute_dtype` and `_uploader` (a StagedUploader)."""
+
+    def _storage(self, dtype) -> np.dtype:
+        if dtype is None:
+            return self.compute_dtype
+        if isinstance(dtype, str) and dtype == "bfloat16" or getattr(dtype, "__name__", None) == "bfloat16":
+            return np.dtype(np.uint16)
+        dt = np.dtype(dtype)
+        return np.dtype(np.uint16) if dt.name == "bfloat16" else dt
+
+    def _to_storage_host(self, arr, dtype: np.dtype) -> np.ndarray:
+        a = np.asarray(arr)
+        if dtype == np.uint16 and (self.dtype == "bfloat16" and a.dtype != np.uint16):
+            return f32_to_bf16_bits(a)
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def from_host(self, arr, dtype=None):
+        """A host array on the device, converted to `dtype` when given (numpy semantics; "bfloat16"
+        means the uint16 bit storage). dtype None keeps the array's dtype."""
+        a = np.asarray(arr)
+        if dtype is None:
+            target = np.dtype(np.uint16) if a.dtype.name == "bfloat16" else a.dtype
+        else:
+            target = self._storage(dtype)
+        return cp.asarray(self._to_storage_host(a, target))
+
+    def to_host(self, arr) -> np.ndarray:
+        """A device array on the host; bfloat16 storage comes back as float32."""
+        h = cp.asnumpy(arr) if isinstance(arr, cp.ndarray) else np.asarray(arr)
+        if self.dtype == "bfloat16" and h.dtype == np.uint16:
+            return bf16_bits_to_f32(h)
+        return h
+
+    def weight(self, arr, dtype_name: str = "float32"):
+        """A checkpoint tensor (bfloat16 arrives as uint16 bits, dtype_name "bfloat16") in this
+        backend's 16-bit dtype, on the device, uploaded through pinned staging buffers
+        (cuda_upload.py). Conversions from float32 run on the GPU."""
+        return self.weight_concat([(arr, dtype_name)])
+
+    def weight_concat(self, parts):
+        """[(tensor, dtype_name)] concatenated along the first dimension, on the device: each part is
+        uploaded into its row range (no concatenated copy on the host)."""
+        arrays = [np.asarray(a) for a, _ in parts]
+        rows = sum(a.shape[0] if a.ndim else 1 for a in arrays)
+        shape = (rows, *arrays[0].shape[1:]) if arrays[0].ndim else ()
+        out = cp.empty(shape, dtype=self.compute_dtype)
+        row, converted = 0, False
+        for a, (_, dtype_name) in zip(arrays, parts):
+            n = a.shape[0] if a.ndim else 1
+            dst = out[row: row + n] if a.ndim else out
+            row += n
+            bf16_bits = dtype_name == "bfloat16" or a.dtype.name == "bfloat16"
+            if bf16_bits and a.dtype.itemsize == 2:
+                if self.dtype == "bfloat16":
+                    self._uploader.copy(dst, a.view(np.uint16))
+                    continue
+                bits = cp.empty(a.shape, np.uint16)
+                self._uploader.copy(bits, a.view(np.uint16))
+                dst[...] = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+                converted = True
+            elif a.dtype == self.compute_dtype and self.dtype == "float16":
+                self._uploader.copy(dst, a)
+            else:
+                f32 = cp.empty(a.shape, np.float32)
+                self._uploader.copy(f32, np.ascontiguousarray(a, dtype=np.float32))
+                dst[...] = self._from_f32(f32)
+                converted = True
+        return self._settled(out) if converted else out
+
+    @staticmethod
+    def _settled(w):
+        """w, once the kernels that wrote it have finished. gemv.cu's kernels load weights before
+        their pdl_wait (common.cuh), which is safe only if the kernel just before them did not write
+        those weights; a test may call one right after making its weights."""
+        cp.cuda.get_current_stream().synchronize()
+        return w
+
+    def weights_loaded(self) -> None:
+        """Loading is over: wait for the staged copies and free the pinned staging buffers."""
+        self._uploader.release()
+        # CuPy's pinned pool would keep the freed staging ring (32 MB of locked, resident pages).
+        cp.get_default_pinned_memory_pool().free_all_blocks()
+
+    def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0):
+        """Random normal(mean, std) weights generated on the GPU (fast for large presets; the
+        values differ from CpuBackend.dummy_weight's for the same seed)."""
+        x = cp.random.RandomState(seed).standard_normal(shape, dtype=np.float32)
+        x *= np.float32(std)
+        x += np.float32(mean)
+        return self._settled(self._from_f32(x))
+
+    def _from_f32(self, x):
+        """float32 device array -> this backend's storage, rounded to nearest even."""
+        if self.dtype == "float16":
+            return x.astype(np.float16)
+        b = x.view(np.uint32)
+        bits = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        return cp.where(cp.isnan(x), np.uint16(0x7FC0), bits).astype(np.uint16, copy=False)
