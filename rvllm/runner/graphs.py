@@ -67,6 +67,7 @@ class CudaGraphs:
         self.workspace = self.ops.decode_workspace(top, spec.num_heads, spec.head_dim, self.max_context,
                                                    self.inputs.row_stride)
         self.capture_seconds = 0.0
+        self.capture_phases: dict[str, float] = {}
         self.num_replays = 0
 
     def layout(self, bucket: int) -> StepLayout:
@@ -84,6 +85,7 @@ class CudaGraphs:
         import cupy as cp
 
         t0 = time.perf_counter()
+        phases = {"warm-up": 0.0, "capture": 0.0, "upload": 0.0}  # host seconds, summed over buckets
         stream = self.ops.stream
         self.ops.synchronize_device()  # weights and the KV cache were written on other streams
         with stream, self.ops.graph_capture():  # cuBLAS bound to the stream and a fixed workspace
@@ -91,8 +93,11 @@ class CudaGraphs:
                 ids, positions, meta, out = self._inputs(bucket)
                 # Warm-up with the same calls: compiles kernels, sets their attributes, lets cuBLAS
                 # pick and load its kernels, all of which must not happen during capture.
+                t = time.perf_counter()
                 self._forward(ids, positions, meta, out)
                 stream.synchronize()
+                phases["warm-up"] += time.perf_counter() - t
+                t = time.perf_counter()
                 with cp.cuda.using_allocator(self.pool.malloc):
                     stream.begin_capture()
                     try:
@@ -104,11 +109,15 @@ class CudaGraphs:
                             pass
                         raise
                     graph = stream.end_capture()
+                phases["capture"] += time.perf_counter() - t
+                t = time.perf_counter()
                 graph.upload(stream)
+                phases["upload"] += time.perf_counter() - t
                 self.graphs[bucket] = graph
                 del ids, positions, meta, out
             stream.synchronize()
         self.capture_seconds = time.perf_counter() - t0
+        self.capture_phases = phases
 
     def _inputs(self, bucket: int):
         """Uploads an all-padding step of `bucket` rows and returns the graph's fixed views."""

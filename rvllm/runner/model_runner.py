@@ -141,9 +141,9 @@ class ModelRunner:
             graphs = CudaGraphs(self, max_num_seqs)
             graphs.capture()
         self.graphs = graphs
-        log.info("CUDA graphs: %d decode batch sizes (%d..%d, contexts up to %d tokens) captured in %.2f s",
+        log.info("CUDA graphs: %d decode batch sizes (%d..%d, contexts up to %d tokens) captured in %.2f s (%s)",
                  len(graphs.buckets), graphs.buckets[0], graphs.buckets[-1], graphs.max_context,
-                 graphs.capture_seconds)
+                 graphs.capture_seconds, ", ".join(f"{k} {v:.2f} s" for k, v in graphs.capture_phases.items()))
 
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         """One forward of `num_tokens` prompt tokens (as one request) plus logits for `num_seqs` rows,
