@@ -73,13 +73,21 @@ __device__ __forceinline__ void philox4x32_10(u32& c0, u32& c1, u32& c2, u32& c3
   }
 }
 
-// log(q) of the Exp(1) draw for `token`: u = (23 random bits + 0.5) / 2^23 lies strictly inside
-// (0, 1) and is exact in float32, so q = -log(u) is finite and > 0.
-__device__ __forceinline__ float log_exp_noise(const RowParams& p, int token) {
-  u32 c0 = (u32)token >> 2, c1 = (u32)p.step, c2 = (u32)(p.step >> 32), c3 = (u32)p.tag;
+// The Exp(1) draws of tokens 4g .. 4g + 3 come from one Philox call (counter word 0 = g): token
+// 4g + j uses output word j. One call serves the four (sample_kernel gives a thread four adjacent
+// tokens), where a call per token computed each word four times.
+__device__ __forceinline__ void philox_words(const RowParams& p, u32 group, u32 (&w)[4]) {
+  u32 c0 = group, c1 = (u32)p.step, c2 = (u32)(p.step >> 32), c3 = (u32)p.tag;
   philox4x32_10(c0, c1, c2, c3, (u32)p.seed, (u32)(p.seed >> 32));
-  const int j = token & 3;
-  const u32 w = j == 0 ? c0 : j == 1 ? c1 : j == 2 ? c2 : c3;
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+
+// log(q) of the Exp(1) draw with random word w: u = (23 random bits + 0.5) / 2^23 lies strictly
+// inside (0, 1) and is exact in float32, so q = -log(u) is finite and > 0.
+__device__ __forceinline__ float log_exp_noise(u32 w) {
   const float u = ((float)(w >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
   return logf(-logf(u));
 }
@@ -404,13 +412,26 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
 
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
-    for (int i = tid; i < V; i += blockDim.x) {
-      const float s = scaled(i);
-      if (s >= thr && s > RVLLM_NEG_INF) {
-        const float r = s - log_exp_noise(p, i);
-        if (r > best) {
+    for (int g = tid; 4 * g < V; g += blockDim.x) {  // tokens 4g .. 4g + 3: one Philox call
+      float sc[4];
+      bool keep[4], any = false;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i = 4 * g + j;
+        sc[j] = i < V ? scaled(i) : RVLLM_NEG_INF;
+        keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
+        any |= keep[j];
+      }
+      if (!any) continue;  // below the top-k / top-p / min-p cut: no draw needed
+      u32 w[4];
+      philox_words(p, (u32)g, w);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (!keep[j]) continue;
+        const float r = sc[j] - log_exp_noise(w[j]);
+        if (r > best) {  // increasing token order within a thread: the first of equal values stays
           best = r;
-          best_i = i;
+          best_i = 4 * g + j;
         }
       }
     }
