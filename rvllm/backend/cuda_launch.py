@@ -79,7 +79,7 @@ class _Driver:
 
 _driver: _Driver | None = None
 _enabled: dict[int, bool] = {}  # device id -> PDL used
-_formats: dict[tuple, struct.Struct] = {}
+_formats: dict[str, struct.Struct] = {}  # argument codes -> their packer
 
 
 def pdl_enabled() -> bool:

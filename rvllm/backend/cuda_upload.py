@@ -142,8 +142,8 @@ class DeviceTransfers:
     @staticmethod
     def _settled(w):
         """w, once the kernels that wrote it have finished. gemv.cu's kernels load weights before
-        their pdl_wait (common.cuh), which is safe only if the kernel just before them did not write
-        those weights; a test may call one right after making its weights."""
+        their pdl_wait (common.cuh), which is safe only if no kernel still running writes them; a
+        test may call one right after making its weights."""
         cp.cuda.get_current_stream().synchronize()
         return w
 
