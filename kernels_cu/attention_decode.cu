@@ -114,7 +114,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   // The combine kernel reads exactly partitions [0, num_parts) of each row.
   const int num_parts = min((max(ctx, 0) + part_size - 1) / part_size, max_parts);
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
-  const int* btab = block_tables + (i64)req * row_stride;
+  const int* btab = block_tables + (req >= 0 ? (i64)req * row_stride : 0);  // a padding row reads none
   if (SMALL_STEP && req >= 0 && (int)blockIdx.z < num_parts) {
     // Small steps (this build): start this block's first partition of K and V towards L2, a
     // thread per 32-byte sector, before the wait. The newest key may still be being written by

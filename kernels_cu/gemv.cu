@@ -291,3 +291,40 @@ GEMV_ENTRY_POINTS(1)
 GEMV_ENTRY_POINTS(2)
 GEMV_ENTRY_POINTS(4)
 GEMV_ENTRY_POINTS(8)
+
+// ---- L2 prefetch of the weights a later product reads ------------------------------------------
+// At decode sizes the kernels between two big products (the qkv norm prologue, rotary, attention,
+// o_proj) are chains of dependent latency: DRAM idles while they run. This kernel starts `chunks`
+// chunks of `chunk_bytes` bytes (one every `stride_bytes`, in each of gridDim.y parts
+// `part_stride` bytes apart) towards L2 then, so that the product that reads them later finds part
+// of its weights there (backend/cuda_gemv.py picks the chunks: the passes of the product's blocks).
+// It only issues prefetches: fire and forget, no registers held, nothing written. By the PDL
+// contract it reads weights only before its wait, and it triggers first so that the next kernel
+// is not held back; its wait keeps the stream's chain (a kernel after it waits for it, so for the
+// kernel before it too). Offsets and sizes are multiples of 16 bytes (the bulk form needs that).
+#define L2_PREFETCH_PIECE 16384  // bytes per prefetch instruction (sm_90 bulk form)
+extern "C" __global__ void l2_prefetch_kernel(const unsigned char* __restrict__ base, i64 chunk_bytes,
+                                              i64 stride_bytes, int chunks, i64 part_stride, int evict_last) {
+  pdl_launch_dependents();
+  const unsigned char* p0 = base + (i64)blockIdx.y * part_stride;
+  const i64 pieces = (chunk_bytes + L2_PREFETCH_PIECE - 1) / L2_PREFETCH_PIECE, total = pieces * chunks;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned long long policy;
+  if (evict_last)
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  else
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+#endif
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+    const i64 c = i / pieces, off = (i - c * pieces) * L2_PREFETCH_PIECE;
+    const unsigned char* p = p0 + c * stride_bytes + off;
+    const unsigned int size = (unsigned int)min((i64)L2_PREFETCH_PIECE, chunk_bytes - off);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p), "r"(size), "l"(policy)
+                 : "memory");
+#else
+    for (unsigned int o = 0; o < size; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+#endif
+  }
+  pdl_wait();
+}
