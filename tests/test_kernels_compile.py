@@ -106,6 +106,16 @@ def test_gemv_split_k_covers_k_with_short_segments():
     assert split_k(8960, 8) == (5, 1, 224) and split_k(1536, 8) == (1, 8, 192) and split_k(1536, 4) == (2, 4, 96)
 
 
+@pytest.mark.parametrize("file", sorted(nvrtc.KERNELS))
+def test_every_entry_point_is_registered(file):
+    """A kernel missing from nvrtc.KERNELS compiles (and passes the PTX checks) but cannot be
+    launched: every extern "C" entry written out in a file must be listed."""
+    found = re.findall(r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+([\w#]+)\(',
+                       nvrtc.kernel_source(file))
+    written = {n for n in found if "##" not in n}  # macro-made names (gemv_m##M) are listed by hand
+    assert found and written <= set(nvrtc.KERNELS[file][0])
+
+
 def test_l2_prefetch_plan_stays_inside_each_part_and_the_budget():
     """The prefetch ranges of cuda_gemv.prefetch_plan: chunks of whole passes (or of the budget),
     every chunk inside its part, 16-byte multiples, at most the budget over all parts."""
