@@ -302,9 +302,10 @@ GEMV_ENTRY_POINTS(8)
 // contract it reads weights only before its wait, and it triggers first so that the next kernel
 // is not held back; its wait keeps the stream's chain (a kernel after it waits for it, so for the
 // kernel before it too). Offsets and sizes are multiples of 16 bytes (the bulk form needs that).
-#define L2_PREFETCH_PIECE 16384  // bytes per prefetch instruction (sm_90 bulk form)
+#define L2_PREFETCH_PIECE 16384  // bytes per thread and loop step: one bulk instruction (sm_90), or a line at a time
 extern "C" __global__ void l2_prefetch_kernel(const unsigned char* __restrict__ base, i64 chunk_bytes,
-                                              i64 stride_bytes, int chunks, i64 part_stride, int evict_last) {
+                                              i64 stride_bytes, int chunks, i64 part_stride, int evict_last,
+                                              int bulk) {
   pdl_launch_dependents();
   const unsigned char* p0 = base + (i64)blockIdx.y * part_stride;
   const i64 pieces = (chunk_bytes + L2_PREFETCH_PIECE - 1) / L2_PREFETCH_PIECE, total = pieces * chunks;
@@ -320,11 +321,13 @@ extern "C" __global__ void l2_prefetch_kernel(const unsigned char* __restrict__ 
     const unsigned char* p = p0 + c * stride_bytes + off;
     const unsigned int size = (unsigned int)min((i64)L2_PREFETCH_PIECE, chunk_bytes - off);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p), "r"(size), "l"(policy)
-                 : "memory");
-#else
-    for (unsigned int o = 0; o < size; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+    if (bulk) {
+      asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p), "r"(size), "l"(policy)
+                   : "memory");
+      continue;
+    }
 #endif
+    for (unsigned int o = 0; o < size; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
   }
   pdl_wait();
 }

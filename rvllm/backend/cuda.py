@@ -85,6 +85,8 @@ class CudaBackend(DeviceTransfers):
         self.l2_prefetch_bytes = int(float(os.environ.get("RVLLM_L2_PREFETCH_MB", _L2_PREFETCH_MB)) * (1 << 20))
         self.l2_prefetch_stride = int(os.environ.get("RVLLM_L2_PREFETCH_STRIDE", 2))
         self.l2_prefetch_evict_last = os.environ.get("RVLLM_L2_PREFETCH_EVICT_LAST", "0") == "1"
+        self.l2_prefetch_bulk = os.environ.get("RVLLM_L2_PREFETCH_BULK", "1") == "1"
+        self.l2_prefetch_blocks = int(os.environ.get("RVLLM_L2_PREFETCH_BLOCKS", 8))
 
     # ---- memory (host <-> device transfers and weights: cuda_upload.DeviceTransfers) ------------
     @property
@@ -307,7 +309,7 @@ class CudaBackend(DeviceTransfers):
         the GEMV kernels take, starts part of it towards L2 now (gemv.cu, l2_prefetch_kernel), so
         that DRAM works while latency-bound kernels run in between. No effect on any result."""
         self.gemv.prefetch(weight, rows, act, self.l2_prefetch_bytes, self.l2_prefetch_stride,
-                           self.l2_prefetch_evict_last)
+                           self.l2_prefetch_evict_last, self.l2_prefetch_bulk, self.l2_prefetch_blocks)
 
     def logits(self, x, lm_head, out=None):
         """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly), into `out`

@@ -88,7 +88,8 @@ class SmallBatchGemv:
         grid, threads, ks, seg_chunks = self._geometry(kernel, units, k, form, smem)
         kernel((grid,), (threads,), args + (np.int32(ks), np.int32(seg_chunks)), shared_mem=smem)
 
-    def prefetch(self, weight, rows: int, act=None, budget: int = 0, stride: int = 2, evict_last: bool = False) -> bool:
+    def prefetch(self, weight, rows: int, act=None, budget: int = 0, stride: int = 2, evict_last: bool = False,
+                 bulk: bool = True, blocks: int = 8) -> bool:
         """Starts about `budget` bytes of `weight` towards L2 for the add_norm_linear of `rows` rows
         (with `act`) that reads it later; False when that product will not run here or nothing fits.
 
@@ -116,9 +117,9 @@ class SmallBatchGemv:
             return False
         chunk, step, chunks, total = plan
         self.ops._kernel("gemv.cu", "l2_prefetch_kernel")(
-            (8, parts), (128,),
+            (max(1, blocks), parts), (128,),
             (weight, np.int64(chunk), np.int64(step), np.int32(chunks), np.int64(total),
-             np.int32(1 if evict_last else 0)))
+             np.int32(1 if evict_last else 0), np.int32(1 if bulk else 0)))
         return True
 
     def linear(self, x, weight, bias=None):
