@@ -116,27 +116,6 @@ def test_every_entry_point_is_registered(file):
     assert found and written <= set(nvrtc.KERNELS[file][0])
 
 
-def test_l2_prefetch_plan_stays_inside_each_part_and_the_budget():
-    """The prefetch ranges of cuda_gemv.prefetch_plan: chunks of whole passes (or of the budget),
-    every chunk inside its part, 16-byte multiples, at most the budget over all parts."""
-    from rvllm.backend.cuda_gemv import prefetch_plan
-
-    mib = 1 << 20
-    # qwen2.5-1.5b gate_up at batch 1: 8960 units of 1536 bf16 weights per part, 1056 units a pass.
-    part, pass_bytes = 8960 * 1536 * 2, 1056 * 1536 * 2
-    assert prefetch_plan(part, pass_bytes, 2, 24 * mib, 2) == (pass_bytes, 2 * pass_bytes, 3, part)
-    assert prefetch_plan(part, pass_bytes, 2, 24 * mib, 1) == (pass_bytes, pass_bytes, 3, part)
-    assert prefetch_plan(part, pass_bytes, 2, 8, 2) is None  # under 16 bytes a part
-    for part, pass_bytes, parts, budget, stride in [(part, pass_bytes, 2, 200 * mib, 2), (4096, 4096, 1, 1 << 30, 2),
-                                                    (48000, 1600, 2, 10000, 3), (part, pass_bytes, 1, 5 * mib + 8, 1)]:
-        chunk, step, chunks, total = prefetch_plan(part, pass_bytes, parts, budget, stride)
-        assert chunk % 16 == 0 and 16 <= chunk <= pass_bytes and step == stride * pass_bytes and chunks >= 1
-        assert (chunks - 1) * step + chunk <= total == part  # the last chunk ends inside the part
-        assert chunks * chunk * parts <= budget
-        if chunk == pass_bytes:  # whole passes: as many as the budget or the part allows
-            assert chunks * step + chunk > part or (chunks + 1) * chunk * parts > budget
-
-
 @pytest.mark.parametrize("file", list(nvrtc.KERNELS))
 def test_every_kernel_waits_for_the_previous_one_on_sm90(file):
     """cuda_launch.py launches every kernel with programmatic dependent launch on sm_90, so each

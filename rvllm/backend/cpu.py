@@ -91,9 +91,6 @@ class CpuBackend:
         """(act(rms_norm(x + residual) @ weight.T + bias), x + residual); see backend/fused.py."""
         return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
 
-    def prefetch_weights(self, weight, rows: int, act=None) -> None:
-        """A hint that a product reads `weight` soon (CudaBackend starts it towards L2); nothing here."""
-
     def logits(self, x: np.ndarray, lm_head: np.ndarray) -> np.ndarray:
         """[B, H] x [V, H] -> [B, V] float32 logits."""
         return self._matmul_t(x, lm_head).astype(np.float32, copy=False)

@@ -31,7 +31,6 @@ except Exception:  # ImportError, or a broken CUDA install
     cp = None
 
 _DEFAULT_SMEM = 48 * 1024  # dynamic shared memory a kernel gets without opting in
-_L2_PREFETCH_MB = 24  # prefetch_weights' default budget (bench/NOTES.md #17)
 
 
 def is_cuda_available() -> bool:
@@ -81,12 +80,6 @@ class CudaBackend(DeviceTransfers):
         num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
         self.num_sms = int(num_sms)
         self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms)
-        # prefetch_weights: bytes started towards L2 per call, which passes, and the L2 policy.
-        self.l2_prefetch_bytes = int(float(os.environ.get("RVLLM_L2_PREFETCH_MB", _L2_PREFETCH_MB)) * (1 << 20))
-        self.l2_prefetch_stride = int(os.environ.get("RVLLM_L2_PREFETCH_STRIDE", 2))
-        self.l2_prefetch_evict_last = os.environ.get("RVLLM_L2_PREFETCH_EVICT_LAST", "0") == "1"
-        self.l2_prefetch_bulk = os.environ.get("RVLLM_L2_PREFETCH_BULK", "1") == "1"
-        self.l2_prefetch_blocks = int(os.environ.get("RVLLM_L2_PREFETCH_BLOCKS", 8))
 
     # ---- memory (host <-> device transfers and weights: cuda_upload.DeviceTransfers) ------------
     @property
@@ -303,13 +296,6 @@ class CudaBackend(DeviceTransfers):
             if fused is not None:
                 return fused
         return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
-
-    def prefetch_weights(self, weight, rows: int, act=None) -> None:
-        """A hint: the add_norm_linear of `rows` rows (with `act`) reads `weight` soon. For steps
-        the GEMV kernels take, starts part of it towards L2 now (gemv.cu, l2_prefetch_kernel), so
-        that DRAM works while latency-bound kernels run in between. No effect on any result."""
-        self.gemv.prefetch(weight, rows, act, self.l2_prefetch_bytes, self.l2_prefetch_stride,
-                           self.l2_prefetch_evict_last, self.l2_prefetch_bulk, self.l2_prefetch_blocks)
 
     def logits(self, x, lm_head, out=None):
         """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly), into `out`

@@ -41,20 +41,6 @@ def split_k(k: int, stretch: int) -> tuple[int, int, int]:
     return ks, _MAX_WARPS // ks, -(-chunks // ks)
 
 
-def prefetch_plan(part_bytes: int, pass_bytes: int, parts: int, budget: int, stride: int):
-    """l2_prefetch_kernel's ranges for a product that reads `parts` parts of `part_bytes` bytes (the
-    SiLU form's gate and up rows: 2), each pass of its blocks `pass_bytes` of every part:
-    (chunk, step, chunks, part_bytes), i.e. chunks of `chunk` bytes at 0, step, 2 step, ... of each
-    part, at most `budget` bytes in all, every chunk inside its part; None when nothing fits."""
-    per_part = min(budget // parts, part_bytes)
-    chunk = min(pass_bytes, per_part) // 16 * 16  # the bulk prefetch takes multiples of 16 bytes
-    if chunk < 16 or stride < 1:
-        return None
-    step = stride * pass_bytes
-    chunks = min((part_bytes - chunk) // step + 1, per_part // chunk)
-    return chunk, step, chunks, part_bytes
-
-
 class SmallBatchGemv:
     def __init__(self, backend, max_rows: int, num_sms: int):
         self.ops = backend
@@ -67,9 +53,10 @@ class SmallBatchGemv:
             return None
         return next(b for b in ROW_BUCKETS if b >= rows)
 
-    def _geometry(self, kernel, units: int, k: int, form: str, smem: int) -> tuple[int, int, int, int]:
-        """(grid, threads, ks, seg_chunks): blocks of ks * rpb warps (split_k), at most as many as
-        fit on the GPU at once; each block loops over passes of rpb units."""
+    def _launch(self, kernel, units: int, k: int, form: str, args: tuple, smem: int = 0) -> None:
+        """Blocks of ks * rpb warps (split_k), at most as many as fit on the GPU at once: each loops
+        over passes of rpb units, so the norm prologue runs once per block, and a warp's next
+        stretch is in flight while it multiplies the current one."""
         ks, rpb, seg_chunks = split_k(k, _STRETCH[form])
         threads = 32 * ks * rpb
         key = (id(kernel), threads, smem)
@@ -80,47 +67,8 @@ class SmallBatchGemv:
             resident = max(1, min(2048 // threads, 32, 65536 // (regs * threads),
                                   _SMEM_PER_SM // (smem + static + 1024)))
             self._resident[key] = resident
-        return max(1, min(-(-units // rpb), self.num_sms * resident)), threads, ks, seg_chunks
-
-    def _launch(self, kernel, units: int, k: int, form: str, args: tuple, smem: int = 0) -> None:
-        """One block per resident slot: each loops over passes of units, so the norm prologue runs
-        once per block, and a warp's next stretch is in flight while it multiplies the current one."""
-        grid, threads, ks, seg_chunks = self._geometry(kernel, units, k, form, smem)
+        grid = max(1, min(-(-units // rpb), self.num_sms * resident))
         kernel((grid,), (threads,), args + (np.int32(ks), np.int32(seg_chunks)), shared_mem=smem)
-
-    def prefetch(self, weight, rows: int, act=None, budget: int = 0, stride: int = 2, evict_last: bool = False,
-                 bulk: bool = True, blocks: int = 8) -> bool:
-        """Starts about `budget` bytes of `weight` towards L2 for the add_norm_linear of `rows` rows
-        (with `act`) that reads it later; False when that product will not run here or nothing fits.
-
-        Which bytes: whole passes of the product's blocks (every block reads units p * grid * rpb
-        onwards in pass p), one pass in every `stride` from the first. With stride 2 a warp's two
-        stretches in flight are one pass from L2 and one from DRAM, so DRAM stays busy while the
-        prefetched passes are read; stride 1 prefetches the first passes outright. For the SiLU
-        form the gate rows and the up rows of each pass are both taken."""
-        m = self._bucket(rows)
-        k = weight.shape[1]
-        smem = m * k * weight.itemsize if m else 0
-        if (m is None or budget <= 0 or k % 8 or smem > _MAX_SMEM or not weight.flags.c_contiguous
-                or not _aligned(weight)):
-            return False
-        silu = act == "silu_and_mul"
-        form = "silu" if silu else "gemv"
-        units = weight.shape[0] // 2 if silu else weight.shape[0]
-        kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_silu_m{m}" if silu else f"add_norm_gemv_m{m}")
-        self.ops._ensure_smem(kernel, smem)
-        grid, threads, ks, _ = self._geometry(kernel, units, k, form, smem)
-        parts = 2 if silu else 1
-        pass_units = grid * (threads // 32 // ks)  # grid * rpb
-        plan = prefetch_plan(units * k * weight.itemsize, pass_units * k * weight.itemsize, parts, budget, stride)
-        if plan is None:
-            return False
-        chunk, step, chunks, total = plan
-        self.ops._kernel("gemv.cu", "l2_prefetch_kernel")(
-            (max(1, blocks), parts), (128,),
-            (weight, np.int64(chunk), np.int64(step), np.int32(chunks), np.int64(total),
-             np.int32(1 if evict_last else 0), np.int32(1 if bulk else 0)))
-        return True
 
     def linear(self, x, weight, bias=None):
         """x [rows, K] (rows contiguous) @ weight[N, K].T (+ bias) -> [rows, N], or None."""

@@ -49,8 +49,6 @@ class LlamaModel:
         for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches):
             qkv, residual = ops.add_norm_linear(hidden, residual, layer.input_norm, s.rms_norm_eps,
                                                 layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
-            # At decode sizes the attention half is latency-bound: the MLP's weights can load meanwhile.
-            ops.prefetch_weights(layer.gate_up, qkv.shape[0], act="silu_and_mul")
             hidden = self._attention(qkv, positions, layer, k_cache, v_cache, meta)  # [T, H]
             act, residual = ops.add_norm_linear(hidden, residual, layer.post_norm, s.rms_norm_eps,
                                                 layer.gate_up, act="silu_and_mul")  # [T, I]
