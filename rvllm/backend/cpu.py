@@ -54,6 +54,9 @@ class CpuBackend:
     def weights_loaded(self) -> None:
         pass
 
+    def prepare_kernels(self, head_dim: int) -> None:
+        """CudaBackend compiles its kernels here; NumPy has none."""
+
     def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0) -> np.ndarray:
         rng = np.random.default_rng(seed)
         out = rng.standard_normal(shape, dtype=np.float32)

@@ -81,6 +81,11 @@ class CudaBackend(DeviceTransfers):
         self.num_sms = int(num_sms)
         self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms)
 
+    def prepare_kernels(self, head_dim: int) -> None:
+        """Starts compiling the kernels a model of this head size needs (those the disk cache
+        lacks) in background threads, so that a cold start compiles while the weights load."""
+        nvrtc.precompile(self.dtype, head_dim)
+
     # ---- memory (host <-> device transfers and weights: cuda_upload.DeviceTransfers) ------------
     @property
     def device_name(self) -> str:

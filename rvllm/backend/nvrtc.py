@@ -17,6 +17,8 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -164,10 +166,8 @@ def _nvrtc_compile(source: str, file: str, options: tuple[str, ...], ptx: bool) 
         nvrtc.destroyProgram(prog)
 
 
-@functools.cache
-def load_module(file: str, dtype: str, head_dim: int | None = None):
-    """The cupy.RawModule of kernels_cu/<file> for this GPU, compiled once and cached on disk."""
-    import cupy
+def _compiled_path(file: str, dtype: str, head_dim: int | None) -> Path:
+    """The cached cubin (or PTX) of one module, compiled first when the cache lacks it."""
     from cupy.cuda import nvrtc
 
     if file not in KERNELS:
@@ -181,12 +181,42 @@ def load_module(file: str, dtype: str, head_dim: int | None = None):
         binary = _nvrtc_compile(source, file, options, ptx)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(binary)
             os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
         except OSError:  # cache not writable: keep this process going from a temporary file
             path = Path(tempfile.mkdtemp(prefix="rvllm-kernels-")) / path.name
             path.write_bytes(binary)
+    return path
+
+
+# Modules being compiled in the background (precompile), by load_module's arguments.
+_precompiling: dict[tuple, Future] = {}
+_precompile_lock = threading.Lock()
+
+
+def precompile(dtype: str, head_dim: int) -> None:
+    """Starts compiling, in threads, every module a model of this dtype and head size uses that the
+    disk cache lacks (load_module then waits for its own). NVRTC runs without the GIL, so a cold
+    start compiles the files side by side instead of one after another (bench/RESULTS.md)."""
+    device_arch()  # once, on this thread: it touches the CUDA device
+    keys = [(file, dtype, head_dim if per_hd else None) for file, (_, per_hd) in KERNELS.items()]
+    pool = ThreadPoolExecutor(max_workers=min(len(keys), os.cpu_count() or 1), thread_name_prefix="nvrtc")
+    with _precompile_lock:
+        for key in keys:
+            if key not in _precompiling:
+                _precompiling[key] = pool.submit(_compiled_path, *key)
+    pool.shutdown(wait=False)
+
+
+@functools.cache
+def load_module(file: str, dtype: str, head_dim: int | None = None):
+    """The cupy.RawModule of kernels_cu/<file> for this GPU, compiled once and cached on disk."""
+    import cupy
+
+    with _precompile_lock:
+        pending = _precompiling.pop((file, dtype, head_dim), None)
+    path = pending.result() if pending is not None else _compiled_path(file, dtype, head_dim)
     return cupy.RawModule(path=str(path))
 
 

@@ -39,14 +39,15 @@ class LlamaModel:
         self.ops = backend
         self.scale = spec.head_dim ** -0.5
 
-    def forward(self, input_ids, positions, kv_caches, meta):
-        """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache) -> hidden [T, H]."""
+    def forward(self, input_ids, positions, kv_caches, meta, num_layers: int | None = None):
+        """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache) -> hidden [T, H].
+        num_layers: run only the first ones (a warm-up: every layer has the same shapes)."""
         s, ops = self.spec, self.ops
         # `hidden` is each sublayer's output before it joins the residual stream: add_norm_linear
         # adds it, normalizes and projects in one op (one kernel for decode-sized steps on CUDA).
         hidden = ops.embedding(input_ids, self.w.embed)  # [T, H]
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches):
+        for layer, (k_cache, v_cache) in zip(self.w.layers[:num_layers], kv_caches):
             qkv, residual = ops.add_norm_linear(hidden, residual, layer.input_norm, s.rms_norm_eps,
                                                 layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
             hidden = self._attention(qkv, positions, layer, k_cache, v_cache, meta)  # [T, H]

@@ -143,6 +143,7 @@ class _GGUFTensors:
 def load_weights(source: ModelSource, backend, max_positions: int, seed: int = 0) -> ModelWeights:
     """Load every tensor onto `backend` (its `weight` converts to the compute dtype)."""
     spec = source.spec
+    backend.prepare_kernels(spec.head_dim)  # compiles (cold cache) while the weights load
     if source.kind == "dummy":
         return _dummy_weights(spec, backend, max_positions, seed)
     tensors = _TensorSource(source.path) if source.kind == "hf" else _GGUFTensors(source.gguf)

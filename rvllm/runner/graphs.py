@@ -92,9 +92,11 @@ class CudaGraphs:
             for bucket in reversed(self.buckets):
                 ids, positions, meta, out = self._inputs(bucket)
                 # Warm-up with the same calls: compiles kernels, sets their attributes, lets cuBLAS
-                # pick and load its kernels, all of which must not happen during capture.
+                # pick and load its kernels, all of which must not happen during capture. One layer
+                # does it (every layer runs the same kernels on the same shapes) at 1/num_layers
+                # of the cost: the full forward was 60% of capture time (bench/RESULTS.md).
                 t = time.perf_counter()
-                self._forward(ids, positions, meta, out)
+                self._forward(ids, positions, meta, out, num_layers=1)
                 stream.synchronize()
                 phases["warm-up"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -131,9 +133,9 @@ class CudaGraphs:
                             decode_workspace=self.workspace)
         return ids, positions, meta, self.logits[:bucket]
 
-    def _forward(self, ids, positions, meta, out) -> None:
+    def _forward(self, ids, positions, meta, out, num_layers: int | None = None) -> None:
         model = self.model
-        hidden = model.forward(ids, positions, self.kv_caches, meta)  # [B, H]
+        hidden = model.forward(ids, positions, self.kv_caches, meta, num_layers)  # [B, H]
         self.ops.logits(hidden, model.w.lm_head, out=out)  # [B, V], one row per request
 
     def replay(self, bucket: int):
