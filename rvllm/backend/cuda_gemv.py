@@ -19,6 +19,7 @@ ROW_BUCKETS = (1, 2, 4, 8)
 MAX_ROWS = ROW_BUCKETS[-1]
 _MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
 _STRETCH = {"gemv": 8, "silu": 4}  # U in gemv.cu: 16-byte chunks per lane per stretch (R = 1 / R = 2 rows)
+_NORM_CHUNKS = 4  # NORM_CHUNKS in gemv.cu: 16-byte chunks of a row each thread of the norm prologue holds
 _MAX_SMEM = 200 * 1024  # the normed rows staged in shared memory (an H100 allows 227 KiB a block)
 _SMEM_PER_SM = 228 * 1024  # an H100's (sm_80: 164 KiB; the occupancy then only errs high)
 
@@ -89,9 +90,11 @@ class SmallBatchGemv:
         rows, k = x.shape
         m = self._bucket(rows)
         smem = m * k * x.itemsize if m else 0
+        ks, rpb, _ = split_k(k, _STRETCH["silu" if act == "silu_and_mul" else "gemv"])
         if (m is None or k % 8 or smem > _MAX_SMEM or not x.flags.c_contiguous or not weight.flags.c_contiguous
                 or (residual is not None and not residual.flags.c_contiguous) or not _aligned(weight)
-                or (act is not None and bias is not None)):
+                or not _aligned(x) or (residual is not None and not _aligned(residual))
+                or k > 8 * _NORM_CHUNKS * 32 * ks * rpb or (act is not None and bias is not None)):
             return None
         n = weight.shape[0]
         s_out = None if residual is None else cp.empty_like(x)  # None: x is the residual stream, unchanged
