@@ -2,11 +2,13 @@
 // SAMPLER_THREADS threads per row, every pass over the row a coalesced loop `i = tid; i += blockDim`.
 //
 // The NumPy sampler (rvllm/sampling/sampler.py) is the spec. Kernels:
-//   process_logits_kernel  copy a row, then penalties -> logit bias -> suppressed ids -> mask
-//                          (the same float32 operations as NumPy: bit-identical results)
+//   process_logits_kernel  bring the row's penalty slot up to date, copy the row with penalties,
+//                          then logit bias -> suppressed ids -> mask (the same float32
+//                          operations as NumPy: bit-identical results)
 //   sample_kernel          per row: argmax (greedy rows), or temperature / top-k / top-p / min-p
-//                          and the exponential race (random rows); then, for rows that ask,
-//                          the chosen token's logprob and rank and the top-k logprobs (k <= 20)
+//                          and the exponential race (random rows); counts the chosen token in the
+//                          row's penalty slot; then, for rows that ask, the chosen token's logprob
+//                          and rank and the top-k logprobs (k <= 20)
 //   argmax_kernel          the all-greedy fast path
 //   philox_kernel          raw Philox4x32-10 blocks, for the known-answer test
 //
@@ -29,6 +31,10 @@
 // seeded rows: seed = the request's seed, step = its output tokens so far, tag = 0 (the same
 // token whatever the batch); unseeded rows: the sampler's seed, its call counter, tag = row + 1.
 // The noise differs from NumPy's (different generator): same distribution, not the same draws.
+//
+// Penalty state (rvllm/sampling/penalty_slots.py): per slot s, counts[s * V + v] (occurrences of
+// token v in the request's output) and in_prompt[s * V + v] (1: v is in its prompt). A row with a
+// penalty has a slot (RowParams.pen_slot) that no other row of the launch has, so its block owns it.
 #include "common.cuh"
 
 #define SAMPLER_THREADS 1024
@@ -38,7 +44,8 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// One row's parameters; gpu_sampler.py ROW_DTYPE mirrors this layout (64 bytes).
+// One row's parameters; gpu_sampler.py ROW_DTYPE mirrors this layout (80 bytes, a multiple of 16;
+// tests/test_sampler_gpu.py compares the two).
 struct RowParams {
   double top_p;        // >= 1: off
   u64 seed;            // Philox key
@@ -53,6 +60,9 @@ struct RowParams {
   int num_logprobs;    // -1: none; else the top-k logprobs wanted (0..MAX_TOP_LOGPROBS)
   int greedy;          // 1: argmax
   int mask_row;        // row of the allowed-token masks, -1: none
+  int pen_slot;        // penalty state slot, -1: none (the row has no penalty)
+  int pen_reset;       // 1: the slot is new to this request: zero it and mark the prompt first
+  int pad_[2];
 };
 
 // ---- Philox4x32-10 (Salmon et al. 2011; Random123's reference rounds) --------------------------
@@ -256,32 +266,57 @@ __device__ bool radix_select(const KeyWeight& kw, int V, u64 target, u32* key_ou
 // out[b, :] = logits[b, :] with, in NumPy's order: repetition (tokens in the prompt or the output:
 // > 0 divided, else multiplied), frequency * output count + presence subtracted (output tokens),
 // logit bias added, suppressed ids set to -inf, tokens outside the allowed mask set to -inf.
-// Per row CSR lists (offsets [B + 1]); tokens are unique within a row's penalty and bias lists
-// (the host builds them so); out-of-range tokens are skipped.
+// A row with a penalty slot first brings it up to date: zeroed and its prompt's tokens marked when
+// pen_reset, then the output tokens the device has not counted yet added (per row CSR lists of
+// unique prompt ids and of new output ids); then every token's count is read densely. Bias and
+// suppressed ids are per row CSR lists too (offsets [B + 1], bias tokens unique within a row).
+// Out-of-range tokens are skipped.
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_kernel(
     float* __restrict__ out, const float* __restrict__ logits, int V, const RowParams* __restrict__ params,
-    const int* __restrict__ pen_off, const int* __restrict__ pen_tok, const int* __restrict__ pen_count,
-    const int* __restrict__ pen_in_prompt, const int* __restrict__ bias_off, const int* __restrict__ bias_tok,
-    const float* __restrict__ bias_val, const int* __restrict__ sup_off, const int* __restrict__ sup_tok,
-    const unsigned char* __restrict__ masks) {
+    int* __restrict__ counts, unsigned char* __restrict__ in_prompt, const int* __restrict__ prompt_off,
+    const int* __restrict__ prompt_tok, const int* __restrict__ new_off, const int* __restrict__ new_tok,
+    const int* __restrict__ bias_off, const int* __restrict__ bias_tok, const float* __restrict__ bias_val,
+    const int* __restrict__ sup_off, const int* __restrict__ sup_tok, const unsigned char* __restrict__ masks) {
   pdl_enter();
   const int row = blockIdx.x, tid = threadIdx.x;
   const float* src = logits + (size_t)row * V;
   float* dst = out + (size_t)row * V;
   const RowParams& p = params[row];
-  for (int i = tid; i < V; i += blockDim.x) dst[i] = src[i];
-  __syncthreads();  // makes the copy visible to the threads that edit it below
-  const float rep = p.repetition_penalty, freq = p.frequency_penalty, pres = p.presence_penalty;
-  for (int j = pen_off[row] + tid; j < pen_off[row + 1]; j += blockDim.x) {
-    const int t = pen_tok[j], c = pen_count[j];
-    if (t < 0 || t >= V) continue;
-    float v = dst[t];
-    if (pen_in_prompt[j] || c > 0) v = v > 0.f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
-    // NumPy: x -= freq * count + presence, each op rounded to float32 (no fused multiply-add)
-    if (c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres));
-    dst[t] = v;
+  const int slot = p.pen_slot;  // uniform over the block
+  int* cnt = counts + (size_t)max(slot, 0) * V;
+  unsigned char* inp = in_prompt + (size_t)max(slot, 0) * V;
+  if (slot >= 0) {
+    if (p.pen_reset) {
+      for (int i = tid; i < V; i += blockDim.x) {
+        cnt[i] = 0;
+        inp[i] = 0;
+      }
+      __syncthreads();
+      for (int j = prompt_off[row] + tid; j < prompt_off[row + 1]; j += blockDim.x) {
+        const int t = prompt_tok[j];
+        if (t >= 0 && t < V) inp[t] = 1;
+      }
+    }
+    for (int j = new_off[row] + tid; j < new_off[row + 1]; j += blockDim.x) {
+      const int t = new_tok[j];
+      if (t >= 0 && t < V) atomicAdd(cnt + t, 1);  // repeated tokens: several threads, one counter
+    }
+    __syncthreads();  // the slot's writes, visible to the whole block below
   }
-  __syncthreads();
+  const float rep = p.repetition_penalty, freq = p.frequency_penalty, pres = p.presence_penalty;
+  // As NumPy, each penalty only where it is on (x - 0 would turn -0 into +0 for freq = pres = -0).
+  const bool with_rep = rep != 1.f, with_fp = freq != 0.f || pres != 0.f;
+  for (int i = tid; i < V; i += blockDim.x) {
+    float v = src[i];
+    if (slot >= 0) {
+      const int c = cnt[i];
+      if (with_rep && (c > 0 || inp[i])) v = v > 0.f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
+      // NumPy: x -= freq * count + presence, each op rounded to float32 (no fused multiply-add)
+      if (with_fp && c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres));
+    }
+    dst[i] = v;
+  }
+  __syncthreads();  // makes the copy visible to the threads that edit it below
   for (int j = bias_off[row] + tid; j < bias_off[row + 1]; j += blockDim.x) {
     const int t = bias_tok[j];
     if (t >= 0 && t < V) dst[t] = __fadd_rn(dst[t], bias_val[j]);
@@ -349,8 +384,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
 //   [3B + 20b + j] top ids, [23B + 20b + j] top logprobs (float bits), j < num_logprobs, best first,
 //   equal logprobs in token-id order.
 // Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
+// A row with a penalty slot counts its token there (the host counts it as known to the device).
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
-    int* __restrict__ out, const float* __restrict__ logits, int V, int B, const RowParams* __restrict__ params) {
+    int* __restrict__ out, const float* __restrict__ logits, int V, int B, const RowParams* __restrict__ params,
+    int* __restrict__ counts) {
   pdl_enter();
   __shared__ float s_top_v[MAX_TOP_LOGPROBS];
   __shared__ int s_top_i[MAX_TOP_LOGPROBS];
@@ -438,7 +475,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     block_argmax(best, best_i);
     if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
   }
-  if (tid == 0) out[row] = token;
+  if (tid == 0) {
+    out[row] = token;
+    if (p.pen_slot >= 0) atomicAdd(counts + (size_t)p.pen_slot * V + token, 1);
+  }
   if (p.num_logprobs < 0) return;  // uniform over the block
 
   // ---- logprobs: log_softmax(x) = (x - row_max) - log(sum exp(x - row_max)) ----

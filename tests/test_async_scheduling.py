@@ -2,14 +2,18 @@
 in-order steps: the same tokens, logprobs and finish reasons under chunked prefill, preemption,
 prefix caching, n > 1, seeds, stop tokens, max_tokens of 1, penalties and aborts. On the CPU the
 runner's work is synchronous, but the engine, the scheduler's placeholders and the runner's
-placeholder inputs follow the same path as on the GPU (where the fill runs as a kernel)."""
+placeholder inputs follow the same path as on the GPU (where the fill runs as a kernel). The GPU
+sampler's device penalty state runs here as its NumPy emulation (tests/test_sampler_gpu.py)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from rvllm import LLM, SamplingParams
 from rvllm.engine.request import PLACEHOLDER
+from rvllm.sampling.sampler import SamplerOutput
 from tests.test_engine import _prompts
+from tests.test_sampler_gpu import DeviceState, emulate
 from tests.tiny_models import write_model
 
 
@@ -79,13 +83,67 @@ def test_stop_tokens_end_a_request_with_a_step_in_flight(tiny):
 
 
 def test_penalties_fall_back_to_in_order_steps(tiny):
+    """The NumPy sampler reads penalized requests' output tokens: no placeholders while they run."""
     d, cfg = tiny
     prompts = _prompts(cfg["vocab_size"])[:3]
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3),
               SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=0.5),
               SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)]
-    want, got, _ = _both(d, prompts, params)
+    want, got, llm = _both(d, prompts, params)
     assert got == want
+    assert llm.engine.runner.num_placeholder_tokens == 0
+
+
+class EmulatedGpuSampler:
+    """GpuSampler's interface over the NumPy emulation of its kernels and device penalty state:
+    installed as the runner's GPU sampler, it makes the engine keep async scheduling on for
+    penalized requests, as on CUDA. release=False leaves finished requests' slots to eviction."""
+
+    def __init__(self, vocab: int, num_slots: int, release: bool = True):
+        self.state = DeviceState(vocab, num_slots)
+        self.calls = 0
+        self.releases = release
+
+    def launch(self, logits, meta):
+        _, tokens, _, _ = emulate(np.asarray(logits), meta, step=self.calls, state=self.state)
+        self.calls += 1
+        return _Sampled(tokens)
+
+    def release(self, request_ids) -> None:
+        if self.releases:
+            self.state.slots.release(request_ids)
+
+
+class _Sampled:
+    def __init__(self, tokens):
+        self.token_ids = np.asarray(tokens, np.int32)  # the runner feeds placeholders from these
+        self._out = SamplerOutput(list(tokens), [None] * len(tokens))
+
+    def result(self):
+        return self._out
+
+
+@pytest.mark.parametrize("kw,slots,release", [
+    (dict(), 256, True), (dict(num_gpu_blocks_override=20), 256, True), (dict(max_num_seqs=2), 2, False),
+    (dict(max_num_batched_tokens=5, max_num_seqs=3), 3, True),
+], ids=["default", "preempt", "two-slots-evicted", "chunked"])
+def test_device_penalty_state_keeps_async_scheduling_exact(tiny, kw, slots, release):
+    """With the GPU sampler's penalty state (emulated), penalized requests run pipelined, their
+    newest tokens placeholders the device counted, and give the in-order NumPy output."""
+    d, cfg = tiny
+    prompts = _prompts(cfg["vocab_size"])
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=rep,
+                             frequency_penalty=freq, presence_penalty=pres)
+              for rep, freq, pres in [(1.3, 0, 0), (1, 0.5, 0), (1, 0, 1.5), (0.8, -0.5, 0.25), (1.2, 1, -1), (2, 0, 0)]]
+    want, _ = _generate(d, prompts, params, False, **kw)
+    llm = LLM(str(d), block_size=4, async_scheduling=True, **kw)
+    llm.engine.runner.gpu_sampler = EmulatedGpuSampler(cfg["vocab_size"], slots, release)
+    outs = llm.generate(prompts, params)
+    got = [[(c.token_ids, c.finish_reason, c.stop_reason, None) for c in o.outputs] for o in outs]
+    assert got == want
+    assert llm.engine.runner.num_placeholder_tokens > 0  # every request is penalized: none ran in order
+    if "num_gpu_blocks_override" in kw:
+        assert llm.engine.stats().num_preemptions > 0
 
 
 def test_abort_with_a_step_in_flight(tiny):

@@ -408,6 +408,11 @@ def test_metadata_flags_let_common_cases_skip_work():
         SamplingMetadata(temperature=[1.0], top_p=[], top_k=[], min_p=[], presence_penalty=[],
                          frequency_penalty=[], repetition_penalty=[], logit_bias=[], seeds=[],
                          output_token_ids=[], prompt_token_ids=[], suppress_token_ids=[], num_logprobs=[])
+    rows = [(SamplingParams(), [1], [], None)] * 2
+    assert SamplingMetadata.from_requests(rows, ["a", "b"]).request_ids == ["a", "b"]
+    assert SamplingMetadata.from_requests(rows).request_ids is None
+    with pytest.raises(ValueError):  # the GPU sampler keys its penalty state by these: one per row
+        SamplingMetadata.from_requests(rows, ["a"])
 
 
 def test_allowed_token_masks_restrict_the_choice():

@@ -3,8 +3,9 @@
 Two halves:
 - CPU (always run): a NumPy Philox4x32-10 against Random123's known answers, and a NumPy emulation
   of the kernels' algorithm (radix selects over order keys, fixed-point masses, the thresholds, the
-  race) reading the very buffer `pack_step` builds, against Sampler.process_logits,
-  Sampler.kept_tokens and gather_logprobs. This pins the semantics and the buffer layout.
+  race, the penalty slots' updates and counts) reading the very buffer `pack_step` builds, against
+  Sampler.process_logits, Sampler.kept_tokens and gather_logprobs. This pins the semantics and the
+  buffer layout.
 - GPU (-m gpu; skipped without a CUDA device): the kernels themselves against the NumPy Sampler.
   Every device allocation starts filled with 0xFF bytes (NaN floats, -1 ints), so an output the
   kernels forgot to write shows up.
@@ -22,6 +23,7 @@ from rvllm.backend.cuda import is_cuda_available
 from rvllm.sampling.gpu_sampler import MAX_TOP_LOGPROBS, ROW_DTYPE, pack_step
 from rvllm.sampling.logprobs import gather_logprobs, log_softmax
 from rvllm.sampling.metadata import SamplingMetadata
+from rvllm.sampling.penalty_slots import PLACEHOLDER, PenaltySlots
 from rvllm.sampling.sampler import Sampler
 from rvllm.sampling_params import SamplingParams
 from tests.test_sampler import meta_for
@@ -117,7 +119,7 @@ def unpack(host, offsets, n, vocab):
     def sec(name, dtype):
         off, size = offsets[name]
         return host[off:off + size // np.dtype(dtype).itemsize * np.dtype(dtype).itemsize].view(dtype)
-    out = {k: sec(k, np.int32) for k in ("pen_off", "pen_tok", "pen_count", "pen_in_prompt", "bias_off",
+    out = {k: sec(k, np.int32) for k in ("prompt_off", "prompt_tok", "new_off", "new_tok", "bias_off",
                                           "bias_tok", "sup_off", "sup_tok")}
     out["bias_val"] = sec("bias_val", np.float32)
     out["masks"] = sec("masks", np.uint8)
@@ -166,25 +168,47 @@ def radix_select(keys, weights, target):
     return prefix, above
 
 
-def emulate(logits, meta, step=0, seed=0):
-    """(processed logits, tokens, kept masks (None for greedy rows), logprob rows) as the kernels compute them."""
+class DeviceState:
+    """GpuSampler's penalty state with NumPy arrays standing in for the device's: the host's slot
+    bookkeeping, counts [S, V] and in_prompt [S, V]. Both start as garbage, as the device's (cp.empty):
+    a slot must be reset before it is read."""
+
+    def __init__(self, vocab: int, num_slots: int = 256):
+        self.slots = PenaltySlots(num_slots)
+        self.counts = np.full((num_slots, vocab), 7, np.int32)
+        self.in_prompt = np.full((num_slots, vocab), 3, np.uint8)
+
+
+def emulate(logits, meta, step=0, seed=0, state=None, sample=True):
+    """(processed logits, tokens, kept masks (None for greedy rows), logprob rows) as the kernels
+    compute them. state: the penalty state (DeviceState) kept across calls; fresh when None.
+    sample: the call samples (GpuSampler.launch: sample_kernel counts the tokens in the slots), else
+    it only processes (GpuSampler.process_logits)."""
     n, vocab = logits.shape
-    host, offsets = pack_step(meta, vocab, step, seed)
+    state = state if state is not None else DeviceState(vocab)
+    updates = None if meta.no_penalties else state.slots.plan(meta, sampling=sample)
+    host, offsets = pack_step(meta, vocab, step, seed, updates)
     s = unpack(host, offsets, n, vocab)
     p = s["params"]
     x = np.array(logits, np.float32)
     if meta.needs_logit_processing:
         for r in range(n):
             row = x[r]
-            for j in range(s["pen_off"][r], s["pen_off"][r + 1]):
-                t, c = s["pen_tok"][j], int(s["pen_count"][j])
-                v = row[t]
-                if s["pen_in_prompt"][j] or c > 0:
-                    rep = p["repetition_penalty"][r]
-                    v = v / rep if v > 0 else v * rep
-                if c > 0:
-                    v = v - (p["frequency_penalty"][r] * np.float32(c) + p["presence_penalty"][r])
-                row[t] = v
+            slot = p["pen_slot"][r]
+            if slot >= 0:  # the slot's update, then the dense read
+                cnt, inp = state.counts[slot], state.in_prompt[slot]
+                if p["pen_reset"][r]:
+                    cnt[:] = 0
+                    inp[:] = 0
+                    inp[s["prompt_tok"][s["prompt_off"][r]:s["prompt_off"][r + 1]]] = 1
+                np.add.at(cnt, s["new_tok"][s["new_off"][r]:s["new_off"][r + 1]], 1)
+                rep, freq, pres = (p[f][r] for f in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
+                hit = cnt > 0
+                if rep != 1:
+                    on = hit | (inp != 0)
+                    row[on] = np.where(row[on] > 0, row[on] / rep, row[on] * rep)
+                if freq != 0 or pres != 0:
+                    row[hit] -= freq * cnt[hit].astype(np.float32) + pres
             for j in range(s["bias_off"][r], s["bias_off"][r + 1]):
                 row[s["bias_tok"][j]] += s["bias_val"][j]
             row[s["sup_tok"][s["sup_off"][r]:s["sup_off"][r + 1]]] = -np.inf
@@ -224,6 +248,8 @@ def emulate(logits, meta, step=0, seed=0):
                 token = int(ids[np.argmax(race)])
         tokens.append(token)
         kept.append(keep)
+        if sample and pr["pen_slot"] >= 0:
+            state.counts[pr["pen_slot"], token] += 1
         if pr["num_logprobs"] >= 0:
             lse = np.log(np.exp(xr - row_max).sum(dtype=np.float32))
             lp = (xr - row_max) - lse
@@ -349,12 +375,110 @@ def test_pack_step_layout():
     meta = meta_for([SamplingParams(temperature=0.5, top_k=3, seed=-1, logprobs=25),
                      SamplingParams(top_p=0.5, min_p=0.25)], outputs=[[1, 2], [3]])
     host, offsets = pack_step(meta, 100, step=7, seed=11)
-    assert ROW_DTYPE.itemsize == 64 and all(off % 16 == 0 for off, _ in offsets.values())
+    assert ROW_DTYPE.itemsize % 16 == 0 and all(off % 16 == 0 for off, _ in offsets.values())
     p = unpack(host, offsets, 2, 100)["params"]
     assert p["seed"].tolist() == [2**64 - 1, 11] and p["step"].tolist() == [2, 7] and p["tag"].tolist() == [0, 2]
     assert p["top_k"].tolist() == [3, 0] and p["num_logprobs"].tolist() == [MAX_TOP_LOGPROBS, -1]
     assert p["log_min_p"][1] == np.log(np.float32(0.25)) and p["log_min_p"][0] == -np.inf
     assert p["greedy"].tolist() == [0, 0] and p["mask_row"].tolist() == [-1, -1]
+    assert p["pen_slot"].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="penalty slots"):
+        pack_step(meta_for([SamplingParams(presence_penalty=1.0)]), 100, step=0, seed=0)
+
+
+def test_pack_step_carries_the_slot_updates():
+    """A new slot gets its prompt's unique in-range ids and the whole output; a known one only the
+    tokens the device has not counted."""
+    slots = PenaltySlots(4)
+    prompt = [5, 5, 7, -1, 200]
+    sp = SamplingParams(repetition_penalty=1.5)
+    meta = meta_for([sp, SamplingParams()], prompts=[prompt, [1]], outputs=[[3, 3, 150], [2]])
+    meta.request_ids = ["a", "b"]
+    host, offsets = pack_step(meta, 100, 0, 0, slots.plan(meta, sampling=True))
+    s = unpack(host, offsets, 2, 100)
+    assert s["params"]["pen_slot"].tolist() == [slots.slot_of("a"), -1] and s["params"]["pen_reset"].tolist() == [1, 0]
+    assert s["prompt_off"].tolist() == [0, 2, 2] and s["prompt_tok"][:2].tolist() == [5, 7]
+    assert s["new_off"].tolist() == [0, 2, 2] and s["new_tok"][:2].tolist() == [3, 3]  # 150 >= V: dropped
+    meta = meta_for([sp], prompts=[prompt], outputs=[[3, 3, 150, PLACEHOLDER]])
+    meta.request_ids = ["a"]
+    host, offsets = pack_step(meta, 100, 1, 0, slots.plan(meta, sampling=True))
+    s = unpack(host, offsets, 1, 100)
+    assert s["params"]["pen_reset"].tolist() == [0] and s["prompt_off"].tolist() == [0, 0]
+    assert s["new_off"].tolist() == [0, 0]  # the placeholder: counted by the device when it sampled it
+    meta = meta_for([sp], prompts=[prompt], outputs=[[3, 3, 150, 9, 4, 8]])
+    meta.request_ids = ["a"]
+    host, offsets = pack_step(meta, 100, 2, 0, slots.plan(meta, sampling=False))
+    s = unpack(host, offsets, 1, 100)
+    assert s["new_off"].tolist() == [0, 1] and s["new_tok"][:1].tolist() == [8]  # 9, 4: sampled on the device
+
+
+def test_row_params_struct_matches_row_dtype():
+    """sampling.cu's struct RowParams and ROW_DTYPE: the same fields, offsets and size."""
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).parent.parent / "kernels_cu" / "sampling.cu").read_text()
+    body = re.search(r"struct RowParams \{(.*?)\};", src, re.S).group(1)
+    sizes = {"double": 8, "u64": 8, "float": 4, "int": 4}
+    offset, fields = 0, {}
+    for ctype, name, count in re.findall(r"^\s*(\w+)\s+(\w+)(?:\[(\d+)\])?;", body, re.M):
+        size = sizes[ctype]
+        offset = -(-offset // size) * size
+        fields[name] = offset
+        offset += size * int(count or 1)
+    size = -(-offset // 8) * 8
+    assert {k: v for k, v in fields.items() if not k.endswith("_")} == {
+        name: ROW_DTYPE.fields[name][1] for name in ROW_DTYPE.names}
+    assert size == ROW_DTYPE.itemsize and size % 16 == 0
+
+
+def penalty_steps(process, sample, rng, vocab, num_slots=256, steps=8):
+    """The same requests over several sampling calls, as the engine drives them: outputs grow by the
+    sampled tokens, a token sampled by the previous call is sometimes still a placeholder (async
+    scheduling), rows come and go (preemption; with fewer than 5 slots, eviction), one id is reused
+    by a new request, one row has no id. Each call's process(logits, meta) must equal NumPy's
+    processing of the real outputs; then sample(logits, meta) gives the tokens the outputs grow by."""
+    sps = [SamplingParams(temperature=0.0, repetition_penalty=1.3),
+           SamplingParams(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.3),
+           SamplingParams(temperature=0.0, repetition_penalty=0.8, frequency_penalty=-0.25, presence_penalty=1.5),
+           SamplingParams(temperature=1.0),
+           SamplingParams(temperature=0.0, frequency_penalty=1.0, logit_bias={3: 2.0}),
+           SamplingParams(temperature=0.0, presence_penalty=-1.5, repetition_penalty=1.2)]
+    ids = ["r0", "r1", "r2", "r3", "r4", None]
+
+    def new_request():
+        return rng.integers(-2, vocab + 2, rng.integers(1, 30)).tolist(), rng.integers(0, 40, rng.integers(0, 9)).tolist()
+
+    reqs = [new_request() for _ in sps]  # (prompt, real output); the prompt list is the request's own
+    last = set()  # rows sampled by the previous call
+    for step in range(steps):
+        if step == 3:
+            reqs[2] = new_request()  # "r2" finished; a new request took its id
+            last.discard(2)
+        rows = range(6) if step == 1 else rng.choice(6, int(rng.integers(3, 7)), replace=False)
+        rows = sorted([i for i in rows if i == 3] + [i for i in rows if i != 3][:num_slots])  # r3: no penalty
+        shown = []  # what the engine's lists hold: the previous call's token may still be a placeholder
+        for i in rows:
+            out = list(reqs[i][1])
+            if i in last and ids[i] is not None and rng.random() < 0.6:  # a row without an id: all known
+                out[-1] = PLACEHOLDER
+            shown.append(out)
+        logits = rng.normal(0, 2, size=(len(rows), vocab)).astype(np.float32)
+        meta = meta_for([sps[i] for i in rows], [reqs[i][0] for i in rows], shown)
+        meta.request_ids = [ids[i] for i in rows]
+        want = Sampler.process_logits(logits, meta_for([sps[i] for i in rows], [reqs[i][0] for i in rows],
+                                                        [reqs[i][1] for i in rows]))
+        np.testing.assert_array_equal(process(logits, meta), want, err_msg=f"call {step}")
+        for i, tok in zip(rows, sample(logits, meta)):
+            reqs[i][1].append(int(tok))
+        last = set(rows)
+
+
+def test_emulated_penalty_state_follows_requests_over_calls(rng):
+    for num_slots in (256, 3):  # 3: five penalized requests take turns in the slots
+        state = DeviceState(300, num_slots)
+        penalty_steps(lambda x, m, st=state: emulate(x, m, state=st, sample=False)[0],
+                      lambda x, m, st=state: emulate(x, m, state=st)[1], rng, 300, num_slots)
 
 
 # ---- the kernels on a GPU ---------------------------------------------------------------------------
@@ -524,3 +648,22 @@ def test_more_than_20_logprobs_fall_back_to_the_host(sampler, rng):
     for got, want in zip(out.logprobs, ref):
         assert got.top_ids == want.top_ids and got.rank == want.rank
         np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, atol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_penalty_state_follows_requests_over_calls(sampler, rng):
+    """The device's penalty slots against NumPy over calls with the same requests (penalty_steps):
+    diffs only, placeholders counted by sample_kernel, a reused id, and with 3 slots evictions."""
+    from types import SimpleNamespace
+
+    from rvllm.sampling.gpu_sampler import GpuSampler
+
+    few = GpuSampler(SimpleNamespace(dtype=sampler.dtype), seed=3, max_num_seqs=3)
+    for gs in (sampler, few):
+        for vocab in (1000, 151936):  # another vocabulary: the state is reallocated, every slot reset
+            penalty_steps(lambda x, m, gs=gs: gs.process_logits(dev(x), m).get(),
+                          lambda x, m, gs=gs: gs(dev(x), m).token_ids, rng, vocab, gs.penalty_slots.num_slots)
+    assert sampler.penalty_slots.slot_of("r0") is not None
+    sampler.release(["r0", "r1"])
+    assert sampler.penalty_slots.slot_of("r0") is None

@@ -72,8 +72,9 @@ class EngineCore:
         if gen_eos is not None:
             self.eos_token_ids = tuple(gen_eos) if isinstance(gen_eos, list) else (int(gen_eos),)
         # Async scheduling: step N+1 is launched before step N's tokens are read, so the host's
-        # scheduling and packing overlap the GPU's work. Requests with penalties need their real
-        # output tokens when their step is packed: while one is in the engine, steps run in order.
+        # scheduling and packing overlap the GPU's work. The GPU sampler keeps penalty state on the
+        # device (it counts what it samples); the NumPy sampler needs a penalized request's real
+        # output tokens when its step is packed: there, while one is in the engine, steps run in order.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.backend.name != "cpu")
         self._inflight = None  # (SchedulerOutput, PendingStep, schedule seconds): launched, not read yet
@@ -126,7 +127,8 @@ class EngineCore:
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
                       min(self.max_model_len, capacity), arrival_time)
         self._requests[request_id] = req
-        if params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        if ((params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0)
+                and not self.runner.penalties_on_device):
             self._sync_ids.add(request_id)
         self.scheduler.add_request(req)
         self.prompt_tokens_total += n

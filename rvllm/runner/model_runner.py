@@ -114,7 +114,7 @@ class ModelRunner:
             self.inputs = StepBuffers(backend, StepLayout(max_tokens, min(max_reqs, max_tokens), max_width).size)
             self.sampler = Sampler()
             self.rng = np.random.default_rng(seed)
-            self.gpu_sampler = GpuSampler(backend, seed) if backend.name == "cuda" else None
+            self.gpu_sampler = GpuSampler(backend, seed, max_reqs) if backend.name == "cuda" else None
             self.graphs = None
             # The last launch's sampled ids (device) and request id -> row: placeholders read them.
             self._prev_sampled = None
@@ -130,6 +130,13 @@ class ModelRunner:
 
     def _on_stream(self):
         return self.stream if self.stream is not None else contextlib.nullcontext()
+
+    @property
+    def penalties_on_device(self) -> bool:
+        """The sampler keeps penalty state on the device and counts the tokens it samples itself, so
+        penalized requests need not have their newest tokens on the host (async scheduling keeps
+        going). False for the NumPy sampler, which reads each request's output tokens."""
+        return self.gpu_sampler is not None
 
     def capture_graphs(self, max_num_seqs: int) -> None:
         from rvllm.runner.graphs import CudaGraphs
@@ -175,6 +182,8 @@ class ModelRunner:
         the forward and the sampler launched, the sampled ids' copy to the host queued. Placeholder
         tokens (async scheduling, engine/request.py) are read from the previous launch's sampled ids
         on the device. PendingStep.result() waits for this step only."""
+        if self.gpu_sampler is not None and sched.finished_req_ids:
+            self.gpu_sampler.release(sched.finished_req_ids)  # before this step's rows take slots
         if not sched.scheduled:
             return PendingStep(self, None)
         prof = self.profiler
@@ -250,7 +259,7 @@ class ModelRunner:
             self.ops.fill_placeholders(ids, self._prev_sampled)
 
     def _launch_sample(self, logits, batch):
-        meta = SamplingMetadata.from_requests(batch.sample_rows)
+        meta = SamplingMetadata.from_requests(batch.sample_rows, batch.sample_ids)
         if self.gpu_sampler is not None:
             return self.gpu_sampler.launch(logits, meta)
         return _Done(self.sampler(self.ops.to_host(logits), meta, self.rng))

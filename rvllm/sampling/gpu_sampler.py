@@ -1,17 +1,19 @@
 """The GPU sampler: the NumPy Sampler's semantics (sampler.py is the spec) on CuPy logits.
 
-One call per step: the per-row parameters and the sparse edit lists (penalties, logit bias,
-suppressed ids, allowed-token masks) are packed on the host into one buffer and copied to the
-device once; `process_logits_kernel` applies the edits to a copy of the logits (only when a row
-has any), `sample_kernel` samples every row and computes logprobs; one device-to-host copy brings
-back the token ids (and the logprob rows when a row asked). All-greedy steps with no edits and no
-logprobs run `argmax_kernel` only. The kernels are in kernels_cu/sampling.cu, whose header states
-where the results can differ from NumPy's (the random draws themselves, and top-p at a boundary
-within float rounding).
+One call per step: the per-row parameters, the sparse edit lists (logit bias, suppressed ids,
+allowed-token masks) and the penalty-state diffs are packed on the host into one buffer and copied
+to the device once; `process_logits_kernel` applies the edits to a copy of the logits (only when a
+row has any), `sample_kernel` samples every row and computes logprobs; one device-to-host copy
+brings back the token ids (and the logprob rows when a row asked). All-greedy steps with no edits
+and no logprobs run `argmax_kernel` only. The kernels are in kernels_cu/sampling.cu, whose header
+states where the results can differ from NumPy's (the random draws themselves, and top-p at a
+boundary within float rounding).
 
-Penalty lists are rebuilt from the request's token ids on every call (NumPy on the host, O(prompt +
-output) per row). The next step is persistent device state per request slot (output counts,
-parameters) updated by diffs, as the design's "GPU habits" ask.
+Penalties read per-request state kept on the device (penalty_slots.py): output token counts and
+prompt membership per slot, updated by diffs. The host uploads a request's prompt and output once,
+when it gets a slot; after that the device counts the tokens it samples itself, so a step costs the
+host nothing per penalty row and the rows' newest tokens need not be known on the host (the engine
+keeps async scheduling on with penalties).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 from rvllm.backend import nvrtc
 from rvllm.sampling.logprobs import LogprobsRow, gather_logprobs, log_softmax
 from rvllm.sampling.metadata import GREEDY_TEMPERATURE, SamplingMetadata
+from rvllm.sampling.penalty_slots import PenaltySlots, SlotUpdate
 from rvllm.sampling.sampler import SamplerOutput
 
 try:  # cupy is optional; guarded like backend/cuda.py
@@ -36,13 +39,14 @@ ARGMAX_SPLIT_ROWS = 1024  # rows the split argmax keeps scratch for; larger batc
 _ARGMAX_CHUNK = 2048  # the fewest floats a split argmax block reads
 _ALIGN = 16
 
-# Mirrors `struct RowParams` in sampling.cu (64 bytes).
+# Mirrors `struct RowParams` in sampling.cu (80 bytes; its last 8 are padding).
 ROW_DTYPE = np.dtype({
-    "names": ["top_p", "seed", "step", "temperature", "log_min_p", "repetition_penalty",
-              "frequency_penalty", "presence_penalty", "top_k", "tag", "num_logprobs", "greedy", "mask_row"],
-    "formats": ["<f8", "<u8", "<u8", "<f4", "<f4", "<f4", "<f4", "<f4", "<i4", "<i4", "<i4", "<i4", "<i4"],
-    "offsets": [0, 8, 16, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60],
-    "itemsize": 64,
+    "names": ["top_p", "seed", "step", "temperature", "log_min_p", "repetition_penalty", "frequency_penalty",
+              "presence_penalty", "top_k", "tag", "num_logprobs", "greedy", "mask_row", "pen_slot", "pen_reset"],
+    "formats": ["<f8", "<u8", "<u8", "<f4", "<f4", "<f4", "<f4", "<f4", "<i4", "<i4", "<i4", "<i4", "<i4", "<i4",
+                "<i4"],
+    "offsets": [0, 8, 16, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68],
+    "itemsize": 80,
 })
 
 
@@ -55,10 +59,10 @@ def argmax_splits(num_rows: int, vocab: int, num_sms: int) -> int:
 
 
 class GpuSampler:
-    def __init__(self, backend, seed: int = 0):
+    def __init__(self, backend, seed: int = 0, max_num_seqs: int = 256):
         """backend: the CudaBackend in use (its dtype picks the compiled module; the kernels are
         float32 throughout). seed: keys the noise of rows without a seed of their own, together
-        with a counter of calls."""
+        with a counter of calls. max_num_seqs: rows per call at most, the penalty state's slots."""
         if cp is None:
             raise RuntimeError("GpuSampler needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         dtype = getattr(backend, "dtype", None)
@@ -69,6 +73,14 @@ class GpuSampler:
         # Allocated here, before any CUDA graph capture, and kept for the graphs' lifetime.
         self._argmax_keys = cp.zeros(ARGMAX_SPLIT_ROWS, np.uint64)
         self._argmax_done = cp.zeros(ARGMAX_SPLIT_ROWS, np.int32)
+        self.penalty_slots = PenaltySlots(max_num_seqs)
+        # counts [S, V] int32 and in_prompt [S, V] uint8 (penalty_slots.py), allocated by the first call
+        # with a penalty row: many deployments never use penalties, and at S = 256 and V = 152k the
+        # counts alone are 155 MB. Allocating there is safe: the sampler is never part of a CUDA graph
+        # (graphs.py captures the forward and the logits only). Until then the kernels get a stand-in,
+        # never read (no row has a slot).
+        self._counts = self._in_prompt = None
+        self._no_state = cp.zeros(1, np.int32)
         self.num_sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
 
     def _kernel(self, name: str):
@@ -96,12 +108,13 @@ class GpuSampler:
                                           (out, logits, np.int32(vocab), self._argmax_keys, self._argmax_done))
             return PendingSample(meta, num_rows, vocab, out)
 
-        staged, dev, args = self._upload(meta, vocab, step)
+        staged, dev, args = self._upload(meta, vocab, step, sampling=True)
         x = self._process(logits, dev, args) if meta.needs_logit_processing else logits
         want_lp = meta.max_num_logprobs is not None
         out = cp.empty(num_rows * (3 + 2 * MAX_TOP_LOGPROBS) if want_lp else num_rows, dtype=np.int32)
+        counts = self._counts if self._counts is not None else self._no_state
         self._kernel("sample_kernel")((num_rows,), (THREADS,),
-                                      (out, x, np.int32(vocab), np.int32(num_rows), args["params"]))
+                                      (out, x, np.int32(vocab), np.int32(num_rows), args["params"], counts))
         # Rows asking more logprobs than the kernel keeps get theirs on the host in result(): copy
         # their logits now (a graph replay of the next step reuses the logits buffer).
         big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
@@ -115,26 +128,48 @@ class GpuSampler:
         num_rows, vocab = self._check(logits, meta)
         if num_rows == 0:
             return logits.copy()
-        staged, dev, args = self._upload(meta, vocab, self.calls)
+        staged, dev, args = self._upload(meta, vocab, self.calls, sampling=False)
         out = self._process(logits, dev, args)
         cp.cuda.get_current_stream().synchronize()  # `staged` must outlive the copy
         return out
 
+    def release(self, request_ids) -> None:
+        """Finished requests: their penalty slots are free again (eviction would also reclaim them)."""
+        self.penalty_slots.release(request_ids)
+
     def _process(self, logits, dev, args):
         num_rows, vocab = logits.shape
         out = cp.empty_like(logits)
+        counts, in_prompt = (self._counts, self._in_prompt) if self._counts is not None else (self._no_state,) * 2
         self._kernel("process_logits_kernel")(
             (num_rows,), (THREADS,),
-            (out, logits, np.int32(vocab), args["params"], args["pen_off"], args["pen_tok"], args["pen_count"],
-             args["pen_in_prompt"], args["bias_off"], args["bias_tok"], args["bias_val"], args["sup_off"],
-             args["sup_tok"], args["masks"]))
+            (out, logits, np.int32(vocab), args["params"], counts, in_prompt, args["prompt_off"],
+             args["prompt_tok"], args["new_off"], args["new_tok"], args["bias_off"], args["bias_tok"],
+             args["bias_val"], args["sup_off"], args["sup_tok"], args["masks"]))
         return out
 
-    def _upload(self, meta: SamplingMetadata, vocab: int, step: int):
+    def _penalty_updates(self, meta: SamplingMetadata, vocab: int, sampling: bool) -> list[SlotUpdate | None] | None:
+        if meta.no_penalties:
+            return None
+        if self._counts is None or self._counts.shape[1] != vocab:  # first use, or another vocabulary
+            shape = (self.penalty_slots.num_slots, vocab)
+            self._counts = self._in_prompt = None  # the old pair's memory back to the pool first
+            # Uninitialized: a slot is zeroed when a request gets it (SlotUpdate.reset).
+            self._counts, self._in_prompt = cp.empty(shape, np.int32), cp.empty(shape, np.uint8)
+            self.penalty_slots.clear()
+        return self.penalty_slots.plan(meta, sampling)
+
+    def _upload(self, meta: SamplingMetadata, vocab: int, step: int, sampling: bool):
         """pack_step's buffer on the device: one asynchronous copy from pinned memory (a pageable
         copy would wait for the stream). Returns (the pinned buffer, which must live until the copy
-        ran, the device buffer, the kernel arguments: views into it, one per section)."""
-        host, offsets = pack_step(meta, vocab, step, self.seed)
+        ran, the device buffer, the kernel arguments: views into it, one per section).
+        sampling: sample_kernel runs after process_logits_kernel (it counts the sampled tokens)."""
+        updates = self._penalty_updates(meta, vocab, sampling)
+        try:
+            host, offsets = pack_step(meta, vocab, step, self.seed, updates)
+        except Exception:  # (a bad mask) the planned slot updates will not reach the device
+            self.penalty_slots.clear()
+            raise
         staged = _pinned(host.size, np.uint8)
         staged[:] = host
         dev = cp.empty(host.size, dtype=np.uint8)
@@ -211,38 +246,36 @@ class PendingSample:
 
 # ---- host-side packing (pure NumPy: the CPU tests check it through an emulation of the kernels) ----
 
-def pack_step(meta: SamplingMetadata, vocab: int, step: int, seed: int) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+def pack_step(meta: SamplingMetadata, vocab: int, step: int, seed: int,
+              updates: list[SlotUpdate | None] | None = None) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
     """Everything the kernels read, in one uint8 host buffer: per-row params (ROW_DTYPE), the CSR
-    lists (penalties, bias, suppressed ids) and the allowed-token masks. Returns (buffer,
+    lists (penalty-slot updates, bias, suppressed ids) and the allowed-token masks. Returns (buffer,
     {section: (byte offset, byte size)}); sections are 16-byte aligned and never empty.
-    step: the call counter (the Philox step of unseeded rows); seed: the sampler's seed."""
+    step: the call counter (the Philox step of unseeded rows); seed: the sampler's seed;
+    updates: PenaltySlots.plan's, one per row (needed when a row has a penalty)."""
     n = meta.num_rows
     rows = _row_params(meta, vocab, step, seed)
     sections: dict[str, np.ndarray] = {}
-    pen_off = np.zeros(n + 1, np.int32)
-    pen = ([], [], [])  # token ids, output counts, in-prompt flags
-    if not meta.no_penalties:
-        for i in range(n):
-            rep, freq, pres = meta.repetition_penalty[i], meta.frequency_penalty[i], meta.presence_penalty[i]
-            size = 0
-            if rep != 1.0 or freq != 0.0 or pres != 0.0:
-                ids, counts = np.unique(_in_range(meta.output_token_ids[i], vocab), return_counts=True)
-                flags = np.zeros(ids.size, np.int32)
-                if rep != 1.0:  # repetition also covers prompt tokens
-                    prompt = np.unique(_in_range(meta.prompt_token_ids[i], vocab))
-                    all_ids = np.union1d(ids, prompt)
-                    c = np.zeros(all_ids.size, np.int64)
-                    c[np.searchsorted(all_ids, ids)] = counts
-                    flags = np.isin(all_ids, prompt).astype(np.int32)
-                    ids, counts = all_ids, c
-                pen[0].append(ids)
-                pen[1].append(counts)
-                pen[2].append(flags)
-                size = ids.size
-            pen_off[i + 1] = pen_off[i] + size
-    sections["pen_off"] = pen_off
-    sections["pen_tok"], sections["pen_count"], sections["pen_in_prompt"] = (
-        np.concatenate(p).astype(np.int32) if p else np.zeros(0, np.int32) for p in pen)
+    if updates is None and not meta.no_penalties:
+        raise ValueError("pack_step: rows with penalties need their penalty slots (PenaltySlots.plan)")
+    prompt_off, new_off = np.zeros(n + 1, np.int32), np.zeros(n + 1, np.int32)
+    prompt_tok, new_tok = [], []
+    if updates is not None:
+        rows["pen_slot"] = [-1 if u is None else u.slot for u in updates]
+        rows["pen_reset"] = [u is not None and u.reset for u in updates]
+        prompt_sizes, new_sizes = [0] * n, [0] * n
+        for i, u in enumerate(updates):
+            if u is not None and u.reset:  # the prompt's set, once per slot
+                prompt_tok.append(np.unique(_in_range(u.prompt, vocab)))
+                prompt_sizes[i] = prompt_tok[-1].size
+            if u is not None and len(u.new_tokens):  # none in the steady state
+                new_tok.append(_in_range(u.new_tokens, vocab))
+                new_sizes[i] = new_tok[-1].size
+        np.cumsum(prompt_sizes, out=prompt_off[1:])
+        np.cumsum(new_sizes, out=new_off[1:])
+    sections["prompt_off"], sections["new_off"] = prompt_off, new_off
+    sections["prompt_tok"], sections["new_tok"] = (
+        np.concatenate(t).astype(np.int32) if t else np.zeros(0, np.int32) for t in (prompt_tok, new_tok))
 
     bias_off = np.zeros(n + 1, np.int32)
     bias_tok, bias_val = [], []
@@ -316,6 +349,7 @@ def _row_params(meta: SamplingMetadata, vocab: int, step: int, seed: int) -> np.
     rows["step"] = [len(out) if s is not None else step for s, out in zip(meta.seeds, meta.output_token_ids)]
     rows["tag"] = np.where(seeded, 0, np.arange(1, n + 1))
     rows["mask_row"] = -1
+    rows["pen_slot"] = -1
     return rows
 
 

@@ -36,6 +36,9 @@ class SamplingMetadata:
     num_logprobs: list[int | None]
     # Structured output later: per row a bool [vocab] array (True = allowed) or None.
     allowed_token_masks: list | None = None
+    # Per row the request's id, or None: keys the GPU sampler's per-request penalty state
+    # (penalty_slots.py). Rows without one get fresh state for the call (a full upload).
+    request_ids: Sequence[str | None] | None = None
 
     # ---- derived flags (computed, not passed) -----------------------------------------------
     num_rows: int = field(init=False)
@@ -54,8 +57,8 @@ class SamplingMetadata:
         lists = (self.top_p, self.top_k, self.min_p, self.presence_penalty, self.frequency_penalty,
                  self.repetition_penalty, self.logit_bias, self.seeds, self.output_token_ids,
                  self.prompt_token_ids, self.suppress_token_ids, self.num_logprobs)
-        if any(len(x) != n for x in lists) or (self.allowed_token_masks is not None
-                                               and len(self.allowed_token_masks) != n):
+        if any(len(x) != n for x in lists) or any(x is not None and len(x) != n
+                                                  for x in (self.allowed_token_masks, self.request_ids)):
             raise ValueError("SamplingMetadata: every per-row list must have one entry per row")
         self.num_rows = n
         greedy = [t < GREEDY_TEMPERATURE for t in self.temperature]
@@ -83,8 +86,10 @@ class SamplingMetadata:
     def from_requests(
         cls,
         rows: Sequence[tuple[SamplingParams, Sequence[int], Sequence[int], Iterable[int] | int | None]],
+        request_ids: Sequence[str] | None = None,
     ) -> "SamplingMetadata":
-        """rows: (params, prompt_token_ids, output_token_ids, eos_token_ids) per sampling request.
+        """rows: (params, prompt_token_ids, output_token_ids, eos_token_ids) per sampling request;
+        request_ids: their ids, in the same order (the runner's StepBatch.sample_ids).
 
         The id lists are kept by reference (not copied): the sampler only reads them.
         """
@@ -117,4 +122,5 @@ class SamplingMetadata:
             prompt_token_ids=[prompt for _, prompt, _, _ in rows],
             suppress_token_ids=suppress,
             num_logprobs=cols[9],
+            request_ids=request_ids,
         )

@@ -1,0 +1,147 @@
+"""The GPU sampler's per-request penalty state, host side (rvllm/sampling/penalty_slots.py), with
+NumPy arrays standing in for the device's (tests/test_sampler_gpu.py's DeviceState and emulate:
+the kernels' slot updates, dense reads and sampled-token counts, fed by pack_step's buffer).
+
+After any sequence of calls the device's counts must equal the bincount of each request's real
+output and in_prompt its prompt's set: with async-style placeholders (tokens the device sampled
+and counted, not yet known on the host), requests that skip calls (preemption), eviction when slots
+run out, released and reused ids, and rows without ids."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rvllm.sampling.penalty_slots import PLACEHOLDER, PenaltySlots
+from rvllm.sampling.sampler import Sampler
+from rvllm.sampling_params import SamplingParams
+from tests.test_sampler import meta_for
+from tests.test_sampler_gpu import DeviceState, emulate
+
+PEN = SamplingParams(temperature=0.0, frequency_penalty=0.5)
+
+
+def plan(slots, ids, prompts, outputs, sampling=True, params=None):
+    meta = meta_for(params or [PEN] * len(ids), prompts, outputs)
+    meta.request_ids = ids
+    return slots.plan(meta, sampling)
+
+
+def test_a_known_request_uploads_only_what_the_device_has_not_counted():
+    slots = PenaltySlots(4)
+    p = [1, 2]
+    u = plan(slots, ["a"], [p], [[5, 6]])[0]
+    assert u.reset and list(u.prompt) == p and list(u.new_tokens) == [5, 6]
+    u = plan(slots, ["a"], [p], [[5, 6, PLACEHOLDER]])[0]  # its token of the last call: counted there
+    assert not u.reset and list(u.prompt) == [] and list(u.new_tokens) == []
+    u = plan(slots, ["a"], [p], [[5, 6, 9, 4, 8]], sampling=False)[0]  # 9, 4 sampled on the device, 8 not
+    assert not u.reset and list(u.new_tokens) == [8] and slots.counted[u.slot] == 5
+
+
+def test_rows_without_a_penalty_get_no_slot():
+    slots = PenaltySlots(1)
+    updates = plan(slots, ["a", "b"], [[1], [1]], [[], []], params=[SamplingParams(), PEN])
+    assert updates[0] is None and updates[1].slot == 0 and slots.slot_of("a") is None
+
+
+def test_eviction_takes_the_least_recently_used_slot_never_one_of_this_call():
+    slots = PenaltySlots(2)
+    pa, pb, pc = [1], [2], [3]
+    plan(slots, ["a", "b"], [pa, pb], [[], []])
+    plan(slots, ["a"], [pa], [[7]])  # b is now the least recently used
+    ua, uc = plan(slots, ["a", "c"], [pa, pc], [[7, 8], []])
+    assert not ua.reset and uc.reset and slots.slot_of("b") is None and uc.slot != ua.slot
+    ub, uc = plan(slots, ["b", "c"], [pb, pc], [[4], [5]])  # b comes back (a preempted request): full upload
+    assert ub.reset and list(ub.new_tokens) == [4] and not uc.reset and slots.slot_of("a") is None
+
+
+def test_release_frees_the_slot_and_a_reused_id_starts_over():
+    slots = PenaltySlots(2)
+    plan(slots, ["a"], [[1]], [[3, 4]])
+    slots.release(["a", "unknown"])
+    assert slots.slot_of("a") is None
+    u = plan(slots, ["a"], [[9]], [[]])[0]
+    assert u.reset and list(u.prompt) == [9]
+    # Not released: another prompt list under the same id (a new request) or an output shorter than
+    # what the device counted starts the slot over too.
+    again = plan(slots, ["a"], [[9]], [[]])[0]
+    assert again.reset and again.slot == u.slot
+    p = [9]
+    plan(slots, ["a"], [p], [[1, 2, 3]])
+    assert plan(slots, ["a"], [p], [[1]])[0].reset
+
+
+def test_rows_without_an_id_hold_a_slot_for_one_call():
+    slots = PenaltySlots(3)
+    pa = [2]
+    ua = plan(slots, ["a"], [pa], [[4]])[0]
+    u1, u2 = plan(slots, [None, None], [[1], [2]], [[3], [4]])
+    assert u1.reset and u2.reset and len({ua.slot, u1.slot, u2.slot}) == 3
+    u3, _ = plan(slots, [None, "b"], [[1], [5]], [[3], []])  # the anonymous slots were given back
+    assert u3.reset and not plan(slots, ["a"], [pa], [[4, 0]])[0].reset  # so "a" was not evicted
+
+
+def test_misuse_is_refused():
+    slots = PenaltySlots(2)
+    with pytest.raises(ValueError, match="two rows"):
+        plan(slots, ["a", "a"], [[1], [1]], [[], []])
+    with pytest.raises(ValueError, match="penalty slots"):
+        plan(slots, ["a", "b", "c"], [[1]] * 3, [[]] * 3)
+    with pytest.raises(RuntimeError, match="placeholder"):  # a new slot cannot know a token in flight
+        plan(slots, ["a"], [[1]], [[5, PLACEHOLDER]])
+    with pytest.raises(ValueError):
+        PenaltySlots(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_slots=st.integers(1, 4), seed=st.integers(0, 2**32 - 1),
+       calls=st.lists(st.booleans(), min_size=1, max_size=14))
+def test_device_state_follows_the_real_outputs(num_slots, seed, calls):
+    """calls: per call, whether the previous call's tokens are still placeholders (async scheduling);
+    everything else (finishes, releases, reused ids, which rows run, rows without ids) from `seed`."""
+    vocab = 12
+    rng = np.random.default_rng(seed)
+    state = DeviceState(vocab, num_slots)
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.25),
+              SamplingParams(temperature=0.0, presence_penalty=-1.0), SamplingParams(temperature=0.0)]
+    reqs: dict = {}  # id -> [params, prompt (the request's own list), real output]
+    last: set = set()  # ids sampled by the previous call
+    for call, async_ in enumerate(calls):
+        for rid in list(reqs):  # finish some: released by the runner, or left to eviction
+            if rng.random() < 0.15:
+                del reqs[rid]
+                last.discard(rid)
+                if rng.random() < 0.5:
+                    state.slots.release([rid])
+        free_ids = [f"r{k}" for k in range(7) if f"r{k}" not in reqs]  # finished ids come back: reused
+        for rid in rng.choice(free_ids, max(0, 5 - len(reqs)), replace=False):
+            reqs[str(rid)] = [params[rng.integers(3)], rng.integers(-1, vocab + 1, rng.integers(0, 6)).tolist(), []]
+        penalized = {r for r in reqs if reqs[r][0] is not params[2]}
+        chosen = [r for r in sorted(reqs) if rng.random() < 0.7]  # the others skip the call (preempted)
+        rows = [r for r in chosen if r not in penalized] + [r for r in chosen if r in penalized][:num_slots]
+        sps, prompts, real = [reqs[r][0] for r in rows], [reqs[r][1] for r in rows], [reqs[r][2] for r in rows]
+        # The engine's lists: the previous call's token may still be a placeholder (the device has it).
+        shown = [out[:-1] + [PLACEHOLDER] if async_ and r in last else list(out) for r, out in zip(rows, real)]
+        ids = list(rows)
+        if len(penalized & set(rows)) < num_slots and rng.random() < 0.3:  # a penalized row without an id
+            sps.append(params[0])
+            prompts.append(rng.integers(0, vocab, 3).tolist())
+            real.append(rng.integers(0, vocab, rng.integers(0, 4)).tolist())
+            shown.append(list(real[-1]))
+            ids.append(None)
+        last = set(rows)
+        if not ids:
+            continue
+        meta = meta_for(sps, prompts, shown)
+        meta.request_ids = ids
+        logits = rng.normal(0, 1, size=(len(ids), vocab)).astype(np.float32)
+        x, tokens, _, _ = emulate(logits, meta, step=call, state=state)
+        np.testing.assert_array_equal(x, Sampler.process_logits(logits, meta_for(sps, prompts, real)))
+        for r, tok in zip(rows, tokens):
+            reqs[r][2].append(tok)
+            if r not in penalized:  # (a finished request's slot may linger under its reused id: unused)
+                continue
+            slot = state.slots.slot_of(r)
+            np.testing.assert_array_equal(state.counts[slot], np.bincount(reqs[r][2], minlength=vocab))
+            np.testing.assert_array_equal(state.in_prompt[slot], np.isin(np.arange(vocab), reqs[r][1]))
