@@ -101,6 +101,29 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                                   ("fused residual", res2), ("down", down)):
                     host = b.to_host(arr).astype(np.float32)
                     assert np.isfinite(host).all(), f"{dtype} hd={hd} {attention}: non-finite {name}"
+# The sampler's kernels: penalty slots over three calls (reset, counts from the sampled tokens),
+# seeded top-k/top-p with logprobs, bias and a suppressed id; then the all-greedy argmax path.
+import cupy as cp
+
+from rvllm.sampling.gpu_sampler import GpuSampler
+from rvllm.sampling.metadata import SamplingMetadata
+from rvllm.sampling_params import SamplingParams
+
+for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
+    print(f"smoke: {dtype} sampler", flush=True)
+    sampler = GpuSampler(CudaBackend(dtype), seed=1, max_num_seqs=4)
+    params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.2, frequency_penalty=0.5,
+                             presence_penalty=0.1, logprobs=3, seed=7, logit_bias={5: 2.0}, min_tokens=5),
+              SamplingParams(temperature=0.0, presence_penalty=0.3)]
+    prompts, outs = [[1, 2, 3], [4, 5]], [[7], [8, 8]]
+    for call in range(3):
+        meta = SamplingMetadata.from_requests([(p, pr, o, 2) for p, pr, o in zip(params, prompts, outs)], ["a", "b"])
+        got = sampler(cp.asarray(rng.standard_normal((2, vocab)), dtype=cp.float32), meta)
+        for o, t in zip(outs, got.token_ids):
+            assert 0 <= t < vocab
+            o.append(t)
+    greedy = SamplingMetadata.from_requests([(SamplingParams(temperature=0.0), [1], [], None)] * 3)
+    assert len(sampler(cp.asarray(rng.standard_normal((3, vocab)), dtype=cp.float32), greedy).token_ids) == 3
 print("smoke: every kernel ran")
 EOF
 
