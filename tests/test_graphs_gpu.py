@@ -182,3 +182,55 @@ def test_async_scheduling_matches_in_order_steps(tiny):
         assert llm.engine.runner.graphs.num_replays > 0
         del llm
     assert runs[1] == runs[0]
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("num_sms", [None, 1, 1000], ids=["eager", "fixed-blocks-loop", "fixed-block-per-partition"])
+@pytest.mark.parametrize("hd,group", [(128, 4), (64, 1), (64, 7)])
+def test_rotary_fused_into_decode_attention(gpu, num_sms, neox, hd, group):
+    """rotary_cache_attention on a decode step (the decode kernel rotates q and the new key and
+    writes the cache) against the CPU's rotary_and_cache_write + paged_attention: output and both
+    caches, with contexts across partitions (so the block owning the newest key is not always the
+    first), a padding row, and the fixed grid whose blocks loop over partitions."""
+    from rvllm.backend.cuda import cp
+    from rvllm.backend.cuda_attention import DecodeWorkspace
+    from rvllm.runner.step_inputs import StepMetadata
+    from tests.test_kernels_gpu import _attention_case, _rope_spec, check, rounded
+
+    rng = np.random.default_rng(zlib.crc32(f"rope-{gpu.dtype}-{num_sms}-{neox}-{hd}-{group}".encode()))
+    lens = [1, 17, 33, 100, 513, 1500]
+    nkv, bs, pad = 2, 16, 1
+    nh = nkv * group
+    (_, kc, vc, meta), (_, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
+                                                            block_size=bs, pad_rows=pad)
+    r = len(lens) + pad
+    qkv = rounded(gpu, rng.standard_normal((r, (nh + 2 * nkv) * hd)))
+    q, k, v = (qkv[:, :nh * hd].reshape(r, nh, hd), qkv[:, nh * hd:(nh + nkv) * hd].reshape(r, nkv, hd),
+               qkv[:, (nh + nkv) * hd:].reshape(r, nkv, hd))
+    tables = meta.block_tables
+    positions = np.asarray([n - 1 for n in lens] + [0] * pad, np.int32)
+    slots = np.asarray([tables[i, p // bs] * bs + p % bs for i, p in enumerate(positions[:len(lens)])] + [-1] * pad,
+                       np.int32)
+    cos_sin = cos_sin_table(_rope_spec(hd), 2048)
+    qsl = np.arange(len(lens) + 1, dtype=np.int32)  # the padding row belongs to no request
+    seq_lens = np.asarray(lens, np.int32)
+    ref_meta = AttentionMetadata(qsl, seq_lens, tables, slots, 1, max(lens), [1] * len(lens), lens)
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    ref = CPU.rotary_cache_attention(q, k, v, positions, cos_sin, kc_ref, vc_ref, ref_meta, hd ** -0.5, neox)
+
+    d = gpu.weight(qkv)
+    q_d, k_d, v_d = (d[:, :nh * hd].reshape(r, nh, hd), d[:, nh * hd:(nh + nkv) * hd].reshape(r, nkv, hd),
+                     d[:, (nh + nkv) * hd:].reshape(r, nkv, hd))  # strided views, as the model passes them
+    dev = {"qsl": cp.asarray(qsl), "sl": cp.asarray(seq_lens), "tables": cp.asarray(tables), "slots": cp.asarray(slots)}
+    if num_sms is None:
+        m = StepMetadata(dev["qsl"], dev["sl"], dev["tables"], dev["slots"], 1, max(lens), [1] * len(lens), lens)
+    else:
+        ws = DecodeWorkspace.allocate(r, nh, hd, 2048, cp.asarray(np.array([tables.shape[1]], np.int32)),
+                                      num_sms=num_sms)
+        m = StepMetadata(dev["qsl"], dev["sl"], dev["tables"], dev["slots"], 1, 1, [1] * len(lens), lens,
+                         decode_workspace=ws)
+    out = gpu.rotary_cache_attention(q_d, k_d, v_d, cp.asarray(positions), cp.asarray(cos_sin), kc_d, vc_d, m,
+                                     hd ** -0.5, neox)
+    check(gpu, out, ref, "fused rotary + decode attention")
+    check(gpu, kc_d, kc_ref, "k_cache")
+    check(gpu, vc_d, vc_ref, "v_cache", tol=1e-7)  # a copy: exact
