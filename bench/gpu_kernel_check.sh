@@ -87,10 +87,6 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                 q = b.rotary_and_cache_write(q, k, v, b.from_host(np.asarray(positions, np.int32)), cos_sin,
                                              k_cache, v_cache, m.slot_mapping, True)
                 o = b.paged_attention(q, k_cache, v_cache, m, hd ** -0.5)
-                if i == 2:  # decode only: rotary and the cache write fused into the decode kernel
-                    o = b.rotary_cache_attention(qkv[:, : nh * hd].reshape(t, nh, hd), k, v,
-                                                 b.from_host(np.asarray(positions, np.int32)), cos_sin, k_cache,
-                                                 v_cache, m, hd ** -0.5, True)
                 act = b.silu_and_mul(b.linear(h, w_gu))
                 logits = b.logits(h, table)
                 # gemv.cu at <= 8 rows (steps 2 and 3), the separate kernels + cuBLAS at 33 (step 1)

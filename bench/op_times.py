@@ -123,8 +123,6 @@ def main() -> None:
         ("rotary + KV write", None, lambda i: b.rotary_and_cache_write(q, k, v, pos, cos_sin, kc, vc, meta.slot_mapping,
                                                                        True), None),
         ("decode attention", None, lambda i: b.paged_attention(q, kc, vc, meta, s.head_dim ** -0.5), None),
-        ("rotary + KV write + decode attention, one kernel", None,
-         lambda i: b.rotary_cache_attention(q, k, v, pos, cos_sin, kc, vc, meta, s.head_dim ** -0.5, True), None),
         ("o_proj", "o", rot("o", lambda m: b.linear(xq, m)), rot("o", lambda m: blas.linear(xq, m))),
         ("add_norm + gate_up + SiLU", "gate_up",
          rot("gate_up", lambda m: b.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul")),
@@ -167,7 +165,7 @@ def main() -> None:
         nbytes = W[wname][0].nbytes if wname else 0
         t_blas = _time_graph(cp, b.stream, blas_fn, reps, b.graph_capture) if blas_fn else None
         t_read = _time_graph(cp, b.stream, reader(wname), reps, b.graph_capture) if wname else None
-        if name != "logits" and not name.startswith("decode attention,") and "one kernel" not in name:
+        if name != "logits" and not name.startswith("decode attention,"):
             layer += t
         print(f"| {name} | {t:.1f} | {f'{nbytes / t / 1e3:.0f}' if nbytes else ''} | "
               f"{f'{t_blas:.1f}' if t_blas else ''} | {f'{t_read:.1f}' if t_read else ''} |")

@@ -82,34 +82,10 @@ __device__ __forceinline__ float load_cg(const float* p) {
     const int* __restrict__ row_stride_dev,  /* not null: the row stride, read on the device (CUDA graphs) */ \
     const int* __restrict__ query_start_loc,  /* [num_reqs + 1] */ \
     const int* __restrict__ seq_lens,         /* [num_reqs] */ \
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale, \
-    i64 q_stride,                          /* elements between query rows (q may be a view of the qkv output) */ \
-    /* Rotary fused in (decode steps: one query row per request), or k_new == nullptr: q is rotated */ \
-    /* and the cache written already. Else q, k_new and v_new are the unrotated projections, and the */ \
-    /* block that owns a row's newest key rotates k, writes k and v to the cache (k_cache_w, v_cache_w: */ \
-    /* the same caches) and uses them from shared memory; see the kernel. */ \
-    const scalar_t* __restrict__ k_new, i64 k_stride, const scalar_t* __restrict__ v_new, i64 v_stride, \
-    const int* __restrict__ positions, const int* __restrict__ slot_mapping, \
-    const float* __restrict__ cos_sin,     /* [max_pos, HEAD_DIM]: cos, then sin (rotary.cu) */ \
-    int max_pos, int neox, scalar_t* k_cache_w, scalar_t* v_cache_w
+    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale
 #define SPLIT_ATTENTION_ARGS \
     out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, \
-    row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale, \
-    q_stride, k_new, k_stride, v_new, v_stride, positions, slot_mapping, cos_sin, max_pos, neox, k_cache_w, v_cache_w
-
-// Rotary (rotary.cu's rotate_heads, element by element): element d of a head and its pair partner,
-// rotated with the row's cos / sin, rounded to the 16-bit type as the rotary kernel stores it.
-__device__ __forceinline__ int rope_partner(int d, int neox) {
-  return neox ? (d < HEAD_DIM / 2 ? d + HEAD_DIM / 2 : d - HEAD_DIM / 2) : d ^ 1;
-}
-__device__ __forceinline__ int rope_index(int d, int neox) {  // the cos / sin column of element d
-  return neox ? (d < HEAD_DIM / 2 ? d : d - HEAD_DIM / 2) : d >> 1;
-}
-__device__ __forceinline__ float rope_one(const scalar_t* __restrict__ head, int d, float c, float s, int neox) {
-  const bool first = neox ? d < HEAD_DIM / 2 : (d & 1) == 0;
-  const float x = to_f32(head[d]), xp = to_f32(head[rope_partner(d, neox)]);
-  return to_f32(from_f32(first ? x * c - xp * s : x * c + xp * s));
-}
+    row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale
 
 template <bool SMALL_STEP>
 __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
@@ -120,17 +96,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   // so it runs before pdl_wait(), while the kernels before this one (rotary, the qkv product)
   // finish; see common.cuh.
   const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
-  const scalar_t* q_tok = q + (i64)tok * q_stride + (i64)kvh * group * HEAD_DIM;
-  const bool fused = k_new != nullptr;  // rotary fused in (see the parameters)
-  // The row's cos / sin (a table written at load, like a weight), this lane's columns: before the wait.
-  const float* cs = fused ? cos_sin + (i64)min(max(positions[tok], 0), max_pos - 1) * HEAD_DIM : nullptr;
-  float rc[DPL], rs[DPL];
-#pragma unroll
-  for (int c = 0; c < DPL; ++c) {
-    const int d = lane + 32 * c;
-    rc[c] = fused && d < HEAD_DIM ? cs[rope_index(d, neox)] : 0.f;
-    rs[c] = fused && d < HEAD_DIM ? cs[HEAD_DIM / 2 + rope_index(d, neox)] : 0.f;
-  }
+  const scalar_t* q_tok = q + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
   float qr[GCHUNK][DPL];
   auto load_q = [&](int g0) {
 #pragma unroll
@@ -138,9 +104,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
 #pragma unroll
       for (int c = 0; c < DPL; ++c) {
         const int d = lane + 32 * c;
-        const scalar_t* head = q_tok + (g0 + gg) * HEAD_DIM;
-        qr[gg][c] = (g0 + gg < group && d < HEAD_DIM)
-                        ? (fused ? rope_one(head, d, rc[c], rs[c], neox) : to_f32(head[d])) * scale : 0.f;
+        qr[gg][c] = (g0 + gg < group && d < HEAD_DIM) ? to_f32(q_tok[(g0 + gg) * HEAD_DIM + d]) * scale : 0.f;
       }
     }
   };
@@ -167,31 +131,6 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   }
   pdl_enter();
   if (q_held) load_q(0);
-  // Rotary fused in: the block whose partitions include the row's newest key (its own token, at
-  // position ctx - 1) rotates that key, writes it and the value to the cache for later steps, and
-  // keeps both in shared memory: its key loads below take the newest row from there, so nothing
-  // reads back what this kernel writes (k_cache / v_cache stay read-only for the loads).
-  __shared__ float s_knew[HEAD_DIM], s_vnew[HEAD_DIM];
-  const int newest = ctx - 1;
-  const bool owner = fused && req >= 0 && num_parts > 0 && (int)blockIdx.z == (newest / part_size) % (int)gridDim.z;
-  if (owner) {
-    const scalar_t* k_tok = k_new + (i64)tok * k_stride + (i64)kvh * HEAD_DIM;
-    const scalar_t* v_tok = v_new + (i64)tok * v_stride + (i64)kvh * HEAD_DIM;
-    const i64 slot = slot_mapping[tok];
-    for (int d = threadIdx.x; d < HEAD_DIM; d += NUM_THREADS) {
-      const int j = rope_index(d, neox);
-      const float kd = rope_one(k_tok, d, cs[j], cs[HEAD_DIM / 2 + j], neox);
-      const scalar_t vd = v_tok[d];
-      s_knew[d] = kd;
-      s_vnew[d] = to_f32(vd);
-      if (slot >= 0) {
-        const i64 at = slot * (i64)num_kv_heads * HEAD_DIM + (i64)kvh * HEAD_DIM + d;
-        k_cache_w[at] = from_f32(kd);  // exact: kd is a rounded 16-bit value
-        v_cache_w[at] = vd;
-      }
-    }
-    __syncthreads();
-  }
   if (req < 0 || num_parts <= 0) {  // a padding row: zeros, written once
     if (blockIdx.z == 0) {
       scalar_t* o = out + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
@@ -227,11 +166,6 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
           for (int c = 0; c < DPL; ++c) {
             const int d = lane + 32 * c;
             kv[u][c] = (i < n && d < HEAD_DIM) ? to_f32(kr[d]) : 0.f;
-          }
-          if (owner && t == newest && i < n) {  // this kernel's own key: from shared memory (above)
-#pragma unroll
-            for (int c = 0; c < DPL; ++c)
-              if (lane + 32 * c < HEAD_DIM) kv[u][c] = s_knew[lane + 32 * c];
           }
           // Step 3 reads this key's V row: start it towards L2 now (a lane per 32-byte sector), so
           // that a short partition pays one DRAM round trip for K and V, not two.
@@ -300,11 +234,6 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
           for (int c = 0; c < DPL; ++c) {
             const int d = lane + 32 * c;
             vv[u][c] = (i < n && d < HEAD_DIM) ? to_f32(vr[d]) : 0.f;
-          }
-          if (owner && t == newest && i < n) {
-#pragma unroll
-            for (int c = 0; c < DPL; ++c)
-              if (lane + 32 * c < HEAD_DIM) vv[u][c] = s_vnew[lane + 32 * c];
           }
         }
 #pragma unroll

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rvllm.backend.fused import add_norm_linear as _add_norm_linear, rotary_cache_attention as _rotary_cache_attention
+from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.bf16 import bf16_bits_to_float32
 
 
@@ -133,10 +133,6 @@ class CpuBackend:
         k_cache.reshape(-1, nkv, hd)[slot_mapping[valid]] = k[valid]
         v_cache.reshape(-1, nkv, hd)[slot_mapping[valid]] = v[valid]
         return q
-
-    def rotary_cache_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, meta, scale: float, neox: bool):
-        """Rotary, the KV-cache write and paged attention; see backend/fused.py."""
-        return _rotary_cache_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, meta, scale, neox)
 
     def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> np.ndarray:
         """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd]."""

@@ -21,7 +21,7 @@ import numpy as np
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
 from rvllm.backend.cuda_gemv import MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
-from rvllm.backend.fused import add_norm_linear as _add_norm_linear, rotary_cache_attention as _rotary_cache_attention
+from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
 
@@ -346,12 +346,15 @@ class CudaBackend(DeviceTransfers):
             raise ValueError(f"{name}: each token's [heads, head_dim] must be contiguous (strides {x.strides})")
         return x.strides[0] // isz
 
-    def _rotary_strides(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> tuple[int, int, int]:
-        """Checks rotary's inputs; returns the token strides of q, k and v (in elements)."""
+    def rotary_and_cache_write(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox: bool):
+        """Rotate q and k; write rotated k and v into the paged cache at slot_mapping (-1 skips).
+        q [T, nh, hd], k and v [T, nkv, hd] (strided views of the qkv output are fine).
+        Returns the rotated q, contiguous [T, nh, hd]."""
         num_tokens, nh, hd = q.shape
         q_stride = self._heads_view("rotary q", q, num_tokens)
         k_stride = self._heads_view("rotary k", k, num_tokens)
         v_stride = self._heads_view("rotary v", v, num_tokens)
+        nkv = k.shape[1]
         if k.shape[2] != hd or v.shape != k.shape or hd % 2:
             raise ValueError(f"rotary: shapes q {q.shape}, k {k.shape}, v {v.shape} (head_dim must be even)")
         self._check("rotary positions", positions, np.int32, ndim=1)
@@ -361,26 +364,7 @@ class CudaBackend(DeviceTransfers):
         self._check("rotary cos_sin", cos_sin, np.float32, ndim=2)
         if cos_sin.shape[1] != hd:
             raise ValueError(f"rotary: cos_sin rows have {cos_sin.shape[1]} values, head_dim is {hd}")
-        self._check_cache(k_cache, v_cache, k.shape[1], hd)
-        return q_stride, k_stride, v_stride
-
-    def rotary_cache_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, meta, scale: float, neox: bool):
-        """Rotary, the KV-cache write and paged attention (backend/fused.py's composition). A decode
-        step (one query row per request) whose attention runs the decode kernel does all three in
-        it: the rotary kernel and the rotated q's round trip through memory go (bench/NOTES.md #19)."""
-        if meta.max_query_len <= 1 and q.shape[0] and meta.seq_lens.shape[0] and q.shape[2] % 8 == 0:
-            strides = self._rotary_strides(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
-            rope = cuda_attention.Rope(k, v, positions, cos_sin, meta.slot_mapping, neox, *strides)
-            return cuda_attention.paged_attention(self, q, k_cache, v_cache, meta, scale, rope)
-        return _rotary_cache_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, meta, scale, neox)
-
-    def rotary_and_cache_write(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox: bool):
-        """Rotate q and k; write rotated k and v into the paged cache at slot_mapping (-1 skips).
-        q [T, nh, hd], k and v [T, nkv, hd] (strided views of the qkv output are fine).
-        Returns the rotated q, contiguous [T, nh, hd]."""
-        num_tokens, nh, hd = q.shape
-        q_stride, k_stride, v_stride = self._rotary_strides(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
-        nkv = k.shape[1]
+        self._check_cache(k_cache, v_cache, nkv, hd)
         q_out = cp.empty((num_tokens, nh, hd), dtype=self.compute_dtype)
         if num_tokens:
             # A thread per rotated pair of q (one block per token): with 128 threads, 7 dependent

@@ -106,23 +106,6 @@ class DecodeWorkspace:
         return size, parts, max(1, min(parts, want))
 
 
-@dataclass
-class Rope:
-    """Rotary fused into the decode kernel (CudaBackend.rotary_cache_attention): q is unrotated, and
-    k and v are this step's new keys and values, which the kernel rotates and writes to the cache at
-    slot_mapping. Strides are in elements between tokens (views of the qkv output)."""
-
-    k: object
-    v: object
-    positions: object
-    cos_sin: object
-    slot_mapping: object
-    neox: bool
-    q_stride: int
-    k_stride: int
-    v_stride: int
-
-
 def check_cache(b, k_cache, v_cache, nkv: int, hd: int) -> None:
     b._check("k_cache", k_cache, ndim=4)
     b._check("v_cache", v_cache, ndim=4)
@@ -132,15 +115,11 @@ def check_cache(b, k_cache, v_cache, nkv: int, hd: int) -> None:
         raise ValueError("KV cache: base address must be 16-byte aligned")
 
 
-def paged_attention(b, q, k_cache, v_cache, meta, scale: float, rope: Rope | None = None):
+def paged_attention(b, q, k_cache, v_cache, meta, scale: float):
     """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd] (b: the
     CudaBackend). Decode-only steps (max_query_len == 1) use the split-context decode kernel;
-    others the tensor-core prefill kernel. Rows no request owns come back as zeros.
-    rope: rotary and the cache write fused in (decode-only steps; the caller checked its inputs)."""
-    if rope is None:
-        b._check("paged_attention q", q, ndim=3)
-    elif meta.max_query_len > 1:
-        raise ValueError("paged_attention: rotary fuses into decode-only steps (one query row per request)")
+    others the tensor-core prefill kernel. Rows no request owns come back as zeros."""
+    b._check("paged_attention q", q, ndim=3)
     num_tokens, nh, hd = q.shape
     nkv, block_size = k_cache.shape[2], k_cache.shape[1]
     check_cache(b, k_cache, v_cache, nkv, hd)
@@ -163,11 +142,11 @@ def paged_attention(b, q, k_cache, v_cache, meta, scale: float, rope: Rope | Non
     prefill_ok = hd % 16 == 0 and hd <= 128
     if meta.max_query_len <= 1 or b.attention == "split" or not prefill_ok:
         return _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size,
-                                workspace if meta.max_query_len <= 1 else None, rope)
+                                workspace if meta.max_query_len <= 1 else None)
     return _attention_prefill(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size)
 
 
-def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace, rope=None):
+def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace):
     num_tokens, nh, hd = q.shape
     nkv = k_cache.shape[2]
     group = nh // nkv
@@ -198,14 +177,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
         counters = ws.counters
     if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
         raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {MAX_GRID_YZ}")
-    out = cp.empty((num_tokens, nh, hd), dtype=q.dtype)
-    if rope is None:  # q rotated and contiguous, the cache written
-        fused = (np.int64(nh * hd), np.uint64(0), np.int64(0), np.uint64(0), np.int64(0), np.uint64(0), np.uint64(0),
-                 np.uint64(0), np.int32(1), np.int32(0), np.uint64(0), np.uint64(0))
-    else:
-        fused = (np.int64(rope.q_stride), rope.k, np.int64(rope.k_stride), rope.v, np.int64(rope.v_stride),
-                 rope.positions, rope.slot_mapping, rope.cos_sin, np.int32(rope.cos_sin.shape[0]),
-                 np.int32(1 if rope.neox else 0), k_cache, v_cache)
+    out = cp.empty_like(q)
     split = b._kernel("attention_decode.cu", decode_kernel_name(num_tokens, nkv, hd, b.num_sms), hd)
     smem = nvrtc.decode_smem_bytes(hd, group)
     b._ensure_smem(split, smem)
@@ -213,7 +185,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
           (out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev,
            meta.query_start_loc, meta.seq_lens,
            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),
-           np.int32(size), np.float32(scale)) + fused,
+           np.int32(size), np.float32(scale)),
           shared_mem=smem)
     return out
 

@@ -66,8 +66,10 @@ class LlamaModel:
         if s.qk_norm:
             q = ops.rms_norm(q, layer.q_norm, s.rms_norm_eps)
             k = ops.rms_norm(k, layer.k_norm, s.rms_norm_eps)
-        o = ops.rotary_cache_attention(q, k, v, positions, self.w.cos_sin, k_cache, v_cache, meta, self.scale,
-                                       s.rope_neox)  # [T, nh, hd]; k and v go to the cache
+        q = ops.rotary_and_cache_write(
+            q, k, v, positions, self.w.cos_sin, k_cache, v_cache, meta.slot_mapping, s.rope_neox
+        )
+        o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, nh, hd]
         return ops.linear(o.reshape(num_tokens, s.q_size), layer.o_proj)
 
     def compute_logits(self, hidden):
