@@ -15,6 +15,7 @@ from rvllm.engine.request import Request, RequestStatus
 from rvllm.engine.scheduler import Scheduler
 from rvllm.errors import RvllmError
 from rvllm.sampling_params import SamplingParams
+from rvllm.sampling.penalty_slots import state_bytes as penalty_state_bytes
 
 log = logging.getLogger("rvllm.engine")
 
@@ -99,7 +100,9 @@ class EngineCore:
             budget = cfg.kv_cache_memory_bytes or min(
                 _CPU_KV_CACHE_CAP_BYTES, per_block * cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size))
         else:
-            budget = cfg.kv_cache_memory_bytes or self.backend.kv_cache_budget(cfg.gpu_memory_utilization)
+            # The GPU sampler's penalty state is allocated on first use, after the cache: keep room for it.
+            budget = cfg.kv_cache_memory_bytes or (self.backend.kv_cache_budget(cfg.gpu_memory_utilization)
+                                                   - penalty_state_bytes(cfg.max_num_seqs, spec.vocab_size))
         num = int(budget // per_block)
         if num < -(-self.max_model_len // cfg.block_size):
             log.warning("the KV cache (%d blocks) holds less than one max_model_len sequence", num)

@@ -30,6 +30,13 @@ from rvllm.sampling.metadata import SamplingMetadata
 
 # engine/request.py's PLACEHOLDER: an output token sampled on the device, not known on the host yet.
 PLACEHOLDER = -1
+STATE_BYTES_PER_TOKEN = 4 + 1  # counts (int32) and in_prompt (uint8), per slot and vocabulary entry
+
+
+def state_bytes(num_slots: int, vocab: int) -> int:
+    """Device memory of the penalty state (GpuSampler allocates it on first use); the engine keeps
+    it out of the KV cache's budget so that first use cannot run out of memory."""
+    return num_slots * vocab * STATE_BYTES_PER_TOKEN
 
 
 @dataclass(slots=True)
