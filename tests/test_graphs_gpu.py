@@ -182,3 +182,25 @@ def test_async_scheduling_matches_in_order_steps(tiny):
         assert llm.engine.runner.graphs.num_replays > 0
         del llm
     assert runs[1] == runs[0]
+
+
+def test_penalties_keep_async_scheduling_and_match_in_order_steps(tiny):
+    """Requests with repetition, frequency and presence penalties (the GPU sampler's per-slot state
+    on the device) give the same tokens with async scheduling as in order, and no longer turn it off:
+    placeholder tokens are read on the device while penalized requests run. 24 requests, ending at
+    different steps (slot eviction and reuse are covered by tests/test_penalty_slots.py)."""
+    from rvllm import SamplingParams
+
+    d, cfg, _ = tiny
+    prompts = _prompts(cfg["vocab_size"], 24, seed=5)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=100 + i, max_tokens=2 + 3 * (i % 4),
+                             ignore_eos=True, repetition_penalty=1.3 if i % 3 else 1.0,
+                             frequency_penalty=0.5 if i % 4 else 0.0, presence_penalty=0.2 if i % 5 else 0.0)
+              for i in range(24)]
+    runs = []
+    for async_scheduling in (False, True):
+        llm = _llm(d, graphs=True, async_scheduling=async_scheduling)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        assert (llm.engine.runner.num_placeholder_tokens > 0) == async_scheduling
+        del llm
+    assert runs[1] == runs[0]
