@@ -197,8 +197,9 @@ _precompile_lock = threading.Lock()
 
 def precompile(dtype: str, head_dim: int) -> None:
     """Starts compiling, in threads, every module a model of this dtype and head size uses that the
-    disk cache lacks (load_module then waits for its own). NVRTC runs without the GIL, so a cold
-    start compiles the files side by side instead of one after another (bench/RESULTS.md)."""
+    disk cache lacks (load_module then waits for its own), so that a cold start compiles while the
+    weights load instead of at each module's first use. (Whether the files also compile side by side
+    depends on the binding releasing the GIL; not measured: bench/NOTES.md #20.)"""
     device_arch()  # once, on this thread: it touches the CUDA device
     keys = [(file, dtype, head_dim if per_hd else None) for file, (_, per_hd) in KERNELS.items()]
     pool = ThreadPoolExecutor(max_workers=min(len(keys), os.cpu_count() or 1), thread_name_prefix="nvrtc")
