@@ -145,3 +145,11 @@ def test_device_state_follows_the_real_outputs(num_slots, seed, calls):
             slot = state.slots.slot_of(r)
             np.testing.assert_array_equal(state.counts[slot], np.bincount(reqs[r][2], minlength=vocab))
             np.testing.assert_array_equal(state.in_prompt[slot], np.isin(np.arange(vocab), reqs[r][1]))
+
+
+def test_placeholder_is_the_engines():
+    """penalty_slots keeps its own copy of the engine's placeholder id (sampling sits below the
+    engine, so it cannot import it): the two must agree, or placeholders would be uploaded as tokens."""
+    from rvllm.engine.request import PLACEHOLDER as ENGINE_PLACEHOLDER
+
+    assert PLACEHOLDER == ENGINE_PLACEHOLDER
