@@ -68,6 +68,10 @@ def profile_table(llm, run) -> str:
         prof, runner.profiler = runner.profiler, None
     lines = [f"| phase (us per step, {len(prof.rows)} steps) | mean | median |", "|---|---|---|"]
     lines += [f"| {phase} | {mean:.0f} | {median:.0f} |" for phase, (mean, median) in prof.summary().items()]
+    kinds = prof.device_time_by_kind()
+    if kinds:
+        lines += ["", "| steps | count | device ms (h2d + forward + sample + gap), total |", "|---|---|---|"]
+        lines += [f"| {kind} | {n} | {total * 1e3:.1f} |" for kind, (n, total) in kinds.items()]
     return "\n".join(lines)
 
 

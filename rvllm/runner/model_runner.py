@@ -201,7 +201,8 @@ class ModelRunner:
             self._prev_rows = {rid: i for i, rid in enumerate(batch.sample_ids)}
             if prof:
                 pending.profile = {"pack": self._pack_seconds, "launch": time.perf_counter() - t0, "sampler": t_sample,
-                                   "events": (start, self._uploaded_mark, forwarded, prof.mark())}
+                                   "events": (start, self._uploaded_mark, forwarded, prof.mark()),
+                                   "prompt_tokens": batch.num_tokens - batch.num_reqs}
         return pending
 
     def forward_step(self, sched, use_graphs: bool = True):

@@ -53,6 +53,18 @@ class StepProfiler:
     def add(self, row: dict[str, float]) -> None:
         self.rows.append(row)
 
+    def device_time_by_kind(self) -> dict[str, tuple[int, float]]:
+        """{"with prompt tokens" | "decode only": (steps, device seconds: h2d + forward + sample + gap)},
+        to tell prefill's share of a run from the decode steps'."""
+        out: dict[str, tuple[int, float]] = {}
+        for r in self.rows:
+            if "forward" not in r:
+                continue
+            kind = "with prompt tokens" if r.get("prompt_tokens", 0) > 0 else "decode only"
+            n, total = out.get(kind, (0, 0.0))
+            out[kind] = (n + 1, total + sum(r.get(p, 0.0) for p in DEVICE_PHASES))
+        return out
+
     def summary(self) -> dict[str, tuple[float, float]]:
         """phase -> (mean, median) in microseconds over the recorded steps that have it."""
         out = {}
