@@ -87,7 +87,7 @@ def main() -> None:
          "down": copies(h, inter), "lm_head": [w(s.vocab_size, h)]}
     bias = w(qkv_out) if s.attention_bias else None
     x, res, norm_w = w(B, h), w(B, h), w(h)
-    xq, xi = w(B, s.q_size), w(B, inter)
+    xq, xi, xg = w(B, s.q_size), w(B, inter), w(B, 2 * inter)
     nblocks = -(-ctx // bs)
     kc = b.dummy_weight((B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 2)
     vc = b.dummy_weight((B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 3)
@@ -129,7 +129,14 @@ def main() -> None:
          rot("gate_up", lambda m: blas.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul"))),
         ("down", "down", rot("down", lambda m: b.linear(xi, m)), rot("down", lambda m: blas.linear(xi, m))),
         ("logits", "lm_head", rot("lm_head", lambda m: b.logits(x, m)), None),
+        # The cuBLAS path's separate kernels (steps of more rows than the GEMV kernels take):
+        ("(cuBLAS path) fused_add_rms_norm", None, lambda i: b.fused_add_rms_norm(x, res, norm_w, eps), None),
+        ("(cuBLAS path) qkv bias broadcast", None,
+         (lambda i: cp.empty((B, qkv_out), b.compute_dtype).__setitem__(Ellipsis, bias)) if bias is not None else None,
+         None),
+        ("(cuBLAS path) silu_and_mul", None, lambda i: b.silu_and_mul(xg), None),
     ]
+    ops = [op for op in ops if op[2] is not None]
     if args.attention_variants:
         from rvllm.backend import cuda_attention
 
@@ -148,8 +155,10 @@ def main() -> None:
                     setattr(cuda_attention, attr, saved)
             return run
 
-        for kname in ("paged_attention_split_kernel", "paged_attention_split_lean_kernel"):
-            ops.append((f"decode attention, {kname}", None, with_choice("decode_kernel_name", kname, meta), None))
+        for kname, threads in (("paged_attention_split_kernel", 128), ("paged_attention_split_lean_kernel", 128),
+                               ("paged_attention_split_wide_kernel", 512)):
+            # decode_build also sets the partition size (through the workspace's layout)
+            ops.append((f"decode attention, {kname}", None, with_choice("decode_build", (kname, threads), meta), None))
         for size in (32, 64, 128, 256, 512):
             ops.append((f"decode attention, eager, {size}-key partitions", None,
                         with_choice("partition_size", size, eager), None))
@@ -165,7 +174,7 @@ def main() -> None:
         nbytes = W[wname][0].nbytes if wname else 0
         t_blas = _time_graph(cp, b.stream, blas_fn, reps, b.graph_capture) if blas_fn else None
         t_read = _time_graph(cp, b.stream, reader(wname), reps, b.graph_capture) if wname else None
-        if name != "logits" and not name.startswith("decode attention,"):
+        if name != "logits" and not name.startswith(("decode attention,", "(cuBLAS path)")):
             layer += t
         print(f"| {name} | {t:.1f} | {f'{nbytes / t / 1e3:.0f}' if nbytes else ''} | "
               f"{f'{t_blas:.1f}' if t_blas else ''} | {f'{t_read:.1f}' if t_read else ''} |")

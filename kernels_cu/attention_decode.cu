@@ -4,7 +4,8 @@
 // ragged step: every query row is handled on its own with its causal context length (see
 // query_context_len in common.cuh), which makes it the reference path for the prefill kernel.
 //
-// One kernel, grid (num_kv_heads, num_tokens, grid_parts), NUM_THREADS threads. One block takes
+// One kernel, grid (num_kv_heads, num_tokens, grid_parts), NUM_THREADS threads (WIDE_THREADS in the
+// wide build, below). One block takes
 // one query row, one KV head and all `group` query heads that share it (GQA), and partitions
 // blockIdx.z, blockIdx.z + grid_parts, ... of `part_size` keys (those that start inside the
 // row's context): each K/V row is loaded once for the whole group. The backend picks part_size
@@ -30,7 +31,7 @@
 #define PARTITION_SIZE 512
 #endif
 #define NUM_THREADS 128
-#define NUM_WARPS (NUM_THREADS / 32)
+#define WIDE_THREADS 512
 #define GCHUNK 8                       // query heads of the group held in registers at once
 #define DPL ((HEAD_DIM + 31) / 32)     // head dims per lane
 // Keys a warp loads before using any: a warp per key in turn made a chain of dependent loads
@@ -65,7 +66,7 @@ __device__ __forceinline__ float load_cg(const float* p) {
   return v;
 }
 
-// Dynamic shared memory (floats): s_logits [group][PARTITION_SIZE], s_red [NUM_WARPS][GCHUNK]
+// Dynamic shared memory (floats): s_logits [group][PARTITION_SIZE], s_red [warps][GCHUNK]
 // [HEAD_DIM], s_stats [2][group]. The backend computes the same size (nvrtc.py / cuda.py).
 // The kernel's parameters, shared by its two builds (below).
 #define SPLIT_ATTENTION_PARAMS \
@@ -87,8 +88,9 @@ __device__ __forceinline__ float load_cg(const float* p) {
     out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, \
     row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale
 
-template <bool SMALL_STEP>
+template <bool SMALL_STEP, int THREADS>
 __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
+  constexpr int WARPS = THREADS / 32;
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -108,7 +110,8 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
       }
     }
   };
-  const bool q_held = SMALL_STEP && group <= GCHUNK;
+  // The wide build (512 threads) cannot hold q as well within its 128 registers a thread.
+  const bool q_held = SMALL_STEP && THREADS <= 128 && group <= GCHUNK;
   int req;
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
   // The combine kernel reads exactly partitions [0, num_parts) of each row.
@@ -121,7 +124,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     // the rotary kernel: L2 is where that write lands, so a prefetch cannot make it stale.
     const int start = blockIdx.z * part_size, n = min(part_size, ctx - start);
     constexpr int sectors = (HEAD_DIM + 15) / 16;
-    for (int j = threadIdx.x; j < n * sectors; j += NUM_THREADS) {
+    for (int j = threadIdx.x; j < n * sectors; j += THREADS) {
       const int i = j / sectors, t = start + i;
       const i64 row = ((i64)btab[t / block_size] * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM
                       + (j - i * sectors) * 16;
@@ -134,7 +137,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   if (req < 0 || num_parts <= 0) {  // a padding row: zeros, written once
     if (blockIdx.z == 0) {
       scalar_t* o = out + ((i64)tok * num_heads + (i64)kvh * group) * HEAD_DIM;
-      for (int i = threadIdx.x; i < group * HEAD_DIM; i += NUM_THREADS) o[i] = 0;
+      for (int i = threadIdx.x; i < group * HEAD_DIM; i += THREADS) o[i] = 0;
     }
     return;
   }
@@ -143,7 +146,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   extern __shared__ float smem[];
   float* s_logits = smem;
   float* s_red = s_logits + group * PARTITION_SIZE;
-  float* s_stats = s_red + NUM_WARPS * GCHUNK * HEAD_DIM;  // [0, group): max, [group, 2 group): sum
+  float* s_stats = s_red + WARPS * GCHUNK * HEAD_DIM;  // [0, group): max, [group, 2 group): sum
 
   // Every iteration ends with a barrier (step 3), so the next one may rewrite shared memory.
   for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
@@ -153,11 +156,11 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     // 1. Scores: a warp per key, lanes across head dims, all group heads per K load.
     for (int g0 = 0; g0 < group; g0 += GCHUNK) {
       if (!q_held) load_q(g0);
-      for (int i0 = warp; i0 < n; i0 += NUM_WARPS * KEYS_IN_FLIGHT) {
+      for (int i0 = warp; i0 < n; i0 += WARPS * KEYS_IN_FLIGHT) {
         float kv[KEYS_IN_FLIGHT][DPL];
 #pragma unroll
         for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {  // all loads first: KEYS_IN_FLIGHT rows in flight
-          const int i = i0 + u * NUM_WARPS;
+          const int i = i0 + u * WARPS;
           const int t = start + min(i, n - 1);
           const i64 block = btab[t / block_size];
           const i64 row = (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
@@ -188,7 +191,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
               part[u * GCHUNK + gg] = acc;
             }
           WarpReduceScatter<4 * GCHUNK, 16>::run(part, lane);
-          const int i = i0 + (4 * h + lane / GCHUNK) * NUM_WARPS, gg = lane % GCHUNK;
+          const int i = i0 + (4 * h + lane / GCHUNK) * WARPS, gg = lane % GCHUNK;
           if (g0 + gg < group && i < n) s_logits[(g0 + gg) * PARTITION_SIZE + i] = part[0];
         }
       }
@@ -196,7 +199,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     __syncthreads();
 
     // 2. Softmax over this partition, a warp per query head: keep max and sum, store exp().
-    for (int g = warp; g < group; g += NUM_WARPS) {
+    for (int g = warp; g < group; g += WARPS) {
       float* lg = s_logits + g * PARTITION_SIZE;
       float m = RVLLM_NEG_INF;
       for (int i = lane; i < n; i += 32) m = fmaxf(m, lg[i]);
@@ -222,11 +225,11 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
       for (int gg = 0; gg < GCHUNK; ++gg)
 #pragma unroll
         for (int c = 0; c < DPL; ++c) acc[gg][c] = 0.f;
-      for (int i0 = warp; i0 < n; i0 += NUM_WARPS * KEYS_IN_FLIGHT) {
+      for (int i0 = warp; i0 < n; i0 += WARPS * KEYS_IN_FLIGHT) {
         float vv[KEYS_IN_FLIGHT][DPL];
 #pragma unroll
         for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
-          const int i = i0 + u * NUM_WARPS;
+          const int i = i0 + u * WARPS;
           const int t = start + min(i, n - 1);
           const i64 block = btab[t / block_size];
           const scalar_t* vr = v_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
@@ -238,7 +241,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
         }
 #pragma unroll
         for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
-          const int i = i0 + u * NUM_WARPS;
+          const int i = i0 + u * WARPS;
 #pragma unroll
           for (int gg = 0; gg < GCHUNK; ++gg) {
             const float p = (g0 + gg < group && i < n) ? s_logits[(g0 + gg) * PARTITION_SIZE + i] : 0.f;
@@ -255,13 +258,13 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
           if (d < HEAD_DIM) s_red[(warp * GCHUNK + gg) * HEAD_DIM + d] = acc[gg][c];
         }
       __syncthreads();
-      for (int idx = threadIdx.x; idx < GCHUNK * HEAD_DIM; idx += NUM_THREADS) {
+      for (int idx = threadIdx.x; idx < GCHUNK * HEAD_DIM; idx += THREADS) {
         const int gg = idx / HEAD_DIM, d = idx - gg * HEAD_DIM;
         const int g = g0 + gg;
         if (g < group) {
           float s = 0.f;
 #pragma unroll
-          for (int w = 0; w < NUM_WARPS; ++w) s += s_red[(w * GCHUNK + gg) * HEAD_DIM + d];
+          for (int w = 0; w < WARPS; ++w) s += s_red[(w * GCHUNK + gg) * HEAD_DIM + d];
           if (num_parts == 1) {  // the whole context in one partition: the output itself
             out[((i64)tok * num_heads + (i64)kvh * group + g) * HEAD_DIM + d] = from_f32(s / s_stats[group + g]);
             continue;
@@ -294,7 +297,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   __threadfence();
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
   // Per head: the weight of partition p is sum_p * exp(max_p - max), stored in s_logits[g][p].
-  for (int g = warp; g < group; g += NUM_WARPS) {
+  for (int g = warp; g < group; g += WARPS) {
     const i64 row0 = (head0 + g) * max_parts;
     float* w = s_logits + g * PARTITION_SIZE;
     float m = RVLLM_NEG_INF;
@@ -310,7 +313,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     if (lane == 0) s_stats[g] = 1.f / l;
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += NUM_THREADS) {
+  for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += THREADS) {
     const int g = idx / HEAD_DIM, d = idx - g * HEAD_DIM;
     const i64 row0 = (head0 + g) * max_parts;
     const float* w = s_logits + g * PARTITION_SIZE;
@@ -328,10 +331,18 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
 // query rows per group chunk and is held to 4 blocks per SM at head sizes <= 128. The backend
 // picks by step size (cuda_attention.py).
 extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(SPLIT_ATTENTION_PARAMS) {
-  split_attention<true>(SPLIT_ATTENTION_ARGS);
+  split_attention<true, NUM_THREADS>(SPLIT_ATTENTION_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, HEAD_DIM <= 128 ? 4 : 2)
     paged_attention_split_lean_kernel(SPLIT_ATTENTION_PARAMS) {
-  split_attention<false>(SPLIT_ATTENTION_ARGS);
+  split_attention<false, NUM_THREADS>(SPLIT_ATTENTION_ARGS);
+}
+
+// The wide build, for the smallest steps (batch 1-4): 16 warps x 8 keys in flight take a 128-key
+// partition in one round trip for K and one for V, where the 4-warp build needs 32-key partitions
+// (four blocks and a cross-block combine for a 128-token context) or four round trips. Its s_red
+// is 16 warps' worth (64 KB at head size 128): the backend uses it up to head size 128.
+extern "C" __global__ void __launch_bounds__(WIDE_THREADS) paged_attention_split_wide_kernel(SPLIT_ATTENTION_PARAMS) {
+  split_attention<true, WIDE_THREADS>(SPLIT_ATTENTION_ARGS);
 }

@@ -126,18 +126,19 @@ def gpu(request):
     return CudaBackend(request.param)
 
 
+@pytest.mark.parametrize("lens", [[1, 511, 512, 513, 1500, 2048], [129, 2048]], ids=["128-thread-build", "wide-build"])
 @pytest.mark.parametrize("num_sms", [1, 1000], ids=["blocks-loop-over-partitions", "a-block-per-partition"])
-def test_fixed_grid_decode_attention(gpu, num_sms):
-    """Contexts across partition boundaries (32-key partitions with 1000 SMs, 512 with one), two
-    padding requests (seq_len 0), and a block table whose row stride is read on the device and differs
-    from the view's width."""
+def test_fixed_grid_decode_attention(gpu, num_sms, lens):
+    """Contexts across partition boundaries (with 1000 SMs: 32-key partitions, or 128 in the wide
+    build that steps of <= 8 (row, KV head) pairs run; 512 with one SM), two padding requests
+    (seq_len 0), and a block table whose row stride is read on the device and differs from the
+    view's width."""
     from rvllm.backend.cuda import cp
     from rvllm.backend.cuda_attention import DecodeWorkspace
     from rvllm.runner.step_inputs import StepMetadata
     from tests.test_kernels_gpu import _attention_case, check
 
-    rng = np.random.default_rng(zlib.crc32(f"fixed-{gpu.dtype}-{num_sms}".encode()))
-    lens = [1, 511, 512, 513, 1500, 2048]
+    rng = np.random.default_rng(zlib.crc32(f"fixed-{gpu.dtype}-{num_sms}-{len(lens)}".encode()))
     pad, nkv, group, hd, bs = 2, 2, 4, 128, 16
     (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
                                                               block_size=bs, pad_rows=pad)
@@ -157,7 +158,7 @@ def test_fixed_grid_decode_attention(gpu, num_sms):
     ws.tmp_out.fill(np.nan)
     out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
     size, parts, grid_parts = ws.layout(r, nkv)
-    assert size == (512 if num_sms == 1 else 32)
+    assert size == (512 if num_sms == 1 else 128 if r * nkv <= 8 else 32)
     check(gpu, out, ref, f"fixed-grid decode (grid {grid_parts} of {parts} partitions of {size} keys)")
 
 

@@ -82,6 +82,7 @@ def test_decode_partition_size_spreads_small_steps_and_respects_the_combine_boun
 
     limit = nvrtc.DECODE_PARTITION_SIZE
     assert partition_size(1, 2, 8192, 132) == 32
+    assert partition_size(1, 2, 8192, 132, threads=512) == 128  # the wide build: 16 warps x 8 keys
     assert partition_size(256, 2, 8192, 132) == limit
     assert partition_size(1, 2, limit * limit, 132) == limit  # 512 partitions of 512 keys
     assert partition_size(1, 2, limit * 32 + 1, 132) == 64  # 32-key partitions would be 513

@@ -208,7 +208,7 @@ def test_logits_are_float32(gpu, rng, num_tokens):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 33])
-@pytest.mark.parametrize("inter", [64, 1536, 5000])
+@pytest.mark.parametrize("inter", [64, 1001, 1536, 5000])  # 1001: the scalar path (rows not 16-byte aligned)
 def test_silu_and_mul(gpu, rng, num_tokens, inter):
     x = rounded(gpu, rng.standard_normal((num_tokens, 2 * inter)) * 3)
     check(gpu, gpu.silu_and_mul(gpu.weight(x)), CPU.silu_and_mul(x), "silu_and_mul")
@@ -307,6 +307,16 @@ def test_decode_attention_batches(gpu, rng, batch):
     """64 rows x 8 KV heads run the lean build of the kernel (cuda_attention.decode_kernel_name)."""
     lens = rng.integers(1, 2100, batch).tolist()
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=8, group=4, head_dim=128)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 7, 16])
+def test_decode_attention_wide_build(gpu, rng, head_dim, group):
+    """Steps of <= 8 (row, KV head) pairs run the 512-thread build (cuda_attention.decode_build):
+    contexts inside one 128-key partition, across its boundary, and long enough to combine; and a
+    padding row."""
+    _run_attention([gpu], rng, [(1, 1), (1, 128), (1, 129)], nkv=2, group=group, head_dim=head_dim, pad_rows=1)
+    _run_attention([gpu], rng, [(1, 2000)], nkv=2, group=group, head_dim=head_dim)
 
 
 def test_decode_attention_idle_request_and_padding_rows(gpu, rng):

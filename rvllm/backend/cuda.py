@@ -330,9 +330,9 @@ class CudaBackend(DeviceTransfers):
         if out.size:
             if num_tokens > 65535:  # tokens ride on grid.y
                 raise ValueError(f"silu_and_mul: {num_tokens} tokens exceed 65535 per call")
-            cols_per_block = 256 * 2  # SILU_THREADS * SILU_COLS_PER_THREAD in activation.cu
+            threads, cols_per_block = 128, 128 * 8  # SILU_THREADS, x SILU_COLS_PER_THREAD in activation.cu
             grid = (-(-(two_i // 2) // cols_per_block), num_tokens)
-            self._kernel("activation.cu", "silu_and_mul_kernel")(grid, (256,), (out, x, np.int32(two_i // 2)))
+            self._kernel("activation.cu", "silu_and_mul_kernel")(grid, (threads,), (out, x, np.int32(two_i // 2)))
         return out
 
     def _heads_view(self, name: str, x, num_tokens: int) -> int:

@@ -27,10 +27,28 @@ except Exception:  # ImportError, or a broken CUDA install (cuda.py says the sam
 MAX_GRID_YZ = 65535
 # Fixed-grid decode: aim for this many blocks per multiprocessor (the blocks loop over partitions).
 _BLOCKS_PER_SM = 4
-_MIN_PARTITION = 32  # a partition of 32 keys is one load per warp of the kernel's 4 warps x 8 keys in flight
+_KEYS_IN_FLIGHT = 8  # per warp (attention_decode.cu): a partition of warps x 8 keys is one load per warp
+# The wide build (16 warps) for steps of at most this many (row, KV head) pairs: batch 1-4 at 2 KV heads.
+_WIDE_MAX_PAIRS = 8
 
 
-def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[str, int]:
+    """(kernel name, threads) of the decode kernel's build for a step (attention_decode.cu).
+    - wide (512 threads): the smallest steps, whose time is the latency of a few blocks' load chains;
+      a 128-key partition is one round trip for K and one for V, with no cross-block combine up to
+      128 keys. Up to head size 128 (its shared memory grows with warps x head size);
+    - lean (128 threads, fewer registers, more blocks per SM): steps with at least one (row, KV head)
+      pair per SM. It only saves registers at head sizes >= 128 (at 64 it spills);
+    - otherwise the 128-thread build that loads the query before the metadata chain."""
+    pairs = num_tokens * num_kv_heads
+    if pairs <= _WIDE_MAX_PAIRS and head_dim <= 128:
+        return "paged_attention_split_wide_kernel", nvrtc.DECODE_WIDE_THREADS
+    if head_dim >= 128 and pairs >= num_sms:
+        return "paged_attention_split_lean_kernel", nvrtc.DECODE_NUM_THREADS
+    return "paged_attention_split_kernel", nvrtc.DECODE_NUM_THREADS
+
+
+def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms: int, threads: int = 128) -> int:
     """Keys per partition of the decode kernel for a step of num_tokens query rows.
 
     Each block's keys cost a chain of dependent loads (block table, K, then V), so a step with few
@@ -38,22 +56,19 @@ def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms
     512-key partition left two blocks doing all the work (29 us at a 150-token context, ncu). The
     size is the power of two (32 to the kernel's PARTITION_SIZE) at which a 1024-token context in
     every row would make about two waves of blocks, and at least large enough that max_context needs
-    at most PARTITION_SIZE partitions (the combine step's bound)."""
+    at most PARTITION_SIZE partitions (the combine step's bound). No smaller than one load per warp
+    of a build with `threads` threads."""
     limit = nvrtc.DECODE_PARTITION_SIZE
     want = num_tokens * num_kv_heads * 1024 / (2 * max(1, num_sms))
-    size = _MIN_PARTITION
+    size = threads // 32 * _KEYS_IN_FLIGHT
     while size < limit and (size < want or -(-max_context // size) > limit):
         size *= 2
     return size
 
 
 def decode_kernel_name(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> str:
-    """Which build of the decode kernel (attention_decode.cu): the lean one (fewer registers, more
-    blocks per SM) once the step has at least one (row, KV head) pair per SM, the one that loads the
-    query before the metadata chain for smaller steps, whose time is that chain's latency. The lean
-    build only saves registers at head sizes >= 128 (at 64 it spills)."""
-    lean = head_dim >= 128 and num_tokens * num_kv_heads >= num_sms
-    return "paged_attention_split_lean_kernel" if lean else "paged_attention_split_kernel"
+    """The name of decode_build's kernel (bench/op_times.py swaps this chooser to time each build)."""
+    return decode_build(num_tokens, num_kv_heads, head_dim, num_sms)[0]
 
 
 @dataclass
@@ -100,7 +115,8 @@ class DecodeWorkspace:
     def layout(self, num_tokens: int, num_kv_heads: int) -> tuple[int, int, int]:
         """(partition size, partitions a max_context row has, blocks along the partition axis: enough
         to fill the GPU, at most one per partition)."""
-        size = partition_size(num_tokens, num_kv_heads, self.max_context, self.num_sms)
+        threads = decode_build(num_tokens, num_kv_heads, self.head_dim, self.num_sms)[1]
+        size = partition_size(num_tokens, num_kv_heads, self.max_context, self.num_sms, threads)
         parts = max(1, -(-self.max_context // size))
         want = math.ceil(_BLOCKS_PER_SM * self.num_sms / max(1, num_kv_heads * num_tokens))
         return size, parts, max(1, min(parts, want))
@@ -155,7 +171,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
         if -(-max_seq // nvrtc.DECODE_PARTITION_SIZE) > nvrtc.DECODE_PARTITION_SIZE:
             raise ValueError(f"paged_attention (split): a {max_seq}-token context needs more than "
                              f"{nvrtc.DECODE_PARTITION_SIZE} partitions, which the kernel cannot combine")
-        size = partition_size(num_tokens, nkv, max_seq, b.num_sms)
+        size = partition_size(num_tokens, nkv, max_seq, b.num_sms, decode_build(num_tokens, nkv, hd, b.num_sms)[1])
         parts = max(1, -(-max_seq // size))
         grid_parts = parts
         tmp_out = cp.empty((num_tokens, nh, parts, hd), dtype=np.float32)
@@ -178,10 +194,12 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
         raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {MAX_GRID_YZ}")
     out = cp.empty_like(q)
-    split = b._kernel("attention_decode.cu", decode_kernel_name(num_tokens, nkv, hd, b.num_sms), hd)
-    smem = nvrtc.decode_smem_bytes(hd, group)
+    name = decode_kernel_name(num_tokens, nkv, hd, b.num_sms)
+    threads = nvrtc.DECODE_WIDE_THREADS if name == "paged_attention_split_wide_kernel" else nvrtc.DECODE_NUM_THREADS
+    split = b._kernel("attention_decode.cu", name, hd)
+    smem = nvrtc.decode_smem_bytes(hd, group, threads)
     b._ensure_smem(split, smem)
-    split((nkv, num_tokens, grid_parts), (nvrtc.DECODE_NUM_THREADS,),
+    split((nkv, num_tokens, grid_parts), (threads,),
           (out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev,
            meta.query_start_loc, meta.seq_lens,
            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),

@@ -36,7 +36,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "norm.cu": (("rms_norm_kernel", "fused_add_rms_norm_kernel"), False),
     "activation.cu": (("silu_and_mul_kernel",), False),
     "rotary.cu": (("rotary_cache_kernel",), False),
-    "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel"), True),
+    "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
+                             "paged_attention_split_wide_kernel"), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
@@ -46,6 +47,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
 # Must match attention_decode.cu.
 DECODE_PARTITION_SIZE = 512
 DECODE_NUM_THREADS = 128
+DECODE_WIDE_THREADS = 512  # paged_attention_split_wide_kernel
 DECODE_GCHUNK = 8
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -104,9 +106,9 @@ def compile_options(arch: int | str, dtype: str, head_dim: int | None = None, pt
     return tuple(opts)
 
 
-def decode_smem_bytes(head_dim: int, group: int) -> int:
-    """Dynamic shared memory of paged_attention_split_kernel (see attention_decode.cu)."""
-    floats = group * DECODE_PARTITION_SIZE + (DECODE_NUM_THREADS // 32) * DECODE_GCHUNK * head_dim + 2 * group
+def decode_smem_bytes(head_dim: int, group: int, threads: int = DECODE_NUM_THREADS) -> int:
+    """Dynamic shared memory of the decode kernel's build with `threads` threads (attention_decode.cu)."""
+    floats = group * DECODE_PARTITION_SIZE + (threads // 32) * DECODE_GCHUNK * head_dim + 2 * group
     return 4 * floats
 
 
