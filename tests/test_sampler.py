@@ -415,6 +415,36 @@ def test_metadata_flags_let_common_cases_skip_work():
         SamplingMetadata.from_requests(rows, ["a"])
 
 
+def _flags_per_row(m: SamplingMetadata) -> tuple:
+    """The flags by their definitions, row by row (the metadata computes them over distinct values)."""
+    greedy = [t < 1e-5 for t in m.temperature]
+    rand = [i for i in range(m.num_rows) if not greedy[i]]
+    wanted = [k for k in m.num_logprobs if k is not None]
+    return (all(greedy), not any(greedy),
+            all(m.presence_penalty[i] == 0 and m.frequency_penalty[i] == 0 and m.repetition_penalty[i] == 1
+                for i in range(m.num_rows)),
+            all(m.top_k[i] <= 0 and m.top_p[i] >= 1 for i in rand), all(m.min_p[i] <= 0 for i in rand),
+            any(m.seeds[i] is not None for i in rand), max(wanted) if wanted else None)
+
+
+@pytest.mark.parametrize("change", [
+    dict(temperature=0.0), dict(top_p=0.5), dict(top_k=3), dict(min_p=0.1), dict(presence_penalty=0.5),
+    dict(frequency_penalty=-0.5), dict(repetition_penalty=1.2), dict(seed=4), dict(logprobs=2),
+    dict(min_tokens=3, stop_token_ids=[7]), dict(logit_bias={1: 2.0})])
+@pytest.mark.parametrize("base", [dict(), dict(temperature=0.0), dict(top_k=5, seed=1, logprobs=1)])
+def test_metadata_sees_one_row_that_differs(base, change):
+    """Rows that share params take a fast path (one row stands for all): the last row alone differing,
+    in a params object of its own or an equal copy of the others', must still show in the flags."""
+    shared = SamplingParams(max_tokens=8, **base)
+    for last in (SamplingParams(max_tokens=8, **{**base, **change}), shared.clone()):
+        m = meta_for([shared] * 3 + [last], outputs=[[4]] * 4, eos=[2] * 4)
+        assert (m.all_greedy, m.all_random, m.no_penalties, m.no_top_k_top_p, m.no_min_p, m.any_seeded,
+                m.max_num_logprobs) == _flags_per_row(m)
+        assert m.temperature[3] == float(last.temperature) and m.seeds[3] == last.seed
+        assert m.logit_bias[3] == (last.logit_bias or None)
+        assert m.suppress_token_ids == [[], [], [], [7, 2] if last.min_tokens else []]
+
+
 def test_allowed_token_masks_restrict_the_choice():
     logits = np.array([[5.0, 0.0, 1.0, 0.0]] * 2, np.float32)
     meta = meta_for([SamplingParams(temperature=0.0), SamplingParams()])

@@ -8,6 +8,7 @@ the common cases (all greedy, no penalties, no top-k/top-p, no logprobs).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Iterable, Sequence
 
 from rvllm.sampling_params import SamplingParams
@@ -61,19 +62,24 @@ class SamplingMetadata:
                                                   for x in (self.allowed_token_masks, self.request_ids)):
             raise ValueError("SamplingMetadata: every per-row list must have one entry per row")
         self.num_rows = n
-        greedy = [t < GREEDY_TEMPERATURE for t in self.temperature]
+        # Rows usually share one SamplingParams: when every column holds a single value (list.count
+        # runs in C, identity first), row 0 stands for all rows in the flags below.
+        uniform = n > 0 and all(c.count(c[0]) == n for c in (
+            self.temperature, self.top_p, self.top_k, self.min_p, self.presence_penalty,
+            self.frequency_penalty, self.repetition_penalty, self.seeds, self.num_logprobs))
+        rows = range(1) if uniform else range(n)
+        greedy = [self.temperature[i] < GREEDY_TEMPERATURE for i in rows]
         self.all_greedy = all(greedy)
         self.all_random = not any(greedy)
-        self.no_penalties = (all(p == 0.0 for p in self.presence_penalty)
-                             and all(f == 0.0 for f in self.frequency_penalty)
-                             and all(r == 1.0 for r in self.repetition_penalty))
+        self.no_penalties = all(self.presence_penalty[i] == 0.0 and self.frequency_penalty[i] == 0.0
+                                and self.repetition_penalty[i] == 1.0 for i in rows)
         self.no_logit_bias = not any(self.logit_bias)
         self.no_suppress = not any(self.suppress_token_ids)
-        random_rows = [i for i in range(n) if not greedy[i]]
+        random_rows = [i for i, g in zip(rows, greedy) if not g]
         self.no_top_k_top_p = all(self.top_k[i] <= 0 and self.top_p[i] >= 1.0 for i in random_rows)
         self.no_min_p = all(self.min_p[i] <= 0.0 for i in random_rows)
         self.any_seeded = any(self.seeds[i] is not None for i in random_rows)
-        wanted = [k for k in self.num_logprobs if k is not None]
+        wanted = [self.num_logprobs[i] for i in rows if self.num_logprobs[i] is not None]
         self.max_num_logprobs = max(wanted) if wanted else None
 
     @property
@@ -93,34 +99,47 @@ class SamplingMetadata:
 
         The id lists are kept by reference (not copied): the sampler only reads them.
         """
-        # One tuple of per-row values per distinct SamplingParams (requests usually share a few),
-        # then columns: at 256 rows this is a few times cheaper than one pass per field.
-        per_params: dict[int, tuple] = {}
-        values, suppress = [], []
-        for sp, _, out, eos in rows:
-            v = per_params.get(id(sp))
-            if v is None:
-                v = per_params[id(sp)] = (
-                    float(sp.temperature), float(sp.top_p), max(int(sp.top_k), 0), float(sp.min_p),
-                    float(sp.presence_penalty), float(sp.frequency_penalty), float(sp.repetition_penalty),
-                    sp.logit_bias or None, sp.seed, sp.logprobs)
-            values.append(v)
-            if len(out) < sp.min_tokens:
-                # vLLM: min_tokens holds back every token that would stop the request. With
-                # ignore_eos, EOS does not stop it, so EOS stays allowed.
-                ids = list(sp.stop_token_ids or ())
-                if not sp.ignore_eos and eos is not None:
-                    ids += [eos] if isinstance(eos, int) else list(eos)
-                suppress.append(ids)
-            else:
-                suppress.append([])
-        cols = [list(c) for c in zip(*values)] if values else [[] for _ in range(10)]
+        n = len(rows)
+        param_list = list(map(itemgetter(0), rows))
+        if n and param_list.count(param_list[0]) == n:
+            # The common case, every row's params equal (list.count runs in C, identity first):
+            # the columns repeat one tuple of values.
+            distinct = param_list[:1]
+            cols = [[v] * n for v in _row_values(param_list[0])]
+        else:
+            # One tuple of values per distinct SamplingParams (requests usually share a few), then columns.
+            per_params: dict[int, tuple] = {}
+            values = []
+            for sp in param_list:
+                v = per_params.get(id(sp))
+                if v is None:
+                    v = per_params[id(sp)] = _row_values(sp)
+                values.append(v)
+            distinct = param_list
+            cols = [list(c) for c in zip(*values)] if values else [[] for _ in range(10)]
+        suppress: list[list[int]] = [[]] * n  # rows with nothing to suppress share one empty list (read only)
+        if any(sp.min_tokens for sp in distinct):
+            for i, (sp, _, out, eos) in enumerate(rows):
+                if len(out) < sp.min_tokens:
+                    # vLLM: min_tokens holds back every token that would stop the request. With
+                    # ignore_eos, EOS does not stop it, so EOS stays allowed.
+                    ids = list(sp.stop_token_ids or ())
+                    if not sp.ignore_eos and eos is not None:
+                        ids += [eos] if isinstance(eos, int) else list(eos)
+                    suppress[i] = ids
         return cls(
             temperature=cols[0], top_p=cols[1], top_k=cols[2], min_p=cols[3], presence_penalty=cols[4],
             frequency_penalty=cols[5], repetition_penalty=cols[6], logit_bias=cols[7], seeds=cols[8],
-            output_token_ids=[out for _, _, out, _ in rows],
-            prompt_token_ids=[prompt for _, prompt, _, _ in rows],
+            output_token_ids=list(map(itemgetter(2), rows)),
+            prompt_token_ids=list(map(itemgetter(1), rows)),
             suppress_token_ids=suppress,
             num_logprobs=cols[9],
             request_ids=request_ids,
         )
+
+
+def _row_values(sp: SamplingParams) -> tuple:
+    """One request's sampling values, in from_requests' column order."""
+    return (float(sp.temperature), float(sp.top_p), max(int(sp.top_k), 0), float(sp.min_p),
+            float(sp.presence_penalty), float(sp.frequency_penalty), float(sp.repetition_penalty),
+            sp.logit_bias or None, sp.seed, sp.logprobs)
