@@ -261,18 +261,25 @@ def pack_step(meta: SamplingMetadata, vocab: int, step: int, seed: int,
     prompt_off, new_off = np.zeros(n + 1, np.int32), np.zeros(n + 1, np.int32)
     prompt_tok, new_tok = [], []
     if updates is not None:
-        rows["pen_slot"] = [-1 if u is None else u.slot for u in updates]
-        rows["pen_reset"] = [u is not None and u.reset for u in updates]
+        pen_slot, pen_reset = [-1] * n, [False] * n
         prompt_sizes, new_sizes = [0] * n, [0] * n
-        for i, u in enumerate(updates):
-            if u is not None and u.reset:  # the prompt's set, once per slot
+        for i, u in enumerate(updates):  # one pass: this loop runs for every penalized row every step
+            if u is None:
+                continue
+            pen_slot[i] = u.slot
+            if u.reset:  # the prompt's set, once per slot
+                pen_reset[i] = True
                 prompt_tok.append(np.unique(_in_range(u.prompt, vocab)))
                 prompt_sizes[i] = prompt_tok[-1].size
-            if u is not None and len(u.new_tokens):  # none in the steady state
+            if len(u.new_tokens):  # none in the steady state
                 new_tok.append(_in_range(u.new_tokens, vocab))
                 new_sizes[i] = new_tok[-1].size
-        np.cumsum(prompt_sizes, out=prompt_off[1:])
-        np.cumsum(new_sizes, out=new_off[1:])
+        rows["pen_slot"] = np.fromiter(pen_slot, np.int32, n)
+        rows["pen_reset"] = np.fromiter(pen_reset, np.int32, n)
+        if prompt_tok:  # else the offsets stay zero
+            np.cumsum(prompt_sizes, out=prompt_off[1:])
+        if new_tok:
+            np.cumsum(new_sizes, out=new_off[1:])
     sections["prompt_off"], sections["new_off"] = prompt_off, new_off
     sections["prompt_tok"], sections["new_tok"] = (
         np.concatenate(t).astype(np.int32) if t else np.zeros(0, np.int32) for t in (prompt_tok, new_tok))
@@ -330,24 +337,37 @@ def pack_step(meta: SamplingMetadata, vocab: int, step: int, seed: int,
 def _row_params(meta: SamplingMetadata, vocab: int, step: int, seed: int) -> np.ndarray:
     n = meta.num_rows
     rows = np.zeros(n, dtype=ROW_DTYPE)
-    rows["top_p"] = meta.top_p
-    temp = np.asarray(meta.temperature, dtype=np.float64)
-    rows["temperature"] = temp.astype(np.float32)  # as NumPy's _Rows: float32
-    min_p = np.asarray(meta.min_p, dtype=np.float32)
+
+    def column(values, dtype):  # np.fromiter: about twice as fast as np.asarray on a list
+        return np.fromiter(values, dtype, n)
+
+    rows["top_p"] = column(meta.top_p, np.float64)
+    temp = column(meta.temperature, np.float64)
+    rows["temperature"] = temp  # float32, as NumPy's _Rows
+    min_p = column(meta.min_p, np.float32)
     with np.errstate(divide="ignore"):
         rows["log_min_p"] = np.where(min_p > 0, np.log(min_p), np.float32(-np.inf))  # float32 log, as NumPy
-    rows["repetition_penalty"] = meta.repetition_penalty
-    rows["frequency_penalty"] = meta.frequency_penalty
-    rows["presence_penalty"] = meta.presence_penalty
-    top_k = np.asarray(meta.top_k, dtype=np.int64)
+    rows["repetition_penalty"] = column(meta.repetition_penalty, np.float64)
+    rows["frequency_penalty"] = column(meta.frequency_penalty, np.float64)
+    rows["presence_penalty"] = column(meta.presence_penalty, np.float64)
+    top_k = column(meta.top_k, np.int64)
     rows["top_k"] = np.where((top_k > 0) & (top_k < vocab), top_k, 0)
     rows["greedy"] = temp < GREEDY_TEMPERATURE
-    rows["num_logprobs"] = [-1 if k is None else min(k, MAX_TOP_LOGPROBS) for k in meta.num_logprobs]
-    seeded = np.array([s is not None for s in meta.seeds], dtype=bool)
-    rows["seed"] = [(s & _MASK64) if s is not None else (seed & _MASK64) for s in meta.seeds]
-    # A seeded row's step is its output length: the same noise after preemption, in any batch.
-    rows["step"] = [len(out) if s is not None else step for s, out in zip(meta.seeds, meta.output_token_ids)]
-    rows["tag"] = np.where(seeded, 0, np.arange(1, n + 1))
+    # Most steps have no logprobs and no seeds: list.count(None) says so in C, and a scalar fills.
+    if meta.num_logprobs.count(None) == n:
+        rows["num_logprobs"] = -1
+    else:
+        rows["num_logprobs"] = [-1 if k is None else min(k, MAX_TOP_LOGPROBS) for k in meta.num_logprobs]
+    if meta.seeds.count(None) == n:
+        rows["seed"] = seed & _MASK64
+        rows["step"] = step
+        rows["tag"] = np.arange(1, n + 1)
+    else:
+        seeded = np.array([s is not None for s in meta.seeds], dtype=bool)
+        rows["seed"] = [(s & _MASK64) if s is not None else (seed & _MASK64) for s in meta.seeds]
+        # A seeded row's step is its output length: the same noise after preemption, in any batch.
+        rows["step"] = [len(out) if s is not None else step for s, out in zip(meta.seeds, meta.output_token_ids)]
+        rows["tag"] = np.where(seeded, 0, np.arange(1, n + 1))
     rows["mask_row"] = -1
     rows["pen_slot"] = -1
     return rows
