@@ -92,6 +92,20 @@ def test_decode_partition_size_spreads_small_steps_and_respects_the_combine_boun
         assert -(-100_000 // partition_size(t, 1, 100_000, 132)) <= limit
 
 
+def test_decode_workspace_reserves_every_layout():
+    """The graphs' decode scratch (sized without knowing the KV-head count) holds the partitions of
+    every step size and KV-head count, in whichever build (wide, 128-thread) layout() picks."""
+    from rvllm.backend.cuda_attention import DecodeWorkspace
+
+    for num_sms in (1, 132, 1000):
+        ws = DecodeWorkspace(None, None, None, None, None, max_tokens=64, num_heads=16, head_dim=128,
+                             max_context=4096, num_sms=num_sms)
+        reserved = ws.reserved_rows()
+        for nkv in (1, 2, 4, 8, 16):
+            for t in range(1, 65):
+                assert t * ws.num_heads * ws.layout(t, nkv)[1] <= reserved, (num_sms, nkv, t)
+
+
 def test_gemv_split_k_covers_k_with_short_segments():
     """gemv.cu's work split (host side): ks warps per output unit cover K in segments of at most
     about one stretch each, and a block holds whole units."""

@@ -104,10 +104,18 @@ class DecodeWorkspace:
         ws._reserve()
         return ws
 
+    def reserved_rows(self) -> int:
+        """Partition rows of scratch for the largest step size, whatever the KV-head count: the
+        128-thread builds' partition size at one KV head is the smallest any layout() uses (it grows
+        with the KV-head count, and the wide build's is at least as large), so it gives the most
+        partitions."""
+        def most_parts(t: int) -> int:
+            size = partition_size(t, 1, self.max_context, self.num_sms, nvrtc.DECODE_NUM_THREADS)
+            return max(1, -(-self.max_context // size))
+        return max(t * self.num_heads * most_parts(t) for t in range(1, self.max_tokens + 1))
+
     def _reserve(self) -> None:
-        """Scratch for the largest step size's partitions (the KV-head count does not matter: the
-        partition size grows with it, which only shrinks the partition count; 1 is the worst case)."""
-        rows = max(t * self.num_heads * self.layout(t, 1)[1] for t in range(1, self.max_tokens + 1))
+        rows = self.reserved_rows()
         self.tmp_out = cp.empty(rows * self.head_dim, np.float32)
         self.tmp_max = cp.empty(rows, np.float32)
         self.tmp_sum = cp.empty(rows, np.float32)
