@@ -209,20 +209,31 @@ class CudaBackend(DeviceTransfers):
                 (out, x, np.int64(s_outer), np.int64(s_inner), np.int32(inner), weight, np.int32(d), np.float32(eps)))
         return out
 
-    def fused_add_rms_norm(self, x, residual, weight, eps: float):
-        """(rms_norm(x + residual), x + residual): the next layer's input and the residual stream."""
+    def fused_add_rms_norm(self, x, residual, weight, eps: float, fill=None):
+        """(rms_norm(x + residual), x + residual): the next layer's input and the residual stream.
+        fill: (out [rows, n], row [n]), both C-contiguous in the compute dtype: the same kernel also
+        writes `row` into every row of `out` (add_norm_linear's bias, before cuBLAS adds to it)."""
         self._check("fused_add_rms_norm x", x, ndim=2)
         self._check("fused_add_rms_norm residual", residual, ndim=2)
         self._check("fused_add_rms_norm weight", weight, ndim=1)
         if x.shape != residual.shape or weight.shape[0] != x.shape[1]:
             raise ValueError(f"fused_add_rms_norm: shapes x {x.shape}, residual {residual.shape}, weight {weight.shape}")
         rows, d = x.shape
+        fill_out, fill_row, fill_n = np.uint64(0), np.uint64(0), 0  # null pointers: no fill
+        if fill is not None:
+            fill_out, fill_row = fill
+            self._check("fused_add_rms_norm fill", fill_out, ndim=2)
+            self._check("fused_add_rms_norm fill row", fill_row, ndim=1)
+            fill_n = fill_row.shape[0]
+            if fill_out.shape != (rows, fill_n):
+                raise ValueError(f"fused_add_rms_norm: fill is {fill_out.shape}, expected {(rows, fill_n)}")
         out = cp.empty_like(x)
         new_residual = cp.empty_like(x)
         if rows and d:
             self._kernel("norm.cu", "fused_add_rms_norm_kernel")(
                 (rows,), (_launch_threads(d),),
-                (out, new_residual, x, residual, weight, np.int32(d), np.float32(eps)))
+                (out, new_residual, x, residual, weight, np.int32(d), np.float32(eps), fill_out, fill_row,
+                 np.int32(fill_n)))
         return out, new_residual
 
     def _gemm(self, x, weight, out, out_type: int, beta) -> None:
@@ -300,6 +311,12 @@ class CudaBackend(DeviceTransfers):
             fused = self.gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias, act)
             if fused is not None:
                 return fused
+            if bias is not None and residual is not None:
+                # cuBLAS with a bias: the norm kernel writes the bias rows that the product adds to.
+                y = cp.empty((x.shape[0], weight.shape[0]), dtype=self.compute_dtype)
+                normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps, fill=(y, bias))
+                self._gemm(normed, weight, y, self._gemm_type, self._beta1)
+                return (self.silu_and_mul(y) if act == "silu_and_mul" else y), residual
         return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
 
     def logits(self, x, lm_head, out=None):
