@@ -52,8 +52,9 @@ def main() -> None:
              f"| {args.model} | {llm.engine.backend.name} | {mode} | {args.num_prompts} | {args.input_len}/{args.output_len} | "
              f"{load_s:.1f} | {wall:.2f} | {args.num_prompts / wall:.2f} | {n_out / wall:.0f} | "
              f"{(n_in + n_out) / wall:.0f} |")
-    if args.profile:
-        table += "\n\n" + profile_table(llm, lambda: llm.generate(prompts, params))
+    if args.profile:  # fresh prompts: the timed run's would all hit the prefix cache
+        fresh = [rng.integers(100, min(vocab, 30000), args.input_len).tolist() for _ in range(args.num_prompts)]
+        table += "\n\n" + profile_table(llm, lambda: llm.generate(fresh, params))
     print(table)
     if args.append_results:
         append_results(f"Throughput {args.model} (bench/throughput.py)", table)
