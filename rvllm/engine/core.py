@@ -190,24 +190,34 @@ class EngineCore:
 
     def _deltas(self, changed, out, sched) -> list[RequestDelta]:
         deltas = []
-        # A chunk in the middle of a prompt samples nothing but may carry prompt logprobs.
-        changed_ids = {r.request_id for r in changed}
-        # By object, not id: with async scheduling a step may finish after its request was aborted
-        # and a new request took the same id.
-        extra = [it.request for it in sched.scheduled
-                 if it.request.request_id in out.prompt_logprobs and it.request.request_id not in changed_ids
-                 and self._requests.get(it.request.request_id) is it.request]
-        for req in list(changed) + extra:
+        sampled, logprobs, prompt_logprobs = out.sampled, out.logprobs, out.prompt_logprobs
+        requests = list(changed)
+        if prompt_logprobs:
+            # A chunk in the middle of a prompt samples nothing but may carry prompt logprobs.
+            changed_ids = {r.request_id for r in changed}
+            # By object, not id: with async scheduling a step may finish after its request was aborted
+            # and a new request took the same id.
+            requests += [it.request for it in sched.scheduled
+                         if it.request.request_id in prompt_logprobs and it.request.request_id not in changed_ids
+                         and self._requests.get(it.request.request_id) is it.request]
+        num_new = 0
+        for req in requests:  # runs for every request every step: lookups of empty dicts are skipped
             rid = req.request_id
-            new = [out.sampled[rid]] if rid in out.sampled else []
-            self.generation_tokens_total += len(new)
-            lp = out.logprobs.get(rid)
-            plp = out.prompt_logprobs.get(rid)
+            if rid in sampled:
+                new = [sampled[rid]]
+                num_new += 1
+            else:
+                new = []
+            lp = logprobs.get(rid) if logprobs else None
+            plp = prompt_logprobs.get(rid) if prompt_logprobs else None
+            finished = req.status.finished
+            cached = req.num_cached_tokens
             deltas.append(RequestDelta(
                 rid, new, [lp] if lp is not None else None, plp,
-                req.finish_reason if req.is_finished else None, req.stop_reason, max(req.num_cached_tokens, 0)))
-            if req.is_finished:
+                req.finish_reason if finished else None, req.stop_reason, cached if cached > 0 else 0))
+            if finished:
                 self._finish(req)
+        self.generation_tokens_total += num_new
         return deltas
 
     def _finish(self, req: Request) -> None:
