@@ -91,7 +91,7 @@ class HostStep:
         pack_step(meta, self.vocab, self.calls, 0, updates)
         self.calls += 1
         c5 = clock()
-        self.prev_rows = {rid: i for i, rid in enumerate(batch.sample_ids)}
+        self.prev_rows = dict(zip(batch.sample_ids, range(len(batch.sample_ids))))  # as ModelRunner.launch
         for item in sched.scheduled:
             if item.sample:
                 item.request.append_placeholder()

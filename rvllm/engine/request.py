@@ -110,11 +110,11 @@ class Request:
 
     def append_output_token(self, token_id: int, now: float) -> None:
         """A sampled token: it fills the oldest placeholder, or is appended when there is none."""
-        if self.num_pending:
-            i = len(self.output_token_ids) - self.num_pending
-            self.output_token_ids[i] = token_id
-            self.all_token_ids[len(self.prompt_token_ids) + i] = token_id
-            self.num_pending -= 1
+        pending = self.num_pending
+        if pending:  # all_token_ids ends with output_token_ids: the same place from the end in both
+            self.output_token_ids[-pending] = token_id
+            self.all_token_ids[-pending] = token_id
+            self.num_pending = pending - 1
         else:
             self.output_token_ids.append(token_id)
             self.all_token_ids.append(token_id)

@@ -80,10 +80,11 @@ class PendingStep:
             result = self.sample.result()
             if self.profile is not None:
                 self.profile["wait"] = time.perf_counter() - t0
-            for req_id, tok, lp in zip(batch.sample_ids, result.token_ids, result.logprobs):
-                out.sampled[req_id] = int(tok)
-                if lp is not None:
-                    out.logprobs[req_id] = (lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
+            out.sampled = dict(zip(batch.sample_ids, map(int, result.token_ids)))  # no Python loop per row
+            if result.logprobs.count(None) != len(result.logprobs):  # some row asked for logprobs
+                for req_id, lp in zip(batch.sample_ids, result.logprobs):
+                    if lp is not None:
+                        out.logprobs[req_id] = (lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
         if batch.prompt_logprob_rows:
             with self.runner._on_stream():
                 self.runner._prompt_logprobs(self.hidden, batch, out)
@@ -198,7 +199,7 @@ class ModelRunner:
                 pending.sample = self._launch_sample(logits, batch)
             t_sample = time.perf_counter() - t_sample
             self._prev_sampled = pending.sample_ids_device()
-            self._prev_rows = {rid: i for i, rid in enumerate(batch.sample_ids)}
+            self._prev_rows = dict(zip(batch.sample_ids, range(len(batch.sample_ids))))
             if prof:
                 pending.profile = {"pack": self._pack_seconds, "launch": time.perf_counter() - t0, "sampler": t_sample,
                                    "events": (start, self._uploaded_mark, forwarded, prof.mark()),
