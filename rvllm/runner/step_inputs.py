@@ -118,7 +118,11 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> 
     runner replaces it on the device before the forward."""
     bs = block_size
     b = StepBatch()
+    # Locals, not b's attributes: this loop runs for every scheduled request every step.
     ids, positions, slots, tables = b.input_ids, b.positions, b.slots, b.tables
+    query_lens, seq_lens = b.query_lens, b.seq_lens
+    logits_indices, sample_ids, sample_rows = b.logits_indices, b.sample_ids, b.sample_rows
+    decode_only, num_placeholders = True, 0
     num_rows = 0
     for sr in sched.scheduled:
         req, start, n = sr.request, sr.start, sr.num_new_tokens
@@ -128,12 +132,12 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> 
             tok = req.all_token_ids[start]
             if tok < 0:
                 tok = -1 - prev_rows[req.request_id]
-                b.num_placeholders += 1
+                num_placeholders += 1
             ids.append(tok)
             positions.append(start)
             slots.append(blocks[start // bs] * bs + start % bs)
         else:
-            b.decode_only = False
+            decode_only = False
             ids.extend(req.all_token_ids[start:end])
             if req.num_pending and end > req.num_tokens - req.num_pending:
                 raise RuntimeError(f"request {req.request_id}: a multi-token step reaches a placeholder")
@@ -145,8 +149,8 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> 
                 base = blocks[p // bs] * bs + off
                 slots.extend(range(base, base + k))
                 p += k
-        b.query_lens.append(n)
-        b.seq_lens.append(end)
+        query_lens.append(n)
+        seq_lens.append(end)
         tables.append(blocks[: -(-end // bs)])
         params = req.sampling_params
         if params.prompt_logprobs is not None and req.prompt_logprobs_done < min(end, req.num_prompt_tokens - 1):
@@ -154,14 +158,15 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> 
             first, last = max(start, req.prompt_logprobs_done), min(end, req.num_prompt_tokens - 1)
             b.prompt_logprob_rows.append((req, num_rows + first - start, first, last))
             req.prompt_logprobs_done = last
-            b.decode_only = False
+            decode_only = False
         num_rows += n
         if sr.sample:
-            b.logits_indices.append(num_rows - 1)
-            b.sample_ids.append(req.request_id)
-            b.sample_rows.append((params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids))
+            logits_indices.append(num_rows - 1)
+            sample_ids.append(req.request_id)
+            sample_rows.append((params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids))
         else:
-            b.decode_only = False
+            decode_only = False
+    b.decode_only, b.num_placeholders = decode_only, num_placeholders
     return b
 
 
