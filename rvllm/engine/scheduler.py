@@ -119,7 +119,10 @@ class Scheduler:
                 i += 1  # async: its in-flight token is its last; nothing more to compute
                 continue
             start = request.num_computed_tokens
-            num_new = min(len(request.all_token_ids) - start, budget)  # >= 1: every step ends with a sampled token
+            num_tokens = len(request.all_token_ids)
+            num_new = num_tokens - start  # >= 1: every step ends with a sampled token
+            if num_new > budget:
+                num_new = budget
             # Most decode steps still fit in the last block: skip the allocator call then.
             if start + num_new > len(request.block_ids) * block_size:
                 while not kv.allocate_slots(request, num_new):
@@ -133,7 +136,7 @@ class Scheduler:
                     break
             # Advanced at schedule time, as vLLM does: the runner computes exactly these tokens.
             request.num_computed_tokens = end = start + num_new
-            scheduled.append(ScheduledRequest(request, start, num_new, end == len(request.all_token_ids)))
+            scheduled.append(ScheduledRequest(request, start, num_new, end == num_tokens))
             budget -= num_new
             i += 1
 
