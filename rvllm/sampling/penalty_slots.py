@@ -49,11 +49,6 @@ class SlotUpdate:
     new_tokens: Sequence[int]  # output tokens the device has not counted yet: add them to counts
 
 
-def _has_penalty(meta: SamplingMetadata, i: int) -> bool:
-    return (meta.repetition_penalty[i] != 1.0 or meta.frequency_penalty[i] != 0.0
-            or meta.presence_penalty[i] != 0.0)
-
-
 class PenaltySlots:
     def __init__(self, num_slots: int):
         if num_slots < 1:
@@ -75,35 +70,42 @@ class PenaltySlots:
     def plan(self, meta: SamplingMetadata, sampling: bool) -> list[SlotUpdate | None]:
         """This call's slot work: a SlotUpdate per row with a penalty, None for the other rows.
         sampling: the call samples, so the device counts each of these rows' new token (sample_kernel)."""
-        rows = [i for i in range(meta.num_rows) if _has_penalty(meta, i)]
+        # One comprehension over the columns (runs for every row every step).
+        rows = [i for i, (rep, freq, pres) in enumerate(zip(meta.repetition_penalty, meta.frequency_penalty,
+                                                             meta.presence_penalty))
+                if rep != 1.0 or freq != 0.0 or pres != 0.0]
         if len(rows) > self.num_slots:
             raise ValueError(f"{len(rows)} rows with penalties, {self.num_slots} penalty slots (max_num_seqs)")
         ids = meta.request_ids
-        keys = [ids[i] if ids is not None and ids[i] is not None else object() for i in rows]
-        anonymous = [k for i, k in zip(rows, keys) if ids is None or ids[i] is None]  # keys for this call only
+        if ids is not None and None not in ids:  # the engine's case: every row has its request's id
+            keys, anonymous = [ids[i] for i in rows], []
+        else:
+            keys = [ids[i] if ids is not None and ids[i] is not None else object() for i in rows]
+            anonymous = [k for i, k in zip(rows, keys) if ids is None or ids[i] is None]  # keys for this call only
         if len(set(keys)) < len(keys):
             raise ValueError("a request id appears in two rows of one sampling call")
-        slots, counted = self._slots, self.counted
+        slots, counted, slot_prompt, free = self._slots, self.counted, self._prompt, self._free
         for k in keys:  # this call's slots become the most recent: the evictions below never take them
             if k in slots:
                 slots.move_to_end(k)
+        outputs, prompts, extra = meta.output_token_ids, meta.prompt_token_ids, 1 if sampling else 0
         updates: list[SlotUpdate | None] = [None] * meta.num_rows
         for i, k in zip(rows, keys):
-            out, prompt = meta.output_token_ids[i], meta.prompt_token_ids[i]
+            out, prompt = outputs[i], prompts[i]
             slot = slots.get(k)
-            reset = slot is None or self._prompt[slot] is not prompt or counted[slot] > len(out)
+            reset = slot is None or slot_prompt[slot] is not prompt or counted[slot] > len(out)
             if slot is None:
                 # With no free slot, the least recently used one: not this call's (at most
                 # num_slots rows, and those already placed sit at the recent end).
-                slot = self._free.pop() if self._free else slots.popitem(last=False)[1]
+                slot = free.pop() if free else slots.popitem(last=False)[1]
                 slots[k] = slot
-            self._prompt[slot] = prompt
+            slot_prompt[slot] = prompt
             new = out[0 if reset else counted[slot]:]  # empty in the steady state
             if PLACEHOLDER in new:  # an engine bug; rows before this one were planned: start all over
                 self.clear()
                 raise RuntimeError(f"row {i} (request {ids[i] if ids else None!r}): an output placeholder the "
                                    f"device has not counted (a row without an id, or a slot lost with a token in flight)")
-            counted[slot] = len(out) + bool(sampling)
+            counted[slot] = len(out) + extra
             updates[i] = SlotUpdate(slot, reset, prompt if reset else (), new)
         self.release(anonymous)  # their device work is queued already; a later call resets the slots
         return updates
