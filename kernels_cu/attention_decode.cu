@@ -33,21 +33,10 @@
 #define NUM_THREADS 128
 #define WIDE_THREADS 512
 #define GCHUNK 8                       // query heads of the group held in registers at once
-// A lane holds head dims 64 c + 2 lane and 64 c + 2 lane + 1 (c < PPL) of a K or V row: one 4-byte
-// load per pair, kept packed until used, so a key in flight costs a lane PPL registers, half what
-// converting each 2-byte element to float at load time cost. That lets the lean build keep twice
-// the keys in flight at its 128-register bound (at 256 rows its blocks are one load chain each).
-#define PPL ((HEAD_DIM + 63) / 64)
-#define DPL (2 * PPL)                  // head dims per lane
+#define DPL ((HEAD_DIM + 31) / 32)     // head dims per lane
 // Keys a warp loads before using any: a warp per key in turn made a chain of dependent loads
-// (21 us for a 44-token context at batch 1 on an H100, ncu); eight at a time overlap them. The
-// lean build keeps sixteen (see PPL).
+// (21 us for a 44-token context at batch 1 on an H100, ncu); eight at a time overlap them.
 #define KEYS_IN_FLIGHT (HEAD_DIM > 128 ? 4 : 8)
-#define LEAN_KEYS_IN_FLIGHT (HEAD_DIM > 128 ? 8 : 16)
-
-// The two 16-bit values of a packed pair as floats: the lower-index element is the low half.
-__device__ __forceinline__ float lo_f32(unsigned int w) { return to_f32((scalar_t)(w & 0xffffu)); }
-__device__ __forceinline__ float hi_f32(unsigned int w) { return to_f32((scalar_t)(w >> 16)); }
 
 // Sums N values (N a multiple of 32) over the warp and scatters the sums: afterwards lane l holds
 // in v[0 .. N/32) the sums of values (N/32) * l + i. Each step halves the values a lane keeps and
@@ -99,10 +88,9 @@ __device__ __forceinline__ float load_cg(const float* p) {
     out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, \
     row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale
 
-template <bool SMALL_STEP, int THREADS, int KEYS>
+template <bool SMALL_STEP, int THREADS>
 __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   constexpr int WARPS = THREADS / 32;
-  static_assert(KEYS % 4 == 0, "the score reduce-scatter takes keys four at a time");
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -117,7 +105,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     for (int gg = 0; gg < GCHUNK; ++gg) {
 #pragma unroll
       for (int c = 0; c < DPL; ++c) {
-        const int d = 64 * (c >> 1) + 2 * lane + (c & 1);  // the dims of the K pairs (PPL)
+        const int d = lane + 32 * c;
         qr[gg][c] = (g0 + gg < group && d < HEAD_DIM) ? to_f32(q_tok[(g0 + gg) * HEAD_DIM + d]) * scale : 0.f;
       }
     }
@@ -168,20 +156,19 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     // 1. Scores: a warp per key, lanes across head dims, all group heads per K load.
     for (int g0 = 0; g0 < group; g0 += GCHUNK) {
       if (!q_held) load_q(g0);
-      for (int i0 = warp; i0 < n; i0 += WARPS * KEYS) {
-        unsigned int kv[KEYS][PPL];  // packed pairs (PPL)
+      for (int i0 = warp; i0 < n; i0 += WARPS * KEYS_IN_FLIGHT) {
+        float kv[KEYS_IN_FLIGHT][DPL];
 #pragma unroll
-        for (int u = 0; u < KEYS; ++u) {  // all loads first: KEYS rows in flight
+        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {  // all loads first: KEYS_IN_FLIGHT rows in flight
           const int i = i0 + u * WARPS;
           const int t = start + min(i, n - 1);
           const i64 block = btab[t / block_size];
           const i64 row = (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
-          // Rows start at even elements (HEAD_DIM is a multiple of 8): 4-byte aligned pairs.
-          const unsigned int* kr = reinterpret_cast<const unsigned int*>(k_cache + row);
+          const scalar_t* kr = k_cache + row;
 #pragma unroll
-          for (int c = 0; c < PPL; ++c) {
-            const int d = 64 * c + 2 * lane;
-            kv[u][c] = (i < n && d < HEAD_DIM) ? kr[32 * c + lane] : 0u;
+          for (int c = 0; c < DPL; ++c) {
+            const int d = lane + 32 * c;
+            kv[u][c] = (i < n && d < HEAD_DIM) ? to_f32(kr[d]) : 0.f;
           }
           // Step 3 reads this key's V row: start it towards L2 now (a lane per 32-byte sector), so
           // that a short partition pays one DRAM round trip for K and V, not two.
@@ -192,7 +179,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
         // the warp with one reduce-scatter (31 shuffles; a warp_sum per value took 160), which
         // leaves lane l with the sum for key l / GCHUNK, head l % GCHUNK.
 #pragma unroll
-        for (int h = 0; h < KEYS / 4; ++h) {
+        for (int h = 0; h < KEYS_IN_FLIGHT / 4; ++h) {
           float part[4 * GCHUNK];
 #pragma unroll
           for (int u = 0; u < 4; ++u)
@@ -200,8 +187,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
             for (int gg = 0; gg < GCHUNK; ++gg) {
               float acc = 0.f;
 #pragma unroll
-              for (int c = 0; c < PPL; ++c)
-                acc += qr[gg][2 * c] * lo_f32(kv[4 * h + u][c]) + qr[gg][2 * c + 1] * hi_f32(kv[4 * h + u][c]);
+              for (int c = 0; c < DPL; ++c) acc += qr[gg][c] * kv[4 * h + u][c];
               part[u * GCHUNK + gg] = acc;
             }
           WarpReduceScatter<4 * GCHUNK, 16>::run(part, lane);
@@ -239,32 +225,28 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
       for (int gg = 0; gg < GCHUNK; ++gg)
 #pragma unroll
         for (int c = 0; c < DPL; ++c) acc[gg][c] = 0.f;
-      for (int i0 = warp; i0 < n; i0 += WARPS * KEYS) {
-        unsigned int vv[KEYS][PPL];  // packed pairs, as K
+      for (int i0 = warp; i0 < n; i0 += WARPS * KEYS_IN_FLIGHT) {
+        float vv[KEYS_IN_FLIGHT][DPL];
 #pragma unroll
-        for (int u = 0; u < KEYS; ++u) {
+        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
           const int i = i0 + u * WARPS;
           const int t = start + min(i, n - 1);
           const i64 block = btab[t / block_size];
-          const unsigned int* vr = reinterpret_cast<const unsigned int*>(
-              v_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM);
+          const scalar_t* vr = v_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
 #pragma unroll
-          for (int c = 0; c < PPL; ++c) {
-            const int d = 64 * c + 2 * lane;
-            vv[u][c] = (i < n && d < HEAD_DIM) ? vr[32 * c + lane] : 0u;
+          for (int c = 0; c < DPL; ++c) {
+            const int d = lane + 32 * c;
+            vv[u][c] = (i < n && d < HEAD_DIM) ? to_f32(vr[d]) : 0.f;
           }
         }
 #pragma unroll
-        for (int u = 0; u < KEYS; ++u) {
+        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
           const int i = i0 + u * WARPS;
 #pragma unroll
           for (int gg = 0; gg < GCHUNK; ++gg) {
             const float p = (g0 + gg < group && i < n) ? s_logits[(g0 + gg) * PARTITION_SIZE + i] : 0.f;
 #pragma unroll
-            for (int c = 0; c < PPL; ++c) {
-              acc[gg][2 * c] += p * lo_f32(vv[u][c]);
-              acc[gg][2 * c + 1] += p * hi_f32(vv[u][c]);
-            }
+            for (int c = 0; c < DPL; ++c) acc[gg][c] += p * vv[u][c];
           }
         }
       }
@@ -272,7 +254,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
       for (int gg = 0; gg < GCHUNK; ++gg)
 #pragma unroll
         for (int c = 0; c < DPL; ++c) {
-          const int d = 64 * (c >> 1) + 2 * lane + (c & 1);
+          const int d = lane + 32 * c;
           if (d < HEAD_DIM) s_red[(warp * GCHUNK + gg) * HEAD_DIM + d] = acc[gg][c];
         }
       __syncthreads();
@@ -349,12 +331,12 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
 // query rows per group chunk and is held to 4 blocks per SM at head sizes <= 128. The backend
 // picks by step size (cuda_attention.py).
 extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_split_kernel(SPLIT_ATTENTION_PARAMS) {
-  split_attention<true, NUM_THREADS, KEYS_IN_FLIGHT>(SPLIT_ATTENTION_ARGS);
+  split_attention<true, NUM_THREADS>(SPLIT_ATTENTION_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, HEAD_DIM <= 128 ? 4 : 2)
     paged_attention_split_lean_kernel(SPLIT_ATTENTION_PARAMS) {
-  split_attention<false, NUM_THREADS, LEAN_KEYS_IN_FLIGHT>(SPLIT_ATTENTION_ARGS);
+  split_attention<false, NUM_THREADS>(SPLIT_ATTENTION_ARGS);
 }
 
 // The wide build, for the smallest steps (batch 1-4): 16 warps x 8 keys in flight take a 128-key
@@ -362,5 +344,5 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, HEAD_DIM <= 128 ? 4 : 
 // (four blocks and a cross-block combine for a 128-token context) or four round trips. Its s_red
 // is 16 warps' worth (64 KB at head size 128): the backend uses it up to head size 128.
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS) paged_attention_split_wide_kernel(SPLIT_ATTENTION_PARAMS) {
-  split_attention<true, WIDE_THREADS, KEYS_IN_FLIGHT>(SPLIT_ATTENTION_ARGS);
+  split_attention<true, WIDE_THREADS>(SPLIT_ATTENTION_ARGS);
 }
