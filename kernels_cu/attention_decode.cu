@@ -33,10 +33,20 @@
 #define NUM_THREADS 128
 #define WIDE_THREADS 512
 #define GCHUNK 8                       // query heads of the group held in registers at once
-#define DPL ((HEAD_DIM + 31) / 32)     // head dims per lane
+// A lane holds head dims 64 c + 2 lane and 64 c + 2 lane + 1 (c < PPL) of a K or V row: one 4-byte
+// load per pair, kept packed until used, so a key in flight costs a lane PPL registers, half what
+// converting each 2-byte element to float at load time cost, with half the load instructions. On an
+// H100 (bench/op_times.py, 256 rows x 192 keys, lean build) 39.7 -> 37.0 us; keeping sixteen keys in
+// flight instead of eight with the registers this frees was slower (42.2 us).
+#define PPL ((HEAD_DIM + 63) / 64)
+#define DPL (2 * PPL)                  // head dims per lane
 // Keys a warp loads before using any: a warp per key in turn made a chain of dependent loads
 // (21 us for a 44-token context at batch 1 on an H100, ncu); eight at a time overlap them.
 #define KEYS_IN_FLIGHT (HEAD_DIM > 128 ? 4 : 8)
+
+// The two 16-bit values of a packed pair as floats: the lower-index element is the low half.
+__device__ __forceinline__ float lo_f32(unsigned int w) { return to_f32((scalar_t)(w & 0xffffu)); }
+__device__ __forceinline__ float hi_f32(unsigned int w) { return to_f32((scalar_t)(w >> 16)); }
 
 // Sums N values (N a multiple of 32) over the warp and scatters the sums: afterwards lane l holds
 // in v[0 .. N/32) the sums of values (N/32) * l + i. Each step halves the values a lane keeps and
@@ -91,6 +101,7 @@ __device__ __forceinline__ float load_cg(const float* p) {
 template <bool SMALL_STEP, int THREADS>
 __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
   constexpr int WARPS = THREADS / 32;
+  static_assert(KEYS_IN_FLIGHT % 4 == 0, "the score reduce-scatter takes keys four at a time");
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -105,7 +116,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     for (int gg = 0; gg < GCHUNK; ++gg) {
 #pragma unroll
       for (int c = 0; c < DPL; ++c) {
-        const int d = lane + 32 * c;
+        const int d = 64 * (c >> 1) + 2 * lane + (c & 1);  // the dims of the K pairs (PPL)
         qr[gg][c] = (g0 + gg < group && d < HEAD_DIM) ? to_f32(q_tok[(g0 + gg) * HEAD_DIM + d]) * scale : 0.f;
       }
     }
@@ -157,18 +168,19 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     for (int g0 = 0; g0 < group; g0 += GCHUNK) {
       if (!q_held) load_q(g0);
       for (int i0 = warp; i0 < n; i0 += WARPS * KEYS_IN_FLIGHT) {
-        float kv[KEYS_IN_FLIGHT][DPL];
+        unsigned int kv[KEYS_IN_FLIGHT][PPL];  // packed pairs (PPL)
 #pragma unroll
         for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {  // all loads first: KEYS_IN_FLIGHT rows in flight
           const int i = i0 + u * WARPS;
           const int t = start + min(i, n - 1);
           const i64 block = btab[t / block_size];
           const i64 row = (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
-          const scalar_t* kr = k_cache + row;
+          // Rows start at even elements (HEAD_DIM is a multiple of 8): 4-byte aligned pairs.
+          const unsigned int* kr = reinterpret_cast<const unsigned int*>(k_cache + row);
 #pragma unroll
-          for (int c = 0; c < DPL; ++c) {
-            const int d = lane + 32 * c;
-            kv[u][c] = (i < n && d < HEAD_DIM) ? to_f32(kr[d]) : 0.f;
+          for (int c = 0; c < PPL; ++c) {
+            const int d = 64 * c + 2 * lane;
+            kv[u][c] = (i < n && d < HEAD_DIM) ? kr[32 * c + lane] : 0u;
           }
           // Step 3 reads this key's V row: start it towards L2 now (a lane per 32-byte sector), so
           // that a short partition pays one DRAM round trip for K and V, not two.
@@ -187,7 +199,8 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
             for (int gg = 0; gg < GCHUNK; ++gg) {
               float acc = 0.f;
 #pragma unroll
-              for (int c = 0; c < DPL; ++c) acc += qr[gg][c] * kv[4 * h + u][c];
+              for (int c = 0; c < PPL; ++c)
+                acc += qr[gg][2 * c] * lo_f32(kv[4 * h + u][c]) + qr[gg][2 * c + 1] * hi_f32(kv[4 * h + u][c]);
               part[u * GCHUNK + gg] = acc;
             }
           WarpReduceScatter<4 * GCHUNK, 16>::run(part, lane);
@@ -226,17 +239,18 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
 #pragma unroll
         for (int c = 0; c < DPL; ++c) acc[gg][c] = 0.f;
       for (int i0 = warp; i0 < n; i0 += WARPS * KEYS_IN_FLIGHT) {
-        float vv[KEYS_IN_FLIGHT][DPL];
+        unsigned int vv[KEYS_IN_FLIGHT][PPL];  // packed pairs, as K
 #pragma unroll
         for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
           const int i = i0 + u * WARPS;
           const int t = start + min(i, n - 1);
           const i64 block = btab[t / block_size];
-          const scalar_t* vr = v_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM;
+          const unsigned int* vr = reinterpret_cast<const unsigned int*>(
+              v_cache + (block * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM);
 #pragma unroll
-          for (int c = 0; c < DPL; ++c) {
-            const int d = lane + 32 * c;
-            vv[u][c] = (i < n && d < HEAD_DIM) ? to_f32(vr[d]) : 0.f;
+          for (int c = 0; c < PPL; ++c) {
+            const int d = 64 * c + 2 * lane;
+            vv[u][c] = (i < n && d < HEAD_DIM) ? vr[32 * c + lane] : 0u;
           }
         }
 #pragma unroll
@@ -246,7 +260,10 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
           for (int gg = 0; gg < GCHUNK; ++gg) {
             const float p = (g0 + gg < group && i < n) ? s_logits[(g0 + gg) * PARTITION_SIZE + i] : 0.f;
 #pragma unroll
-            for (int c = 0; c < DPL; ++c) acc[gg][c] += p * vv[u][c];
+            for (int c = 0; c < PPL; ++c) {
+              acc[gg][2 * c] += p * lo_f32(vv[u][c]);
+              acc[gg][2 * c + 1] += p * hi_f32(vv[u][c]);
+            }
           }
         }
       }
@@ -254,7 +271,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
       for (int gg = 0; gg < GCHUNK; ++gg)
 #pragma unroll
         for (int c = 0; c < DPL; ++c) {
-          const int d = lane + 32 * c;
+          const int d = 64 * (c >> 1) + 2 * lane + (c & 1);
           if (d < HEAD_DIM) s_red[(warp * GCHUNK + gg) * HEAD_DIM + d] = acc[gg][c];
         }
       __syncthreads();
