@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     import cupy as cp
 
-    from rvllm.backend import cuda_blaslt as lt
+    from bench import cublaslt as lt
     from rvllm.backend.cuda import CudaBackend
     from rvllm.model.config import preset_spec
 

@@ -1,11 +1,12 @@
-"""cuBLASLt through ctypes: one matrix product `out[T, N] = x[T, K] @ w[N, K]^T (+ bias)` with an
-algorithm the caller picks from cuBLASLt's heuristic list.
+"""cuBLASLt through ctypes, for bench/gemm_algos.py: one matrix product
+`out[T, N] = x[T, K] @ w[N, K]^T (+ bias)` with an algorithm the caller picks from cuBLASLt's
+heuristic list.
 
-Why: cublasGemmEx asks the heuristic for one algorithm and runs it. cuBLASLt lists several
-(tile shape, split-K, stages) and lets us time them on the real shapes; at decode-sized row counts
-(16-512) the first is often not the fastest (bench/gemm_algos.py measures it). cublasLtMatmul also
-takes the stream and workspace as arguments, so it is safe inside CUDA graph capture without the
-handle juggling cuda_blas.py needs for gemmEx, and can add a bias in its epilogue.
+cublasGemmEx (the backend's path, rvllm/backend/cuda_blas.py) asks the heuristic for one algorithm
+and runs it; cuBLASLt lists several (tile shape, split-K, stages), which gemm_algos.py times at the
+model's shapes. The measurement (bench/RESULTS.md, session 6) found a few % at most, so the backend
+does not use this. cublasLtMatmul takes the stream and workspace as arguments: safe inside CUDA
+graph capture.
 
 Column-major terms, as in cuda_blas.py: D [N, T] = op(A) [N, K] @ B [K, T] with A = w viewed as a
 column-major [K, N] matrix (transposed) and B = x viewed as column-major [K, T].
