@@ -304,7 +304,7 @@ def test_decode_attention_context_lengths(gpu, rng, head_dim, group):
 
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_decode_attention_batches(gpu, rng, batch):
-    """64 rows x 8 KV heads run the lean build of the kernel (cuda_attention.decode_kernel_name)."""
+    """64 rows x 8 KV heads run the lean build of the kernel (cuda_attention.decode_build)."""
     lens = rng.integers(1, 2100, batch).tolist()
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=8, group=4, head_dim=128)
 

@@ -48,7 +48,8 @@ def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int
     return "paged_attention_split_kernel", nvrtc.DECODE_NUM_THREADS
 
 
-def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms: int, threads: int = 128) -> int:
+def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms: int,
+                   threads: int = nvrtc.DECODE_NUM_THREADS) -> int:
     """Keys per partition of the decode kernel for a step of num_tokens query rows.
 
     Each block's keys cost a chain of dependent loads (block table, K, then V), so a step with few
@@ -64,11 +65,6 @@ def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms
     while size < limit and (size < want or -(-max_context // size) > limit):
         size *= 2
     return size
-
-
-def decode_kernel_name(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> str:
-    """The name of decode_build's kernel (bench/op_times.py swaps this chooser to time each build)."""
-    return decode_build(num_tokens, num_kv_heads, head_dim, num_sms)[0]
 
 
 @dataclass
@@ -202,8 +198,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
         raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {MAX_GRID_YZ}")
     out = cp.empty_like(q)
-    name = decode_kernel_name(num_tokens, nkv, hd, b.num_sms)
-    threads = nvrtc.DECODE_WIDE_THREADS if name == "paged_attention_split_wide_kernel" else nvrtc.DECODE_NUM_THREADS
+    name, threads = decode_build(num_tokens, nkv, hd, b.num_sms)  # bench/op_times.py swaps it to time each build
     split = b._kernel("attention_decode.cu", name, hd)
     smem = nvrtc.decode_smem_bytes(hd, group, threads)
     b._ensure_smem(split, smem)
