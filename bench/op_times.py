@@ -131,12 +131,8 @@ def main() -> None:
         ("logits", "lm_head", rot("lm_head", lambda m: b.logits(x, m)), None),
         # The cuBLAS path's separate kernels (steps of more rows than the GEMV kernels take):
         ("(cuBLAS path) fused_add_rms_norm", None, lambda i: b.fused_add_rms_norm(x, res, norm_w, eps), None),
-        ("(cuBLAS path) qkv bias broadcast", None,
-         (lambda i: cp.empty((B, qkv_out), b.compute_dtype).__setitem__(Ellipsis, bias)) if bias is not None else None,
-         None),
         ("(cuBLAS path) silu_and_mul", None, lambda i: b.silu_and_mul(xg), None),
     ]
-    ops = [op for op in ops if op[2] is not None]
     if args.attention_variants:
         from rvllm.backend import cuda_attention
 

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field, fields
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def penalized(repetition: float, frequency: float, presence: float) -> bool:
+    """Whether these penalty values change the logits (1, 0 and 0 leave them as they are). The one
+    statement of that rule: the engine (per request) and the sampling metadata (per row) call it."""
+    return repetition != 1.0 or frequency != 0.0 or presence != 0.0
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -34,6 +40,10 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     # Fields the caller left unset, so generation_config.json defaults may fill them (vLLM semantics).
     _unset: frozenset = field(default=frozenset(), repr=False, compare=False)
+
+    @property
+    def has_penalties(self) -> bool:
+        return penalized(self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
 
     def __init__(self, **kwargs):
         names = {f.name for f in fields(self) if f.name != "_unset"}

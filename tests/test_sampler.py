@@ -440,6 +440,8 @@ def test_metadata_sees_one_row_that_differs(base, change):
         m = meta_for([shared] * 3 + [last], outputs=[[4]] * 4, eos=[2] * 4)
         assert (m.all_greedy, m.all_random, m.no_penalties, m.no_top_k_top_p, m.no_min_p, m.any_seeded,
                 m.max_num_logprobs) == _flags_per_row(m)
+        assert m.penalized_rows == [i for i in range(4) if m.presence_penalty[i] != 0 or m.frequency_penalty[i] != 0
+                                    or m.repetition_penalty[i] != 1]
         assert m.temperature[3] == float(last.temperature) and m.seeds[3] == last.seed
         assert m.logit_bias[3] == (last.logit_bias or None)
         assert m.suppress_token_ids == [[], [], [], [7, 2] if last.min_tokens else []]

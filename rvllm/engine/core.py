@@ -130,8 +130,7 @@ class EngineCore:
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
                       min(self.max_model_len, capacity), arrival_time)
         self._requests[request_id] = req
-        if ((params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0)
-                and not self.runner.penalties_on_device):
+        if params.has_penalties and not self.runner.penalties_on_device:
             self._sync_ids.add(request_id)
         self.scheduler.add_request(req)
         self.prompt_tokens_total += n

@@ -55,7 +55,9 @@ class StepProfiler:
 
     def device_time_by_kind(self) -> dict[str, tuple[int, float]]:
         """{"with prompt tokens" | "decode only": (steps, device seconds: h2d + forward + sample + gap)},
-        to tell prefill's share of a run from the decode steps'."""
+        to tell prefill's share of a run from the decode steps'. A step counts as "with prompt tokens"
+        when it has more tokens than requests (ModelRunner.launch records the difference); a step whose
+        only prompt work is one-token chunks counts as decode only."""
         out: dict[str, tuple[int, float]] = {}
         for r in self.rows:
             if "forward" not in r:

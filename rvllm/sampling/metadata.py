@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Iterable, Sequence
 
-from rvllm.sampling_params import SamplingParams
+from rvllm.sampling_params import SamplingParams, penalized
 
 # Same cut-off as SamplingParams.greedy: below this temperature a row takes the argmax.
 GREEDY_TEMPERATURE = 1e-5
@@ -46,6 +46,7 @@ class SamplingMetadata:
     all_greedy: bool = field(init=False)
     all_random: bool = field(init=False)
     no_penalties: bool = field(init=False)
+    penalized_rows: list[int] = field(init=False)  # rows whose penalties change their logits
     no_logit_bias: bool = field(init=False)
     no_suppress: bool = field(init=False)
     no_top_k_top_p: bool = field(init=False)  # over the random rows only; greedy rows ignore them
@@ -71,8 +72,10 @@ class SamplingMetadata:
         greedy = [self.temperature[i] < GREEDY_TEMPERATURE for i in rows]
         self.all_greedy = all(greedy)
         self.all_random = not any(greedy)
-        self.no_penalties = all(self.presence_penalty[i] == 0.0 and self.frequency_penalty[i] == 0.0
-                                and self.repetition_penalty[i] == 1.0 for i in rows)
+        pen = [i for i in rows if penalized(self.repetition_penalty[i], self.frequency_penalty[i],
+                                            self.presence_penalty[i])]
+        self.penalized_rows = list(range(n)) if uniform and pen else pen
+        self.no_penalties = not pen
         self.no_logit_bias = not any(self.logit_bias)
         self.no_suppress = not any(self.suppress_token_ids)
         random_rows = [i for i, g in zip(rows, greedy) if not g]
@@ -104,7 +107,7 @@ class SamplingMetadata:
         if n and param_list.count(param_list[0]) == n:
             # The common case, every row's params equal (list.count runs in C, identity first):
             # the columns repeat one tuple of values.
-            distinct = param_list[:1]
+            any_min_tokens = param_list[0].min_tokens > 0
             cols = [[v] * n for v in _row_values(param_list[0])]
         else:
             # One tuple of values per distinct SamplingParams (requests usually share a few), then columns.
@@ -115,10 +118,10 @@ class SamplingMetadata:
                 if v is None:
                     v = per_params[id(sp)] = _row_values(sp)
                 values.append(v)
-            distinct = param_list
+            any_min_tokens = any(sp.min_tokens for sp in param_list)
             cols = [list(c) for c in zip(*values)] if values else [[] for _ in range(10)]
         suppress: list[list[int]] = [[]] * n  # rows with nothing to suppress share one empty list (read only)
-        if any(sp.min_tokens for sp in distinct):
+        if any_min_tokens:
             for i, (sp, _, out, eos) in enumerate(rows):
                 if len(out) < sp.min_tokens:
                     # vLLM: min_tokens holds back every token that would stop the request. With

@@ -70,10 +70,7 @@ class PenaltySlots:
     def plan(self, meta: SamplingMetadata, sampling: bool) -> list[SlotUpdate | None]:
         """This call's slot work: a SlotUpdate per row with a penalty, None for the other rows.
         sampling: the call samples, so the device counts each of these rows' new token (sample_kernel)."""
-        # One comprehension over the columns (runs for every row every step).
-        rows = [i for i, (rep, freq, pres) in enumerate(zip(meta.repetition_penalty, meta.frequency_penalty,
-                                                             meta.presence_penalty))
-                if rep != 1.0 or freq != 0.0 or pres != 0.0]
+        rows = meta.penalized_rows
         if len(rows) > self.num_slots:
             raise ValueError(f"{len(rows)} rows with penalties, {self.num_slots} penalty slots (max_num_seqs)")
         ids = meta.request_ids
