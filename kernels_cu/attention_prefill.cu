@@ -11,12 +11,9 @@
 // grid (ceil(max_query_len * group / BLOCK_M), num_kv_heads, num_reqs), 128 threads (4 warps,
 // 16 query rows each). Static shared memory: K and V tiles, 2 * BLOCK_N * (HEAD_DIM + 8) * 2 B.
 // Compile-time: HEAD_DIM (a multiple of 16, at most 128 here), RVLLM_FP16 / RVLLM_BF16.
-//
-// mma.m16n8k16 fragments (PTX ISA; g = lane / 4, c = lane % 4, pairs packed low index first):
-//   A 16x16 row-major: a[0] = A[g][2c..2c+1], a[1] = A[g+8][2c..], a[2] = A[g][2c+8..], a[3] = A[g+8][2c+8..]
-//   B 16x8 (k x n):    b[0] = B[2c..2c+1][g],  b[1] = B[2c+8..2c+9][g]
-//   C 16x8:            c[0..1] = C[g][2c..2c+1], c[2..3] = C[g+8][2c..2c+1]
+// The mma.m16n8k16 fragment layouts are in mma.cuh.
 #include "common.cuh"
+#include "mma.cuh"
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<head size>"
@@ -29,22 +26,6 @@
 #define NUM_THREADS 128
 #define KV_LD (HEAD_DIM + 8)  // padded shared row (elements): 16-byte aligned, fewer bank conflicts
 #define LOG2E 1.4426950408889634f
-
-__device__ __forceinline__ void mma_16816(float c[4], const unsigned int a[4], const unsigned int b[2]) {
-#if defined(RVLLM_BF16)
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
 
 __device__ __forceinline__ unsigned int ld_u32(const scalar_t* p) {  // 4-byte aligned pair
   return *reinterpret_cast<const unsigned int*>(p);

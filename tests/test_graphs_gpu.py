@@ -162,6 +162,38 @@ def test_fixed_grid_decode_attention(gpu, num_sms, lens):
     check(gpu, out, ref, f"fixed-grid decode (grid {grid_parts} of {parts} partitions of {size} keys)")
 
 
+def test_fixed_grid_decode_attention_tensor_cores(gpu, monkeypatch):
+    """The tensor-core decode kernel in a fixed (graph) step: the block table's row stride read on
+    the device, a view wider than the rows, padding requests; every context from one graph grid."""
+    from rvllm.backend import cuda_attention
+    from rvllm.backend.cuda import cp
+    from rvllm.backend.cuda_attention import DecodeWorkspace
+    from rvllm.runner.step_inputs import StepMetadata
+    from tests.test_kernels_gpu import _attention_case, check
+
+    monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
+    rng = np.random.default_rng(zlib.crc32(f"fixed-tc-{gpu.dtype}".encode()))
+    lens = [1, 33, 200, 1500]
+    pad, nkv, group, hd, bs = 2, 2, 7, 128, 16
+    (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
+                                                              block_size=bs, pad_rows=pad)
+    scale = hd ** -0.5
+    ref = CPU.paged_attention(q, kc, vc, meta, scale)
+    r, w = len(lens) + pad, meta.block_tables.shape[1]
+    wide = w + 37
+    flat = np.full(r * wide, -7, np.int32)
+    flat[: len(lens) * w] = meta.block_tables.ravel()
+    flat[len(lens) * w: r * w] = 0
+    tables = cp.asarray(flat).reshape(r, wide)
+    qsl = cp.asarray(np.arange(r + 1, dtype=np.int32))
+    seq_lens = cp.asarray(np.asarray(lens + [0] * pad, np.int32))
+    ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)))
+    m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,
+                     query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
+    out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
+    check(gpu, out, ref, "fixed-grid tensor-core decode")
+
+
 def test_async_scheduling_matches_in_order_steps(tiny):
     """Graph replays with inputs filled from the previous step's sampled ids on the device give the
     tokens and logprobs of in-order steps; requests end at different steps while one is in flight."""

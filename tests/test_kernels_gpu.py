@@ -329,6 +329,38 @@ def test_decode_attention_large_group(gpu, rng):
     _run_attention([gpu], rng, [(1, 33), (1, 600)], nkv=1, group=16, head_dim=128)
 
 
+@pytest.fixture
+def tensor_core_decode(monkeypatch):
+    """Every decode step on attention_decode_tc.cu, whatever its size (where head size and group allow)."""
+    from rvllm.backend import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("group", [1, 3, 7, 16])
+def test_decode_attention_tensor_cores(gpu, rng, tensor_core_decode, head_dim, group):
+    """The tensor-core decode kernel: contexts inside one 32-key tile, across tile and block
+    boundaries and long; a request with no query row; padding rows (zeros); group sizes up to the
+    16 rows of an mma tile; head size 80 (an odd number of 16-dim k-steps)."""
+    from rvllm.backend import cuda_attention
+
+    assert cuda_attention.decode_build(1, 2, head_dim, gpu.num_sms, group)[0] == cuda_attention.DECODE_TC_KERNEL
+    reqs = [(1, n) for n in DECODE_LENS + [31, 32, 33, 64, 2000]] + [(0, 30)]
+    _run_attention([gpu], rng, reqs, nkv=2, group=group, head_dim=head_dim, pad_rows=2)
+
+
+def test_decode_attention_tensor_cores_chosen_for_large_steps(gpu, rng):
+    """A step whose (row, KV head) pairs fill the GPU twice runs the tensor-core kernel by default."""
+    from rvllm.backend import cuda_attention
+
+    rows = gpu.num_sms  # x 2 KV heads
+    assert cuda_attention.decode_build(rows, 2, 128, gpu.num_sms, 6)[0] == cuda_attention.DECODE_TC_KERNEL
+    assert cuda_attention.decode_build(rows, 2, 128, gpu.num_sms, 17)[0] != cuda_attention.DECODE_TC_KERNEL
+    lens = rng.integers(1, 600, rows).tolist()
+    _run_attention([gpu], rng, [(1, n) for n in lens], nkv=2, group=6, head_dim=128)
+
+
 PREFILL_REQS = [
     (15, 15), (16, 16), (17, 17), (100, 100),  # fresh prompts across block boundaries
     (37, 1037),   # a chunk after a long cached prefix

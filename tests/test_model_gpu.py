@@ -71,6 +71,35 @@ def test_gpu_logits_and_greedy_match_hf_and_cpu(tiny):
                     assert abs(got.logprob - lp[t]) < 3e-2 * scale, f"step {i} token {t}"
 
 
+def _assert_greedy_is_reference_argmax(cfg, tensors, prompts, got):
+    """Every greedy step is the float64 reference's argmax given the same tokens (bf16 may break near-ties)."""
+    ref = ReferenceModel(cfg, tensors)
+    for p, toks in zip(prompts, got):
+        logits = ref.forward(p + toks, 0, ref.new_cache())[len(p) - 1: len(p) - 1 + len(toks)]
+        for i, (tok, row) in enumerate(zip(toks, logits)):
+            if not _near_tie(row):
+                assert tok == int(np.argmax(row)), f"step {i}: reference picks {int(np.argmax(row))}, rvllm {tok}"
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_gpu_greedy_with_tensor_core_decode(tiny, monkeypatch, enforce_eager):
+    """Every decode step on the tensor-core decode kernel (large steps use it by default; these
+    are small): the greedy tokens are the float64 reference's, in eager steps and in graph replays."""
+    from rvllm import LLM, SamplingParams
+    from rvllm.backend import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
+    d, cfg, tensors = tiny
+    prompts = _prompts(cfg["vocab_size"], seed=7)
+    llm = LLM(str(d), device="cuda", block_size=16, skip_tokenizer_init=True, num_gpu_blocks_override=512,
+              enforce_eager=enforce_eager)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=STEPS,
+                                                                                ignore_eos=True))]
+    _assert_greedy_is_reference_argmax(cfg, tensors, prompts, got)
+    if not enforce_eager:
+        assert llm.engine.runner.graphs.num_replays > 0
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=7), dict(num_gpu_blocks_override=6),
                                 dict(enable_prefix_caching=False)],
                          ids=["default", "chunked", "preempt", "no-prefix-cache"])
@@ -83,14 +112,7 @@ def test_gpu_engine_scheduling_keeps_greedy_and_seeded_output(tiny, kw):
     seeded = SamplingParams(temperature=0.5, seed=42, max_tokens=16, ignore_eos=True)
     # A fixed cache size: the automatic sizing is covered above, and a failed test's frames keep its LLM alive.
     gpu = LLM(str(d), device="cuda", block_size=16, skip_tokenizer_init=True, **{"num_gpu_blocks_override": 512, **kw})
-    got = [o.outputs[0].token_ids for o in gpu.generate(prompts, greedy)]
-    # Every greedy step is the float64 reference's argmax given the same tokens (bf16 may break near-ties).
-    ref = ReferenceModel(cfg, tensors)
-    for p, toks in zip(prompts, got):
-        logits = ref.forward(p + toks, 0, ref.new_cache())[len(p) - 1: len(p) - 1 + len(toks)]
-        for i, (tok, row) in enumerate(zip(toks, logits)):
-            if not _near_tie(row):
-                assert tok == int(np.argmax(row)), f"step {i}: reference picks {int(np.argmax(row))}, rvllm {tok}"
+    _assert_greedy_is_reference_argmax(cfg, tensors, prompts, [o.outputs[0].token_ids for o in gpu.generate(prompts, greedy)])
     if "num_gpu_blocks_override" in kw:
         assert gpu.engine.stats().num_preemptions > 0
     # Seeded sampling reproduces: the same requests under the same settings give the same tokens in a

@@ -13,6 +13,7 @@ Two ways to run the decode kernel:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +31,26 @@ _BLOCKS_PER_SM = 4
 _KEYS_IN_FLIGHT = 8  # per warp (attention_decode.cu): a partition of warps x 8 keys is one load per warp
 # The wide build (16 warps) for steps of at most this many (row, KV head) pairs: batch 1-4 at 2 KV heads.
 _WIDE_MAX_PAIRS = 8
+# The tensor-core kernel (a warp per pair, no split over the context) from this many pairs per SM.
+_TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", "2"))
+DECODE_TC_KERNEL = "paged_attention_decode_tc_kernel"
 
 
-def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[str, int]:
-    """(kernel name, threads) of the decode kernel's build for a step (attention_decode.cu).
+def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int = 1) -> tuple[str, int]:
+    """(kernel name, threads) of the decode kernel for a step.
+    - tensor cores (attention_decode_tc.cu, a warp per (row, KV head) pair): steps whose pairs fill
+      the GPU several times over, for head sizes that are multiples of 16 up to 128 and GQA groups
+      of at most 16 query heads;
+    - otherwise split_build's choice."""
+    pairs = num_tokens * num_kv_heads
+    if pairs >= _TC_MIN_PAIRS_PER_SM * num_sms and head_dim % 16 == 0 and head_dim <= 128 \
+            and group <= nvrtc.DECODE_TC_MAX_GROUP:
+        return DECODE_TC_KERNEL, 32
+    return split_build(num_tokens, num_kv_heads, head_dim, num_sms)
+
+
+def split_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[str, int]:
+    """(kernel name, threads) of attention_decode.cu's build for a step:
     - wide (512 threads): the smallest steps, whose time is the latency of a few blocks' load chains;
       a 128-key partition is one round trip for K and one for V, with no cross-block combine up to
       128 keys. Up to head size 128 (its shared memory grows with warps x head size);
@@ -116,10 +133,12 @@ class DecodeWorkspace:
         self.tmp_max = cp.empty(rows, np.float32)
         self.tmp_sum = cp.empty(rows, np.float32)
 
-    def layout(self, num_tokens: int, num_kv_heads: int) -> tuple[int, int, int]:
+    def layout(self, num_tokens: int, num_kv_heads: int, threads: int | None = None) -> tuple[int, int, int]:
         """(partition size, partitions a max_context row has, blocks along the partition axis: enough
-        to fill the GPU, at most one per partition)."""
-        threads = decode_build(num_tokens, num_kv_heads, self.head_dim, self.num_sms)[1]
+        to fill the GPU, at most one per partition) for the split build with `threads` threads
+        (default: split_build's choice)."""
+        if threads is None:
+            threads = split_build(num_tokens, num_kv_heads, self.head_dim, self.num_sms)[1]
         size = partition_size(num_tokens, num_kv_heads, self.max_context, self.num_sms, threads)
         parts = max(1, -(-self.max_context // size))
         want = math.ceil(_BLOCKS_PER_SM * self.num_sms / max(1, num_kv_heads * num_tokens))
@@ -170,12 +189,16 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     num_tokens, nh, hd = q.shape
     nkv = k_cache.shape[2]
     group = nh // nkv
+    # bench/op_times.py swaps decode_build to time each kernel
+    name, threads = decode_build(num_tokens, nkv, hd, b.num_sms, group)
+    if name == DECODE_TC_KERNEL:
+        return _attention_decode_tc(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace)
     if workspace is None:  # eager: scratch for this step's longest context, one block per partition
         max_seq = int(meta.max_seq_len)
         if -(-max_seq // nvrtc.DECODE_PARTITION_SIZE) > nvrtc.DECODE_PARTITION_SIZE:
             raise ValueError(f"paged_attention (split): a {max_seq}-token context needs more than "
                              f"{nvrtc.DECODE_PARTITION_SIZE} partitions, which the kernel cannot combine")
-        size = partition_size(num_tokens, nkv, max_seq, b.num_sms, decode_build(num_tokens, nkv, hd, b.num_sms)[1])
+        size = partition_size(num_tokens, nkv, max_seq, b.num_sms, threads)
         parts = max(1, -(-max_seq // size))
         grid_parts = parts
         tmp_out = cp.empty((num_tokens, nh, parts, hd), dtype=np.float32)
@@ -188,7 +211,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
         if num_tokens > ws.max_tokens or nh != ws.num_heads or hd != ws.head_dim:
             raise ValueError(f"paged_attention: workspace is for {ws.max_tokens} rows x {ws.num_heads} heads x "
                              f"{ws.head_dim}, got {num_tokens} x {nh} x {hd}")
-        size, parts, grid_parts = ws.layout(num_tokens, nkv)
+        size, parts, grid_parts = ws.layout(num_tokens, nkv, threads)
         rows = num_tokens * nh * parts
         if rows > ws.tmp_max.size:
             raise ValueError(f"paged_attention: the workspace holds {ws.tmp_max.size} partition rows, this step needs {rows}")
@@ -198,7 +221,6 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
         raise ValueError(f"paged_attention (split): {num_tokens} query rows or {parts} partitions exceed {MAX_GRID_YZ}")
     out = cp.empty_like(q)
-    name, threads = decode_build(num_tokens, nkv, hd, b.num_sms)  # bench/op_times.py swaps it to time each build
     split = b._kernel("attention_decode.cu", name, hd)
     smem = nvrtc.decode_smem_bytes(hd, group, threads)
     b._ensure_smem(split, smem)
@@ -208,6 +230,28 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.int32(parts),
            np.int32(size), np.float32(scale)),
           shared_mem=smem)
+    return out
+
+
+def _attention_decode_tc(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace):
+    """The tensor-core decode kernel: no scratch, and a grid of the step's shape, so eager and
+    graph steps differ only in where the block table's row stride comes from."""
+    num_tokens, nh, hd = q.shape
+    nkv = k_cache.shape[2]
+    if num_tokens > MAX_GRID_YZ:
+        raise ValueError(f"paged_attention (tensor-core decode): {num_tokens} query rows exceed {MAX_GRID_YZ}")
+    if workspace is None:
+        stride_arg, stride_dev = np.int32(meta.block_tables.shape[1]), np.uint64(0)  # a null pointer
+    else:
+        stride_arg, stride_dev = np.int32(0), workspace.row_stride
+    out = cp.empty_like(q)
+    kernel = b._kernel("attention_decode_tc.cu", DECODE_TC_KERNEL, hd)
+    smem = nvrtc.decode_tc_smem_bytes(hd)
+    b._ensure_smem(kernel, smem)
+    kernel((nkv, num_tokens), (32,),
+           (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
+            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale)),
+           shared_mem=smem)
     return out
 
 

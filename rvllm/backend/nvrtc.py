@@ -38,6 +38,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
                              "paged_attention_split_wide_kernel"), True),
+    "attention_decode_tc.cu": (("paged_attention_decode_tc_kernel",), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
@@ -49,6 +50,10 @@ DECODE_PARTITION_SIZE = 512
 DECODE_NUM_THREADS = 128
 DECODE_WIDE_THREADS = 512  # paged_attention_split_wide_kernel
 DECODE_GCHUNK = 8
+# Must match attention_decode_tc.cu.
+DECODE_TC_TILE = 32
+DECODE_TC_STAGES = 2
+DECODE_TC_MAX_GROUP = 16  # query heads per KV head: the 16 rows of one mma tile
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
@@ -110,6 +115,11 @@ def decode_smem_bytes(head_dim: int, group: int, threads: int = DECODE_NUM_THREA
     """Dynamic shared memory of the decode kernel's build with `threads` threads (attention_decode.cu)."""
     floats = group * DECODE_PARTITION_SIZE + (threads // 32) * DECODE_GCHUNK * head_dim + 2 * group
     return 4 * floats
+
+
+def decode_tc_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of attention_decode_tc.cu: K and V tiles of every stage, padded rows."""
+    return 2 * DECODE_TC_STAGES * DECODE_TC_TILE * (head_dim + 8) * 2
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,218 @@
+// Decode attention on tensor cores, for decode steps with many (row, KV head) pairs.
+//
+// attention_decode.cu's builds spend ~70 instructions per key on CUDA cores (unpacking, a dot
+// product per query head, shuffles, the block-table lookup), and at 256 rows they are bound by
+// issue and latency rather than by the ~50 MB of K/V a layer reads (37 us per layer for
+// qwen2.5-1.5b at 256 rows x 192 keys on an H100, 45% of the read rate). Here the query heads of a
+// GQA group are the M rows of mma.m16n8k16 (group <= 16; rows past the group are zeros, never
+// written), so a 32-key tile costs 16 + 16 mma and 12 ldmatrix per head size of 128.
+//
+// One warp per (query row, KV head) pair: grid (num_kv_heads, num_tokens), 32 threads. The warp
+// streams its context through shared memory in tiles of DTC_TILE keys, DTC_STAGES tiles in flight
+// (cp.async; no registers held by loads in flight), with the online softmax of the prefill kernel.
+// No split over the context: the backend uses it where the pairs alone fill the GPU
+// (cuda_attention.decode_build). Any context length; nothing depends on host values that change
+// between steps except through the metadata arrays, so it is graph-safe as it stands.
+// Rows that no request owns get zeros.
+//
+// Compile-time: HEAD_DIM (a multiple of 16, at most 128), RVLLM_FP16 / RVLLM_BF16.
+// Dynamic shared memory: K and V tiles, 2 * DTC_STAGES * DTC_TILE * (HEAD_DIM + 8) * 2 bytes
+// (nvrtc.decode_tc_smem_bytes).
+#include "common.cuh"
+#include "mma.cuh"
+
+#ifndef HEAD_DIM
+#error "compile with -DHEAD_DIM=<head size>"
+#endif
+#if (HEAD_DIM % 16) != 0 || HEAD_DIM > 128
+#error "attention_decode_tc.cu: HEAD_DIM must be a multiple of 16 and at most 128"
+#endif
+#define DTC_TILE 32
+#define DTC_STAGES 2
+#define DTC_LD (HEAD_DIM + 8)  // padded shared row (elements): ldmatrix's 8 rows fall in 8 bank groups
+#define DTC_CHUNKS (HEAD_DIM / 8)
+#define LOG2E_F 1.4426950408889634f
+
+extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kernel(
+    scalar_t* __restrict__ out,            // [num_tokens, num_heads, HEAD_DIM]
+    const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
+    const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+    const scalar_t* __restrict__ v_cache,
+    const int* __restrict__ block_tables,  // [num_reqs, row stride]
+    int max_blocks_per_seq,                // the row stride of block_tables, unless:
+    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
+    const int* __restrict__ query_start_loc,  // [num_reqs + 1]
+    const int* __restrict__ seq_lens,         // [num_reqs]
+    int num_reqs, int num_heads, int num_kv_heads, int block_size, float scale) {
+  extern __shared__ __align__(16) unsigned char dtc_smem[];
+  scalar_t* s_k = reinterpret_cast<scalar_t*>(dtc_smem);  // [DTC_STAGES][DTC_TILE][DTC_LD]
+  scalar_t* s_v = s_k + DTC_STAGES * DTC_TILE * DTC_LD;
+  const int kvh = blockIdx.x, tok = blockIdx.y;
+  const int group = num_heads / num_kv_heads;  // <= 16 (the backend checks)
+  const int lane = threadIdx.x, g = lane >> 2, c = lane & 3;
+
+  // The metadata chain reads only the step's inputs: before the wait (common.cuh).
+  const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
+  int req;
+  const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
+  const int* btab = block_tables + (req >= 0 ? (i64)req * row_stride : 0);
+  const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
+  pdl_enter();
+
+  const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
+  if (req < 0 || ctx <= 0) {  // a padding row: zeros
+    for (int i = lane; i < group * HEAD_DIM; i += 32) out[head0 * HEAD_DIM + i] = 0;
+    return;
+  }
+
+  // Tile `tile` of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ...;
+  // keys past the context are zero-filled (a NaN there would survive a zero probability).
+  auto load_tile = [&](int tile, int stage) {
+    scalar_t* sk = s_k + stage * DTC_TILE * DTC_LD;
+    scalar_t* sv = s_v + stage * DTC_TILE * DTC_LD;
+#pragma unroll 4
+    for (int idx = lane; idx < DTC_TILE * DTC_CHUNKS; idx += 32) {
+      const int r = idx / DTC_CHUNKS, ch = idx - r * DTC_CHUNKS;
+      const int t = tile * DTC_TILE + r;
+      const bool ok = t < ctx;
+      i64 off = 0;
+      if (ok) off = ((i64)btab[t / block_size] * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM + ch * 8;
+      cp_async_16(sk + r * DTC_LD + ch * 8, k_cache + off, ok);
+      cp_async_16(sv + r * DTC_LD + ch * 8, v_cache + off, ok);
+    }
+    cp_async_commit();
+  };
+  const int num_tiles = (ctx + DTC_TILE - 1) / DTC_TILE;
+#pragma unroll
+  for (int s = 0; s < DTC_STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    else cp_async_commit();  // an empty group keeps the wait counts uniform
+  }
+
+  // The query rows: row m is head kvh * group + m (rows >= group are zeros), as A fragments for
+  // every k-step of 16 head dims.
+  unsigned int qf[HEAD_DIM / 16][4];
+  {
+    const bool ok0 = g < group, ok1 = g + 8 < group;
+    const scalar_t* q0 = q + (head0 + (ok0 ? g : 0)) * HEAD_DIM;
+    const scalar_t* q1 = q + (head0 + (ok1 ? g + 8 : 0)) * HEAD_DIM;
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+      const int col = ks * 16 + 2 * c;
+      qf[ks][0] = ok0 ? *reinterpret_cast<const unsigned int*>(q0 + col) : 0u;
+      qf[ks][1] = ok1 ? *reinterpret_cast<const unsigned int*>(q1 + col) : 0u;
+      qf[ks][2] = ok0 ? *reinterpret_cast<const unsigned int*>(q0 + col + 8) : 0u;
+      qf[ks][3] = ok1 ? *reinterpret_cast<const unsigned int*>(q1 + col + 8) : 0u;
+    }
+  }
+
+  float o_acc[HEAD_DIM / 8][4];
+#pragma unroll
+  for (int j = 0; j < HEAD_DIM / 8; ++j) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.f;
+  float row_max[2] = {RVLLM_NEG_INF, RVLLM_NEG_INF};  // log2 units (scores * scale * log2 e)
+  float row_sum[2] = {0.f, 0.f};
+  const float qk_scale = scale * LOG2E_F;
+  // ldmatrix row addresses: lane supplies row (lane % 8) of matrix (lane / 8).
+  const int mrow = lane & 7, mat = lane >> 3;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int next = tile + DTC_STAGES - 1;
+    if (next < num_tiles) load_tile(next, next % DTC_STAGES);  // into the stage computed last iteration
+    else cp_async_commit();
+    cp_async_wait<DTC_STAGES - 1>();  // this tile's group has landed (this lane's copies)
+    __syncwarp();                     // ... and every other lane's
+    const scalar_t* sk = s_k + (tile % DTC_STAGES) * DTC_TILE * DTC_LD;
+    const scalar_t* sv = s_v + (tile % DTC_STAGES) * DTC_TILE * DTC_LD;
+
+    // S = Q K^T: 16 rows x 32 keys (4 n-tiles of 8 keys).
+    float s[DTC_TILE / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DTC_TILE / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      const scalar_t* krow = sk + (nt * 8 + mrow) * DTC_LD;
+#pragma unroll
+      for (int ks = 0; ks + 1 < HEAD_DIM / 16; ks += 2) {  // matrices: dims 16 ks, +8, +16, +24
+        unsigned int b[4];
+        ldmatrix_x4(b, krow + ks * 16 + mat * 8);
+        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_16816(s[nt], qf[ks], b0);
+        mma_16816(s[nt], qf[ks + 1], b1);
+      }
+      if ((HEAD_DIM / 16) % 2) {  // an odd last k-step (head sizes 80, 112): lanes 0-15 address
+        unsigned int b[2];
+        ldmatrix_x2(b, krow + (HEAD_DIM - 16) + (mat & 1) * 8);
+        mma_16816(s[nt], qf[HEAD_DIM / 16 - 1], b);
+      }
+    }
+
+    // Mask keys past the context, then the online softmax (each row lives in a quad of lanes).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = RVLLM_NEG_INF;
+#pragma unroll
+      for (int nt = 0; nt < DTC_TILE / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = tile * DTC_TILE + nt * 8 + 2 * c + e;
+          const float v = key < ctx ? s[nt][2 * h + e] * qk_scale : RVLLM_NEG_INF;
+          s[nt][2 * h + e] = v;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float new_max = fmaxf(row_max[h], mx);  // finite: every tile holds a key < ctx
+      const float alpha = exp2f(row_max[h] - new_max);
+      row_max[h] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < DTC_TILE / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = exp2f(s[nt][2 * h + e] - new_max);
+          s[nt][2 * h + e] = p;
+          sum += p;
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      row_sum[h] = row_sum[h] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < HEAD_DIM / 8; ++j) {
+        o_acc[j][2 * h] *= alpha;
+        o_acc[j][2 * h + 1] *= alpha;
+      }
+    }
+
+    // O += P V: P's accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-step kk; V's
+    // B fragments come transposed from V rows (matrices: keys +0 / +8, dims +0 / +8).
+#pragma unroll
+    for (int kk = 0; kk < DTC_TILE / 16; ++kk) {
+      unsigned int a[4];
+      a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const scalar_t* vrow = sv + (kk * 16 + (mat & 1) * 8 + mrow) * DTC_LD + (mat >> 1) * 8;
+#pragma unroll
+      for (int j = 0; j < HEAD_DIM / 16; ++j) {  // n-tiles 2j and 2j + 1
+        unsigned int b[4];
+        ldmatrix_x4_trans(b, vrow + j * 16);
+        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_16816(o_acc[2 * j], a, b0);
+        mma_16816(o_acc[2 * j + 1], a, b1);
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before the next iteration refills it
+  }
+
+  // Normalize and write the rows of the group.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = g + 8 * h;
+    if (m >= group) continue;
+    scalar_t* orow = out + (head0 + m) * HEAD_DIM;
+    const float inv = 1.f / row_sum[h];  // > 0: the context has at least one key
+#pragma unroll
+    for (int j = 0; j < HEAD_DIM / 8; ++j)
+      *reinterpret_cast<unsigned int*>(orow + j * 8 + 2 * c) = pack2(o_acc[j][2 * h] * inv, o_acc[j][2 * h + 1] * inv);
+  }
+}
