@@ -152,7 +152,8 @@ def main() -> None:
             return run
 
         for kname, threads in (("paged_attention_split_kernel", 128), ("paged_attention_split_lean_kernel", 128),
-                               ("paged_attention_split_wide_kernel", 512), (cuda_attention.DECODE_TC_KERNEL, 32)):
+                               ("paged_attention_split_wide_kernel", 512),
+                               *((n, 32 * b[0]) for n, b in cuda_attention.DECODE_TC_BUILDS.items())):
             # decode_build also sets the partition size (through the workspace's layout)
             ops.append((f"decode attention, {kname}", None, with_choice("decode_build", (kname, threads), meta), None))
         for size in (32, 64, 128, 256, 512):

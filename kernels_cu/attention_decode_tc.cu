@@ -5,19 +5,20 @@
 // issue and latency rather than by the ~50 MB of K/V a layer reads (37 us per layer for
 // qwen2.5-1.5b at 256 rows x 192 keys on an H100, 45% of the read rate). Here the query heads of a
 // GQA group are the M rows of mma.m16n8k16 (group <= 16; rows past the group are zeros, never
-// written), so a 32-key tile costs 16 + 16 mma and 12 ldmatrix per head size of 128.
+// written), so at head size 128 a 16-key tile costs 16 + 16 mma and 8 + 8 ldmatrix.x4 per warp.
 //
-// One warp per (query row, KV head) pair: grid (num_kv_heads, num_tokens), 32 threads. The warp
-// streams its context through shared memory in tiles of DTC_TILE keys, DTC_STAGES tiles in flight
-// (cp.async; no registers held by loads in flight), with the online softmax of the prefill kernel.
-// No split over the context: the backend uses it where the pairs alone fill the GPU
-// (cuda_attention.decode_build). Any context length; nothing depends on host values that change
-// between steps except through the metadata arrays, so it is graph-safe as it stands.
-// Rows that no request owns get zeros.
+// One block per (query row, KV head) pair: grid (num_kv_heads, num_tokens), WARPS warps. Warp w
+// takes tiles w, w + WARPS, ... of TILE keys and streams them through its own shared memory, STAGES
+// tiles in flight (cp.async: no registers held by loads in flight), with the online softmax of the
+// prefill kernel; the warps' partial results meet in shared memory at the end. No split over
+// blocks: the backend uses it where the pairs alone fill the GPU (cuda_attention.decode_build),
+// and picks the entry point (warps, tile, stages) by how many pairs each SM gets. Any context length;
+// nothing depends on host values that change between steps except through the metadata arrays,
+// so it is graph-safe as it stands. Rows that no request owns get zeros.
 //
 // Compile-time: HEAD_DIM (a multiple of 16, at most 128), RVLLM_FP16 / RVLLM_BF16.
-// Dynamic shared memory: K and V tiles, 2 * DTC_STAGES * DTC_TILE * (HEAD_DIM + 8) * 2 bytes
-// (nvrtc.decode_tc_smem_bytes).
+// Dynamic shared memory: per warp, K and V tiles of every stage, 2 * STAGES * TILE * (HEAD_DIM + 8)
+// * 2 bytes (nvrtc.decode_tc_smem_bytes); the combine reuses it.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -27,29 +28,35 @@
 #if (HEAD_DIM % 16) != 0 || HEAD_DIM > 128
 #error "attention_decode_tc.cu: HEAD_DIM must be a multiple of 16 and at most 128"
 #endif
-#define DTC_TILE 32
-#define DTC_STAGES 2
 #define DTC_LD (HEAD_DIM + 8)  // padded shared row (elements): ldmatrix's 8 rows fall in 8 bank groups
 #define DTC_CHUNKS (HEAD_DIM / 8)
 #define LOG2E_F 1.4426950408889634f
 
-extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kernel(
-    scalar_t* __restrict__ out,            // [num_tokens, num_heads, HEAD_DIM]
-    const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
-    const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-    const scalar_t* __restrict__ v_cache,
-    const int* __restrict__ block_tables,  // [num_reqs, row stride]
-    int max_blocks_per_seq,                // the row stride of block_tables, unless:
-    const int* __restrict__ row_stride_dev,  // not null: the row stride, read on the device (CUDA graphs)
-    const int* __restrict__ query_start_loc,  // [num_reqs + 1]
-    const int* __restrict__ seq_lens,         // [num_reqs]
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, float scale) {
+#define DECODE_TC_PARAMS \
+    scalar_t* __restrict__ out,            /* [num_tokens, num_heads, HEAD_DIM] */ \
+    const scalar_t* __restrict__ q,        /* [num_tokens, num_heads, HEAD_DIM] */ \
+    const scalar_t* __restrict__ k_cache,  /* [num_blocks, block_size, num_kv_heads, HEAD_DIM] */ \
+    const scalar_t* __restrict__ v_cache, \
+    const int* __restrict__ block_tables,  /* [num_reqs, row stride] */ \
+    int max_blocks_per_seq,                /* the row stride of block_tables, unless: */ \
+    const int* __restrict__ row_stride_dev,  /* not null: the row stride, read on the device (CUDA graphs) */ \
+    const int* __restrict__ query_start_loc,  /* [num_reqs + 1] */ \
+    const int* __restrict__ seq_lens,         /* [num_reqs] */ \
+    int num_reqs, int num_heads, int num_kv_heads, int block_size, float scale
+#define DECODE_TC_ARGS \
+    out, q, k_cache, v_cache, block_tables, max_blocks_per_seq, row_stride_dev, query_start_loc, seq_lens, \
+    num_reqs, num_heads, num_kv_heads, block_size, scale
+
+template <int WARPS, int TILE, int STAGES>
+__device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
+  static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (block_of)");
   extern __shared__ __align__(16) unsigned char dtc_smem[];
-  scalar_t* s_k = reinterpret_cast<scalar_t*>(dtc_smem);  // [DTC_STAGES][DTC_TILE][DTC_LD]
-  scalar_t* s_v = s_k + DTC_STAGES * DTC_TILE * DTC_LD;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  // This warp's stages: [STAGES][TILE][DTC_LD] of K, then of V.
+  scalar_t* s_k = reinterpret_cast<scalar_t*>(dtc_smem) + warp * 2 * STAGES * TILE * DTC_LD;
+  scalar_t* s_v = s_k + STAGES * TILE * DTC_LD;
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;  // <= 16 (the backend checks)
-  const int lane = threadIdx.x, g = lane >> 2, c = lane & 3;
 
   // The metadata chain reads only the step's inputs: before the wait (common.cuh).
   const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
@@ -61,33 +68,41 @@ extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kerne
 
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
   if (req < 0 || ctx <= 0) {  // a padding row: zeros
-    for (int i = lane; i < group * HEAD_DIM; i += 32) out[head0 * HEAD_DIM + i] = 0;
+    for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
     return;
   }
 
-  // Tile `tile` of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ...;
-  // keys past the context are zero-filled (a NaN there would survive a zero probability).
-  auto load_tile = [&](int tile, int stage) {
-    scalar_t* sk = s_k + stage * DTC_TILE * DTC_LD;
-    scalar_t* sv = s_v + stage * DTC_TILE * DTC_LD;
-#pragma unroll 4
-    for (int idx = lane; idx < DTC_TILE * DTC_CHUNKS; idx += 32) {
+  // Tile `tile` of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ... (a
+  // warp-wide copy is 512 contiguous bytes of a row pair at head size 128). The block-table
+  // entries come from `blk_lanes` (lane r < TILE holds key r's block, -1 past the context), read
+  // an iteration ahead by block_of so that their load is not in series with the K/V copies. Keys
+  // past the context are zero-filled: a NaN there would survive a zero probability.
+  auto block_of = [&](int tile) -> int {
+    const int t = tile * TILE + lane % TILE;
+    return t < ctx ? btab[t / block_size] : -1;
+  };
+  auto load_tile = [&](int tile, int stage, int blk_lanes) {
+    scalar_t* sk = s_k + stage * TILE * DTC_LD;
+    scalar_t* sv = s_v + stage * TILE * DTC_LD;
+#pragma unroll
+    for (int idx = lane; idx < TILE * DTC_CHUNKS; idx += 32) {
       const int r = idx / DTC_CHUNKS, ch = idx - r * DTC_CHUNKS;
-      const int t = tile * DTC_TILE + r;
-      const bool ok = t < ctx;
-      i64 off = 0;
-      if (ok) off = ((i64)btab[t / block_size] * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM + ch * 8;
-      cp_async_16(sk + r * DTC_LD + ch * 8, k_cache + off, ok);
-      cp_async_16(sv + r * DTC_LD + ch * 8, v_cache + off, ok);
+      const int blk = __shfl_sync(0xffffffffu, blk_lanes, r), t = tile * TILE + r;
+      const i64 off = blk >= 0 ? ((i64)blk * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM + ch * 8 : 0;
+      cp_async_16(sk + r * DTC_LD + ch * 8, k_cache + off, blk >= 0);
+      cp_async_16(sv + r * DTC_LD + ch * 8, v_cache + off, blk >= 0);
     }
     cp_async_commit();
   };
-  const int num_tiles = (ctx + DTC_TILE - 1) / DTC_TILE;
+  // This warp's tiles: warp, warp + WARPS, ...; the i-th of them goes to stage i % STAGES.
+  const int num_tiles = (ctx + TILE - 1) / TILE;
+  const int my_tiles = num_tiles > warp ? (num_tiles - warp + WARPS - 1) / WARPS : 0;
 #pragma unroll
-  for (int s = 0; s < DTC_STAGES - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < my_tiles) load_tile(warp + s * WARPS, s, block_of(warp + s * WARPS));
     else cp_async_commit();  // an empty group keeps the wait counts uniform
   }
+  int blk_ahead = STAGES - 1 < my_tiles ? block_of(warp + (STAGES - 1) * WARPS) : -1;
 
   // The query rows: row m is head kvh * group + m (rows >= group are zeros), as A fragments for
   // every k-step of 16 head dims.
@@ -115,19 +130,23 @@ extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kerne
   // ldmatrix row addresses: lane supplies row (lane % 8) of matrix (lane / 8).
   const int mrow = lane & 7, mat = lane >> 3;
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    const int next = tile + DTC_STAGES - 1;
-    if (next < num_tiles) load_tile(next, next % DTC_STAGES);  // into the stage computed last iteration
-    else cp_async_commit();
-    cp_async_wait<DTC_STAGES - 1>();  // this tile's group has landed (this lane's copies)
-    __syncwarp();                     // ... and every other lane's
-    const scalar_t* sk = s_k + (tile % DTC_STAGES) * DTC_TILE * DTC_LD;
-    const scalar_t* sv = s_v + (tile % DTC_STAGES) * DTC_TILE * DTC_LD;
+  for (int i = 0; i < my_tiles; ++i) {
+    const int tile = warp + i * WARPS, next = i + STAGES - 1;
+    if (next < my_tiles) {
+      load_tile(warp + next * WARPS, next % STAGES, blk_ahead);  // the stage computed last iteration
+      blk_ahead = next + 1 < my_tiles ? block_of(warp + (next + 1) * WARPS) : -1;
+    } else {
+      cp_async_commit();
+    }
+    cp_async_wait<STAGES - 1>();  // this tile's group has landed (this lane's copies)
+    __syncwarp();                 // ... and every other lane's
+    const scalar_t* sk = s_k + (i % STAGES) * TILE * DTC_LD;
+    const scalar_t* sv = s_v + (i % STAGES) * TILE * DTC_LD;
 
-    // S = Q K^T: 16 rows x 32 keys (4 n-tiles of 8 keys).
-    float s[DTC_TILE / 8][4];
+    // S = Q K^T: 16 rows x TILE keys (n-tiles of 8 keys).
+    float s[TILE / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < DTC_TILE / 8; ++nt) {
+    for (int nt = 0; nt < TILE / 8; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       const scalar_t* krow = sk + (nt * 8 + mrow) * DTC_LD;
 #pragma unroll
@@ -150,10 +169,10 @@ extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kerne
     for (int h = 0; h < 2; ++h) {
       float mx = RVLLM_NEG_INF;
 #pragma unroll
-      for (int nt = 0; nt < DTC_TILE / 8; ++nt)
+      for (int nt = 0; nt < TILE / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int key = tile * DTC_TILE + nt * 8 + 2 * c + e;
+          const int key = tile * TILE + nt * 8 + 2 * c + e;
           const float v = key < ctx ? s[nt][2 * h + e] * qk_scale : RVLLM_NEG_INF;
           s[nt][2 * h + e] = v;
           mx = fmaxf(mx, v);
@@ -165,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kerne
       row_max[h] = new_max;
       float sum = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < DTC_TILE / 8; ++nt)
+      for (int nt = 0; nt < TILE / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float p = exp2f(s[nt][2 * h + e] - new_max);
@@ -185,7 +204,7 @@ extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kerne
     // O += P V: P's accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-step kk; V's
     // B fragments come transposed from V rows (matrices: keys +0 / +8, dims +0 / +8).
 #pragma unroll
-    for (int kk = 0; kk < DTC_TILE / 16; ++kk) {
+    for (int kk = 0; kk < TILE / 16; ++kk) {
       unsigned int a[4];
       a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
       a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
@@ -204,15 +223,66 @@ extern "C" __global__ void __launch_bounds__(32) paged_attention_decode_tc_kerne
     __syncwarp();  // every lane is done with this stage before the next iteration refills it
   }
 
-  // Normalize and write the rows of the group.
+  if (WARPS == 1) {  // normalize and write the rows of the group
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = g + 8 * h;
+      if (m >= group) continue;
+      scalar_t* orow = out + (head0 + m) * HEAD_DIM;
+      const float inv = 1.f / row_sum[h];  // > 0: the context has at least one key
+#pragma unroll
+      for (int j = 0; j < HEAD_DIM / 8; ++j)
+        *reinterpret_cast<unsigned int*>(orow + j * 8 + 2 * c) = pack2(o_acc[j][2 * h] * inv, o_acc[j][2 * h + 1] * inv);
+    }
+    return;
+  }
+
+  // The warps' partial results (unnormalized O, max, sum per row) into shared memory, over this
+  // warp's own (drained) tile stages; a warp that got no tile has max -inf, sum 0 and O 0.
+  cp_async_wait<0>();
+  float* s_o = reinterpret_cast<float*>(s_k);  // [16][HEAD_DIM]
+  float* s_ml = s_o + 16 * HEAD_DIM;           // [2][16]: max, sum
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = g + 8 * h;
-    if (m >= group) continue;
-    scalar_t* orow = out + (head0 + m) * HEAD_DIM;
-    const float inv = 1.f / row_sum[h];  // > 0: the context has at least one key
 #pragma unroll
     for (int j = 0; j < HEAD_DIM / 8; ++j)
-      *reinterpret_cast<unsigned int*>(orow + j * 8 + 2 * c) = pack2(o_acc[j][2 * h] * inv, o_acc[j][2 * h + 1] * inv);
+      *reinterpret_cast<float2*>(s_o + m * HEAD_DIM + j * 8 + 2 * c) = make_float2(o_acc[j][2 * h], o_acc[j][2 * h + 1]);
+    if (c == 0) {
+      s_ml[m] = row_max[h];
+      s_ml[16 + m] = row_sum[h];
+    }
+  }
+  __syncthreads();
+  const int per_warp = 2 * STAGES * TILE * DTC_LD;  // elements of scalar_t
+  for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += 32 * WARPS) {
+    const int m = idx / HEAD_DIM, d = idx - m * HEAD_DIM;
+    float mx = RVLLM_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float* ml = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp) + 16 * HEAD_DIM;
+      mx = fmaxf(mx, ml[m]);
+    }
+    float o = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float* ow = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp);
+      const float wgt = exp2f(ow[16 * HEAD_DIM + m] - mx);  // 0 for a warp without tiles
+      o += wgt * ow[m * HEAD_DIM + d];
+      l += wgt * ow[16 * HEAD_DIM + 16 + m];
+    }
+    out[(head0 + m) * HEAD_DIM + d] = from_f32(o / l);
   }
 }
+
+// Entry points: warps per pair x keys per tile x tiles in flight per warp. More warps per pair for
+// steps with fewer pairs per SM (the backend's choice, cuda_attention.decode_build).
+#define DECODE_TC_ENTRY(W, T, S) \
+  extern "C" __global__ void __launch_bounds__(32 * W) paged_attention_decode_tc_w##W##_t##T##_s##S##_kernel( \
+      DECODE_TC_PARAMS) { \
+    decode_tc<W, T, S>(DECODE_TC_ARGS); \
+  }
+// On an H200 (bench/op_times.py --attention-variants, session 7) these beat the 1-warp 32-key, the
+// 2-warp 3-stage and the 4-warp 2-stage builds end to end or per op; see cuda_attention.tc_build.
+DECODE_TC_ENTRY(2, 16, 2)
+DECODE_TC_ENTRY(4, 16, 3)

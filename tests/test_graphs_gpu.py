@@ -162,7 +162,8 @@ def test_fixed_grid_decode_attention(gpu, num_sms, lens):
     check(gpu, out, ref, f"fixed-grid decode (grid {grid_parts} of {parts} partitions of {size} keys)")
 
 
-def test_fixed_grid_decode_attention_tensor_cores(gpu, monkeypatch):
+@pytest.mark.parametrize("build", ["w2_t16_s2", "w4_t16_s3"])
+def test_fixed_grid_decode_attention_tensor_cores(gpu, monkeypatch, build):
     """The tensor-core decode kernel in a fixed (graph) step: the block table's row stride read on
     the device, a view wider than the rows, padding requests; every context from one graph grid."""
     from rvllm.backend import cuda_attention
@@ -171,8 +172,10 @@ def test_fixed_grid_decode_attention_tensor_cores(gpu, monkeypatch):
     from rvllm.runner.step_inputs import StepMetadata
     from tests.test_kernels_gpu import _attention_case, check
 
+    name = f"paged_attention_decode_tc_{build}_kernel"
     monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
-    rng = np.random.default_rng(zlib.crc32(f"fixed-tc-{gpu.dtype}".encode()))
+    monkeypatch.setattr(cuda_attention, "tc_build", lambda pairs, num_sms: name)
+    rng = np.random.default_rng(zlib.crc32(f"fixed-tc-{gpu.dtype}-{build}".encode()))
     lens = [1, 33, 200, 1500]
     pad, nkv, group, hd, bs = 2, 2, 7, 128, 16
     (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,

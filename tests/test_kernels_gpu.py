@@ -303,8 +303,12 @@ def test_decode_attention_context_lengths(gpu, rng, head_dim, group):
 
 
 @pytest.mark.parametrize("batch", [1, 8, 64])
-def test_decode_attention_batches(gpu, rng, batch):
-    """64 rows x 8 KV heads run the lean build of the kernel (cuda_attention.decode_build)."""
+def test_decode_attention_batches(gpu, rng, monkeypatch, batch):
+    """attention_decode.cu's builds (the tensor-core kernel, which such steps would get, is held
+    back): 64 rows x 8 KV heads run the lean build (cuda_attention.split_build)."""
+    from rvllm.backend import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", float("inf"))
     lens = rng.integers(1, 2100, batch).tolist()
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=8, group=4, head_dim=128)
 
@@ -329,23 +333,29 @@ def test_decode_attention_large_group(gpu, rng):
     _run_attention([gpu], rng, [(1, 33), (1, 600)], nkv=1, group=16, head_dim=128)
 
 
-@pytest.fixture
-def tensor_core_decode(monkeypatch):
-    """Every decode step on attention_decode_tc.cu, whatever its size (where head size and group allow)."""
+@pytest.fixture(params=["w2_t16_s2", "w4_t16_s3"])
+def tensor_core_decode(request, monkeypatch):
+    """Every decode step on one build of attention_decode_tc.cu (warps per pair x keys per tile),
+    whatever its size (where head size and group allow). Returns the kernel's name."""
     from rvllm.backend import cuda_attention
 
+    name = f"paged_attention_decode_tc_{request.param}_kernel"
+    assert name in cuda_attention.DECODE_TC_BUILDS
     monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
+    monkeypatch.setattr(cuda_attention, "tc_build", lambda pairs, num_sms: name)
+    return name
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("group", [1, 3, 7, 16])
 def test_decode_attention_tensor_cores(gpu, rng, tensor_core_decode, head_dim, group):
-    """The tensor-core decode kernel: contexts inside one 32-key tile, across tile and block
-    boundaries and long; a request with no query row; padding rows (zeros); group sizes up to the
-    16 rows of an mma tile; head size 80 (an odd number of 16-dim k-steps)."""
+    """The tensor-core decode kernel: contexts inside one tile, across tile and block boundaries
+    and long (so every warp of a block gets tiles, and some get one more); a request with no query
+    row; padding rows (zeros); group sizes up to the 16 rows of an mma tile; head size 80 (an odd
+    number of 16-dim k-steps)."""
     from rvllm.backend import cuda_attention
 
-    assert cuda_attention.decode_build(1, 2, head_dim, gpu.num_sms, group)[0] == cuda_attention.DECODE_TC_KERNEL
+    assert cuda_attention.decode_build(1, 2, head_dim, gpu.num_sms, group)[0] == tensor_core_decode
     reqs = [(1, n) for n in DECODE_LENS + [31, 32, 33, 64, 2000]] + [(0, 30)]
     _run_attention([gpu], rng, reqs, nkv=2, group=group, head_dim=head_dim, pad_rows=2)
 
@@ -355,8 +365,8 @@ def test_decode_attention_tensor_cores_chosen_for_large_steps(gpu, rng):
     from rvllm.backend import cuda_attention
 
     rows = gpu.num_sms  # x 2 KV heads
-    assert cuda_attention.decode_build(rows, 2, 128, gpu.num_sms, 6)[0] == cuda_attention.DECODE_TC_KERNEL
-    assert cuda_attention.decode_build(rows, 2, 128, gpu.num_sms, 17)[0] != cuda_attention.DECODE_TC_KERNEL
+    assert cuda_attention.decode_build(rows, 2, 128, gpu.num_sms, 6)[0] in cuda_attention.DECODE_TC_BUILDS
+    assert cuda_attention.decode_build(rows, 2, 128, gpu.num_sms, 17)[0] not in cuda_attention.DECODE_TC_BUILDS
     lens = rng.integers(1, 600, rows).tolist()
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=2, group=6, head_dim=128)
 

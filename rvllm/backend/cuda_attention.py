@@ -31,9 +31,25 @@ _BLOCKS_PER_SM = 4
 _KEYS_IN_FLIGHT = 8  # per warp (attention_decode.cu): a partition of warps x 8 keys is one load per warp
 # The wide build (16 warps) for steps of at most this many (row, KV head) pairs: batch 1-4 at 2 KV heads.
 _WIDE_MAX_PAIRS = 8
-# The tensor-core kernel (a warp per pair, no split over the context) from this many pairs per SM.
-_TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", "2"))
-DECODE_TC_KERNEL = "paged_attention_decode_tc_kernel"
+# The tensor-core kernel (a block per (row, KV head) pair, no split over blocks) from this many
+# pairs per SM. Below it attention_decode.cu's builds, which split long contexts over blocks, win:
+# on an H200 at 32 rows x 2 KV heads (0.48 pairs per SM) and 1024 keys the two tie (35.4 us).
+_TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", "0.5"))
+
+
+def tc_kernel(warps: int, tile: int, stages: int) -> str:
+    return f"paged_attention_decode_tc_w{warps}_t{tile}_s{stages}_kernel"
+
+
+# attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
+DECODE_TC_BUILDS = {tc_kernel(*b): b for b in nvrtc.DECODE_TC_BUILDS}
+
+
+def tc_build(pairs: int, num_sms: int) -> str:
+    """attention_decode_tc.cu's entry point for a step of `pairs` (row, KV head) pairs."""
+    if _TC_BUILD:
+        return f"paged_attention_decode_tc_{_TC_BUILD}_kernel"
+    return tc_kernel(2, 16, 2) if pairs >= 3 * num_sms else tc_kernel(4, 16, 2)
 
 
 def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int = 1) -> tuple[str, int]:
@@ -45,7 +61,8 @@ def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int
     pairs = num_tokens * num_kv_heads
     if pairs >= _TC_MIN_PAIRS_PER_SM * num_sms and head_dim % 16 == 0 and head_dim <= 128 \
             and group <= nvrtc.DECODE_TC_MAX_GROUP:
-        return DECODE_TC_KERNEL, 32
+        name = tc_build(pairs, num_sms)
+        return name, 32 * DECODE_TC_BUILDS[name][0]
     return split_build(num_tokens, num_kv_heads, head_dim, num_sms)
 
 
@@ -191,8 +208,8 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     group = nh // nkv
     # bench/op_times.py swaps decode_build to time each kernel
     name, threads = decode_build(num_tokens, nkv, hd, b.num_sms, group)
-    if name == DECODE_TC_KERNEL:
-        return _attention_decode_tc(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace)
+    if name in DECODE_TC_BUILDS:
+        return _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace)
     if workspace is None:  # eager: scratch for this step's longest context, one block per partition
         max_seq = int(meta.max_seq_len)
         if -(-max_seq // nvrtc.DECODE_PARTITION_SIZE) > nvrtc.DECODE_PARTITION_SIZE:
@@ -233,7 +250,7 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     return out
 
 
-def _attention_decode_tc(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace):
+def _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace):
     """The tensor-core decode kernel: no scratch, and a grid of the step's shape, so eager and
     graph steps differ only in where the block table's row stride comes from."""
     num_tokens, nh, hd = q.shape
@@ -245,10 +262,11 @@ def _attention_decode_tc(b, q, k_cache, v_cache, meta, scale, num_reqs, block_si
     else:
         stride_arg, stride_dev = np.int32(0), workspace.row_stride
     out = cp.empty_like(q)
-    kernel = b._kernel("attention_decode_tc.cu", DECODE_TC_KERNEL, hd)
-    smem = nvrtc.decode_tc_smem_bytes(hd)
+    warps, tile, stages = DECODE_TC_BUILDS[name]
+    kernel = b._kernel("attention_decode_tc.cu", name, hd)
+    smem = nvrtc.decode_tc_smem_bytes(hd, warps, tile, stages)
     b._ensure_smem(kernel, smem)
-    kernel((nkv, num_tokens), (32,),
+    kernel((nkv, num_tokens), (32 * warps,),
            (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
             np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale)),
            shared_mem=smem)

@@ -25,6 +25,8 @@ from pathlib import Path
 from rvllm.backend.cuda_launch import Kernel
 
 DTYPES = ("float16", "bfloat16")
+# attention_decode_tc.cu's entry points: (warps per (row, KV head) pair, keys per tile, tiles in flight per warp)
+DECODE_TC_BUILDS = ((2, 16, 2), (4, 16, 3))
 # Head sizes compiled by default for the attention kernels. Others that are multiples of 16
 # (the prefill kernel's mma k-step) up to 128 also compile on demand.
 HEAD_DIMS = (64, 80, 96, 128)
@@ -38,7 +40,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
                              "paged_attention_split_wide_kernel"), True),
-    "attention_decode_tc.cu": (("paged_attention_decode_tc_kernel",), True),
+    "attention_decode_tc.cu": (tuple(f"paged_attention_decode_tc_w{w}_t{t}_s{s}_kernel"
+                                     for w, t, s in DECODE_TC_BUILDS), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
@@ -51,8 +54,6 @@ DECODE_NUM_THREADS = 128
 DECODE_WIDE_THREADS = 512  # paged_attention_split_wide_kernel
 DECODE_GCHUNK = 8
 # Must match attention_decode_tc.cu.
-DECODE_TC_TILE = 32
-DECODE_TC_STAGES = 2
 DECODE_TC_MAX_GROUP = 16  # query heads per KV head: the 16 rows of one mma tile
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -117,9 +118,10 @@ def decode_smem_bytes(head_dim: int, group: int, threads: int = DECODE_NUM_THREA
     return 4 * floats
 
 
-def decode_tc_smem_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of attention_decode_tc.cu: K and V tiles of every stage, padded rows."""
-    return 2 * DECODE_TC_STAGES * DECODE_TC_TILE * (head_dim + 8) * 2
+def decode_tc_smem_bytes(head_dim: int, warps: int, tile: int, stages: int) -> int:
+    """Dynamic shared memory of attention_decode_tc.cu's build with `warps` warps, `tile`-key tiles
+    and `stages` tiles in flight per warp: each warp's K and V tiles of every stage, padded rows."""
+    return warps * 2 * stages * tile * (head_dim + 8) * 2
 
 
 def cache_dir() -> Path:
