@@ -106,6 +106,26 @@ def test_decode_workspace_reserves_every_layout():
                 assert t * ws.num_heads * ws.layout(t, nkv)[1] <= reserved, (num_sms, nkv, t)
 
 
+def test_decode_build_names_a_compiled_entry_point():
+    """Every step size, KV-head count, head size and group gets a decode kernel that kernels_cu/
+    compiles (nvrtc.KERNELS) with the thread count that entry point is built for."""
+    from rvllm.backend import cuda_attention
+
+    compiled = set(nvrtc.KERNELS["attention_decode.cu"][0]) | set(nvrtc.KERNELS["attention_decode_tc.cu"][0])
+    for num_sms in (1, 132):
+        for nkv in (1, 2, 8):
+            for hd in (64, 80, 128, 256):
+                for group in (1, 6, 16, 32):
+                    for t in (1, 4, 9, 33, 66, 200, 512, 4096):
+                        name, threads = cuda_attention.decode_build(t, nkv, hd, num_sms, group)
+                        assert name in compiled, name
+                        if name in cuda_attention.DECODE_TC_BUILDS:
+                            assert threads == 32 * cuda_attention.DECODE_TC_BUILDS[name][0]
+                            assert hd % 16 == 0 and hd <= 128 and group <= 16
+                        else:
+                            assert threads in (nvrtc.DECODE_NUM_THREADS, nvrtc.DECODE_WIDE_THREADS)
+
+
 def test_gemv_split_k_covers_k_with_short_segments():
     """gemv.cu's work split (host side): ks warps per output unit cover K in segments of at most
     about one stretch each, and a block holds whole units."""
