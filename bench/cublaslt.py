@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
+
+from rvllm.backend.cuda_blas import loaded_library
 
 CUBLAS_COMPUTE_32F = 68
 CUDA_R_32F = 0
@@ -41,20 +42,10 @@ class HeuristicResult(ctypes.Structure):
 
 @functools.cache
 def _lib():
-    """libcublasLt as loaded by libcublas in this process (found in /proc/self/maps), else by name."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                parts = line.rstrip("\n").split(None, 5)
-                if len(parts) == 6 and os.path.basename(parts[5]).startswith("libcublasLt.so"):
-                    return _bind(ctypes.CDLL(parts[5]))
-    except OSError:
-        pass
-    for name in ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"):
-        try:
-            return _bind(ctypes.CDLL(name))
-        except OSError:
-            continue
+    """libcublasLt as loaded by libcublas in this process, else by name."""
+    lib = loaded_library("libcublasLt")
+    if lib is not None:
+        return _bind(lib)
     raise RuntimeError("cuBLASLt: libcublasLt is not loadable in this process")
 
 

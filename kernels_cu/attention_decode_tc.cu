@@ -164,52 +164,23 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
       }
     }
 
-    // Mask keys past the context, then the online softmax (each row lives in a quad of lanes).
+    // Mask keys past the context, then the online softmax update.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = RVLLM_NEG_INF;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int nt = 0; nt < TILE / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = tile * TILE + nt * 8 + 2 * c + e;
-          const float v = key < ctx ? s[nt][2 * h + e] * qk_scale : RVLLM_NEG_INF;
-          s[nt][2 * h + e] = v;
-          mx = fmaxf(mx, v);
+          s[nt][2 * h + e] = key < ctx ? s[nt][2 * h + e] * qk_scale : RVLLM_NEG_INF;
         }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(row_max[h], mx);  // finite: every tile holds a key < ctx
-      const float alpha = exp2f(row_max[h] - new_max);
-      row_max[h] = new_max;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < TILE / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = exp2f(s[nt][2 * h + e] - new_max);
-          s[nt][2 * h + e] = p;
-          sum += p;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      row_sum[h] = row_sum[h] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < HEAD_DIM / 8; ++j) {
-        o_acc[j][2 * h] *= alpha;
-        o_acc[j][2 * h + 1] *= alpha;
-      }
-    }
+    online_softmax_tile(s, row_max, row_sum, o_acc);
 
-    // O += P V: P's accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-step kk; V's
-    // B fragments come transposed from V rows (matrices: keys +0 / +8, dims +0 / +8).
+    // O += P V: V's B fragments come transposed from V rows (matrices: keys +0 / +8, dims +0 / +8).
 #pragma unroll
     for (int kk = 0; kk < TILE / 16; ++kk) {
       unsigned int a[4];
-      a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_fragment(a, s, kk);
       const scalar_t* vrow = sv + (kk * 16 + (mat & 1) * 8 + mrow) * DTC_LD + (mat >> 1) * 8;
 #pragma unroll
       for (int j = 0; j < HEAD_DIM / 16; ++j) {  // n-tiles 2j and 2j + 1

@@ -138,55 +138,24 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_prefil
       }
     }
 
-    // Mask, then the online softmax update (each row lives in the 4 lanes of a quad).
+    // Mask (causal, and keys past the block's last row), then the online softmax update.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = RVLLM_NEG_INF;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int nt = 0; nt < BLOCK_N / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = n0 + nt * 8 + 2 * c + e;
-          float v = s[nt][2 * h + e] * qk_scale;
-          if (key > row_pos[h] || key >= kv_end) v = RVLLM_NEG_INF;
-          s[nt][2 * h + e] = v;
-          mx = fmaxf(mx, v);
+          const float v = s[nt][2 * h + e] * qk_scale;
+          s[nt][2 * h + e] = key > row_pos[h] || key >= kv_end ? RVLLM_NEG_INF : v;
         }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(row_max[h], mx);
-      // A row that has seen no key yet (or an invalid row) keeps max -inf: use 0 as the base
-      // so that exp2(-inf - base) = 0 instead of NaN.
-      const float base = new_max == RVLLM_NEG_INF ? 0.f : new_max;
-      const float alpha = exp2f(row_max[h] - base);
-      row_max[h] = new_max;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < BLOCK_N / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = exp2f(s[nt][2 * h + e] - base);
-          s[nt][2 * h + e] = p;
-          sum += p;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      row_sum[h] = row_sum[h] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < HEAD_DIM / 8; ++j) {
-        o_acc[j][2 * h] *= alpha;
-        o_acc[j][2 * h + 1] *= alpha;
-      }
-    }
+    online_softmax_tile(s, row_max, row_sum, o_acc);
 
-    // O += P V. P's accumulator layout for key tiles 2kk and 2kk+1 is the A layout of k-step kk.
+    // O += P V.
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
       unsigned int a[4];
-      a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_fragment(a, s, kk);
       const scalar_t* vcol = s_v + (kk * 16 + 2 * c) * KV_LD + g;  // B[k][n] = V[key k][dim n]
 #pragma unroll
       for (int j = 0; j < HEAD_DIM / 8; ++j) {

@@ -22,6 +22,57 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned int a[4], c
 #endif
 }
 
+// The online-softmax update of one key tile (NT n-tiles of 8 keys) for the two rows a lane holds
+// (g and g + 8): `s` holds the tile's scores in log2 units, -inf where masked; afterwards it holds
+// exp2(s - max), and row_max, row_sum and the output accumulators o_acc (OT n-tiles of 8 dims) are
+// updated. Each row lives in a quad of lanes. A row that has seen no key yet keeps max -inf: 0 is
+// then the base, so exp2(-inf - base) = 0 instead of NaN.
+template <int NT, int OT>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[NT][4], float (&row_max)[2], float (&row_sum)[2],
+                                                    float (&o_acc)[OT][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = RVLLM_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) mx = fmaxf(mx, s[nt][2 * h + e]);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[h], mx);
+    const float base = new_max == RVLLM_NEG_INF ? 0.f : new_max;
+    const float alpha = exp2f(row_max[h] - base);
+    row_max[h] = new_max;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float p = exp2f(s[nt][2 * h + e] - base);
+        s[nt][2 * h + e] = p;
+        sum += p;
+      }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    row_sum[h] = row_sum[h] * alpha + sum;
+#pragma unroll
+    for (int j = 0; j < OT; ++j) {
+      o_acc[j][2 * h] *= alpha;
+      o_acc[j][2 * h + 1] *= alpha;
+    }
+  }
+}
+
+// P (the probabilities online_softmax_tile left in s) as the A fragment of k-step kk: the
+// accumulators of key n-tiles 2kk and 2kk + 1 are its layout, rounded to the 16-bit type.
+template <int NT>
+__device__ __forceinline__ void p_fragment(unsigned int (&a)[4], const float (&s)[NT][4], int kk) {
+  a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
 // ldmatrix: four 8x8 16-bit matrices from shared memory; lanes 8i..8i+7 give the row addresses of
 // matrix i (16 bytes each), and lane t receives row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1 of
 // each: a B fragment of K^T read from K rows. The .trans form receives rows 2 (t % 4), 2 (t % 4) + 1

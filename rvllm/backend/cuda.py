@@ -352,50 +352,12 @@ class CudaBackend(DeviceTransfers):
             self._kernel("activation.cu", "silu_and_mul_kernel")(grid, (threads,), (out, x, np.int32(two_i // 2)))
         return out
 
-    def _heads_view(self, name: str, x, num_tokens: int) -> int:
-        """Checks a [T, heads, head_dim] view whose heads are contiguous; returns the token stride."""
-        self._check(name, x, ndim=3, contiguous=False)
-        isz = x.itemsize
-        if x.shape[0] != num_tokens:
-            raise ValueError(f"{name}: {x.shape[0]} tokens, expected {num_tokens}")
-        if x.strides[2] != isz or (x.shape[1] > 1 and x.strides[1] != x.shape[2] * isz) or x.strides[0] < 0 \
-                or x.strides[0] % isz:
-            raise ValueError(f"{name}: each token's [heads, head_dim] must be contiguous (strides {x.strides})")
-        return x.strides[0] // isz
-
     def rotary_and_cache_write(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox: bool):
         """Rotate q and k; write rotated k and v into the paged cache at slot_mapping (-1 skips).
         q [T, nh, hd], k and v [T, nkv, hd] (strided views of the qkv output are fine).
         Returns the rotated q, contiguous [T, nh, hd]."""
-        num_tokens, nh, hd = q.shape
-        q_stride = self._heads_view("rotary q", q, num_tokens)
-        k_stride = self._heads_view("rotary k", k, num_tokens)
-        v_stride = self._heads_view("rotary v", v, num_tokens)
-        nkv = k.shape[1]
-        if k.shape[2] != hd or v.shape != k.shape or hd % 2:
-            raise ValueError(f"rotary: shapes q {q.shape}, k {k.shape}, v {v.shape} (head_dim must be even)")
-        self._check("rotary positions", positions, np.int32, ndim=1)
-        self._check("rotary slot_mapping", slot_mapping, np.int32, ndim=1)
-        if positions.shape[0] != num_tokens or slot_mapping.shape[0] != num_tokens:
-            raise ValueError(f"rotary: positions {positions.shape} / slot_mapping {slot_mapping.shape} vs {num_tokens} tokens")
-        self._check("rotary cos_sin", cos_sin, np.float32, ndim=2)
-        if cos_sin.shape[1] != hd:
-            raise ValueError(f"rotary: cos_sin rows have {cos_sin.shape[1]} values, head_dim is {hd}")
-        self._check_cache(k_cache, v_cache, nkv, hd)
-        q_out = cp.empty((num_tokens, nh, hd), dtype=self.compute_dtype)
-        if num_tokens:
-            # A thread per rotated pair of q (one block per token): with 128 threads, 7 dependent
-            # rounds made it 7.4 us at batch 1 on an H100 (ncu).
-            threads = min(1024, max(128, -(-(nh * hd // 2) // 32) * 32))
-            self._kernel("rotary.cu", "rotary_cache_kernel")(
-                (num_tokens,), (threads,),
-                (q_out, k_cache, v_cache, q, np.int64(q_stride), k, np.int64(k_stride), v, np.int64(v_stride),
-                 positions, slot_mapping, cos_sin, np.int32(cos_sin.shape[0]),
-                 np.int32(nh), np.int32(nkv), np.int32(hd), np.int32(1 if neox else 0)))
-        return q_out
-
-    def _check_cache(self, k_cache, v_cache, nkv: int, hd: int) -> None:
-        cuda_attention.check_cache(self, k_cache, v_cache, nkv, hd)
+        return cuda_attention.rotary_and_cache_write(self, q, k, v, positions, cos_sin, k_cache, v_cache,
+                                                     slot_mapping, neox)
 
     def paged_attention(self, q, k_cache, v_cache, meta, scale: float):
         """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd].

@@ -34,22 +34,30 @@ _capture_fn = None  # cublasGemmEx through ctypes while capturing, else None
 
 
 @functools.cache
-def _libcublas():
-    """The libcublas CuPy loaded (found in /proc/self/maps), opened again through ctypes: the same
-    library instance, so CuPy's handle is valid for it."""
+def loaded_library(stem: str):
+    """The shared library `stem` ("libcublas", "libcublasLt") as this process loaded it (found in
+    /proc/self/maps), opened again through ctypes: the same library instance, so handles made by
+    CuPy are valid for it. Else the newest CUDA's by name; None when neither loads."""
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 parts = line.rstrip("\n").split(None, 5)
-                if len(parts) == 6 and os.path.basename(parts[5]).startswith("libcublas.so"):
+                if len(parts) == 6 and os.path.basename(parts[5]).startswith(stem + ".so"):
                     return ctypes.CDLL(parts[5])
     except OSError:
         pass
-    for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+    for name in (f"{stem}.so.13", f"{stem}.so.12", f"{stem}.so"):
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
+    return None
+
+
+def _libcublas():
+    lib = loaded_library("libcublas")
+    if lib is not None:
+        return lib
     raise RuntimeError("CUDA graph capture: libcublas is not loaded in this process")
 
 
