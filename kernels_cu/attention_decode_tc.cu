@@ -50,6 +50,7 @@
 template <int WARPS, int TILE, int STAGES>
 __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (block_of)");
+  static_assert(WARPS >= 2, "the warps' partials always meet in shared memory");
   extern __shared__ __align__(16) unsigned char dtc_smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   // This warp's stages: [STAGES][TILE][DTC_LD] of K, then of V.
@@ -192,20 +193,6 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
       }
     }
     __syncwarp();  // every lane is done with this stage before the next iteration refills it
-  }
-
-  if (WARPS == 1) {  // normalize and write the rows of the group
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = g + 8 * h;
-      if (m >= group) continue;
-      scalar_t* orow = out + (head0 + m) * HEAD_DIM;
-      const float inv = 1.f / row_sum[h];  // > 0: the context has at least one key
-#pragma unroll
-      for (int j = 0; j < HEAD_DIM / 8; ++j)
-        *reinterpret_cast<unsigned int*>(orow + j * 8 + 2 * c) = pack2(o_acc[j][2 * h] * inv, o_acc[j][2 * h + 1] * inv);
-    }
-    return;
   }
 
   // The warps' partial results (unnormalized O, max, sum per row) into shared memory, over this

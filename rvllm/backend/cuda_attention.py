@@ -56,11 +56,12 @@ def tc_build(pairs: int, num_sms: int) -> str:
     return tc_kernel(2, 16, 2) if pairs >= 3 * num_sms else tc_kernel(4, 16, 3)
 
 
-def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int = 1) -> tuple[str, int]:
-    """(kernel name, threads) of the decode kernel for a step.
-    - tensor cores (attention_decode_tc.cu, a warp per (row, KV head) pair): steps whose pairs fill
-      the GPU several times over, for head sizes that are multiples of 16 up to 128 and GQA groups
-      of at most 16 query heads;
+def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int) -> tuple[str, int]:
+    """(kernel name, threads) of the decode kernel for a step of num_tokens query rows, `group` query
+    heads per KV head.
+    - tensor cores (attention_decode_tc.cu, a block of 2 or 4 warps per (row, KV head) pair, see
+      tc_build): steps of at least _TC_MIN_PAIRS_PER_SM pairs per SM, for head sizes that are
+      multiples of 16 up to 128 and GQA groups of at most 16 query heads;
     - otherwise split_build's choice."""
     pairs = num_tokens * num_kv_heads
     if pairs >= _TC_MIN_PAIRS_PER_SM * num_sms and head_dim % 16 == 0 and head_dim <= 128 \
@@ -222,8 +223,9 @@ def rotary_and_cache_write(b, q, k, v, positions, cos_sin, k_cache, v_cache, slo
 
 def paged_attention(b, q, k_cache, v_cache, meta, scale: float):
     """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd] (b: the
-    CudaBackend). Decode-only steps (max_query_len == 1) use the split-context decode kernel;
-    others the tensor-core prefill kernel. Rows no request owns come back as zeros."""
+    CudaBackend). Decode-only steps (max_query_len == 1) use a decode kernel (decode_build: tensor
+    cores or the split-context kernel); others the tensor-core prefill kernel. Rows no request owns
+    come back as zeros."""
     b._check("paged_attention q", q, ndim=3)
     num_tokens, nh, hd = q.shape
     nkv, block_size = k_cache.shape[2], k_cache.shape[1]
