@@ -85,18 +85,9 @@ __device__ __forceinline__ float load_cg(const float* p) {
     float* __restrict__ tmp_out,   /* [num_tokens, num_heads, max_parts, HEAD_DIM] */ \
     float* __restrict__ tmp_max,   /* [num_tokens, num_heads, max_parts] */ \
     float* __restrict__ tmp_sum,   /* [num_tokens, num_heads, max_parts] */ \
-    const scalar_t* __restrict__ q,        /* [num_tokens, num_heads, HEAD_DIM] */ \
-    const scalar_t* __restrict__ k_cache,  /* [num_blocks, block_size, num_kv_heads, HEAD_DIM] */ \
-    const scalar_t* __restrict__ v_cache, \
-    const int* __restrict__ block_tables,  /* [num_reqs, row stride] */ \
-    int max_blocks_per_seq,                /* the row stride of block_tables, unless: */ \
-    const int* __restrict__ row_stride_dev,  /* not null: the row stride, read on the device (CUDA graphs) */ \
-    const int* __restrict__ query_start_loc,  /* [num_reqs + 1] */ \
-    const int* __restrict__ seq_lens,         /* [num_reqs] */ \
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, int max_parts, int part_size, float scale
+    DECODE_INPUT_PARAMS, int max_parts, int part_size, float scale
 #define SPLIT_ATTENTION_ARGS \
-    out, counters, tmp_out, tmp_max, tmp_sum, q, k_cache, v_cache, block_tables, max_blocks_per_seq, \
-    row_stride_dev, query_start_loc, seq_lens, num_reqs, num_heads, num_kv_heads, block_size, max_parts, part_size, scale
+    out, counters, tmp_out, tmp_max, tmp_sum, DECODE_INPUT_ARGS, max_parts, part_size, scale
 
 template <bool SMALL_STEP, int THREADS>
 __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {

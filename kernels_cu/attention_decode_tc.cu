@@ -34,18 +34,9 @@
 
 #define DECODE_TC_PARAMS \
     scalar_t* __restrict__ out,            /* [num_tokens, num_heads, HEAD_DIM] */ \
-    const scalar_t* __restrict__ q,        /* [num_tokens, num_heads, HEAD_DIM] */ \
-    const scalar_t* __restrict__ k_cache,  /* [num_blocks, block_size, num_kv_heads, HEAD_DIM] */ \
-    const scalar_t* __restrict__ v_cache, \
-    const int* __restrict__ block_tables,  /* [num_reqs, row stride] */ \
-    int max_blocks_per_seq,                /* the row stride of block_tables, unless: */ \
-    const int* __restrict__ row_stride_dev,  /* not null: the row stride, read on the device (CUDA graphs) */ \
-    const int* __restrict__ query_start_loc,  /* [num_reqs + 1] */ \
-    const int* __restrict__ seq_lens,         /* [num_reqs] */ \
-    int num_reqs, int num_heads, int num_kv_heads, int block_size, float scale
+    DECODE_INPUT_PARAMS, float scale
 #define DECODE_TC_ARGS \
-    out, q, k_cache, v_cache, block_tables, max_blocks_per_seq, row_stride_dev, query_start_loc, seq_lens, \
-    num_reqs, num_heads, num_kv_heads, block_size, scale
+    out, DECODE_INPUT_ARGS, scale
 
 template <int WARPS, int TILE, int STAGES>
 __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {

@@ -111,6 +111,23 @@ __device__ __forceinline__ float block_max(float v) {
 
 // ---- ragged-batch metadata (backend AttentionMetadata) ----------------------------------------
 
+// The inputs every decode attention kernel takes (attention_decode.cu, attention_decode_tc.cu):
+// the step's queries, the paged cache and the ragged-batch metadata.
+#define DECODE_INPUT_PARAMS \
+    const scalar_t* __restrict__ q,        /* [num_tokens, num_heads, HEAD_DIM] */ \
+    const scalar_t* __restrict__ k_cache,  /* [num_blocks, block_size, num_kv_heads, HEAD_DIM] */ \
+    const scalar_t* __restrict__ v_cache, \
+    const int* __restrict__ block_tables,  /* [num_reqs, row stride] */ \
+    int max_blocks_per_seq,                /* the row stride of block_tables, unless: */ \
+    const int* __restrict__ row_stride_dev,  /* not null: the row stride, read on the device (CUDA graphs) */ \
+    const int* __restrict__ query_start_loc,  /* [num_reqs + 1] */ \
+    const int* __restrict__ seq_lens,         /* [num_reqs] */ \
+    int num_reqs, int num_heads, int num_kv_heads, int block_size
+#define DECODE_INPUT_ARGS \
+    q, k_cache, v_cache, block_tables, max_blocks_per_seq, row_stride_dev, query_start_loc, seq_lens, \
+    num_reqs, num_heads, num_kv_heads, block_size
+
+
 // The request that owns query row `tok`, or -1 when no request does (padding rows past
 // query_start_loc[num_reqs]). query_start_loc is non-decreasing; requests with no query rows
 // (equal neighbours) own nothing.
