@@ -40,12 +40,8 @@ _WIDE_MAX_PAIRS = 8
 _TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", "0.5"))
 
 
-def tc_kernel(warps: int, tile: int, stages: int) -> str:
-    return f"paged_attention_decode_tc_w{warps}_t{tile}_s{stages}_kernel"
-
-
 # attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
-DECODE_TC_BUILDS = {tc_kernel(*b): b for b in nvrtc.DECODE_TC_BUILDS}
+DECODE_TC_BUILDS = {nvrtc.decode_tc_kernel(*b): b for b in nvrtc.DECODE_TC_BUILDS}
 
 
 def tc_build(pairs: int, num_sms: int) -> str:
@@ -53,7 +49,7 @@ def tc_build(pairs: int, num_sms: int) -> str:
     pair, 3 tiles in flight each, while the pairs alone leave SMs short of warps; 2 warps with 2
     tiles from 3 pairs per SM (more blocks resident). H200, us (bench/op_times.py):
     1.5b 256 rows x 192 keys 22.6 vs 26.6 (w4 s2) / 24.0 (w4 s3); 128 x 192 15.2 vs 10.7 (w4 s3)."""
-    return tc_kernel(2, 16, 2) if pairs >= 3 * num_sms else tc_kernel(4, 16, 3)
+    return nvrtc.decode_tc_kernel(2, 16, 2) if pairs >= 3 * num_sms else nvrtc.decode_tc_kernel(4, 16, 3)
 
 
 def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int) -> tuple[str, int]:

@@ -27,6 +27,13 @@ from rvllm.backend.cuda_launch import Kernel
 DTYPES = ("float16", "bfloat16")
 # attention_decode_tc.cu's entry points: (warps per (row, KV head) pair, keys per tile, tiles in flight per warp)
 DECODE_TC_BUILDS = ((2, 16, 2), (4, 16, 3))
+
+
+def decode_tc_kernel(warps: int, tile: int, stages: int) -> str:
+    """The entry point's name for one of DECODE_TC_BUILDS (attention_decode_tc.cu's DECODE_TC_ENTRY)."""
+    return f"paged_attention_decode_tc_w{warps}_t{tile}_s{stages}_kernel"
+
+
 # Head sizes compiled by default for the attention kernels. Others that are multiples of 16
 # (the prefill kernel's mma k-step) up to 128 also compile on demand.
 HEAD_DIMS = (64, 80, 96, 128)
@@ -40,8 +47,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
                              "paged_attention_split_wide_kernel"), True),
-    "attention_decode_tc.cu": (tuple(f"paged_attention_decode_tc_w{w}_t{t}_s{s}_kernel"
-                                     for w, t, s in DECODE_TC_BUILDS), True),
+    "attention_decode_tc.cu": (tuple(decode_tc_kernel(*b) for b in DECODE_TC_BUILDS), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
