@@ -156,7 +156,10 @@ class CudaBackend(DeviceTransfers):
         return nvrtc.get_kernel(file, kernel, self.dtype, head_dim)
 
     def _ensure_smem(self, kernel, nbytes: int) -> None:
-        if nbytes > _DEFAULT_SMEM and self._smem_set.get(id(kernel), 0) < nbytes:
+        """Opts `kernel` into `nbytes` of dynamic shared memory when that and its static shared
+        memory pass the 48 KiB a launch gets without opting in."""
+        static = int(kernel.attributes.get("shared_size_bytes", 0))
+        if nbytes + static > _DEFAULT_SMEM and self._smem_set.get(id(kernel), 0) < nbytes:
             kernel.max_dynamic_shared_size_bytes = nbytes
             self._smem_set[id(kernel)] = nbytes
 
