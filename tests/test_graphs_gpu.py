@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
+from rvllm.backend import nvrtc
 from rvllm.backend.cpu import CpuBackend
 from rvllm.backend.cuda import is_cuda_available
 from rvllm.runner.graphs import batch_size_buckets, choose_bucket
@@ -126,17 +127,22 @@ def gpu(request):
     return CudaBackend(request.param)
 
 
-@pytest.mark.parametrize("lens", [[1, 511, 512, 513, 1500, 2048], [129, 2048]], ids=["128-thread-build", "wide-build"])
+@pytest.mark.parametrize("build", ["paged_attention_split_kernel", "paged_attention_split_lean_kernel",
+                                   "paged_attention_split_wide_kernel"])
+@pytest.mark.parametrize("lens", [[1, 511, 512, 513, 1500, 2048], [129, 2048]], ids=["6-requests", "2-requests"])
 @pytest.mark.parametrize("num_sms", [1, 1000], ids=["blocks-loop-over-partitions", "a-block-per-partition"])
-def test_fixed_grid_decode_attention(gpu, num_sms, lens):
-    """Contexts across partition boundaries (with 1000 SMs: 32-key partitions, or 128 in the wide
-    build that steps of <= 8 (row, KV head) pairs run; 512 with one SM), two padding requests
-    (seq_len 0), and a block table whose row stride is read on the device and differs from the
-    view's width."""
+def test_fixed_grid_decode_attention(gpu, monkeypatch, build, num_sms, lens):
+    """Each build of the split kernel in a fixed (graph) step: contexts across partition boundaries
+    (with 1000 SMs: a warp's 8 keys per partition, 32 in the 128-thread builds and 128 in the wide
+    one; 512 with one SM), two padding requests (seq_len 0), and a block table whose row stride is
+    read on the device and differs from the view's width."""
     from rvllm.backend.cuda import cp
     from rvllm.backend.cuda_attention import DecodeWorkspace
     from rvllm.runner.step_inputs import StepMetadata
-    from tests.test_kernels_gpu import _attention_case, check
+    from tests.test_kernels_gpu import SPLIT_BUILDS, _attention_case, _force_decode_build, check
+
+    _force_decode_build(monkeypatch, build)
+    threads = getattr(nvrtc, SPLIT_BUILDS[build])
 
     rng = np.random.default_rng(zlib.crc32(f"fixed-{gpu.dtype}-{num_sms}-{len(lens)}".encode()))
     pad, nkv, group, hd, bs = 2, 2, 4, 128, 16
@@ -157,8 +163,8 @@ def test_fixed_grid_decode_attention(gpu, num_sms, lens):
                      query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
     ws.tmp_out.fill(np.nan)
     out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
-    size, parts, grid_parts = ws.layout(r, nkv)
-    assert size == (512 if num_sms == 1 else 128 if r * nkv <= 8 else 32)
+    size, parts, grid_parts = ws.layout(r, nkv, threads)
+    assert size == (512 if num_sms == 1 else threads // 32 * 8)
     check(gpu, out, ref, f"fixed-grid decode (grid {grid_parts} of {parts} partitions of {size} keys)")
 
 

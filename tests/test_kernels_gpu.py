@@ -283,23 +283,44 @@ def _attention_case(gpu, rng, reqs, nkv, group, head_dim, block_size=16, pad_row
     return (q, kc, vc, meta), (gpu.weight(q), gpu.weight(kc), gpu.weight(vc), meta_d)
 
 
-def _run_attention(backends, rng, reqs, nkv, group, head_dim, pad_rows=0):
+def _run_attention(backends, rng, reqs, nkv, group, head_dim, pad_rows=0, block_size=16):
     gpu = backends[0]
-    (q, kc, vc, meta), (q_d, kc_d, vc_d, meta_d) = _attention_case(gpu, rng, reqs, nkv, group, head_dim, pad_rows=pad_rows)
+    (q, kc, vc, meta), (q_d, kc_d, vc_d, meta_d) = _attention_case(gpu, rng, reqs, nkv, group, head_dim, block_size,
+                                                                    pad_rows)
     scale = head_dim ** -0.5
     ref = CPU.paged_attention(q, kc, vc, meta, scale)
     for b in backends:
         out = b.paged_attention(q_d, kc_d, vc_d, meta_d, scale)
-        check(b, out, ref, f"paged_attention[{b.attention}] reqs={reqs} nkv={nkv} group={group} hd={head_dim}")
+        check(b, out, ref, f"paged_attention[{b.attention}] reqs={reqs} nkv={nkv} group={group} hd={head_dim} "
+                           f"block_size={block_size}")
 
 
 DECODE_LENS = [1, 15, 16, 17, 100, 1000, 1500]
 
 
+SPLIT_BUILDS = {"paged_attention_split_kernel": "DECODE_NUM_THREADS",
+                "paged_attention_split_lean_kernel": "DECODE_NUM_THREADS",
+                "paged_attention_split_wide_kernel": "DECODE_WIDE_THREADS"}
+
+
+def _force_decode_build(monkeypatch, name):
+    """Every decode step on attention_decode.cu's or attention_decode_tc.cu's build `name`."""
+    from rvllm.backend import cuda_attention, nvrtc
+
+    if name in SPLIT_BUILDS:
+        threads = getattr(nvrtc, SPLIT_BUILDS[name])
+    else:
+        threads = 32 * cuda_attention.DECODE_TC_BUILDS[name][0]
+    monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, threads))
+
+
+@pytest.mark.parametrize("build", list(SPLIT_BUILDS))
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 7])
-def test_decode_attention_context_lengths(gpu, rng, head_dim, group):
-    """One decode row per request; contexts across block and partition boundaries (64-key partitions here)."""
+def test_decode_attention_context_lengths(gpu, rng, monkeypatch, build, head_dim, group):
+    """One decode row per request, on each build of the split kernel; contexts across block and
+    partition boundaries."""
+    _force_decode_build(monkeypatch, build)
     _run_attention([gpu], rng, [(1, n) for n in DECODE_LENS], nkv=2, group=group, head_dim=head_dim)
 
 
@@ -392,6 +413,20 @@ def test_prefill_attention_ragged(gpu, gpu_split, rng, head_dim, group):
 def test_attention_other_head_sizes(gpu, gpu_split, rng, head_dim):
     _run_attention([gpu, gpu_split], rng, [(20, 20), (5, 300), (1, 77)], nkv=2, group=3, head_dim=head_dim)
     _run_attention([gpu], rng, [(1, 20), (1, 1100)], nkv=2, group=3, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 32, 128])
+def test_attention_block_sizes(gpu, gpu_split, rng, monkeypatch, block_size):
+    """--block-size takes any power of two up to 128, and every attention kernel maps a key to its
+    cache block through the block table: a ragged prefill step (tensor-core prefill kernel and the
+    split kernel), then decode steps on each build of both decode kernels."""
+    from rvllm.backend import cuda_attention
+
+    _run_attention([gpu, gpu_split], rng, PREFILL_REQS, nkv=2, group=4, head_dim=128, pad_rows=1, block_size=block_size)
+    decode = [(1, n) for n in (1, 7, 16, 33, 128, 129, 1500)] + [(0, 9)]
+    for build in [*SPLIT_BUILDS, *cuda_attention.DECODE_TC_BUILDS]:
+        _force_decode_build(monkeypatch, build)
+        _run_attention([gpu], rng, decode, nkv=2, group=7, head_dim=128, pad_rows=1, block_size=block_size)
 
 
 def test_prefill_attention_long_prompt(gpu, rng):

@@ -32,8 +32,11 @@ MAX_GRID_YZ = 65535
 # Fixed-grid decode: aim for this many blocks per multiprocessor (the blocks loop over partitions).
 _BLOCKS_PER_SM = 4
 _KEYS_IN_FLIGHT = 8  # per warp (attention_decode.cu): a partition of warps x 8 keys is one load per warp
-# The wide build (16 warps) for steps of at most this many (row, KV head) pairs: batch 1-4 at 2 KV heads.
+# The wide build (16 warps) for steps of at most this many (row, KV head) pairs (batch 1-4 at 2 KV
+# heads), or of fewer than _WIDE_MAX_PAIRS_PER_SM per SM, where the tensor-core kernel takes over
+# (bench/NOTES.md #32, #34: at 16-32 rows of 2 KV heads the wide build beat the 128-thread one).
 _WIDE_MAX_PAIRS = 8
+_WIDE_MAX_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_WIDE_MAX_PAIRS_PER_SM", "0.5"))
 # The tensor-core kernel (a block per (row, KV head) pair, no split over blocks) from this many
 # pairs per SM. Below it attention_decode.cu's builds, which split long contexts over blocks, win:
 # on an H200 at 32 rows x 2 KV heads (0.48 pairs per SM) and 1024 keys the two tie (35.4 us).
@@ -69,14 +72,15 @@ def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int
 
 def split_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[str, int]:
     """(kernel name, threads) of attention_decode.cu's build for a step:
-    - wide (512 threads): the smallest steps, whose time is the latency of a few blocks' load chains;
-      a 128-key partition is one round trip for K and one for V, with no cross-block combine up to
-      128 keys. Up to head size 128 (its shared memory grows with warps x head size);
+    - wide (512 threads): steps of fewer (row, KV head) pairs than half the SMs (or at most 8),
+      whose time is the latency of a few blocks' load chains; a 128-key partition is one round trip
+      for K and one for V, with no cross-block combine up to 128 keys. Up to head size 128 (its
+      shared memory grows with warps x head size);
     - lean (128 threads, fewer registers, more blocks per SM): steps with at least one (row, KV head)
       pair per SM. It only saves registers at head sizes >= 128 (at 64 it spills);
     - otherwise the 128-thread build that loads the query before the metadata chain."""
     pairs = num_tokens * num_kv_heads
-    if pairs <= _WIDE_MAX_PAIRS and head_dim <= 128:
+    if (pairs <= _WIDE_MAX_PAIRS or pairs < _WIDE_MAX_PAIRS_PER_SM * num_sms) and head_dim <= 128:
         return "paged_attention_split_wide_kernel", nvrtc.DECODE_WIDE_THREADS
     if head_dim >= 128 and pairs >= num_sms:
         return "paged_attention_split_lean_kernel", nvrtc.DECODE_NUM_THREADS
