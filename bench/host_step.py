@@ -7,7 +7,7 @@ sampling kernels are skipped (random token ids stand in for the sampled ones), s
 the host's part of a GPU step. Phases, per step:
 
     schedule    Scheduler.schedule
-    collect     runner/step_inputs.collect (SchedulerOutput -> Python lists)
+    collect     runner/step_inputs.collect (SchedulerOutput -> Python lists; block tables as diffs)
     serialize   runner/step_inputs.serialize (lists -> one int32 buffer)
     metadata    SamplingMetadata.from_requests
     pack_step   gpu_sampler.pack_step (and PenaltySlots.plan with --penalties)
@@ -52,6 +52,7 @@ class HostStep:
 
     def __init__(self, rows: int, input_len: int, steps: int, penalties: bool, seed: int = 0):
         from rvllm import LLM, SamplingParams
+        from rvllm.runner.block_tables import BlockTableSlots
         from rvllm.sampling.penalty_slots import PenaltySlots
 
         self.llm = LLM(MODEL, load_format="dummy", device="cpu", max_num_seqs=rows, async_scheduling=True,
@@ -65,6 +66,7 @@ class HostStep:
             core.add_request(f"r{i}", self.rng.integers(3, self.vocab, input_len).tolist(), params)
         self.rows = rows
         self.slots = PenaltySlots(rows)
+        self.table_slots = BlockTableSlots(rows)  # the runner's (block tables sent as diffs)
         self.prev_rows: dict[str, int] = {}
         self.inflight = None
         self.calls = 0
@@ -80,7 +82,7 @@ class HostStep:
         c0 = clock()
         sched = core.scheduler.schedule()
         c1 = clock()
-        batch = collect(sched, core.config.block_size, self.prev_rows)
+        batch = collect(sched, core.config.block_size, self.prev_rows, self.table_slots)
         c2 = clock()
         bucket = batch.num_reqs if batch.decode_only else 0  # a graph replay pads to its bucket
         serialize(batch, bucket, bucket)

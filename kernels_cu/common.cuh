@@ -48,7 +48,10 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 //  - before pdl_wait(), read only what no kernel of the step writes: weights and the step's
 //    metadata (copied before the first kernel; the token ids are not: fill_placeholders_kernel
 //    writes them). backend/cuda.py's weight() waits for the kernels
-//    that convert weights, since a test may call a kernel right after;
+//    that convert weights, since a test may call a kernel right after. The block tables are
+//    written by the step's first kernel (update_block_tables_kernel): only kernels that start
+//    after one whose trigger follows its wait (the decode attention kernels, behind rotary) may
+//    read them before their own wait, since by then every kernel before that one has finished;
 //  - write nothing before pdl_wait() (an earlier kernel may still read it);
 //  - call pdl_wait() in every block. It returns once the previous kernel has finished and its
 //    writes are visible; since that kernel waited too, so had every kernel before it.

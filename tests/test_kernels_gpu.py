@@ -255,6 +255,32 @@ def test_rotary_and_cache_write(gpu, rng, neox, head_dim, nh, nkv, num_tokens):
     check(gpu, vc, vc_ref, "v_cache", tol=1e-7)  # a copy: exact
 
 
+@pytest.mark.parametrize("rows,width", [(1, 1), (3, 5), (37, 64), (300, 130)])
+def test_update_block_tables(gpu, rng, rows, width):
+    """The step's block tables from the per-slot table: new ids written from each row's first new
+    column (some rows none, some whole), the rows gathered with zeros past each context, padding
+    rows (slot -1) zero; the per-slot table updated as on the CPU. Twice, the second time on the
+    table the first left."""
+    num_slots, W, bs = rows + 2, width + 3, 16
+    table = rng.integers(0, 1000, (num_slots, W)).astype(np.int32)
+    table_d = gpu.from_host(table)
+    for _ in range(2):
+        slots = rng.permutation(num_slots)[:rows].astype(np.int32)
+        slots[rng.random(rows) < 0.1] = -1
+        col0 = rng.integers(0, W, rows).astype(np.int32)
+        counts = np.where(slots < 0, 0, rng.integers(0, 4, rows))
+        counts = np.minimum(counts, W - col0)
+        off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        new_ids = rng.integers(0, 1000, int(off[-1])).astype(np.int32)
+        seq_lens = rng.integers(0, width * bs + 1, rows).astype(np.int32)
+        out = np.full((rows, width), -9, np.int32)
+        CPU.update_block_tables(out, table, slots, col0, off, new_ids, seq_lens, bs)
+        out_d = gpu.from_host(np.full((rows, width), -9, np.int32))
+        gpu.update_block_tables(out_d, table_d, *(gpu.from_host(a) for a in (slots, col0, off, new_ids, seq_lens)), bs)
+        assert (gpu.to_host(out_d) == out).all()
+        assert (gpu.to_host(table_d) == table).all()
+
+
 # ---- paged attention -----------------------------------------------------------------------------
 
 def _attention_case(gpu, rng, reqs, nkv, group, head_dim, block_size=16, pad_rows=0):

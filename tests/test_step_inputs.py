@@ -7,6 +7,7 @@ import pytest
 from rvllm.backend.cpu import CpuBackend
 from rvllm.engine.request import Request
 from rvllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from rvllm.runner.block_tables import BlockTableSlots
 from rvllm.runner.graphs import batch_size_buckets, choose_bucket
 from rvllm.runner.step_inputs import StepBuffers, StepLayout, collect, serialize
 from rvllm.sampling_params import SamplingParams
@@ -28,13 +29,22 @@ def _sched(*items):
     return SchedulerOutput(scheduled, sum(s.num_new_tokens for s in scheduled), [], [])
 
 
-def _fields(data, lay):
+def _fields(data, lay, slot_tables=None):
+    """The serialized step's fields; `tables` as update_block_tables makes them from slot_tables (a
+    fresh, zero table when None), which it updates."""
     a = np.frombuffer(data, np.int32)
     n, r = lay.n, lay.r
+    if slot_tables is None:
+        slot_tables = np.zeros((max(r, 1), 64), np.int32)
+    tables = np.full((r, lay.w), -5, np.int32)
+    CpuBackend().update_block_tables(tables, slot_tables, a[lay.row_slots: lay.row_slots + r], a[lay.col0: lay.col0 + r],
+                                     a[lay.diff_off: lay.diff_off + r + 1], a[lay.new_ids: lay.new_ids + lay.k],
+                                     a[lay.seq_lens: lay.seq_lens + r], BS)
     return dict(width=int(a[0]), ids=a[lay.ids: lay.ids + n].tolist(), positions=a[lay.positions: lay.positions + n].tolist(),
                 slots=a[lay.slots: lay.slots + n].tolist(), qsl=a[lay.qsl: lay.qsl + r + 1].tolist(),
                 seq_lens=a[lay.seq_lens: lay.seq_lens + r].tolist(), logits_idx=a[lay.logits_idx: lay.logits_idx + r].tolist(),
-                tables=a[lay.tables: lay.tables + r * lay.w].reshape(r, lay.w).tolist())
+                row_slots=a[lay.row_slots: lay.row_slots + r].tolist(), new_ids=a[lay.new_ids: lay.new_ids + lay.k].tolist(),
+                tables=tables.tolist())
 
 
 def test_buckets():
@@ -50,12 +60,13 @@ def test_buckets():
 
 
 def test_layout_offsets_are_contiguous_and_fixed_per_bucket():
-    lay = StepLayout(n=5, r=3, w=7)
-    assert (lay.ids, lay.positions, lay.slots, lay.qsl, lay.seq_lens, lay.logits_idx, lay.tables) == \
-        (1, 6, 11, 16, 20, 23, 26)
-    assert lay.size == 26 + 3 * 7
-    # A bucket's offsets do not depend on the block table width (graphs capture views at fixed addresses).
-    assert StepLayout(8, 8, 1).tables == StepLayout(8, 8, 512).tables
+    lay = StepLayout(n=5, r=3, w=7, k=4)
+    assert (lay.ids, lay.positions, lay.slots, lay.qsl, lay.seq_lens, lay.logits_idx, lay.row_slots, lay.col0,
+            lay.diff_off, lay.new_ids) == (1, 6, 11, 16, 20, 23, 26, 29, 32, 36)
+    assert lay.size == 36 + 4
+    # A bucket's offsets do not depend on the block table width or the new ids (graphs capture views
+    # at fixed addresses).
+    assert StepLayout(8, 8, 1).seq_lens == StepLayout(8, 8, 512, 99).seq_lens
 
 
 def test_mixed_step_packing():
@@ -77,6 +88,7 @@ def test_mixed_step_packing():
     assert f["seq_lens"] == [10, 6, 4]
     assert f["logits_idx"] == [7, 8, 0]  # the sampled rows first, zero after
     assert f["tables"] == [[7, 3, 9], [5, 2, 0], [1, 0, 0]]
+    assert f["new_ids"] == [7, 3, 9, 5, 2, 1, 4, 6]  # every request's whole list: the slots were empty
     assert batch.sample_ids == ["a", "b"]
 
 
@@ -114,10 +126,11 @@ def test_not_decode_only():
 
 
 def test_cpu_buffers_give_views():
-    buffers = StepBuffers(CpuBackend(), 0)
+    buffers = StepBuffers(CpuBackend(), 0, num_slots=4, max_width=8)
     r = _request("x", list(range(7)), [3, 8])
-    data, lay = serialize(collect(_sched((r, 0, 7, True)), BS))
+    data, lay = serialize(collect(_sched((r, 0, 7, True)), BS, table_slots=buffers.table_slots))
     buffers.upload(data)
+    buffers.update_tables(lay, BS)
     ids, positions, slots, qsl, seq_lens, logits_idx, tables = buffers.views(lay)
     assert ids.tolist() == list(range(7)) and positions.tolist() == list(range(7))
     assert slots.tolist() == [12, 13, 14, 15, 32, 33, 34]
@@ -133,3 +146,83 @@ def test_serialize_sizes(n):
     for pad in (0, n, n + 3):
         data, lay = serialize(batch, pad, pad)
         assert len(data) == lay.size and lay.n == max(n, pad) and lay.r == max(n, pad)
+
+
+# ---- block tables by diffs (runner/block_tables.py) ------------------------------------------------
+
+def test_block_table_rows_send_only_what_the_slot_lacks():
+    slots = BlockTableSlots(4)
+    blocks = [7, 3]
+    col0, ids = [], []
+    slots.begin_step()
+    s = slots.row("a", blocks, col0, ids)
+    assert (col0, ids) == ([0], [7, 3])
+    slots.begin_step()
+    assert slots.row("a", blocks, col0, ids) == s and (col0[-1], ids) == (2, [7, 3])  # up to date: nothing
+    blocks.append(11)  # the cache manager extends the same list
+    slots.begin_step()
+    slots.row("a", blocks, col0, ids)
+    assert (col0[-1], ids[2:]) == (2, [11])
+    preempted = [4, 5, 6]  # freed and rescheduled: a new list, sent whole
+    slots.begin_step()
+    assert slots.row("a", preempted, col0, ids) == s and (col0[-1], ids[3:]) == (0, [4, 5, 6])
+    slots.forget_all()  # after a failed step: everything again
+    slots.begin_step()
+    slots.row("a", preempted, col0, ids)
+    assert (col0[-1], ids[6:]) == (0, [4, 5, 6])
+
+
+def test_block_table_slots_are_released_and_evicted_least_recently_used():
+    slots = BlockTableSlots(2)
+    slots.begin_step()
+    a, b = slots.row("a", [1], [], []), slots.row("b", [2], [], [])
+    assert {a, b} == {0, 1}
+    slots.release(["a", "unknown"])
+    slots.begin_step()
+    col0, ids = [], []
+    assert slots.row("c", [3], col0, ids) == a and ids == [3]  # a's slot, free again
+    slots.begin_step()
+    slots.row("c", [3], [], [])
+    col0, ids = [], []
+    assert slots.row("d", [9, 8], col0, ids) == b and ids == [9, 8]  # b was least recently used
+    slots.begin_step()
+    slots.row("c", [3], [], [])
+    slots.row("d", [9, 8], [], [])
+    with pytest.raises(RuntimeError, match="more requests than the 2 slots"):
+        slots.row("e", [1], [], [])  # both slots are this step's
+
+
+def test_tables_across_steps_match_the_block_lists():
+    """Many steps of requests that grow, get preempted (a new list) and finish, through collect,
+    serialize and the CPU update op on one persistent table: every step's rows are the lists."""
+    rng = np.random.default_rng(0)
+    buffers = StepBuffers(CpuBackend(), 0, num_slots=7, max_width=40)  # 6 requests and a padding row
+    reqs = {}
+    for step in range(300):
+        if len(reqs) < 6 and rng.random() < 0.3:
+            rid = f"r{step}"
+            reqs[rid] = _request(rid, [1] * 40 * BS, rng.integers(0, 500, 1).tolist())
+        if reqs and rng.random() < 0.05:
+            gone = str(rng.choice(sorted(reqs)))
+            del reqs[gone]
+            buffers.table_slots.release([gone])
+        for req in reqs.values():
+            roll = rng.random()
+            if roll < 0.3 and len(req.block_ids) < 39:
+                req.block_ids.extend(rng.integers(0, 500, 1).tolist())
+            elif roll < 0.33:
+                req.block_ids = rng.integers(0, 500, rng.integers(1, 39)).tolist()  # preempted, resumed
+        live = list(reqs.values())
+        if not live:
+            continue
+        # One decode row per request at the end of its blocks (the context fills its last block).
+        items = [(r, len(r.block_ids) * BS - 1, 1, True) for r in live]
+        batch = collect(_sched(*items), BS, table_slots=buffers.table_slots)
+        data, lay = serialize(batch, 0, len(live) + 1)  # a padding row too
+        buffers.upload(data)
+        buffers.update_tables(lay, BS)
+        tables = buffers.views(lay)[-1]
+        for i, r in enumerate(live):
+            assert tables[i, : len(r.block_ids)].tolist() == r.block_ids
+            assert not tables[i, len(r.block_ids):].any()
+        assert not tables[len(live)].any()

@@ -71,6 +71,24 @@ class CpuBackend:
         pass
 
     # ---- ops ----------------------------------------------------------------------------------
+    def update_block_tables(self, out, table, row_slots, col0, diff_off, new_ids, seq_lens, block_size: int) -> None:
+        """A step's block tables from the per-slot table (runner/block_tables.py). Row i's new ids
+        new_ids[diff_off[i]:diff_off[i + 1]] are written into table[row_slots[i]] from column
+        col0[i]; then out[i] (out is [r, w]) = the first w entries of that row, zero from column
+        ceil(seq_lens[i] / block_size) on, and zero for rows whose slot is -1 (padding)."""
+        r, w = out.shape
+        slots = np.asarray(row_slots[:r], np.int64)
+        off = np.asarray(diff_off[: r + 1], np.int64)
+        for i in np.flatnonzero(off[1:] > off[:-1]):  # rows with new ids
+            c, n = int(col0[i]), int(off[i + 1] - off[i])
+            if slots[i] < 0 or c + n > table.shape[1]:
+                raise ValueError(f"block tables: row {i} writes slot {slots[i]} columns {c}..{c + n - 1} "
+                                 f"of a {table.shape} table")
+            table[slots[i], c: c + n] = new_ids[off[i]: off[i + 1]]
+        used = -(-np.asarray(seq_lens[:r], np.int64) // block_size)
+        keep = (np.arange(w)[None, :] < used[:, None]) & (slots[:, None] >= 0)
+        out[...] = np.where(keep, table[np.maximum(slots, 0), :w], 0)
+
     def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
         return table[ids]  # [T, H]
 

@@ -174,6 +174,26 @@ class CudaBackend(DeviceTransfers):
                 (num_tokens,), (256,), (out, ids, table, np.int32(hidden), np.int32(vocab)))
         return out
 
+    def update_block_tables(self, out, table, row_slots, col0, diff_off, new_ids, seq_lens, block_size: int) -> None:
+        """CpuBackend.update_block_tables (the spec) in one kernel: out [r, w] (contiguous),
+        table [num_slots, W]; the other arguments int32 vectors on the device."""
+        self._check("block tables out", out, np.int32, ndim=2)
+        self._check("block tables table", table, np.int32, ndim=2)
+        r, w = out.shape
+        for name, a, n in (("row_slots", row_slots, r), ("col0", col0, r), ("diff_off", diff_off, r + 1),
+                           ("seq_lens", seq_lens, r)):
+            self._check(f"block tables {name}", a, np.int32, ndim=1)
+            if a.shape[0] != n:
+                raise ValueError(f"block tables: {name} has {a.shape[0]} entries for {r} rows")
+        self._check("block tables new_ids", new_ids, np.int32, ndim=1)
+        if w > table.shape[1]:
+            raise ValueError(f"block tables: {w} columns from a table of {table.shape[1]}")
+        if r:
+            self._kernel("block_tables.cu", "update_block_tables_kernel")(
+                (min(r, 4 * self.num_sms),), (128,),
+                (out, table, row_slots, col0, diff_off, new_ids, seq_lens, np.int32(r), np.int32(w),
+                 np.int32(table.shape[1]), np.int32(block_size)))
+
     def fill_placeholders(self, ids, prev_sampled) -> None:
         """In place: ids[i] = prev_sampled[-1 - ids[i]] where ids[i] < 0 (async scheduling's
         placeholders for tokens the previous step sampled on the device)."""

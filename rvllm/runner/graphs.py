@@ -124,9 +124,10 @@ class CudaGraphs:
     def _inputs(self, bucket: int):
         """Uploads an all-padding step of `bucket` rows and returns the graph's fixed views."""
         lay = self.layout(bucket)
-        data, _ = serialize(StepBatch(), bucket, bucket)
+        data, padding = serialize(StepBatch(), bucket, bucket)
         inputs = self.inputs
         inputs.upload(data)
+        inputs.update_tables(padding, 1)  # every row padding: zeros
         ids, positions, slots, qsl, seq_lens, _, tables = inputs.views(lay, self.max_blocks)
         meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=1, max_seq_len=self.max_context,
                             query_lens_host=[1] * bucket, seq_lens_host=[0] * bucket,

@@ -112,7 +112,10 @@ class ModelRunner:
             max_reqs = max(1, max_num_seqs)
             max_tokens = max(max_num_batched_tokens or _DEFAULT_MAX_TOKENS, min(max_reqs, 512))
             max_width = -(-self.max_model_len // block_size)
-            self.inputs = StepBuffers(backend, StepLayout(max_tokens, min(max_reqs, max_tokens), max_width).size)
+            max_rows = min(max_reqs, max_tokens)
+            # Room for a step whose every row sends its whole block list (block_tables.py).
+            self.inputs = StepBuffers(backend, StepLayout(max_tokens, max_rows, max_width, max_rows * max_width).size,
+                                      max_reqs, max_width)
             self.sampler = Sampler()
             self.rng = np.random.default_rng(seed)
             self.gpu_sampler = GpuSampler(backend, seed, max_reqs) if backend.name == "cuda" else None
@@ -183,8 +186,10 @@ class ModelRunner:
         the forward and the sampler launched, the sampled ids' copy to the host queued. Placeholder
         tokens (async scheduling, engine/request.py) are read from the previous launch's sampled ids
         on the device. PendingStep.result() waits for this step only."""
-        if self.gpu_sampler is not None and sched.finished_req_ids:
-            self.gpu_sampler.release(sched.finished_req_ids)  # before this step's rows take slots
+        if sched.finished_req_ids:  # before this step's rows take slots
+            self.inputs.table_slots.release(sched.finished_req_ids)
+            if self.gpu_sampler is not None:
+                self.gpu_sampler.release(sched.finished_req_ids)
         if not sched.scheduled:
             return PendingStep(self, None)
         prof = self.profiler
@@ -211,19 +216,24 @@ class ModelRunner:
         graph replay, logits [S, V] of the rows that sample or None, graph bucket or None). Runs on
         the current stream (execute makes backend.stream current); tests call it directly."""
         t0 = time.perf_counter()
-        batch = collect(sched, self.block_size, self._prev_rows)
-        bucket = self.graphs.bucket_for(batch) if self.graphs is not None and use_graphs else None
-        data, lay = serialize(batch, bucket or 0, bucket or 0)
-        if not self.inputs.fits(lay.size):  # only when the engine did not pass its limits
-            if self.graphs is not None:  # they hold views of the old buffers
-                log.warning("a step of %d tokens outgrew the step buffers: CUDA graphs dropped", batch.num_tokens)
-                self.graphs.release()
-                self.graphs = None
-                bucket = None
-                data, lay = serialize(batch)
-            self.inputs.grow(lay.size)
-        self._pack_seconds = time.perf_counter() - t0
-        self.inputs.upload(data)
+        try:
+            batch = collect(sched, self.block_size, self._prev_rows, self.inputs.table_slots)
+            bucket = self.graphs.bucket_for(batch) if self.graphs is not None and use_graphs else None
+            data, lay = serialize(batch, bucket or 0, bucket or 0)
+            if not self.inputs.fits(lay.size):  # only when the engine did not pass its limits
+                if self.graphs is not None:  # they hold views of the old buffers
+                    log.warning("a step of %d tokens outgrew the step buffers: CUDA graphs dropped", batch.num_tokens)
+                    self.graphs.release()
+                    self.graphs = None
+                    bucket = None
+                    data, lay = serialize(batch)
+                self.inputs.grow(lay.size)
+            self._pack_seconds = time.perf_counter() - t0
+            self.inputs.upload(data)
+            self.inputs.update_tables(lay, self.block_size)
+        except BaseException:
+            self.inputs.table_slots.forget_all()  # collect() counted block ids the device did not get
+            raise
         if batch.num_placeholders:
             self._fill_placeholders(lay.n)
             self.num_placeholder_tokens += batch.num_placeholders

@@ -4,7 +4,7 @@
 to a CUDA-graph bucket when asked, in one `array('i')`; `StepBuffers.upload` puts that in a pinned
 host buffer and copies it with one asynchronous host-to-device copy into a persistent device buffer
 (on the CPU backend the array itself is the "device" buffer), and the AttentionMetadata arrays are
-views into it. Layout, in int32 elements, for n token rows, r request rows and block tables w wide:
+views into it. Layout, in int32 elements, for n token rows, r request rows and k new block ids:
 
     [0]                         w, the block tables' row stride (graph-replayed decode attention
                                 reads it on the device: a fixed address for every bucket)
@@ -14,11 +14,19 @@ views into it. Layout, in int32 elements, for n token rows, r request rows and b
     qsl        [r + 1]          at 1 + 3n        query_start_loc
     seq_lens   [r]              at 2 + 3n + r
     logits_idx [r]              at 2 + 3n + 2r   rows that sample, first; zeros after
-    tables     [r, w]           at 2 + 3n + 3r   block ids, rows padded with 0
+    row_slots  [r]              at 2 + 3n + 3r   each row's block-table slot (block_tables.py); -1: padding
+    col0       [r]              at 2 + 3n + 4r   the first column of the row's new ids
+    diff_off   [r + 1]          at 2 + 3n + 5r   row i's new ids are new_ids[diff_off[i]:diff_off[i + 1]]
+    new_ids    [k]              at 3 + 3n + 6r
+
+The block tables themselves ([r, w], w = the most blocks a row's context needs) are not sent:
+`StepBuffers.update_tables` writes the new ids into the persistent per-slot table and gathers the
+step's rows from it into `StepBuffers.step_tables`, on the device, before the forward; columns past
+a row's context are zero.
 
 Padding (a decode step padded to bucket B: n = r = B): padding rows have id 0, position 0 and slot
--1 (nothing written to the cache); padding request k owns the k-th padding row with seq_len 0, so
-attention sees no keys and writes zeros; their outputs are ignored.
+-1 (nothing written to the cache); padding request k owns the k-th padding row with seq_len 0 and
+no table row, so attention sees no keys and writes zeros; their outputs are ignored.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from itertools import accumulate
 import numpy as np
 
 from rvllm.backend.cpu import AttentionMetadata
+from rvllm.runner.block_tables import BlockTableSlots
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class StepLayout:
     n: int  # token rows
     r: int  # request rows
     w: int  # block table width
+    k: int = 0  # new block ids
 
     @property
     def ids(self) -> int:
@@ -63,12 +73,24 @@ class StepLayout:
         return 2 + 3 * self.n + 2 * self.r
 
     @property
-    def tables(self) -> int:
+    def row_slots(self) -> int:
         return 2 + 3 * self.n + 3 * self.r
 
     @property
+    def col0(self) -> int:
+        return 2 + 3 * self.n + 4 * self.r
+
+    @property
+    def diff_off(self) -> int:
+        return 2 + 3 * self.n + 5 * self.r
+
+    @property
+    def new_ids(self) -> int:
+        return 3 + 3 * self.n + 6 * self.r
+
+    @property
     def size(self) -> int:
-        return self.tables + self.r * self.w
+        return self.new_ids + self.k
 
 
 @dataclass
@@ -88,7 +110,13 @@ class StepBatch:
     slots: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
-    tables: list[list[int]] = field(default_factory=list)
+    # Block tables as diffs of the per-slot table (block_tables.py): per row its slot and the first
+    # column of its new ids; diff_off: CSR offsets into new_ids (starts with 0).
+    row_slots: list[int] = field(default_factory=list)
+    col0: list[int] = field(default_factory=list)
+    diff_off: list[int] = field(default_factory=lambda: [0])
+    new_ids: list[int] = field(default_factory=list)
+    width: int = 1  # the most blocks a row's context needs
     logits_indices: list[int] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
     sample_rows: list = field(default_factory=list)  # (params, prompt ids, output ids, eos ids) per sampled row
@@ -105,21 +133,26 @@ class StepBatch:
     def num_reqs(self) -> int:
         return len(self.seq_lens)
 
-    @property
-    def width(self) -> int:
-        return max(1, max(map(len, self.tables), default=1))
 
-
-def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> StepBatch:
+def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None,
+            table_slots: BlockTableSlots | None = None) -> StepBatch:
     """SchedulerOutput -> StepBatch. Marks prompt logprobs of the scheduled positions as sent.
 
     prev_rows: request id -> its row in the previous step's sampled ids. A placeholder token
     (async scheduling: sampled by that step, not known on the host yet) is packed as -1 - row; the
-    runner replaces it on the device before the forward."""
+    runner replaces it on the device before the forward.
+    table_slots: the runner's block-table slots (what the device's per-slot table holds); None: a
+    fresh one, as for an empty table (tests)."""
     bs = block_size
     b = StepBatch()
+    if table_slots is None:
+        table_slots = BlockTableSlots(max(1, len(sched.scheduled)))
+    table_slots.begin_step()
+    table_row = table_slots.row
     # Locals, not b's attributes: this loop runs for every scheduled request every step.
-    ids, positions, slots, tables = b.input_ids, b.positions, b.slots, b.tables
+    ids, positions, slots = b.input_ids, b.positions, b.slots
+    row_slots, col0, diff_off, new_ids = b.row_slots, b.col0, b.diff_off, b.new_ids
+    width = 1
     query_lens, seq_lens = b.query_lens, b.seq_lens
     logits_indices, sample_ids, sample_rows = b.logits_indices, b.sample_ids, b.sample_rows
     decode_only, num_placeholders = True, 0
@@ -151,7 +184,11 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> 
                 p += k
         query_lens.append(n)
         seq_lens.append(end)
-        tables.append(blocks[: -(-end // bs)])
+        need = -(-end // bs)
+        if need > width:
+            width = need
+        row_slots.append(table_row(req.request_id, blocks, col0, new_ids))
+        diff_off.append(len(new_ids))
         params = req.sampling_params
         if params.prompt_logprobs is not None and req.prompt_logprobs_done < min(end, req.num_prompt_tokens - 1):
             # Position p predicts prompt token p + 1; positions already sent (before a preemption) are skipped.
@@ -166,7 +203,7 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None) -> 
             sample_rows.append((params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids))
         else:
             decode_only = False
-    b.decode_only, b.num_placeholders = decode_only, num_placeholders
+    b.decode_only, b.num_placeholders, b.width = decode_only, num_placeholders, width
     return b
 
 
@@ -174,7 +211,7 @@ def serialize(b: StepBatch, pad_tokens: int = 0, pad_reqs: int = 0) -> tuple[arr
     """The step in the layout above, with at least pad_tokens token rows and pad_reqs request rows."""
     nt, nr = b.num_tokens, b.num_reqs
     n, r, w = max(nt, pad_tokens), max(nr, pad_reqs), b.width
-    lay = StepLayout(n, r, w)
+    lay = StepLayout(n, r, w, len(b.new_ids))
     # One flat list of Python ints, converted once: list concatenation is a copy of pointers, and
     # struct.pack converts ints several times faster than array.extend (256 decode rows: ~4k values).
     flat = [w]
@@ -191,12 +228,13 @@ def serialize(b: StepBatch, pad_tokens: int = 0, pad_reqs: int = 0) -> tuple[arr
     flat += [0] * (r - nr)
     flat += b.logits_indices
     flat += [0] * (r - len(b.logits_indices))
-    zeros = [0] * w
-    for t in b.tables:
-        flat += t
-        if len(t) < w:
-            flat += zeros[len(t):]
-    flat += [0] * (w * (r - nr))
+    flat += b.row_slots
+    flat += [-1] * (r - nr)  # padding requests: no table row
+    flat += b.col0
+    flat += [0] * (r - nr)
+    flat += b.diff_off
+    flat += [b.diff_off[-1]] * (r - nr)
+    flat += b.new_ids
     assert len(flat) == lay.size, (len(flat), lay)
     return array("i", struct.pack(f"{len(flat)}i", *flat)), lay
 
@@ -204,9 +242,13 @@ def serialize(b: StepBatch, pad_tokens: int = 0, pad_reqs: int = 0) -> tuple[arr
 class StepBuffers:
     """The persistent step-input buffers: on CUDA a pinned host buffer and a device buffer of the
     same capacity (int32 elements), one asynchronous copy per step on the current stream; on the
-    CPU the serialized array is used as it is."""
+    CPU the serialized array is used as it is. Also the block tables: the per-slot table
+    (`slot_tables` [num_slots, max_width], mirrored on the host by `table_slots`) and the step's
+    rows gathered from it (`step_tables`, at a fixed address for CUDA graphs)."""
 
-    def __init__(self, backend, capacity: int):
+    def __init__(self, backend, capacity: int, num_slots: int = 1, max_width: int = 1):
+        """num_slots: requests a step has at most (max_num_seqs); max_width: blocks a request has
+        at most (max_model_len / block_size)."""
         self.ops = backend
         self.on_device = backend.name != "cpu"
         self.capacity = 0
@@ -214,6 +256,10 @@ class StepBuffers:
         self._copied = None  # event after the last copy out of the pinned buffer
         if self.on_device:
             self._allocate(capacity)
+        self.table_slots = BlockTableSlots(num_slots)
+        self.max_width = max_width
+        self.slot_tables = backend.zeros((num_slots, max_width), np.int32)  # [S, W]
+        self.step_tables = backend.zeros((num_slots * max_width,), np.int32)  # the step's [r, w], compact
 
     def _allocate(self, capacity: int) -> None:
         self.capacity = capacity
@@ -243,15 +289,29 @@ class StepBuffers:
         self.ops.copy_from_pinned_async(self.device, self.host, n)
         self._copied = self.ops.record_event(self._copied)
 
+    def update_tables(self, lay: StepLayout, block_size: int) -> None:
+        """The uploaded step's block tables: its new ids into slot_tables, then its [lay.r, lay.w]
+        rows into step_tables (backend.update_block_tables), on the current stream."""
+        if lay.w > self.max_width or lay.r * lay.w > self.step_tables.shape[0]:
+            raise ValueError(f"step inputs: block tables of {lay.r} rows x {lay.w} blocks exceed the "
+                             f"{self.slot_tables.shape[0]} x {self.max_width} the runner holds")
+        d = self.device
+        r = lay.r
+        self.ops.update_block_tables(
+            self.step_tables[: r * lay.w].reshape(r, lay.w), self.slot_tables, d[lay.row_slots: lay.row_slots + r],
+            d[lay.col0: lay.col0 + r], d[lay.diff_off: lay.diff_off + r + 1], d[lay.new_ids: lay.new_ids + lay.k],
+            d[lay.seq_lens: lay.seq_lens + r], block_size)
+
     def views(self, lay: StepLayout, table_width: int | None = None):
         """(input_ids, positions, slot_mapping, query_start_loc, seq_lens, logits_idx, block_tables)
-        views of the device buffer in layout `lay`; block_tables is [r, table_width or lay.w]."""
+        views of the device buffers in layout `lay`; block_tables is [r, table_width or lay.w] of
+        step_tables (update_tables fills it)."""
         d = self.device
         n, r = lay.n, lay.r
         w = table_width or lay.w
         return (d[lay.ids: lay.ids + n], d[lay.positions: lay.positions + n], d[lay.slots: lay.slots + n],
                 d[lay.qsl: lay.qsl + r + 1], d[lay.seq_lens: lay.seq_lens + r],
-                d[lay.logits_idx: lay.logits_idx + r], d[lay.tables: lay.tables + r * w].reshape(r, w))
+                d[lay.logits_idx: lay.logits_idx + r], self.step_tables[: r * w].reshape(r, w))
 
     @property
     def row_stride(self):
