@@ -52,6 +52,8 @@ class BlockTableSlots:
             self._slot_of.move_to_end(request_id)
         self._used[slot] = self._step
         start = self._synced[slot] if self._source[slot] is blocks else 0
+        if len(blocks) < start:  # not a list that only grew: resend it (kv_cache_manager never does this)
+            start = 0
         self._source[slot] = blocks
         col0.append(start)
         if len(blocks) > start:
