@@ -97,6 +97,12 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                 b.fill_placeholders(ids, b.from_host(np.array([5, 6], np.int32)))
                 b.synchronize()
                 assert b.to_host(ids).tolist() == [5, 3, 6]
+                # block tables by diffs: slot 1 gets ids 4, 9 from column 2; a padding row (slot -1)
+                out_t, slot_t = b.zeros((2, 4), np.int32), b.zeros((3, 5), np.int32)
+                b.update_block_tables(out_t, slot_t, *(b.from_host(np.asarray(a, np.int32)) for a in
+                                                       ([1, -1], [2, 0], [0, 2, 2], [4, 9], [40, 0])), bs)
+                b.synchronize()
+                assert b.to_host(out_t).tolist() == [[0, 0, 4, 0], [0, 0, 0, 0]]
                 for name, arr in (("attention", o), ("mlp", act), ("logits", logits), ("fused qkv", fused_qkv),
                                   ("fused residual", res2), ("down", down)):
                     host = b.to_host(arr).astype(np.float32)
