@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="the engine's default when unset")
     ap.add_argument("--max-model-len", type=int, default=4096)
     args = ap.parse_args()
 
@@ -31,7 +32,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling,
               skip_tokenizer_init=True)
     load_s = time.perf_counter() - t0
