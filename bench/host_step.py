@@ -10,7 +10,7 @@ the host's part of a GPU step. Phases, per step:
     collect     runner/step_inputs.collect (SchedulerOutput -> Python lists; block tables as diffs)
     serialize   runner/step_inputs.serialize (lists -> one int32 buffer)
     metadata    SamplingMetadata.from_requests
-    pack_step   gpu_sampler.pack_step (and PenaltySlots.plan with --penalties)
+    pack_step   ParamSlots.plan and gpu_sampler.pack_step (and PenaltySlots.plan with --penalties)
     glue        the runner's request id -> row map, the engine's placeholders, the sampled ids into
                 RunnerOutput.sampled (PendingStep.result)
     update      Scheduler.update_from_output
@@ -53,6 +53,7 @@ class HostStep:
     def __init__(self, rows: int, input_len: int, steps: int, penalties: bool, seed: int = 0):
         from rvllm import LLM, SamplingParams
         from rvllm.runner.block_tables import BlockTableSlots
+        from rvllm.sampling.param_slots import ParamSlots
         from rvllm.sampling.penalty_slots import PenaltySlots
 
         self.llm = LLM(MODEL, load_format="dummy", device="cpu", max_num_seqs=rows, async_scheduling=True,
@@ -66,6 +67,7 @@ class HostStep:
             core.add_request(f"r{i}", self.rng.integers(3, self.vocab, input_len).tolist(), params)
         self.rows = rows
         self.slots = PenaltySlots(rows)
+        self.param_slots = ParamSlots(rows)  # GpuSampler's (parameter records sent as diffs)
         self.table_slots = BlockTableSlots(rows)  # the runner's (block tables sent as diffs)
         self.prev_rows: dict[str, int] = {}
         self.inflight = None
@@ -90,7 +92,7 @@ class HostStep:
         meta = SamplingMetadata.from_requests(batch.sample_rows, batch.sample_ids)
         c4 = clock()
         updates = None if meta.no_penalties else self.slots.plan(meta, True)
-        pack_step(meta, self.vocab, self.calls, 0, updates)
+        pack_step(meta, self.vocab, self.calls, 0, updates, self.param_slots.plan(meta))
         self.calls += 1
         c5 = clock()
         self.prev_rows = dict(zip(batch.sample_ids, range(len(batch.sample_ids))))  # as ModelRunner.launch

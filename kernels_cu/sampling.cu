@@ -34,7 +34,14 @@
 //
 // Penalty state (rvllm/sampling/penalty_slots.py): per slot s, counts[s * V + v] (occurrences of
 // token v in the request's output) and in_prompt[s * V + v] (1: v is in its prompt). A row with a
-// penalty has a slot (RowParams.pen_slot) that no other row of the launch has, so its block owns it.
+// penalty has a slot (RowStep.pen_slot) that no other row of the launch has, so its block owns it.
+//
+// Sampling parameters (rvllm/sampling/param_slots.py): a table of RowParams, one record per slot,
+// kept on the device across calls. A call sends, per row, a RowStep: the row's slot and what
+// changes every call; and only the records of rows whose request is new to its slot (`fresh`).
+// load_row reads a row's record from `fresh` or the table and writes fresh records into the table
+// (process_logits_kernel and sample_kernel both do: a call may run either alone, and both write the
+// same bytes). A slot belongs to one row of a call, so no two blocks touch one record.
 #include "common.cuh"
 
 #define SAMPLER_THREADS 1024
@@ -44,26 +51,57 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// One row's parameters; gpu_sampler.py ROW_DTYPE mirrors this layout (80 bytes, a multiple of 16;
-// tests/test_sampler_gpu.py compares the two).
+// A request's sampling parameters, the same every call: one record per slot of the parameter
+// table. gpu_sampler.py PARAMS_DTYPE mirrors this layout (tests/test_sampler_gpu.py compares them).
 struct RowParams {
   double top_p;        // >= 1: off
-  u64 seed;            // Philox key
-  u64 step;            // Philox counter words 1, 2
+  u64 seed;            // Philox key: the request's seed, or the sampler's for unseeded requests
   float temperature;
   float log_min_p;     // -inf: off
   float repetition_penalty;
   float frequency_penalty;
   float presence_penalty;
   int top_k;           // 0: off (the host maps k <= 0 and k >= V to 0)
-  int tag;             // Philox counter word 3
   int num_logprobs;    // -1: none; else the top-k logprobs wanted (0..MAX_TOP_LOGPROBS)
   int greedy;          // 1: argmax
+  int seeded;          // 1: the noise follows the request (Philox step = its output length, tag 0)
+  int pad_[3];
+};
+
+// One row of a call: where its record is, and what changes every call. gpu_sampler.py
+// STEP_DTYPE mirrors this layout.
+struct RowStep {
+  u64 step;            // seeded rows: the request's output tokens so far (others: the call counter)
+  int slot;            // the record's slot in the table; -1: none (a row without a request id)
+  int fresh;           // index of the row's record in this call's `fresh` records; -1: the table's
   int mask_row;        // row of the allowed-token masks, -1: none
   int pen_slot;        // penalty state slot, -1: none (the row has no penalty)
-  int pen_reset;       // 1: the slot is new to this request: zero it and mark the prompt first
-  int pad_[2];
+  int pen_reset;       // 1: the penalty slot is new to this request: zero it and mark the prompt first
+  int pad_;
 };
+
+// What a kernel reads about its row: the record and this call's Philox counter words 1-3.
+struct Row {
+  RowParams p;
+  u64 step;            // Philox counter words 1, 2
+  int tag;             // Philox counter word 3: 0 for seeded rows (the same noise in any batch), else row + 1
+  RowStep s;
+};
+
+// Every thread of the row's block calls it (the reads are broadcasts); thread 0 stores a fresh
+// record in the table (ordered before the next call's reads by the stream).
+__device__ __forceinline__ void load_row(Row& r, RowParams* __restrict__ table, const RowParams* __restrict__ fresh,
+                                         const RowStep* __restrict__ steps, u64 call_step, int row) {
+  r.s = steps[row];
+  if (r.s.fresh >= 0) {
+    r.p = fresh[r.s.fresh];
+    if (r.s.slot >= 0 && threadIdx.x == 0) table[r.s.slot] = r.p;
+  } else {
+    r.p = table[r.s.slot];
+  }
+  r.step = r.p.seeded ? r.s.step : call_step;
+  r.tag = r.p.seeded ? 0 : row + 1;
+}
 
 // ---- Philox4x32-10 (Salmon et al. 2011; Random123's reference rounds) --------------------------
 __device__ __forceinline__ void philox4x32_10(u32& c0, u32& c1, u32& c2, u32& c3, u32 k0, u32 k1) {
@@ -86,9 +124,9 @@ __device__ __forceinline__ void philox4x32_10(u32& c0, u32& c1, u32& c2, u32& c3
 // The Exp(1) draws of tokens 4g .. 4g + 3 come from one Philox call (counter word 0 = g): token
 // 4g + j uses output word j. One call serves the four (sample_kernel gives a thread four adjacent
 // tokens), where a call per token computed each word four times.
-__device__ __forceinline__ void philox_words(const RowParams& p, u32 group, u32 (&w)[4]) {
-  u32 c0 = group, c1 = (u32)p.step, c2 = (u32)(p.step >> 32), c3 = (u32)p.tag;
-  philox4x32_10(c0, c1, c2, c3, (u32)p.seed, (u32)(p.seed >> 32));
+__device__ __forceinline__ void philox_words(const Row& r, u32 group, u32 (&w)[4]) {
+  u32 c0 = group, c1 = (u32)r.step, c2 = (u32)(r.step >> 32), c3 = (u32)r.tag;
+  philox4x32_10(c0, c1, c2, c3, (u32)r.p.seed, (u32)(r.p.seed >> 32));
   w[0] = c0;
   w[1] = c1;
   w[2] = c2;
@@ -272,8 +310,9 @@ __device__ bool radix_select(const KeyWeight& kw, int V, u64 target, u32* key_ou
 // suppressed ids are per row CSR lists too (offsets [B + 1], bias tokens unique within a row).
 // Out-of-range tokens are skipped.
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_kernel(
-    float* __restrict__ out, const float* __restrict__ logits, int V, const RowParams* __restrict__ params,
-    int* __restrict__ counts, unsigned char* __restrict__ in_prompt, const int* __restrict__ prompt_off,
+    float* __restrict__ out, const float* __restrict__ logits, int V, RowParams* __restrict__ table,
+    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
+    unsigned char* __restrict__ in_prompt, const int* __restrict__ prompt_off,
     const int* __restrict__ prompt_tok, const int* __restrict__ new_off, const int* __restrict__ new_tok,
     const int* __restrict__ bias_off, const int* __restrict__ bias_tok, const float* __restrict__ bias_val,
     const int* __restrict__ sup_off, const int* __restrict__ sup_tok, const unsigned char* __restrict__ masks) {
@@ -281,12 +320,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_ker
   const int row = blockIdx.x, tid = threadIdx.x;
   const float* src = logits + (size_t)row * V;
   float* dst = out + (size_t)row * V;
-  const RowParams& p = params[row];
-  const int slot = p.pen_slot;  // uniform over the block
+  Row r;
+  load_row(r, table, fresh, steps, call_step, row);
+  const RowParams& p = r.p;
+  const int slot = r.s.pen_slot;  // uniform over the block
   int* cnt = counts + (size_t)max(slot, 0) * V;
   unsigned char* inp = in_prompt + (size_t)max(slot, 0) * V;
   if (slot >= 0) {
-    if (p.pen_reset) {
+    if (r.s.pen_reset) {
       for (int i = tid; i < V; i += blockDim.x) {
         cnt[i] = 0;
         inp[i] = 0;
@@ -326,9 +367,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_ker
     const int t = sup_tok[j];
     if (t >= 0 && t < V) dst[t] = RVLLM_NEG_INF;
   }
-  if (p.mask_row >= 0) {
+  if (r.s.mask_row >= 0) {
     __syncthreads();
-    const unsigned char* m = masks + (size_t)p.mask_row * V;
+    const unsigned char* m = masks + (size_t)r.s.mask_row * V;
     for (int i = tid; i < V; i += blockDim.x)
       if (!m[i]) dst[i] = RVLLM_NEG_INF;
   }
@@ -386,8 +427,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
 // Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
 // A row with a penalty slot counts its token there (the host counts it as known to the device).
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
-    int* __restrict__ out, const float* __restrict__ logits, int V, int B, const RowParams* __restrict__ params,
-    int* __restrict__ counts) {
+    int* __restrict__ out, const float* __restrict__ logits, int V, int B, RowParams* __restrict__ table,
+    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts) {
   pdl_enter();
   __shared__ float s_top_v[MAX_TOP_LOGPROBS];
   __shared__ int s_top_i[MAX_TOP_LOGPROBS];
@@ -395,7 +436,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
   __shared__ int s_gt_slot;
   const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* x = logits + (size_t)row * V;
-  const RowParams p = params[row];
+  Row rw;  // `r` names a race value below
+  load_row(rw, table, fresh, steps, call_step, row);
+  const RowParams& p = rw.p;
 
   // argmax and row max
   float mx = RVLLM_NEG_INF;
@@ -466,7 +509,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
       }
       if (!any) continue;  // below the top-k / top-p / min-p cut: no draw needed
       u32 w[4];
-      philox_words(p, (u32)g, w);
+      philox_words(rw, (u32)g, w);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (!keep[j]) continue;
@@ -482,7 +525,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
   }
   if (tid == 0) {
     out[row] = token;
-    if (p.pen_slot >= 0) atomicAdd(counts + (size_t)p.pen_slot * V + token, 1);
+    if (rw.s.pen_slot >= 0) atomicAdd(counts + (size_t)rw.s.pen_slot * V + token, 1);
   }
   if (p.num_logprobs < 0) return;  // uniform over the block
 

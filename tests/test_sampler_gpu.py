@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from rvllm.backend.cuda import is_cuda_available
-from rvllm.sampling.gpu_sampler import MAX_TOP_LOGPROBS, ROW_DTYPE, pack_step
+from rvllm.sampling.gpu_sampler import MAX_TOP_LOGPROBS, PARAMS_DTYPE, STEP_DTYPE, pack_step, resolve_rows
+from rvllm.sampling.param_slots import NO_SLOT, ParamSlots
 from rvllm.sampling.logprobs import gather_logprobs, log_softmax
 from rvllm.sampling.metadata import SamplingMetadata
 from rvllm.sampling.penalty_slots import PLACEHOLDER, PenaltySlots
@@ -123,7 +124,8 @@ def unpack(host, offsets, n, vocab):
                                           "bias_tok", "sup_off", "sup_tok")}
     out["bias_val"] = sec("bias_val", np.float32)
     out["masks"] = sec("masks", np.uint8)
-    out["params"] = host[offsets["params"][0]:offsets["params"][0] + n * ROW_DTYPE.itemsize].view(ROW_DTYPE)
+    out["steps"] = host[offsets["steps"][0]:offsets["steps"][0] + n * STEP_DTYPE.itemsize].view(STEP_DTYPE)
+    out["fresh"] = sec("fresh", PARAMS_DTYPE)
     return out
 
 
@@ -169,14 +171,17 @@ def radix_select(keys, weights, target):
 
 
 class DeviceState:
-    """GpuSampler's penalty state with NumPy arrays standing in for the device's: the host's slot
-    bookkeeping, counts [S, V] and in_prompt [S, V]. Both start as garbage, as the device's (cp.empty):
-    a slot must be reset before it is read."""
+    """GpuSampler's per-request state with NumPy arrays standing in for the device's: the host's slot
+    bookkeeping, counts [S, V] and in_prompt [S, V] (penalties) and the parameter table [S]. All
+    start as garbage, as the device's (cp.empty): a slot must be reset or written before it is read."""
 
     def __init__(self, vocab: int, num_slots: int = 256):
         self.slots = PenaltySlots(num_slots)
         self.counts = np.full((num_slots, vocab), 7, np.int32)
         self.in_prompt = np.full((num_slots, vocab), 3, np.uint8)
+        self.param_slots = ParamSlots(num_slots)
+        self.param_table = np.frombuffer(np.random.default_rng(0).bytes(num_slots * PARAMS_DTYPE.itemsize),
+                                         PARAMS_DTYPE).copy()
 
 
 def emulate(logits, meta, step=0, seed=0, state=None, sample=True):
@@ -187,9 +192,9 @@ def emulate(logits, meta, step=0, seed=0, state=None, sample=True):
     n, vocab = logits.shape
     state = state if state is not None else DeviceState(vocab)
     updates = None if meta.no_penalties else state.slots.plan(meta, sampling=sample)
-    host, offsets = pack_step(meta, vocab, step, seed, updates)
+    host, offsets = pack_step(meta, vocab, step, seed, updates, state.param_slots.plan(meta))
     s = unpack(host, offsets, n, vocab)
-    p = s["params"]
+    p = resolve_rows(state.param_table, s["fresh"], s["steps"], step)
     x = np.array(logits, np.float32)
     if meta.needs_logit_processing:
         for r in range(n):
@@ -375,8 +380,15 @@ def test_pack_step_layout():
     meta = meta_for([SamplingParams(temperature=0.5, top_k=3, seed=-1, logprobs=25),
                      SamplingParams(top_p=0.5, min_p=0.25)], outputs=[[1, 2], [3]])
     host, offsets = pack_step(meta, 100, step=7, seed=11)
-    assert ROW_DTYPE.itemsize % 16 == 0 and all(off % 16 == 0 for off, _ in offsets.values())
-    p = unpack(host, offsets, 2, 100)["params"]
+    assert all(off % 16 == 0 for off, _ in offsets.values())
+    s = unpack(host, offsets, 2, 100)
+    fresh, steps = s["fresh"][:2], s["steps"]
+    assert fresh["seed"].tolist() == [2**64 - 1, 11] and fresh["seeded"].tolist() == [1, 0]
+    assert steps["slot"].tolist() == [NO_SLOT] * 2 and steps["fresh"].tolist() == [0, 1]
+    assert steps["step"].tolist() == [2, 0]  # seeded rows only: the output length
+    table = np.zeros(4, PARAMS_DTYPE)
+    p = resolve_rows(table, s["fresh"], steps, 7)
+    assert not table.view(np.uint8).any(), "rows without a slot leave the table alone"
     assert p["seed"].tolist() == [2**64 - 1, 11] and p["step"].tolist() == [2, 7] and p["tag"].tolist() == [0, 2]
     assert p["top_k"].tolist() == [3, 0] and p["num_logprobs"].tolist() == [MAX_TOP_LOGPROBS, -1]
     assert p["log_min_p"][1] == np.log(np.float32(0.25)) and p["log_min_p"][0] == -np.inf
@@ -396,14 +408,14 @@ def test_pack_step_carries_the_slot_updates():
     meta.request_ids = ["a", "b"]
     host, offsets = pack_step(meta, 100, 0, 0, slots.plan(meta, sampling=True))
     s = unpack(host, offsets, 2, 100)
-    assert s["params"]["pen_slot"].tolist() == [slots.slot_of("a"), -1] and s["params"]["pen_reset"].tolist() == [1, 0]
+    assert s["steps"]["pen_slot"].tolist() == [slots.slot_of("a"), -1] and s["steps"]["pen_reset"].tolist() == [1, 0]
     assert s["prompt_off"].tolist() == [0, 2, 2] and s["prompt_tok"][:2].tolist() == [5, 7]
     assert s["new_off"].tolist() == [0, 2, 2] and s["new_tok"][:2].tolist() == [3, 3]  # 150 >= V: dropped
     meta = meta_for([sp], prompts=[prompt], outputs=[[3, 3, 150, PLACEHOLDER]])
     meta.request_ids = ["a"]
     host, offsets = pack_step(meta, 100, 1, 0, slots.plan(meta, sampling=True))
     s = unpack(host, offsets, 1, 100)
-    assert s["params"]["pen_reset"].tolist() == [0] and s["prompt_off"].tolist() == [0, 0]
+    assert s["steps"]["pen_reset"].tolist() == [0] and s["prompt_off"].tolist() == [0, 0]
     assert s["new_off"].tolist() == [0, 0]  # the placeholder: counted by the device when it sampled it
     meta = meta_for([sp], prompts=[prompt], outputs=[[3, 3, 150, 9, 4, 8]])
     meta.request_ids = ["a"]
@@ -412,13 +424,15 @@ def test_pack_step_carries_the_slot_updates():
     assert s["new_off"].tolist() == [0, 1] and s["new_tok"][:1].tolist() == [8]  # 9, 4: sampled on the device
 
 
-def test_row_params_struct_matches_row_dtype():
-    """sampling.cu's struct RowParams and ROW_DTYPE: the same fields, offsets and size."""
+@pytest.mark.parametrize("struct,dtype", [("RowParams", PARAMS_DTYPE), ("RowStep", STEP_DTYPE)])
+def test_kernel_structs_match_their_dtypes(struct, dtype):
+    """sampling.cu's structs RowParams and RowStep against PARAMS_DTYPE and STEP_DTYPE: the same
+    fields, offsets and size (a multiple of 16, so sections of them stay aligned)."""
     import re
     from pathlib import Path
 
     src = (Path(__file__).parent.parent / "kernels_cu" / "sampling.cu").read_text()
-    body = re.search(r"struct RowParams \{(.*?)\};", src, re.S).group(1)
+    body = re.search(r"struct " + struct + r" \{(.*?)\};", src, re.S).group(1)
     sizes = {"double": 8, "u64": 8, "float": 4, "int": 4}
     offset, fields = 0, {}
     for ctype, name, count in re.findall(r"^\s*(\w+)\s+(\w+)(?:\[(\d+)\])?;", body, re.M):
@@ -428,8 +442,8 @@ def test_row_params_struct_matches_row_dtype():
         offset += size * int(count or 1)
     size = -(-offset // 8) * 8
     assert {k: v for k, v in fields.items() if not k.endswith("_")} == {
-        name: ROW_DTYPE.fields[name][1] for name in ROW_DTYPE.names}
-    assert size == ROW_DTYPE.itemsize and size % 16 == 0
+        name: dtype.fields[name][1] for name in dtype.names}
+    assert size == dtype.itemsize and size % 16 == 0
 
 
 def penalty_steps(process, sample, rng, vocab, num_slots=256, steps=8):
@@ -667,3 +681,44 @@ def test_penalty_state_follows_requests_over_calls(sampler, rng):
     assert sampler.penalty_slots.slot_of("r0") is not None
     sampler.release(["r0", "r1"])
     assert sampler.penalty_slots.slot_of("r0") is None
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_parameter_table_rows_sample_as_fresh_rows(sampler, rng):
+    """The device's parameter table (param_slots.py, sampling.cu load_row) against rows that bring
+    their records every call: two samplers with one seed get the same logits and requests, one with
+    request ids (records from the table, sent only when a request is new to its slot or changed its
+    params; 4 slots for 9 requests: evictions, and 5-row calls without slots), one without. Every
+    call's tokens and logprobs must be equal."""
+    from types import SimpleNamespace
+
+    from rvllm.sampling.gpu_sampler import GpuSampler
+
+    vocab, pool = 1000, 9
+    backend = SimpleNamespace(dtype=sampler.dtype)
+    slotted, fresh = GpuSampler(backend, seed=21, max_num_seqs=4), GpuSampler(backend, seed=21, max_num_seqs=8)
+    params = dict(zip(range(pool), random_params(rng, pool, vocab)))
+    for r in range(pool):
+        if r % 3 == 0:
+            params[r] = SamplingParams(temperature=params[r].temperature, top_k=params[r].top_k, logprobs=3)
+    outputs = {r: [] for r in range(pool)}
+    table_rows = 0
+    for call in range(60):
+        rows = [int(r) for r in rng.choice(pool, int(rng.integers(1, 6)), replace=False)]
+        if rng.random() < 0.1:
+            params[rows[0]] = random_params(rng, 1, vocab)[0]
+        if rng.random() < 0.05:
+            slotted.release([f"r{int(rng.integers(pool))}"])
+        logits = dev(crafted_logits(rng, len(rows), vocab, "normal"))
+        meta = meta_for([params[r] for r in rows], outputs=[outputs[r] for r in rows])
+        with_ids = meta_for([params[r] for r in rows], outputs=[outputs[r] for r in rows])
+        with_ids.request_ids = [f"r{r}" for r in rows]
+        table_rows += sum(slotted.param_slots.slot_of(i) is not None for i in with_ids.request_ids)
+        a, b = slotted(logits, with_ids), fresh(logits, meta)
+        assert a.token_ids == b.token_ids, f"call {call}"
+        assert [None if x is None else (x.token_id, x.logprob, x.top_ids) for x in a.logprobs] == \
+            [None if x is None else (x.token_id, x.logprob, x.top_ids) for x in b.logprobs], f"call {call}"
+        for r, t in zip(rows, a.token_ids):
+            outputs[r] = outputs[r] + [t]
+    assert table_rows > 40, table_rows  # rows whose record the table held before their call

@@ -1,6 +1,7 @@
 """The GPU sampler: the NumPy Sampler's semantics (sampler.py is the spec) on CuPy logits.
 
-One call per step: the per-row parameters, the sparse edit lists (logit bias, suppressed ids,
+One call per step: each row's step record (its parameter slot, what changes every call), the
+parameter records of rows new to their slots, the sparse edit lists (logit bias, suppressed ids,
 allowed-token masks) and the penalty-state diffs are packed on the host into one buffer and copied
 to the device once; `process_logits_kernel` applies the edits to a copy of the logits (only when a
 row has any), `sample_kernel` samples every row and computes logprobs; one device-to-host copy
@@ -14,6 +15,10 @@ prompt membership per slot, updated by diffs. The host uploads a request's promp
 when it gets a slot; after that the device counts the tokens it samples itself, so a step costs the
 host nothing per penalty row and the rows' newest tokens need not be known on the host (the engine
 keeps async scheduling on with penalties).
+
+Sampling parameters are per-request state on the device too (param_slots.py): a table of records,
+one per slot, that the kernels read; a call uploads only the records of rows whose request is new
+to its slot, so the steady state packs one small step record per row and no parameters.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import numpy as np
 from rvllm.backend import nvrtc
 from rvllm.sampling.logprobs import LogprobsRow, gather_logprobs, log_softmax
 from rvllm.sampling.metadata import GREEDY_TEMPERATURE, SamplingMetadata
+from rvllm.sampling.param_slots import NO_SLOT, ParamSlots
 from rvllm.sampling.penalty_slots import PenaltySlots, SlotUpdate
 from rvllm.sampling.sampler import SamplerOutput
 
@@ -39,15 +45,26 @@ ARGMAX_SPLIT_ROWS = 1024  # rows the split argmax keeps scratch for; larger batc
 _ARGMAX_CHUNK = 2048  # the fewest floats a split argmax block reads
 _ALIGN = 16
 
-# Mirrors `struct RowParams` in sampling.cu (80 bytes; its last 8 are padding).
-ROW_DTYPE = np.dtype({
-    "names": ["top_p", "seed", "step", "temperature", "log_min_p", "repetition_penalty", "frequency_penalty",
-              "presence_penalty", "top_k", "tag", "num_logprobs", "greedy", "mask_row", "pen_slot", "pen_reset"],
-    "formats": ["<f8", "<u8", "<u8", "<f4", "<f4", "<f4", "<f4", "<f4", "<i4", "<i4", "<i4", "<i4", "<i4", "<i4",
-                "<i4"],
-    "offsets": [0, 8, 16, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68],
-    "itemsize": 80,
+# Mirrors `struct RowParams` in sampling.cu: a request's record in the parameter table (64 bytes;
+# its last 12 are padding).
+PARAMS_DTYPE = np.dtype({
+    "names": ["top_p", "seed", "temperature", "log_min_p", "repetition_penalty", "frequency_penalty",
+              "presence_penalty", "top_k", "num_logprobs", "greedy", "seeded"],
+    "formats": ["<f8", "<u8", "<f4", "<f4", "<f4", "<f4", "<f4", "<i4", "<i4", "<i4", "<i4"],
+    "offsets": [0, 8, 16, 20, 24, 28, 32, 36, 40, 44, 48],
+    "itemsize": 64,
 })
+# Mirrors `struct RowStep` in sampling.cu: one row of a call (32 bytes; its last 4 are padding).
+STEP_DTYPE = np.dtype({
+    "names": ["step", "slot", "fresh", "mask_row", "pen_slot", "pen_reset"],
+    "formats": ["<u8", "<i4", "<i4", "<i4", "<i4", "<i4"],
+    "offsets": [0, 8, 12, 16, 20, 24],
+    "itemsize": 32,
+})
+# What the kernels read about a row (sampling.cu's Row): the record and the Philox counter words.
+ROW_DTYPE = np.dtype([(name, PARAMS_DTYPE.fields[name][0]) for name in PARAMS_DTYPE.names]
+                     + [("step", "<u8"), ("tag", "<i4"), ("mask_row", "<i4"), ("pen_slot", "<i4"),
+                        ("pen_reset", "<i4")])
 
 
 def argmax_splits(num_rows: int, vocab: int, num_sms: int) -> int:
@@ -74,6 +91,12 @@ class GpuSampler:
         self._argmax_keys = cp.zeros(ARGMAX_SPLIT_ROWS, np.uint64)
         self._argmax_done = cp.zeros(ARGMAX_SPLIT_ROWS, np.int32)
         self.penalty_slots = PenaltySlots(max_num_seqs)
+        self.param_slots = ParamSlots(max_num_seqs)
+        # The parameter table (sampling.cu's RowParams per slot): uninitialized, a slot's record is
+        # written by the first call that uses the slot (param_slots.py). `_records_vocab`: the
+        # vocabulary the records were made for (top-k is clamped to it).
+        self._param_table = cp.empty(max_num_seqs * PARAMS_DTYPE.itemsize, np.uint8)
+        self._records_vocab = None
         # counts [S, V] int32 and in_prompt [S, V] uint8 (penalty_slots.py), allocated by the first call
         # with a penalty row: many deployments never use penalties, and at S = 256 and V = 152k the
         # counts alone are 155 MB. Allocating there is safe: the sampler is never part of a CUDA graph
@@ -109,12 +132,13 @@ class GpuSampler:
             return PendingSample(meta, num_rows, vocab, out)
 
         staged, dev, args = self._upload(meta, vocab, step, sampling=True)
-        x = self._process(logits, dev, args) if meta.needs_logit_processing else logits
+        x = self._process(logits, dev, args, step) if meta.needs_logit_processing else logits
         want_lp = meta.max_num_logprobs is not None
         out = cp.empty(num_rows * (3 + 2 * MAX_TOP_LOGPROBS) if want_lp else num_rows, dtype=np.int32)
         counts = self._counts if self._counts is not None else self._no_state
         self._kernel("sample_kernel")((num_rows,), (THREADS,),
-                                      (out, x, np.int32(vocab), np.int32(num_rows), args["params"], counts))
+                                      (out, x, np.int32(vocab), np.int32(num_rows), *self._row_args(args, step),
+                                       counts))
         # Rows asking more logprobs than the kernel keeps get theirs on the host in result(): copy
         # their logits now (a graph replay of the next step reuses the logits buffer).
         big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
@@ -129,21 +153,27 @@ class GpuSampler:
         if num_rows == 0:
             return logits.copy()
         staged, dev, args = self._upload(meta, vocab, self.calls, sampling=False)
-        out = self._process(logits, dev, args)
+        out = self._process(logits, dev, args, self.calls)
         cp.cuda.get_current_stream().synchronize()  # `staged` must outlive the copy
         return out
 
     def release(self, request_ids) -> None:
-        """Finished requests: their penalty slots are free again (eviction would also reclaim them)."""
+        """Finished requests: their penalty and parameter slots are free again (eviction would also
+        reclaim them)."""
         self.penalty_slots.release(request_ids)
+        self.param_slots.release(request_ids)
 
-    def _process(self, logits, dev, args):
+    def _row_args(self, args, step: int) -> tuple:
+        """The kernels' row arguments (sampling.cu load_row): table, fresh records, step records, call counter."""
+        return self._param_table, args["fresh"], args["steps"], np.uint64(step & _MASK64)
+
+    def _process(self, logits, dev, args, step: int):
         num_rows, vocab = logits.shape
         out = cp.empty_like(logits)
         counts, in_prompt = (self._counts, self._in_prompt) if self._counts is not None else (self._no_state,) * 2
         self._kernel("process_logits_kernel")(
             (num_rows,), (THREADS,),
-            (out, logits, np.int32(vocab), args["params"], counts, in_prompt, args["prompt_off"],
+            (out, logits, np.int32(vocab), *self._row_args(args, step), counts, in_prompt, args["prompt_off"],
              args["prompt_tok"], args["new_off"], args["new_tok"], args["bias_off"], args["bias_tok"],
              args["bias_val"], args["sup_off"], args["sup_tok"], args["masks"]))
         return out
@@ -165,10 +195,15 @@ class GpuSampler:
         ran, the device buffer, the kernel arguments: views into it, one per section).
         sampling: sample_kernel runs after process_logits_kernel (it counts the sampled tokens)."""
         updates = self._penalty_updates(meta, vocab, sampling)
+        if self._records_vocab != vocab:  # top-k is clamped to the vocabulary: every record anew
+            self.param_slots.clear()
+            self._records_vocab = vocab
+        rows = self.param_slots.plan(meta)
         try:
-            host, offsets = pack_step(meta, vocab, step, self.seed, updates)
+            host, offsets = pack_step(meta, vocab, step, self.seed, updates, rows)
         except Exception:  # (a bad mask) the planned slot updates will not reach the device
             self.penalty_slots.clear()
+            self.param_slots.clear()
             raise
         staged = _pinned(host.size, np.uint8)
         staged[:] = host
@@ -247,15 +282,20 @@ class PendingSample:
 # ---- host-side packing (pure NumPy: the CPU tests check it through an emulation of the kernels) ----
 
 def pack_step(meta: SamplingMetadata, vocab: int, step: int, seed: int,
-              updates: list[SlotUpdate | None] | None = None) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
-    """Everything the kernels read, in one uint8 host buffer: per-row params (ROW_DTYPE), the CSR
-    lists (penalty-slot updates, bias, suppressed ids) and the allowed-token masks. Returns (buffer,
-    {section: (byte offset, byte size)}); sections are 16-byte aligned and never empty.
-    step: the call counter (the Philox step of unseeded rows); seed: the sampler's seed;
-    updates: PenaltySlots.plan's, one per row (needed when a row has a penalty)."""
+              updates: list[SlotUpdate | None] | None = None,
+              param_rows: tuple[list[int], list[int]] | None = None) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """Everything the kernels read but the parameter table, in one uint8 host buffer: the step
+    records (STEP_DTYPE, one per row), the parameter records of the fresh rows (PARAMS_DTYPE), the
+    CSR lists (penalty-slot updates, bias, suppressed ids) and the allowed-token masks. Returns
+    (buffer, {section: (byte offset, byte size)}); sections are 16-byte aligned and never empty.
+    step: the call counter (the Philox step of unseeded rows; the kernels get it as an argument);
+    seed: the sampler's seed; updates: PenaltySlots.plan's, one per row (needed when a row has a
+    penalty); param_rows: ParamSlots.plan's (each row's slot, the fresh rows), None: every row
+    fresh, without a slot."""
     n = meta.num_rows
-    rows = _row_params(meta, vocab, step, seed)
-    sections: dict[str, np.ndarray] = {}
+    slots, fresh = param_rows if param_rows is not None else ([NO_SLOT] * n, range(n))
+    rows = _row_steps(meta, slots, fresh)
+    sections: dict[str, np.ndarray] = {"fresh": _records(meta, fresh, vocab, seed)}
     if updates is None and not meta.no_penalties:
         raise ValueError("pack_step: rows with penalties need their penalty slots (PenaltySlots.plan)")
     prompt_off, new_off = np.zeros(n + 1, np.int32), np.zeros(n + 1, np.int32)
@@ -321,7 +361,7 @@ def pack_step(meta: SamplingMetadata, vocab: int, step: int, seed: int,
         rows["mask_row"][i] = j
     sections["masks"] = stacked.reshape(-1)
 
-    parts = {"params": rows.view(np.uint8)}
+    parts = {"steps": rows.view(np.uint8)}
     parts.update((k, v.view(np.uint8)) for k, v in sections.items())
     offsets, total = {}, 0
     for k, v in parts.items():
@@ -334,43 +374,74 @@ def pack_step(meta: SamplingMetadata, vocab: int, step: int, seed: int,
     return host, offsets
 
 
-def _row_params(meta: SamplingMetadata, vocab: int, step: int, seed: int) -> np.ndarray:
-    n = meta.num_rows
-    rows = np.zeros(n, dtype=ROW_DTYPE)
+def _records(meta: SamplingMetadata, rows, vocab: int, seed: int) -> np.ndarray:
+    """PARAMS_DTYPE records of these rows (row indices, increasing)."""
+    n = len(rows)
+    rec = np.zeros(n, dtype=PARAMS_DTYPE)
+    if n == 0:
+        return rec
+    every = n == meta.num_rows
 
     def column(values, dtype):  # np.fromiter: about twice as fast as np.asarray on a list
-        return np.fromiter(values, dtype, n)
+        return np.fromiter(values if every else (values[i] for i in rows), dtype, n)
 
-    rows["top_p"] = column(meta.top_p, np.float64)
+    rec["top_p"] = column(meta.top_p, np.float64)
     temp = column(meta.temperature, np.float64)
-    rows["temperature"] = temp  # float32, as NumPy's _Rows
+    rec["temperature"] = temp  # float32, as NumPy's _Rows
     min_p = column(meta.min_p, np.float32)
     with np.errstate(divide="ignore"):
-        rows["log_min_p"] = np.where(min_p > 0, np.log(min_p), np.float32(-np.inf))  # float32 log, as NumPy
-    rows["repetition_penalty"] = column(meta.repetition_penalty, np.float64)
-    rows["frequency_penalty"] = column(meta.frequency_penalty, np.float64)
-    rows["presence_penalty"] = column(meta.presence_penalty, np.float64)
+        rec["log_min_p"] = np.where(min_p > 0, np.log(min_p), np.float32(-np.inf))  # float32 log, as NumPy
+    rec["repetition_penalty"] = column(meta.repetition_penalty, np.float64)
+    rec["frequency_penalty"] = column(meta.frequency_penalty, np.float64)
+    rec["presence_penalty"] = column(meta.presence_penalty, np.float64)
     top_k = column(meta.top_k, np.int64)
-    rows["top_k"] = np.where((top_k > 0) & (top_k < vocab), top_k, 0)
-    rows["greedy"] = temp < GREEDY_TEMPERATURE
-    # Most steps have no logprobs and no seeds: list.count(None) says so in C, and a scalar fills.
-    if meta.num_logprobs.count(None) == n:
-        rows["num_logprobs"] = -1
-    else:
-        rows["num_logprobs"] = [-1 if k is None else min(k, MAX_TOP_LOGPROBS) for k in meta.num_logprobs]
-    if meta.seeds.count(None) == n:
-        rows["seed"] = seed & _MASK64
-        rows["step"] = step
-        rows["tag"] = np.arange(1, n + 1)
-    else:
-        seeded = np.array([s is not None for s in meta.seeds], dtype=bool)
-        rows["seed"] = [(s & _MASK64) if s is not None else (seed & _MASK64) for s in meta.seeds]
+    rec["top_k"] = np.where((top_k > 0) & (top_k < vocab), top_k, 0)
+    rec["greedy"] = temp < GREEDY_TEMPERATURE
+    logprobs = meta.num_logprobs if every else [meta.num_logprobs[i] for i in rows]
+    rec["num_logprobs"] = [-1 if k is None else min(k, MAX_TOP_LOGPROBS) for k in logprobs]
+    seeds = meta.seeds if every else [meta.seeds[i] for i in rows]
+    rec["seed"] = [(s if s is not None else seed) & _MASK64 for s in seeds]
+    rec["seeded"] = [s is not None for s in seeds]
+    return rec
+
+
+def _row_steps(meta: SamplingMetadata, slots: list[int], fresh) -> np.ndarray:
+    """STEP_DTYPE records, one per row: slot, index of its fresh record, the per-call fields."""
+    n = meta.num_rows
+    rows = np.zeros(n, dtype=STEP_DTYPE)
+    rows["slot"] = np.fromiter(slots, np.int32, n)
+    rows["fresh"] = -1
+    fresh_idx = np.fromiter(fresh, np.int64, len(fresh))
+    rows["fresh"][fresh_idx] = np.arange(len(fresh_idx), dtype=np.int32)
+    if meta.seeds.count(None) != n:
         # A seeded row's step is its output length: the same noise after preemption, in any batch.
-        rows["step"] = [len(out) if s is not None else step for s, out in zip(meta.seeds, meta.output_token_ids)]
-        rows["tag"] = np.where(seeded, 0, np.arange(1, n + 1))
+        rows["step"] = [len(out) if s is not None else 0 for s, out in zip(meta.seeds, meta.output_token_ids)]
     rows["mask_row"] = -1
     rows["pen_slot"] = -1
     return rows
+
+
+def resolve_rows(table: np.ndarray, fresh: np.ndarray, steps: np.ndarray, call_step: int) -> np.ndarray:
+    """sampling.cu's load_row on NumPy arrays: each row's ROW_DTYPE view (its record, from `fresh` or
+    the table, and the call's Philox words); writes the fresh records of rows with a slot into the
+    table (PARAMS_DTYPE [S]), as the kernels do. The CPU tests' emulation of the kernels runs it."""
+    n = steps.size
+    out = np.zeros(n, dtype=ROW_DTYPE)
+    for r in range(n):
+        s = steps[r]
+        if s["fresh"] >= 0:
+            rec = fresh[s["fresh"]]
+            if s["slot"] >= 0:
+                table[s["slot"]] = rec
+        else:
+            rec = table[s["slot"]]
+        for name in PARAMS_DTYPE.names:
+            out[name][r] = rec[name]
+        out["step"][r] = s["step"] if rec["seeded"] else call_step & _MASK64
+        out["tag"][r] = 0 if rec["seeded"] else r + 1
+        for name in ("mask_row", "pen_slot", "pen_reset"):
+            out[name][r] = s[name]
+    return out
 
 
 def _in_range(ids, vocab: int) -> np.ndarray:

@@ -40,6 +40,10 @@ class SamplingMetadata:
     # Per row the request's id, or None: keys the GPU sampler's per-request penalty state
     # (penalty_slots.py). Rows without one get fresh state for the call (a full upload).
     request_ids: Sequence[str | None] | None = None
+    # Per row the request's SamplingParams, or None: with request_ids, keys the GPU sampler's table
+    # of parameter records on the device (param_slots.py): a row whose params did not change since
+    # the last call sends no record. The columns above are what the samplers read.
+    sampling_params: Sequence[SamplingParams | None] | None = None
 
     # ---- derived flags (computed, not passed) -----------------------------------------------
     num_rows: int = field(init=False)
@@ -60,7 +64,8 @@ class SamplingMetadata:
                  self.repetition_penalty, self.logit_bias, self.seeds, self.output_token_ids,
                  self.prompt_token_ids, self.suppress_token_ids, self.num_logprobs)
         if any(len(x) != n for x in lists) or any(x is not None and len(x) != n
-                                                  for x in (self.allowed_token_masks, self.request_ids)):
+                                                  for x in (self.allowed_token_masks, self.request_ids,
+                                                            self.sampling_params)):
             raise ValueError("SamplingMetadata: every per-row list must have one entry per row")
         self.num_rows = n
         # Rows usually share one SamplingParams: when every column holds a single value (list.count
@@ -138,6 +143,7 @@ class SamplingMetadata:
             suppress_token_ids=suppress,
             num_logprobs=cols[9],
             request_ids=request_ids,
+            sampling_params=param_list,
         )
 
 
