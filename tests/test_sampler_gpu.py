@@ -513,7 +513,9 @@ def dev(x):
     return cp.asarray(np.ascontiguousarray(x, dtype=np.float32))
 
 
-SIZES = [(b, v) for b in (1, 7, 256) for v in (1000, 49152, 151936)]
+# 1001 and 49153: vocabularies that are not a multiple of 4 (sampling.cu's load4 takes its scalar path;
+# 49153 at batch 1 also splits the argmax over blocks).
+SIZES = [(b, v) for b in (1, 7, 256) for v in (1000, 49152, 151936)] + [(7, 1001), (1, 49153)]
 SIZE_IDS = [f"B{b}-V{v}" for b, v in SIZES]
 
 
@@ -722,3 +724,27 @@ def test_parameter_table_rows_sample_as_fresh_rows(sampler, rng):
         for r, t in zip(rows, a.token_ids):
             outputs[r] = outputs[r] + [t]
     assert table_rows > 40, table_rows  # rows whose record the table held before their call
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_rows_not_16_byte_aligned_sample_as_aligned_ones(sampler, rng):
+    """Logits starting one float past an aligned address (a C-contiguous view at an offset): the
+    kernels' four-token loads fall back to scalar ones, with the same results as on an aligned copy."""
+    import cupy as cp
+
+    from types import SimpleNamespace
+
+    from rvllm.sampling.gpu_sampler import GpuSampler
+
+    b, vocab = 5, 4096
+    logits = crafted_logits(rng, b, vocab, "ties")
+    buf = cp.empty(b * vocab + 1, np.float32)
+    buf[1:] = cp.asarray(logits.reshape(-1))
+    shifted = buf[1:].reshape(b, vocab)
+    assert shifted.flags.c_contiguous and shifted.data.ptr % 16 == 4
+    params = random_params(rng, b, vocab, greedy_share=0.4) + [SamplingParams(temperature=0.0)] * 2
+    for meta_params in (params[:b], params[-2:] + params[:b - 2], [SamplingParams(temperature=0.0)] * b):
+        a = GpuSampler(SimpleNamespace(dtype=sampler.dtype), seed=9)
+        c = GpuSampler(SimpleNamespace(dtype=sampler.dtype), seed=9)
+        assert a(shifted, meta_for(meta_params)).token_ids == c(dev(logits), meta_for(meta_params)).token_ids
