@@ -31,6 +31,8 @@
 // seeded rows: seed = the request's seed, step = its output tokens so far, tag = 0 (the same
 // token whatever the batch); unseeded rows: the sampler's seed, its call counter, tag = row + 1.
 // The noise differs from NumPy's (different generator): same distribution, not the same draws.
+// Plain random rows (no top-k, top-p, min-p or logprobs) race on x / T instead of scaled, in one
+// pass over the row (sample_kernel); the emulation in tests/test_sampler_gpu.py does the same.
 //
 // Penalty state (rvllm/sampling/penalty_slots.py): per slot s, counts[s * V + v] (occurrences of
 // token v in the request's output) and in_prompt[s * V + v] (1: v is in its prompt). A row with a
@@ -463,85 +465,29 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
   load_row(rw, table, fresh, steps, call_step, row);
   const RowParams& p = rw.p;
 
-  // argmax and row max (a thread's tokens in increasing order: the first of equal values stays)
-  float mx = RVLLM_NEG_INF;
-  int token = NO_TOKEN;
-  for (int g = tid; 4 * g < V; g += blockDim.x) {
-    float v[4];
-    load4(x, V, g, v);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (v[j] > mx) {
-        mx = v[j];
-        token = 4 * g + j;
-      }
-    }
-  }
-  block_argmax(mx, token);
-  if (token == NO_TOKEN) token = 0;
-  const float row_max = (mx > RVLLM_NEG_INF && mx < -RVLLM_NEG_INF) ? mx : 0.f;  // NumPy: 0 if not finite
-
-  if (!p.greedy) {
+  // A plain random row (no top-k, top-p, min-p or logprobs) keeps every token above -inf and races
+  // on x / T in one pass: argmax of x / T - log q is the draw that (x - max) / T - log q gives, up
+  // to the rounding of the subtraction, so the pass that finds the row max is not needed.
+  const bool plain = !p.greedy && !(p.top_k > 0 && p.top_k < V) && !(p.top_p < 1.0) &&
+                     !(p.log_min_p > RVLLM_NEG_INF) && p.num_logprobs < 0;  // uniform over the block
+  float row_max = 0.f;
+  int token = 0;
+  if (plain) {
     const float temp = p.temperature;
-    // (x - max) / T: the same two float32 operations as NumPy, so the same values and ties. At
-    // T = 1 the division is exact, so it is skipped (an IEEE division is ~10 instructions a token).
-    const bool unit_temp = temp == 1.f;
-    auto scale = [&](float xv) {
-      const float d = __fsub_rn(xv, row_max);
-      return unit_temp ? d : __fdiv_rn(d, temp);
-    };
-    auto scaled = [&](int i) { return scale(x[i]); };
-    float thr = RVLLM_NEG_INF;
-    u64 cnt_gt = 0ull;
-    u32 k_key = 0u;
-    const bool has_k = p.top_k > 0 && p.top_k < V;
-    if (has_k) {
-      auto by_count = [&](int i, u32& k, u64& w) {
-        k = order_key(scaled(i));
-        w = 1ull;
-      };
-      if (radix_select<false>(by_count, V, (u64)p.top_k, &k_key, &cnt_gt)) thr = key_value(k_key);
-    }
-    if (p.top_p < 1.0) {
-      u64 z = 0ull;  // the mass top-p is a fraction of
-      for (int i = tid; i < V; i += blockDim.x) {
-        const float s = scaled(i);
-        if (!has_k || order_key(s) > k_key) z += fixed_mass(s);
-      }
-      z = block_sum_u64(z);
-      if (has_k) z += (u64)((long long)p.top_k - (long long)cnt_gt) * fixed_mass(thr);  // ties at the k-th
-      const double t = ceil(p.top_p * (double)z);
-      const u64 target = t < 1.0 ? 1ull : (u64)t;
-      auto by_mass = [&](int i, u32& k, u64& w) {
-        const float s = scaled(i);
-        k = order_key(s);
-        w = fixed_mass(s);
-      };
-      u32 p_key;
-      u64 unused;
-      if (radix_select<true>(by_mass, V, target, &p_key, &unused)) thr = fmaxf(thr, key_value(p_key));
-    }
-    thr = fmaxf(thr, p.log_min_p);
-
+    const bool unit_temp = temp == 1.f;  // x / 1 is x: the division skipped
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
-    for (int g = tid; 4 * g < V; g += blockDim.x) {  // tokens 4g .. 4g + 3: one Philox call
-      float sc[4];
-      bool keep[4], any = false;
-      load4(x, V, g, sc);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        sc[j] = 4 * g + j < V ? scale(sc[j]) : RVLLM_NEG_INF;
-        keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
-        any |= keep[j];
-      }
-      if (!any) continue;  // below the top-k / top-p / min-p cut: no draw needed
+    for (int g = tid; 4 * g < V; g += blockDim.x) {
+      float v[4];
+      load4(x, V, g, v);
+      if (!(v[0] > RVLLM_NEG_INF || v[1] > RVLLM_NEG_INF || v[2] > RVLLM_NEG_INF || v[3] > RVLLM_NEG_INF))
+        continue;  // -inf (or NaN) everywhere: no draw needed
       u32 w[4];
       philox_words(rw, (u32)g, w);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if (!keep[j]) continue;
-        const float r = sc[j] - log_exp_noise(w[j]);
+        if (!(v[j] > RVLLM_NEG_INF)) continue;  // past V too: load4 gives -inf there
+        const float r = (unit_temp ? v[j] : __fdiv_rn(v[j], temp)) - log_exp_noise(w[j]);
         if (r > best) {  // increasing token order within a thread: the first of equal values stays
           best = r;
           best_i = 4 * g + j;
@@ -549,7 +495,96 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
       }
     }
     block_argmax(best, best_i);
-    if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
+    token = best_i == NO_TOKEN ? 0 : best_i;  // every token -inf: token 0, as the argmax gives
+  } else {
+    // argmax and row max (a thread's tokens in increasing order: the first of equal values stays)
+    float mx = RVLLM_NEG_INF;
+    token = NO_TOKEN;
+    for (int g = tid; 4 * g < V; g += blockDim.x) {
+      float v[4];
+      load4(x, V, g, v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (v[j] > mx) {
+          mx = v[j];
+          token = 4 * g + j;
+        }
+      }
+    }
+    block_argmax(mx, token);
+    if (token == NO_TOKEN) token = 0;
+    row_max = (mx > RVLLM_NEG_INF && mx < -RVLLM_NEG_INF) ? mx : 0.f;  // NumPy: 0 if not finite
+
+    if (!p.greedy) {
+      const float temp = p.temperature;
+      // (x - max) / T: the same two float32 operations as NumPy, so the same values and ties. At
+      // T = 1 the division is exact, so it is skipped (an IEEE division is ~10 instructions a token).
+      const bool unit_temp = temp == 1.f;
+      auto scale = [&](float xv) {
+        const float d = __fsub_rn(xv, row_max);
+        return unit_temp ? d : __fdiv_rn(d, temp);
+      };
+      auto scaled = [&](int i) { return scale(x[i]); };
+      float thr = RVLLM_NEG_INF;
+      u64 cnt_gt = 0ull;
+      u32 k_key = 0u;
+      const bool has_k = p.top_k > 0 && p.top_k < V;
+      if (has_k) {
+        auto by_count = [&](int i, u32& k, u64& w) {
+          k = order_key(scaled(i));
+          w = 1ull;
+        };
+        if (radix_select<false>(by_count, V, (u64)p.top_k, &k_key, &cnt_gt)) thr = key_value(k_key);
+      }
+      if (p.top_p < 1.0) {
+        u64 z = 0ull;  // the mass top-p is a fraction of
+        for (int i = tid; i < V; i += blockDim.x) {
+          const float s = scaled(i);
+          if (!has_k || order_key(s) > k_key) z += fixed_mass(s);
+        }
+        z = block_sum_u64(z);
+        if (has_k) z += (u64)((long long)p.top_k - (long long)cnt_gt) * fixed_mass(thr);  // ties at the k-th
+        const double t = ceil(p.top_p * (double)z);
+        const u64 target = t < 1.0 ? 1ull : (u64)t;
+        auto by_mass = [&](int i, u32& k, u64& w) {
+          const float s = scaled(i);
+          k = order_key(s);
+          w = fixed_mass(s);
+        };
+        u32 p_key;
+        u64 unused;
+        if (radix_select<true>(by_mass, V, target, &p_key, &unused)) thr = fmaxf(thr, key_value(p_key));
+      }
+      thr = fmaxf(thr, p.log_min_p);
+
+      float best = RVLLM_NEG_INF;
+      int best_i = NO_TOKEN;
+      for (int g = tid; 4 * g < V; g += blockDim.x) {  // tokens 4g .. 4g + 3: one Philox call
+        float sc[4];
+        bool keep[4], any = false;
+        load4(x, V, g, sc);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          sc[j] = 4 * g + j < V ? scale(sc[j]) : RVLLM_NEG_INF;
+          keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
+          any |= keep[j];
+        }
+        if (!any) continue;  // below the top-k / top-p / min-p cut: no draw needed
+        u32 w[4];
+        philox_words(rw, (u32)g, w);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (!keep[j]) continue;
+          const float r = sc[j] - log_exp_noise(w[j]);
+          if (r > best) {  // increasing token order within a thread: the first of equal values stays
+            best = r;
+            best_i = 4 * g + j;
+          }
+        }
+      }
+      block_argmax(best, best_i);
+      if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
+    }
   }
   if (tid == 0) {
     out[row] = token;

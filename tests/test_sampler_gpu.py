@@ -227,7 +227,17 @@ def emulate(logits, meta, step=0, seed=0, state=None, sample=True):
         token = int(xr.argmax()) if mx > -np.inf else 0
         row_max = mx if np.isfinite(mx) else np.float32(0)
         keep = None
-        if not pr["greedy"]:
+        plain = (not pr["greedy"] and pr["top_k"] == 0 and pr["top_p"] >= 1.0 and pr["log_min_p"] == -np.inf
+                 and pr["num_logprobs"] < 0)
+        if plain:  # sample_kernel's one-pass race on x / T over every token above -inf
+            keep = xr > -np.inf
+            if keep.any():
+                ids = np.flatnonzero(keep)
+                t = pr["temperature"]
+                race = (xr[ids] if t == 1 else xr[ids] / t) - log_exp_noise(int(pr["seed"]), int(pr["step"]),
+                                                                           int(pr["tag"]), ids)
+                token = int(ids[np.argmax(race)])
+        elif not pr["greedy"]:
             scaled = (xr - row_max) / pr["temperature"]
             keys = order_key(scaled)
             thr = np.float32(-np.inf)
