@@ -73,8 +73,10 @@ def test_greedy_graphs_match_eager(tiny, engines, batch):
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_decode_logits_graph_vs_eager(tiny, engines, batch):
-    """One decode step run eagerly and then from the graph on the same inputs: logits agree within
-    bf16 tolerance (the GEMMs differ only in the padded row count)."""
+    """One decode step run eagerly and then from the graphs on the same inputs: the bucket's
+    short-context graph (these contexts are short: the tensor-core decode kernel, as the eager step)
+    and its graph for every context (the split kernel). Logits agree within bf16 tolerance (the GEMMs
+    differ only in the padded row count)."""
     from rvllm import SamplingParams
 
     _, cfg, _ = tiny
@@ -90,20 +92,30 @@ def test_decode_logits_graph_vs_eager(tiny, engines, batch):
         core.scheduler.update_from_output(sched, out.sampled, time.monotonic())
         sched = core.scheduler.schedule()  # one decode token each
         assert [s.num_new_tokens for s in sched.scheduled] == [1] * batch
+        graphs = runner.graphs
         with runner.stream:
             _, _, logits, bucket = runner.forward_step(sched, use_graphs=False)
             assert bucket is None
             eager = runner.ops.to_host(logits)
+            short_before = graphs.num_short_replays
             _, hidden, logits, bucket = runner.forward_step(sched, use_graphs=True)
-            assert bucket == choose_bucket(runner.graphs.buckets, batch) and hidden is None
-            graph = runner.ops.to_host(logits)
+            assert bucket == choose_bucket(graphs.buckets, batch) and hidden is None
+            assert bucket in graphs.short_graphs and graphs.num_short_replays == short_before + 1
+            short = runner.ops.to_host(logits)
+            saved, graphs.short_graphs = graphs.short_graphs, {}
+            try:
+                _, _, logits, _ = runner.forward_step(sched, use_graphs=True)
+            finally:
+                graphs.short_graphs = saved
+            full = runner.ops.to_host(logits)
     finally:
         core.abort_requests(ids)
-    assert graph.shape == eager.shape == (batch, cfg["vocab_size"])
-    assert np.isfinite(graph).all()
-    err = np.linalg.norm(graph - eager) / np.linalg.norm(eager)
-    assert err < 2e-2, f"relative error {err:.3e}"
-    assert (graph.argmax(axis=1) == eager.argmax(axis=1)).all()
+    for graph in (short, full):
+        assert graph.shape == eager.shape == (batch, cfg["vocab_size"])
+        assert np.isfinite(graph).all()
+        err = np.linalg.norm(graph - eager) / np.linalg.norm(eager)
+        assert err < 2e-2, f"relative error {err:.3e}"
+        assert (graph.argmax(axis=1) == eager.argmax(axis=1)).all()
 
 
 def test_enforce_eager_controls_capture(tiny):

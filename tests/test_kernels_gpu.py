@@ -357,16 +357,21 @@ def test_decode_attention_batches(gpu, rng, monkeypatch, batch):
     from rvllm.backend import cuda_attention
 
     monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", float("inf"))
+    monkeypatch.setattr(cuda_attention, "TC_SHORT_CONTEXT", 0)
     lens = rng.integers(1, 2100, batch).tolist()
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=8, group=4, head_dim=128)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 7, 16])
-def test_decode_attention_wide_build(gpu, rng, head_dim, group):
-    """Steps of <= 8 (row, KV head) pairs run the 512-thread build (cuda_attention.decode_build):
-    contexts inside one 128-key partition, across its boundary, and long enough to combine; and a
-    padding row."""
+def test_decode_attention_wide_build(gpu, rng, monkeypatch, head_dim, group):
+    """Steps of <= 8 (row, KV head) pairs run the 512-thread build (cuda_attention.decode_build; the
+    tensor-core kernel, which short contexts get, held back): contexts inside one 128-key partition,
+    across its boundary, and long enough to combine; and a padding row."""
+    from rvllm.backend import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "TC_SHORT_CONTEXT", 0)
+    assert cuda_attention.decode_build(1, 2, head_dim, gpu.num_sms, group, 129)[0] == "paged_attention_split_wide_kernel"
     _run_attention([gpu], rng, [(1, 1), (1, 128), (1, 129)], nkv=2, group=group, head_dim=head_dim, pad_rows=1)
     _run_attention([gpu], rng, [(1, 2000)], nkv=2, group=group, head_dim=head_dim)
 
@@ -406,6 +411,27 @@ def test_decode_attention_tensor_cores(gpu, rng, tensor_core_decode, head_dim, g
     assert cuda_attention.decode_build(1, 2, head_dim, gpu.num_sms, group)[0] == tensor_core_decode
     reqs = [(1, n) for n in DECODE_LENS + [31, 32, 33, 64, 2000]] + [(0, 30)]
     _run_attention([gpu], rng, reqs, nkv=2, group=group, head_dim=head_dim, pad_rows=2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_decode_attention_tensor_cores_chosen_for_short_contexts(gpu, rng, rows):
+    """Small steps whose contexts are all at most TC_SHORT_CONTEXT tokens run the tensor-core kernel
+    (against the CPU reference); one longer context sends the step back to the split kernel. CUDA
+    graphs capture a second graph for exactly the step sizes where the two differ."""
+    from rvllm.backend import cuda_attention
+
+    limit, sms = cuda_attention.TC_SHORT_CONTEXT, gpu.num_sms
+    assert limit > 0
+    assert cuda_attention.decode_build(rows, 2, 128, sms, 6, limit)[0] in cuda_attention.DECODE_TC_BUILDS
+    assert cuda_attention.decode_build(rows, 2, 128, sms, 6, limit + 1)[0] not in cuda_attention.DECODE_TC_BUILDS
+    assert cuda_attention.decode_build(rows, 2, 128, sms, 17, limit)[0] not in cuda_attention.DECODE_TC_BUILDS
+    assert cuda_attention.short_context_limit(rows, 2, 128, sms, 6, 8192) == limit
+    assert cuda_attention.short_context_limit(rows, 2, 128, sms, 6, limit) is None  # nothing longer to split off
+    assert cuda_attention.short_context_limit(rows, 2, 128, sms, 17, 8192) is None  # no tensor-core build
+    assert cuda_attention.short_context_limit(sms, 2, 128, sms, 6, 8192) is None  # tensor cores at any context
+    lens = [int(n) for n in rng.integers(1, limit + 1, rows)]
+    lens[0] = limit
+    _run_attention([gpu], rng, [(1, n) for n in lens], nkv=2, group=6, head_dim=128, pad_rows=1)
 
 
 def test_decode_attention_tensor_cores_chosen_for_large_steps(gpu, rng):

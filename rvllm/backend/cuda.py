@@ -384,10 +384,18 @@ class CudaBackend(DeviceTransfers):
 
     def paged_attention(self, q, k_cache, v_cache, meta, scale: float):
         """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd].
-        Decode-only steps (max_query_len == 1) use the split-context decode kernel; others the
-        tensor-core prefill kernel. Rows no request owns come back as zeros. A `decode_workspace`
+        Decode-only steps (max_query_len == 1) use a decode kernel (cuda_attention.decode_build);
+        others the tensor-core prefill kernel. Rows no request owns come back as zeros. A `decode_workspace`
         attribute on meta (a cuda_attention.DecodeWorkspace) makes decode steps graph-safe."""
         return cuda_attention.paged_attention(self, q, k_cache, v_cache, meta, scale)
+
+    def decode_short_context(self, num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                             max_context: int) -> int | None:
+        """A context length below max_context up to which a decode step of num_tokens rows runs
+        another attention kernel (cuda_attention.short_context_limit), or None: CUDA graphs capture
+        a second graph for such a step size."""
+        return cuda_attention.short_context_limit(num_tokens, num_kv_heads, head_dim, self.num_sms,
+                                                  num_heads // num_kv_heads, max_context)
 
     def decode_workspace(self, max_tokens: int, num_heads: int, head_dim: int, max_context: int, row_stride):
         """Preallocated decode-attention scratch for CUDA graphs (see cuda_attention.DecodeWorkspace)."""

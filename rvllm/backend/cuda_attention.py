@@ -41,6 +41,12 @@ _WIDE_MAX_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_WIDE_MAX_PAIRS_PER_S
 # pairs per SM. Below it attention_decode.cu's builds, which split long contexts over blocks, win:
 # on an H200 at 32 rows x 2 KV heads (0.48 pairs per SM) and 1024 keys the two tie (35.4 us).
 _TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", "0.5"))
+# ... and at any step size when no context of the step is longer than this many tokens: one block
+# streaming a short context beats the split kernel's round trips (H100, us a layer: 1.5b b1 x 128
+# keys 6.3 against the wide build's 8.3, 32 rows x 128 keys 6.2 against 8.9; at b1 x 512 keys it
+# loses, 18.3 against 11.3: bench/NOTES.md #36, #41). CUDA graphs capture a second graph for the
+# buckets this changes (runner/graphs.py). 0 turns it off.
+TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "192"))
 
 
 # attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
@@ -55,19 +61,33 @@ def tc_build(pairs: int, num_sms: int) -> str:
     return nvrtc.decode_tc_kernel(2, 16, 2) if pairs >= 3 * num_sms else nvrtc.decode_tc_kernel(4, 16, 3)
 
 
-def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int) -> tuple[str, int]:
+def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int,
+                 max_context: int | None = None) -> tuple[str, int]:
     """(kernel name, threads) of the decode kernel for a step of num_tokens query rows, `group` query
-    heads per KV head.
+    heads per KV head, no context longer than max_context tokens (None: unknown).
     - tensor cores (attention_decode_tc.cu, a block of 2 or 4 warps per (row, KV head) pair, see
-      tc_build): steps of at least _TC_MIN_PAIRS_PER_SM pairs per SM, for head sizes that are
-      multiples of 16 up to 128 and GQA groups of at most 16 query heads;
+      tc_build): steps of at least _TC_MIN_PAIRS_PER_SM pairs per SM, or with contexts of at most
+      TC_SHORT_CONTEXT tokens, for head sizes that are multiples of 16 up to 128 and GQA groups of
+      at most 16 query heads;
     - otherwise split_build's choice."""
     pairs = num_tokens * num_kv_heads
-    if pairs >= _TC_MIN_PAIRS_PER_SM * num_sms and head_dim % 16 == 0 and head_dim <= 128 \
+    short = max_context is not None and max_context <= TC_SHORT_CONTEXT
+    if (short or pairs >= _TC_MIN_PAIRS_PER_SM * num_sms) and head_dim % 16 == 0 and head_dim <= 128 \
             and group <= nvrtc.DECODE_TC_MAX_GROUP:
         name = tc_build(pairs, num_sms)
         return name, 32 * DECODE_TC_BUILDS[name][0]
     return split_build(num_tokens, num_kv_heads, head_dim, num_sms)
+
+
+def short_context_limit(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int,
+                        max_context: int) -> int | None:
+    """TC_SHORT_CONTEXT when a step of num_tokens rows with no context longer than it gets another
+    decode kernel than one with contexts up to max_context (decode_build), else None."""
+    limit = TC_SHORT_CONTEXT
+    if not 0 < limit < max_context:
+        return None
+    short = decode_build(num_tokens, num_kv_heads, head_dim, num_sms, group, limit)
+    return limit if short != decode_build(num_tokens, num_kv_heads, head_dim, num_sms, group, max_context) else None
 
 
 def split_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[str, int]:
@@ -257,8 +277,9 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     num_tokens, nh, hd = q.shape
     nkv = k_cache.shape[2]
     group = nh // nkv
-    # bench/op_times.py swaps decode_build to time each kernel
-    name, threads = decode_build(num_tokens, nkv, hd, b.num_sms, group)
+    # bench/op_times.py swaps decode_build to time each kernel. A graph step's max_seq_len is the
+    # longest context its graph holds (runner/graphs.py), an eager step's its own longest.
+    name, threads = decode_build(num_tokens, nkv, hd, b.num_sms, group, int(meta.max_seq_len))
     if name in DECODE_TC_BUILDS:
         return _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace)
     if workspace is None:  # eager: scratch for this step's longest context, one block per partition

@@ -1,5 +1,10 @@
 """CUDA graphs for pure-decode steps: one graph per batch-size bucket, captured at startup.
 
+Small buckets may have a second graph for short contexts: where a step whose contexts all fit a
+limit (backend.decode_short_context, e.g. 192 tokens) runs another attention kernel than the
+bucket's graph holds (the tensor-core decode kernel, which streams a short context in one block),
+that step replays the short graph, captured with the limit as its longest context.
+
 A decode step (every request has one new token and samples) is padded to the smallest bucket that
 holds it (see step_inputs.py for the padding rows) and replays that bucket's graph: the forward
 and the logits GEMM, with no Python in between. What makes a replay valid:
@@ -60,6 +65,7 @@ class CudaGraphs:
         self.max_context = max(1, min(max_context, runner.max_model_len))
         self.max_blocks = -(-self.max_context // runner.block_size)  # block table width the graphs' views have
         self.graphs: dict[int, object] = {}
+        self.short_graphs: dict[int, tuple[int, object]] = {}  # bucket -> (context limit, graph)
         self.pool = cp.cuda.MemoryPool()
         spec = runner.spec
         top = self.buckets[-1]
@@ -69,6 +75,7 @@ class CudaGraphs:
         self.capture_seconds = 0.0
         self.capture_phases: dict[str, float] = {}
         self.num_replays = 0
+        self.num_short_replays = 0
 
     def layout(self, bucket: int) -> StepLayout:
         return StepLayout(bucket, bucket, self.max_blocks)
@@ -81,55 +88,66 @@ class CudaGraphs:
         return bucket if bucket in self.graphs else None
 
     def capture(self) -> None:
-        """Warm up and capture every bucket, largest first (the pool grows once, then is reused)."""
-        import cupy as cp
-
+        """Warm up and capture every bucket (and its short-context graph, if any), largest first (the
+        pool grows once, then is reused)."""
         t0 = time.perf_counter()
         phases = {"warm-up": 0.0, "capture": 0.0, "upload": 0.0}  # host seconds, summed over buckets
         stream = self.ops.stream
         self.ops.synchronize_device()  # weights and the KV cache were written on other streams
+        spec = self.model.spec
         with stream, self.ops.graph_capture():  # cuBLAS bound to the stream and a fixed workspace
             for bucket in reversed(self.buckets):
-                ids, positions, meta, out = self._inputs(bucket)
-                # Warm-up with the same calls: compiles kernels, sets their attributes, lets cuBLAS
-                # pick and load its kernels, all of which must not happen during capture. One layer
-                # does it (every layer runs the same kernels on the same shapes) at 1/num_layers
-                # of the cost: the full forward was 60% of capture time (bench/RESULTS.md).
-                t = time.perf_counter()
-                self._forward(ids, positions, meta, out, num_layers=1)
-                stream.synchronize()
-                phases["warm-up"] += time.perf_counter() - t
-                t = time.perf_counter()
-                with cp.cuda.using_allocator(self.pool.malloc):
-                    stream.begin_capture()
-                    try:
-                        self._forward(ids, positions, meta, out)
-                    except BaseException:
-                        try:
-                            stream.end_capture()
-                        except Exception:  # the capture may be invalidated already; the first error matters
-                            pass
-                        raise
-                    graph = stream.end_capture()
-                phases["capture"] += time.perf_counter() - t
-                t = time.perf_counter()
-                graph.upload(stream)
-                phases["upload"] += time.perf_counter() - t
-                self.graphs[bucket] = graph
-                del ids, positions, meta, out
+                self.graphs[bucket] = self._capture(bucket, self.max_context, phases)
+                short = self.ops.decode_short_context(bucket, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                                                      self.max_context)
+                if short is not None:
+                    self.short_graphs[bucket] = (short, self._capture(bucket, short, phases))
             stream.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.capture_phases = phases
 
-    def _inputs(self, bucket: int):
-        """Uploads an all-padding step of `bucket` rows and returns the graph's fixed views."""
+    def _capture(self, bucket: int, max_context: int, phases: dict[str, float]):
+        """The graph of a `bucket`-row decode step with contexts up to max_context (uploaded)."""
+        import cupy as cp
+
+        stream = self.ops.stream
+        ids, positions, meta, out = self._inputs(bucket, max_context)
+        # Warm-up with the same calls: compiles kernels, sets their attributes, lets cuBLAS pick and
+        # load its kernels, all of which must not happen during capture. One layer does it (every
+        # layer runs the same kernels on the same shapes) at 1/num_layers of the cost: the full
+        # forward was 60% of capture time (bench/RESULTS.md).
+        t = time.perf_counter()
+        self._forward(ids, positions, meta, out, num_layers=1)
+        stream.synchronize()
+        phases["warm-up"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with cp.cuda.using_allocator(self.pool.malloc):
+            stream.begin_capture()
+            try:
+                self._forward(ids, positions, meta, out)
+            except BaseException:
+                try:
+                    stream.end_capture()
+                except Exception:  # the capture may be invalidated already; the first error matters
+                    pass
+                raise
+            graph = stream.end_capture()
+        phases["capture"] += time.perf_counter() - t
+        t = time.perf_counter()
+        graph.upload(stream)
+        phases["upload"] += time.perf_counter() - t
+        return graph
+
+    def _inputs(self, bucket: int, max_context: int):
+        """Uploads an all-padding step of `bucket` rows and returns the graph's fixed views
+        (max_context: the longest context the graph holds, which picks the attention kernel)."""
         lay = self.layout(bucket)
         data, padding = serialize(StepBatch(), bucket, bucket)
         inputs = self.inputs
         inputs.upload(data)
         inputs.update_tables(padding, 1)  # every row padding: zeros
         ids, positions, slots, qsl, seq_lens, _, tables = inputs.views(lay, self.max_blocks)
-        meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=1, max_seq_len=self.max_context,
+        meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=1, max_seq_len=max_context,
                             query_lens_host=[1] * bucket, seq_lens_host=[0] * bucket,
                             decode_workspace=self.workspace)
         return ids, positions, meta, self.logits[:bucket]
@@ -139,14 +157,22 @@ class CudaGraphs:
         hidden = model.forward(ids, positions, self.kv_caches, meta, num_layers)  # [B, H]
         self.ops.logits(hidden, model.w.lm_head, out=out)  # [B, V], one row per request
 
-    def replay(self, bucket: int):
-        """Runs the bucket's graph on backend.stream (inputs already uploaded there); returns the
-        logits [bucket, V], valid until the next replay."""
-        self.graphs[bucket].launch(self.ops.stream)
+    def replay(self, bucket: int, max_seq_len: int | None = None):
+        """Runs the bucket's graph on backend.stream (inputs already uploaded there): its short-context
+        graph when it has one and no context of the step (max_seq_len) is longer. Returns the logits
+        [bucket, V], valid until the next replay."""
+        short = self.short_graphs.get(bucket)
+        if short is not None and max_seq_len is not None and max_seq_len <= short[0]:
+            graph = short[1]
+            self.num_short_replays += 1
+        else:
+            graph = self.graphs[bucket]
+        graph.launch(self.ops.stream)
         self.num_replays += 1
         return self.logits[:bucket]
 
     def release(self) -> None:
         self.ops.synchronize_device()
         self.graphs.clear()
+        self.short_graphs.clear()
         self.pool.free_all_blocks()

@@ -152,9 +152,10 @@ class ModelRunner:
             graphs = CudaGraphs(self, max_num_seqs)
             graphs.capture()
         self.graphs = graphs
-        log.info("CUDA graphs: %d decode batch sizes (%d..%d, contexts up to %d tokens) captured in %.2f s (%s)",
-                 len(graphs.buckets), graphs.buckets[0], graphs.buckets[-1], graphs.max_context,
-                 graphs.capture_seconds, ", ".join(f"{k} {v:.2f} s" for k, v in graphs.capture_phases.items()))
+        log.info("CUDA graphs: %d decode batch sizes (%d..%d, contexts up to %d tokens; %d with a short-context "
+                 "graph) captured in %.2f s (%s)", len(graphs.buckets), graphs.buckets[0], graphs.buckets[-1],
+                 graphs.max_context, len(graphs.short_graphs), graphs.capture_seconds,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in graphs.capture_phases.items()))
 
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         """One forward of `num_tokens` prompt tokens (as one request) plus logits for `num_seqs` rows,
@@ -240,7 +241,8 @@ class ModelRunner:
         if self.profiler:
             self._uploaded_mark = self.profiler.mark()
         if bucket is not None:
-            return batch, None, self.graphs.replay(bucket)[: batch.num_reqs], bucket  # decode: every row samples
+            logits = self.graphs.replay(bucket, max(batch.seq_lens))
+            return batch, None, logits[: batch.num_reqs], bucket  # decode: every row samples
         hidden, logits = self._forward_eager(batch, lay)
         return batch, hidden, logits, None
 
