@@ -65,7 +65,6 @@ def main() -> None:
     args = ap.parse_args()
     import cupy as cp
 
-    from rvllm.backend import nvrtc
     from rvllm.backend.cuda import CudaBackend
     from rvllm.backend.cuda_attention import DecodeWorkspace
     from rvllm.model.config import preset_spec
@@ -152,9 +151,7 @@ def main() -> None:
                     setattr(cuda_attention, attr, saved)
             return run
 
-        for kname, threads in (("paged_attention_split_kernel", nvrtc.DECODE_NUM_THREADS),
-                               ("paged_attention_split_lean_kernel", nvrtc.DECODE_NUM_THREADS),
-                               ("paged_attention_split_wide_kernel", nvrtc.DECODE_WIDE_THREADS),
+        for kname, threads in (*cuda_attention.DECODE_SPLIT_BUILDS.items(),
                                *((n, 32 * b[0]) for n, b in cuda_attention.DECODE_TC_BUILDS.items())):
             # decode_build also sets the partition size (through the workspace's layout)
             ops.append((f"decode attention, {kname}", None, with_choice("decode_build", (kname, threads), meta), None))

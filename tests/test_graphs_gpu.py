@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from rvllm.backend import nvrtc
+from rvllm.backend import cuda_attention
 from rvllm.backend.cpu import CpuBackend
 from rvllm.backend.cuda import is_cuda_available
 from rvllm.runner.graphs import batch_size_buckets, choose_bucket
@@ -115,7 +115,13 @@ def test_decode_logits_graph_vs_eager(tiny, engines, batch):
         assert np.isfinite(graph).all()
         err = np.linalg.norm(graph - eager) / np.linalg.norm(eager)
         assert err < 2e-2, f"relative error {err:.3e}"
-        assert (graph.argmax(axis=1) == eager.argmax(axis=1)).all()
+    # The short graph runs the eager step's kernels: the same choices. The full graph's split kernel
+    # rounds differently from the tensor-core one, so a near tie may flip: its choice must be within
+    # bf16 rounding of the best eager logit.
+    assert (short.argmax(axis=1) == eager.argmax(axis=1)).all()
+    rows = np.arange(batch)
+    best = eager.max(axis=1)
+    assert (eager[rows, full.argmax(axis=1)] >= best - 2e-2 * np.abs(eager).max(axis=1)).all()
 
 
 def test_enforce_eager_controls_capture(tiny):
@@ -139,8 +145,7 @@ def gpu(request):
     return CudaBackend(request.param)
 
 
-@pytest.mark.parametrize("build", ["paged_attention_split_kernel", "paged_attention_split_lean_kernel",
-                                   "paged_attention_split_wide_kernel"])
+@pytest.mark.parametrize("build", list(cuda_attention.DECODE_SPLIT_BUILDS))
 @pytest.mark.parametrize("lens", [[1, 511, 512, 513, 1500, 2048], [129, 2048]], ids=["6-requests", "2-requests"])
 @pytest.mark.parametrize("num_sms", [1, 1000], ids=["blocks-loop-over-partitions", "a-block-per-partition"])
 def test_fixed_grid_decode_attention(gpu, monkeypatch, build, num_sms, lens):
@@ -151,10 +156,10 @@ def test_fixed_grid_decode_attention(gpu, monkeypatch, build, num_sms, lens):
     from rvllm.backend.cuda import cp
     from rvllm.backend.cuda_attention import DecodeWorkspace
     from rvllm.runner.step_inputs import StepMetadata
-    from tests.test_kernels_gpu import SPLIT_BUILDS, _attention_case, _force_decode_build, check
+    from tests.test_kernels_gpu import _attention_case, _force_decode_build, check
 
     _force_decode_build(monkeypatch, build)
-    threads = getattr(nvrtc, SPLIT_BUILDS[build])
+    threads = cuda_attention.DECODE_SPLIT_BUILDS[build]
 
     rng = np.random.default_rng(zlib.crc32(f"fixed-{gpu.dtype}-{num_sms}-{len(lens)}".encode()))
     pad, nkv, group, hd, bs = 2, 2, 4, 128, 16

@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
+from rvllm.backend import cuda_attention
 from rvllm.backend.cpu import AttentionMetadata, CpuBackend
 from rvllm.backend.cuda import is_cuda_available
 from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
@@ -324,23 +325,21 @@ def _run_attention(backends, rng, reqs, nkv, group, head_dim, pad_rows=0, block_
 DECODE_LENS = [1, 15, 16, 17, 100, 1000, 1500]
 
 
-SPLIT_BUILDS = {"paged_attention_split_kernel": "DECODE_NUM_THREADS",
-                "paged_attention_split_lean_kernel": "DECODE_NUM_THREADS",
-                "paged_attention_split_wide_kernel": "DECODE_WIDE_THREADS"}
+SPLIT_BUILDS = list(cuda_attention.DECODE_SPLIT_BUILDS)
 
 
 def _force_decode_build(monkeypatch, name):
     """Every decode step on attention_decode.cu's or attention_decode_tc.cu's build `name`."""
-    from rvllm.backend import cuda_attention, nvrtc
+    from rvllm.backend import cuda_attention
 
-    if name in SPLIT_BUILDS:
-        threads = getattr(nvrtc, SPLIT_BUILDS[name])
+    if name in cuda_attention.DECODE_SPLIT_BUILDS:
+        threads = cuda_attention.DECODE_SPLIT_BUILDS[name]
     else:
         threads = 32 * cuda_attention.DECODE_TC_BUILDS[name][0]
     monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, threads))
 
 
-@pytest.mark.parametrize("build", list(SPLIT_BUILDS))
+@pytest.mark.parametrize("build", SPLIT_BUILDS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 7])
 def test_decode_attention_context_lengths(gpu, rng, monkeypatch, build, head_dim, group):

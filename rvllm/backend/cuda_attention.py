@@ -51,6 +51,10 @@ TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "192"))
 
 # attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
 DECODE_TC_BUILDS = {nvrtc.decode_tc_kernel(*b): b for b in nvrtc.DECODE_TC_BUILDS}
+# attention_decode.cu's entry points (split_build chooses among them): name -> threads per block
+DECODE_SPLIT_BUILDS = {"paged_attention_split_kernel": nvrtc.DECODE_NUM_THREADS,
+                       "paged_attention_split_lean_kernel": nvrtc.DECODE_NUM_THREADS,
+                       "paged_attention_split_wide_kernel": nvrtc.DECODE_WIDE_THREADS}
 
 
 def tc_build(pairs: int, num_sms: int) -> str:
@@ -101,10 +105,12 @@ def split_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int)
     - otherwise the 128-thread build that loads the query before the metadata chain."""
     pairs = num_tokens * num_kv_heads
     if (pairs <= _WIDE_MAX_PAIRS or pairs < _WIDE_MAX_PAIRS_PER_SM * num_sms) and head_dim <= 128:
-        return "paged_attention_split_wide_kernel", nvrtc.DECODE_WIDE_THREADS
-    if head_dim >= 128 and pairs >= num_sms:
-        return "paged_attention_split_lean_kernel", nvrtc.DECODE_NUM_THREADS
-    return "paged_attention_split_kernel", nvrtc.DECODE_NUM_THREADS
+        name = "paged_attention_split_wide_kernel"
+    elif head_dim >= 128 and pairs >= num_sms:
+        name = "paged_attention_split_lean_kernel"
+    else:
+        name = "paged_attention_split_kernel"
+    return name, DECODE_SPLIT_BUILDS[name]
 
 
 def partition_size(num_tokens: int, num_kv_heads: int, max_context: int, num_sms: int,
