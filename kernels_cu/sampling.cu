@@ -33,10 +33,6 @@
 // The noise differs from NumPy's (different generator): same distribution, not the same draws.
 // Plain random rows (no top-k, top-p, min-p or logprobs) race on x / T instead of scaled, in one
 // pass over the row (sample_kernel); the emulation in tests/test_sampler_gpu.py does the same.
-// A token's race value is at most its value + 16.64 (u <= 1 - 2^-24: -log(q) <= -log(5.96e-8)),
-// so a thread skips the draw for a token whose value is more than `race_margin` (the host passes
-// 17) below the best race value it holds: the draw could not win, so the result is the same. In a
-// language model's row most tokens lie that far below the top, and skip the Philox call and logs.
 //
 // Penalty state (rvllm/sampling/penalty_slots.py): per slot s, counts[s * V + v] (occurrences of
 // token v in the request's output) and in_prompt[s * V + v] (1: v is in its prompt). A row with a
@@ -163,13 +159,6 @@ __device__ __forceinline__ void load4(const float* __restrict__ x, int V, int g,
 #pragma unroll
     for (int j = 0; j < 4; ++j) v[j] = 4 * g + j < V ? x[4 * g + j] : RVLLM_NEG_INF;
   }
-}
-
-// A token of value s cannot win a race whose best value so far is `best`: its race value is at
-// most s + 16.64 (header), below s + margin < best. Only while |best| < 1e5, where the float
-// rounding of these sums (ulp 0.008) stays far inside the 0.36 between 16.64 and the margin of 17.
-__device__ __forceinline__ bool hopeless(float s, float best, float margin) {
-  return fabsf(best) < 1e5f && s + margin < best;
 }
 
 // ---- order-preserving keys and fixed-point masses ---------------------------------------------
@@ -464,8 +453,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
 // A row with a penalty slot counts its token there (the host counts it as known to the device).
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, int B, RowParams* __restrict__ table,
-    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
-    float race_margin) {
+    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts) {
   pdl_enter();
   __shared__ float s_top_v[MAX_TOP_LOGPROBS];
   __shared__ int s_top_i[MAX_TOP_LOGPROBS];
@@ -490,23 +478,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
     for (int g = tid; 4 * g < V; g += blockDim.x) {
-      float sc[4];
-      bool keep[4], any = false;
-      load4(x, V, g, sc);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // past V, load4 gives -inf: never kept
-        keep[j] = sc[j] > RVLLM_NEG_INF;
-        if (!unit_temp) sc[j] = __fdiv_rn(sc[j], temp);
-        keep[j] = keep[j] && !hopeless(sc[j], best, race_margin);
-        any |= keep[j];
-      }
-      if (!any) continue;  // -inf, NaN or hopeless everywhere: no draw needed
+      float v[4];
+      load4(x, V, g, v);
+      if (!(v[0] > RVLLM_NEG_INF || v[1] > RVLLM_NEG_INF || v[2] > RVLLM_NEG_INF || v[3] > RVLLM_NEG_INF))
+        continue;  // -inf (or NaN) everywhere: no draw needed
       u32 w[4];
       philox_words(rw, (u32)g, w);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if (!keep[j]) continue;
-        const float r = sc[j] - log_exp_noise(w[j]);
+        if (!(v[j] > RVLLM_NEG_INF)) continue;  // past V too: load4 gives -inf there
+        const float r = (unit_temp ? v[j] : __fdiv_rn(v[j], temp)) - log_exp_noise(w[j]);
         if (r > best) {  // increasing token order within a thread: the first of equal values stays
           best = r;
           best_i = 4 * g + j;
@@ -580,21 +561,20 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
       int best_i = NO_TOKEN;
       for (int g = tid; 4 * g < V; g += blockDim.x) {  // tokens 4g .. 4g + 3: one Philox call
         float sc[4];
-        bool keep[4], draw[4], any = false;
+        bool keep[4], any = false;
         load4(x, V, g, sc);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           sc[j] = 4 * g + j < V ? scale(sc[j]) : RVLLM_NEG_INF;
           keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
-          draw[j] = keep[j] && !hopeless(sc[j], best, race_margin);
-          any |= draw[j];
+          any |= keep[j];
         }
-        if (!any) continue;  // below the top-k / top-p / min-p cut, or hopeless: no draw needed
+        if (!any) continue;  // below the top-k / top-p / min-p cut: no draw needed
         u32 w[4];
         philox_words(rw, (u32)g, w);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          if (!draw[j]) continue;
+          if (!keep[j]) continue;
           const float r = sc[j] - log_exp_noise(w[j]);
           if (r > best) {  // increasing token order within a thread: the first of equal values stays
             best = r;

@@ -44,10 +44,6 @@ _MASK64 = (1 << 64) - 1
 ARGMAX_SPLIT_ROWS = 1024  # rows the split argmax keeps scratch for; larger batches use one block a row
 _ARGMAX_CHUNK = 2048  # the fewest floats a split argmax block reads
 _ALIGN = 16
-# sample_kernel skips the draw of a token whose value is more than this below the best race value
-# its thread holds: a race value is at most the value + 16.64 (sampling.cu, `hopeless`), so the
-# skipped draw could not win. inf turns the skip off (the tests compare both).
-RACE_MARGIN = 17.0
 
 # Mirrors `struct RowParams` in sampling.cu: a request's record in the parameter table (64 bytes;
 # its last 12 are padding).
@@ -109,7 +105,6 @@ class GpuSampler:
         self._counts = self._in_prompt = None
         self._no_state = cp.zeros(1, np.int32)
         self.num_sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
-        self.race_margin = RACE_MARGIN
 
     def _kernel(self, name: str):
         return nvrtc.get_kernel(FILE, name, self.dtype)
@@ -143,7 +138,7 @@ class GpuSampler:
         counts = self._counts if self._counts is not None else self._no_state
         self._kernel("sample_kernel")((num_rows,), (THREADS,),
                                       (out, x, np.int32(vocab), np.int32(num_rows), *self._row_args(args, step),
-                                       counts, np.float32(self.race_margin)))
+                                       counts))
         # Rows asking more logprobs than the kernel keeps get theirs on the host in result(): copy
         # their logits now (a graph replay of the next step reuses the logits buffer).
         big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
