@@ -44,10 +44,18 @@ def _llm(model_dir, graphs: bool, **kw):
     return llm
 
 
-@pytest.fixture(scope="module")
-def engines(tiny):
-    d = tiny[0]
-    return _llm(d, graphs=False), _llm(d, graphs=True)
+@pytest.fixture(scope="module", params=[0, 192], ids=["default", "short-context-graphs"])
+def engines(tiny, request):
+    """(eager engine, engine with graphs, short-context limit): with a limit (off by default,
+    bench/NOTES.md #41), short decode steps run the tensor-core kernel, and the graphs hold a
+    second, short-context graph per bucket; the setting holds while the tests of this instance run."""
+    saved = cuda_attention.TC_SHORT_CONTEXT
+    cuda_attention.TC_SHORT_CONTEXT = request.param
+    try:
+        d = tiny[0]
+        yield _llm(d, graphs=False), _llm(d, graphs=True), request.param
+    finally:
+        cuda_attention.TC_SHORT_CONTEXT = saved
 
 
 def _prompts(vocab, n, seed):
@@ -61,7 +69,7 @@ def test_greedy_graphs_match_eager(tiny, engines, batch):
     from rvllm import SamplingParams
 
     _, cfg, _ = tiny
-    eager, graphs = engines
+    eager, graphs, _ = engines
     prompts = _prompts(cfg["vocab_size"], batch, seed=batch)
     params = [SamplingParams(temperature=0.0, max_tokens=5 + 3 * (i % 4), ignore_eos=True) for i in range(batch)]
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
@@ -73,14 +81,14 @@ def test_greedy_graphs_match_eager(tiny, engines, batch):
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_decode_logits_graph_vs_eager(tiny, engines, batch):
-    """One decode step run eagerly and then from the graphs on the same inputs: the bucket's
-    short-context graph (these contexts are short: the tensor-core decode kernel, as the eager step)
-    and its graph for every context (the split kernel). Logits agree within bf16 tolerance (the GEMMs
-    differ only in the padded row count)."""
+    """One decode step run eagerly and then from the graphs on the same inputs: with short-context
+    graphs, the bucket's short one (these contexts are short: the tensor-core decode kernel, as the
+    eager step) and its graph for every context (the split kernel). Logits agree within bf16
+    tolerance (the GEMMs differ only in the padded row count)."""
     from rvllm import SamplingParams
 
     _, cfg, _ = tiny
-    core = engines[1].engine
+    core, short_limit = engines[1].engine, engines[2]
     runner = core.runner
     ids = [f"logits-{batch}-{i}" for i in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -100,7 +108,8 @@ def test_decode_logits_graph_vs_eager(tiny, engines, batch):
             short_before = graphs.num_short_replays
             _, hidden, logits, bucket = runner.forward_step(sched, use_graphs=True)
             assert bucket == choose_bucket(graphs.buckets, batch) and hidden is None
-            assert bucket in graphs.short_graphs and graphs.num_short_replays == short_before + 1
+            assert (bucket in graphs.short_graphs) == bool(short_limit)
+            assert graphs.num_short_replays == short_before + bool(short_limit)
             short = runner.ops.to_host(logits)
             saved, graphs.short_graphs = graphs.short_graphs, {}
             try:
@@ -115,9 +124,9 @@ def test_decode_logits_graph_vs_eager(tiny, engines, batch):
         assert np.isfinite(graph).all()
         err = np.linalg.norm(graph - eager) / np.linalg.norm(eager)
         assert err < 2e-2, f"relative error {err:.3e}"
-    # The short graph runs the eager step's kernels: the same choices. The full graph's split kernel
-    # rounds differently from the tensor-core one, so a near tie may flip: its choice must be within
-    # bf16 rounding of the best eager logit.
+    # The first replay runs the eager step's kernels: the same choices. With short-context graphs the
+    # full graph's split kernel rounds differently from the eager step's tensor-core one, so a near
+    # tie may flip: its choice must be within bf16 rounding of the best eager logit.
     assert (short.argmax(axis=1) == eager.argmax(axis=1)).all()
     rows = np.arange(batch)
     best = eager.max(axis=1)

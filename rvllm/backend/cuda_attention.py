@@ -41,12 +41,12 @@ _WIDE_MAX_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_WIDE_MAX_PAIRS_PER_S
 # pairs per SM. Below it attention_decode.cu's builds, which split long contexts over blocks, win:
 # on an H200 at 32 rows x 2 KV heads (0.48 pairs per SM) and 1024 keys the two tie (35.4 us).
 _TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", "0.5"))
-# ... and at any step size when no context of the step is longer than this many tokens: one block
-# streaming a short context beats the split kernel's round trips (H100, us a layer: 1.5b b1 x 128
-# keys 6.3 against the wide build's 8.3, 32 rows x 128 keys 6.2 against 8.9; at b1 x 512 keys it
-# loses, 18.3 against 11.3: bench/NOTES.md #36, #41). CUDA graphs capture a second graph for the
-# buckets this changes (runner/graphs.py). 0 turns it off.
-TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "192"))
+# ... and, when set (off by default), at any step size when no context of the step is longer than
+# this many tokens; CUDA graphs then capture a second graph for the buckets this changes
+# (runner/graphs.py). The op is faster (H100, us a layer: 1.5b b1 x 128 keys 6.3 against the wide
+# build's 8.1), but end to end it gained qwen2.5-1.5b at batch 1 only 0.7% and cost qwen2.5-7b 11.6%
+# (bench/NOTES.md #41), so it stays off until that is understood.
+TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "0"))
 
 
 # attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
