@@ -1,9 +1,10 @@
 """CUDA graphs for pure-decode steps: one graph per batch-size bucket, captured at startup.
 
-Small buckets may have a second graph for short contexts: where a step whose contexts all fit a
-limit (backend.decode_short_context, e.g. 192 tokens) runs another attention kernel than the
-bucket's graph holds (the tensor-core decode kernel, which streams a short context in one block),
-that step replays the short graph, captured with the limit as its longest context.
+With RVLLM_DECODE_TC_SHORT_CONTEXT set (off by default: bench/NOTES.md #41), small buckets get a
+second graph for short contexts: where a step whose contexts all fit the limit
+(backend.decode_short_context) runs another attention kernel than the bucket's graph holds (the
+tensor-core decode kernel, which streams a short context in one block), that step replays the
+short graph, captured with the limit as its longest context.
 
 A decode step (every request has one new token and samples) is padded to the smallest bucket that
 holds it (see step_inputs.py for the padding rows) and replays that bucket's graph: the forward
