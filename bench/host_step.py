@@ -10,7 +10,7 @@ the host's part of a GPU step. Phases, per step:
     collect     runner/step_inputs.collect (SchedulerOutput -> Python lists; block tables as diffs)
     serialize   runner/step_inputs.serialize (lists -> one int32 buffer)
     metadata    SamplingMetadata.from_requests
-    pack_step   ParamSlots.plan and gpu_sampler.pack_step (and PenaltySlots.plan with --penalties)
+    pack_step   ParamSlots.plan and gpu_sampler_inputs.pack_step (and PenaltySlots.plan with --penalties)
     glue        the runner's request id -> row map, the engine's placeholders, the sampled ids into
                 RunnerOutput.sampled (PendingStep.result)
     update      Scheduler.update_from_output
@@ -77,7 +77,7 @@ class HostStep:
         """One step; appends each phase's seconds to t. Returns whether every row was a decode."""
         from rvllm.runner.model_runner import PendingStep
         from rvllm.runner.step_inputs import collect, serialize
-        from rvllm.sampling.gpu_sampler import pack_step
+        from rvllm.sampling.gpu_sampler_inputs import pack_step
         from rvllm.sampling.metadata import SamplingMetadata
 
         core, clock = self.core, time.perf_counter

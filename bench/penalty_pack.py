@@ -9,6 +9,11 @@ from rvllm.sampling.metadata import SamplingMetadata
 from rvllm.sampling_params import SamplingParams
 from rvllm.sampling import gpu_sampler as g
 
+try:
+    from rvllm.sampling.gpu_sampler_inputs import pack_step
+except ImportError:  # a tree from before the packing left gpu_sampler.py
+    pack_step = g.pack_step
+
 rng = np.random.default_rng(0)
 V, n = 151936, 256
 sp = SamplingParams(temperature=0.7, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1)
@@ -22,9 +27,9 @@ for step in range(20):
     meta = SamplingMetadata.from_requests([(sp, p, o, None) for p, o in zip(prompts, outs)], *( [ids] if new else []))
     t = time.perf_counter()
     if new:
-        g.pack_step(meta, V, step, 0, slots.plan(meta, True))
+        pack_step(meta, V, step, 0, slots.plan(meta, True))
     else:
-        g.pack_step(meta, V, step, 0)
+        pack_step(meta, V, step, 0)
     times.append(time.perf_counter() - t)
     for o in outs:
         o.append(int(rng.integers(0, V)))

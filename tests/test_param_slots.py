@@ -1,13 +1,13 @@
 """The GPU sampler's parameter table, host side (rvllm/sampling/param_slots.py), and the rows the
-kernels read through it (gpu_sampler.resolve_rows, sampling.cu load_row's NumPy counterpart): a
-call sends only the records of rows new to their slots, and every row still reads its own
-request's parameters."""
+kernels read through it (gpu_sampler_inputs.resolve_rows, sampling.cu load_row's NumPy
+counterpart): a call sends only the records of rows new to their slots, and every row still reads
+its own request's parameters."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rvllm.sampling.gpu_sampler import PARAMS_DTYPE, pack_step, resolve_rows
+from rvllm.sampling.gpu_sampler_inputs import PARAMS_DTYPE, pack_step, resolve_rows
 from rvllm.sampling.param_slots import NO_SLOT, ParamSlots
 from rvllm.sampling_params import SamplingParams
 from tests.test_sampler import meta_for

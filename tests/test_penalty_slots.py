@@ -153,3 +153,100 @@ def test_placeholder_is_the_engines():
     from rvllm.engine.request import PLACEHOLDER as ENGINE_PLACEHOLDER
 
     assert PLACEHOLDER == ENGINE_PLACEHOLDER
+
+
+# ---- the steady-state fast path --------------------------------------------------------------------
+
+def updates_of(updates):
+    return [None if u is None else (u.slot, u.reset, list(u.prompt), list(u.new_tokens)) for u in updates]
+
+
+def test_steady_calls_reuse_one_plan_and_upload_nothing():
+    slots = PenaltySlots(4)
+    pa, pb = [1, 2], [3]
+    first = plan(slots, ["a", "b"], [pa, pb], [[5], [6, 7]])
+    sa, sb = first[0].slot, first[1].slot
+    steady = plan(slots, ["a", "b"], [pa, pb], [[5, PLACEHOLDER], [6, 7, PLACEHOLDER]])
+    assert updates_of(steady) == [(sa, False, [], []), (sb, False, [], [])]
+    again = plan(slots, ["a", "b"], [pa, pb], [[5, 9, PLACEHOLDER], [6, 7, 9, PLACEHOLDER]], sampling=False)
+    assert again is steady and slots.counted[sa] == 3 and slots.counted[sb] == 4
+    # Not steady: an output longer than counted (the last call did not sample), a new prompt list.
+    assert updates_of(plan(slots, ["a", "b"], [pa, pb], [[5, 9, 4, 1], [6, 7, 9, 4]])) == [
+        (sa, False, [], [1]), (sb, False, [], [])]
+    assert updates_of(plan(slots, ["a", "b"], [list(pa), pb], [[5, 9, 4, 1, 0], [6, 7, 9, 4, 0]])) == [
+        (sa, True, pa, [5, 9, 4, 1, 0]), (sb, False, [], [])]
+
+
+MOVES = ("again", "again", "process", "shuffle", "add", "drop", "back", "finish", "release", "reuse", "shrink",
+         "plain", "anonymous")
+
+
+def outcome(slots, meta, sampling):
+    try:
+        return updates_of(slots.plan(meta, sampling))
+    except (ValueError, RuntimeError) as e:
+        return type(e), str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_slots=st.integers(1, 4), seed=st.integers(0, 2**32 - 1), async_=st.booleans(),
+       moves=st.lists(st.sampled_from(MOVES), min_size=1, max_size=24))
+def test_the_fast_path_plans_what_the_row_loop_plans(num_slots, seed, async_, moves):
+    """Two PenaltySlots over the same calls, one with the steady-state fast path and one that always
+    runs the per-row loop: the same updates (slots included) and counts after every call. Each move
+    changes the next call or not ("again"): rows reordered, requests added, preempted and back,
+    finished (released or left to eviction), a running request's slot released, a new request under
+    a used id with equal (not the same) lists, a shorter output, penalties off and on, a row without
+    an id, a call that does not sample. async_: a row's token of the last call is a placeholder the device counted."""
+    rng = np.random.default_rng(seed)
+    fast, slow = PenaltySlots(num_slots), PenaltySlots(num_slots)
+    slow._steady = lambda meta, sampling: None
+    plain = SamplingParams(temperature=0.0)
+    reqs: dict = {}  # id -> [params, prompt (the request's own list), real output]
+    rows: list = []  # the ids of the next call's rows
+    counted: set = set()  # ids whose newest token the last call sampled and counted on the device
+    for call, move in enumerate(moves):
+        pick = rows[rng.integers(len(rows))] if rows else None
+        if move == "shuffle":
+            rng.shuffle(rows)
+        elif move == "add" and len(rows) < num_slots:
+            rid = f"r{call}"
+            reqs[rid] = [PEN, rng.integers(0, 9, rng.integers(0, 4)).tolist(), []]
+            rows.insert(rng.integers(len(rows) + 1), rid)
+        elif move == "drop" and pick:
+            rows.remove(pick)  # preempted: its slot may be evicted while it waits
+        elif move == "back" and len(rows) < num_slots and set(reqs) - set(rows):
+            rows.append(sorted(set(reqs) - set(rows))[0])
+        elif move == "finish" and pick:
+            rows.remove(pick)
+            del reqs[pick]
+            if rng.random() < 0.5:
+                fast.release([pick])
+                slow.release([pick])
+        elif move == "release" and pick:  # a running request loses its slot: its next row starts over
+            fast.release([pick])
+            slow.release([pick])
+            counted.discard(pick)
+        elif move in ("reuse", "shrink") and pick:
+            sp, prompt, out = reqs[pick]
+            reqs[pick] = [sp, list(prompt), list(out)] if move == "reuse" else [sp, prompt, out[:len(out) // 2]]
+            counted.discard(pick)
+        elif move == "plain" and pick:
+            reqs[pick][0] = plain if reqs[pick][0] is PEN else PEN
+        sampling = move != "process"
+        ids = list(rows)
+        sps, prompts = [reqs[r][0] for r in ids], [reqs[r][1] for r in ids]
+        shown = [reqs[r][2][:-1] + [PLACEHOLDER] if async_ and r in counted else reqs[r][2] for r in ids]
+        if move == "anonymous" and len(rows) < num_slots:
+            ids, sps, prompts, shown = ids + [None], sps + [PEN], prompts + [[1]], shown + [[2, 3]]
+        if not ids:
+            continue
+        meta = meta_for(sps, prompts, shown)
+        meta.request_ids = ids
+        assert outcome(fast, meta, sampling) == outcome(slow, meta, sampling), f"call {call} ({move})"
+        if rng.random() < 0.5:  # reading the counts settles what the fast path deferred: not every call
+            assert fast.counted == slow.counted
+        counted = {r for r in rows if reqs[r][0] is PEN} if sampling else set()
+        for r in rows if sampling else ():
+            reqs[r][2].append(int(rng.integers(0, 9)))
+    assert fast.counted == slow.counted

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from rvllm.backend.cuda import is_cuda_available
-from rvllm.sampling.gpu_sampler import MAX_TOP_LOGPROBS, PARAMS_DTYPE, STEP_DTYPE, pack_step, resolve_rows
+from rvllm.sampling.gpu_sampler_inputs import MAX_TOP_LOGPROBS, PARAMS_DTYPE, STEP_DTYPE, pack_step, resolve_rows
 from rvllm.sampling.param_slots import NO_SLOT, ParamSlots
 from rvllm.sampling.logprobs import gather_logprobs, log_softmax
 from rvllm.sampling.metadata import SamplingMetadata

@@ -150,46 +150,40 @@ def test_serialize_sizes(n):
 
 # ---- block tables by diffs (runner/block_tables.py) ------------------------------------------------
 
+def step_rows(slots, rows):
+    """One step's block-table rows, rows: (request id, block list) -> (slots, col0, new ids, diff_off)."""
+    col0, ids, diff_off = [], [], [0]
+    got = slots.rows([r for r, _ in rows], [b for _, b in rows], col0, ids, diff_off)
+    return list(got), col0, ids, diff_off
+
+
 def test_block_table_rows_send_only_what_the_slot_lacks():
     slots = BlockTableSlots(4)
     blocks = [7, 3]
-    col0, ids = [], []
-    slots.begin_step()
-    s = slots.row("a", blocks, col0, ids)
+    (s,), col0, ids, _ = step_rows(slots, [("a", blocks)])
     assert (col0, ids) == ([0], [7, 3])
-    slots.begin_step()
-    assert slots.row("a", blocks, col0, ids) == s and (col0[-1], ids) == (2, [7, 3])  # up to date: nothing
+    assert step_rows(slots, [("a", blocks)]) == ([s], [2], [], [0, 0])  # up to date: nothing
     blocks.append(11)  # the cache manager extends the same list
-    slots.begin_step()
-    slots.row("a", blocks, col0, ids)
-    assert (col0[-1], ids[2:]) == (2, [11])
+    assert step_rows(slots, [("a", blocks)]) == ([s], [2], [11], [0, 1])
     preempted = [4, 5, 6]  # freed and rescheduled: a new list, sent whole
-    slots.begin_step()
-    assert slots.row("a", preempted, col0, ids) == s and (col0[-1], ids[3:]) == (0, [4, 5, 6])
+    assert step_rows(slots, [("a", preempted)]) == ([s], [0], [4, 5, 6], [0, 3])
     slots.forget_all()  # after a failed step: everything again
-    slots.begin_step()
-    slots.row("a", preempted, col0, ids)
-    assert (col0[-1], ids[6:]) == (0, [4, 5, 6])
+    assert step_rows(slots, [("a", preempted)]) == ([s], [0], [4, 5, 6], [0, 3])
+    # Rows of one step: each its own slot and diff.
+    (s2, s1), col0, ids, diff_off = step_rows(slots, [("b", [1, 2]), ("a", preempted)])
+    assert s1 == s and s2 != s and (col0, ids, diff_off) == ([0, 3], [1, 2], [0, 2, 2])
 
 
 def test_block_table_slots_are_released_and_evicted_least_recently_used():
     slots = BlockTableSlots(2)
-    slots.begin_step()
-    a, b = slots.row("a", [1], [], []), slots.row("b", [2], [], [])
+    (a, b), _, _, _ = step_rows(slots, [("a", [1]), ("b", [2])])
     assert {a, b} == {0, 1}
     slots.release(["a", "unknown"])
-    slots.begin_step()
-    col0, ids = [], []
-    assert slots.row("c", [3], col0, ids) == a and ids == [3]  # a's slot, free again
-    slots.begin_step()
-    slots.row("c", [3], [], [])
-    col0, ids = [], []
-    assert slots.row("d", [9, 8], col0, ids) == b and ids == [9, 8]  # b was least recently used
-    slots.begin_step()
-    slots.row("c", [3], [], [])
-    slots.row("d", [9, 8], [], [])
+    assert step_rows(slots, [("c", [3])])[0::2] == ([a], [3])  # a's slot, free again
+    step_rows(slots, [("c", [3])])
+    assert step_rows(slots, [("d", [9, 8])])[0::2] == ([b], [9, 8])  # b was least recently used
     with pytest.raises(RuntimeError, match="more requests than the 2 slots"):
-        slots.row("e", [1], [], [])  # both slots are this step's
+        step_rows(slots, [("c", [3]), ("d", [9, 8]), ("e", [1])])
 
 
 def test_tables_across_steps_match_the_block_lists():

@@ -83,7 +83,7 @@ class CudaGraphs:
 
     def bucket_for(self, batch: StepBatch) -> int | None:
         """The bucket whose graph runs this step, or None for an eager step."""
-        if not batch.decode_only or not self.graphs or max(batch.seq_lens) > self.max_context:
+        if not batch.decode_only or not self.graphs or batch.max_seq_len > self.max_context:
             return None
         bucket = choose_bucket(self.buckets, batch.num_reqs)
         return bucket if bucket in self.graphs else None

@@ -241,7 +241,7 @@ class ModelRunner:
         if self.profiler:
             self._uploaded_mark = self.profiler.mark()
         if bucket is not None:
-            logits = self.graphs.replay(bucket, max(batch.seq_lens))
+            logits = self.graphs.replay(bucket, batch.max_seq_len)
             return batch, None, logits[: batch.num_reqs], bucket  # decode: every row samples
         hidden, logits = self._forward_eager(batch, lay)
         return batch, hidden, logits, None
@@ -250,7 +250,7 @@ class ModelRunner:
         """(hidden [T, H], logits of the sampled rows [S, V] or None)."""
         ids, positions, slots, qsl, seq_lens, logits_idx, tables = self.inputs.views(lay)
         meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=max(batch.query_lens),
-                            max_seq_len=max(batch.seq_lens), query_lens_host=batch.query_lens,
+                            max_seq_len=batch.max_seq_len, query_lens_host=batch.query_lens,
                             seq_lens_host=batch.seq_lens)
         hidden = self.model.forward(ids, positions, self.kv_caches, meta)  # [T, H]
         if not batch.sample_rows:

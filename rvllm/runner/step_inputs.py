@@ -117,6 +117,7 @@ class StepBatch:
     diff_off: list[int] = field(default_factory=lambda: [0])
     new_ids: list[int] = field(default_factory=list)
     width: int = 1  # the most blocks a row's context needs
+    max_seq_len: int = 0  # max(seq_lens): the longest context (graphs pick by it, attention reads it)
     logits_indices: list[int] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
     sample_rows: list = field(default_factory=list)  # (params, prompt ids, output ids, eos ids) per sampled row
@@ -147,12 +148,10 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None,
     b = StepBatch()
     if table_slots is None:
         table_slots = BlockTableSlots(max(1, len(sched.scheduled)))
-    table_slots.begin_step()
-    table_row = table_slots.row
     # Locals, not b's attributes: this loop runs for every scheduled request every step.
     ids, positions, slots = b.input_ids, b.positions, b.slots
-    row_slots, col0, diff_off, new_ids = b.row_slots, b.col0, b.diff_off, b.new_ids
-    width = 1
+    req_ids, block_lists = [], []  # the block tables' rows, placed in their slots after the loop
+    max_seq_len = 0
     query_lens, seq_lens = b.query_lens, b.seq_lens
     logits_indices, sample_ids, sample_rows = b.logits_indices, b.sample_ids, b.sample_rows
     decode_only, num_placeholders = True, 0
@@ -184,11 +183,10 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None,
                 p += k
         query_lens.append(n)
         seq_lens.append(end)
-        need = -(-end // bs)
-        if need > width:
-            width = need
-        row_slots.append(table_row(req.request_id, blocks, col0, new_ids))
-        diff_off.append(len(new_ids))
+        if end > max_seq_len:
+            max_seq_len = end
+        req_ids.append(req.request_id)
+        block_lists.append(blocks)
         params = req.sampling_params
         if params.prompt_logprobs is not None and req.prompt_logprobs_done < min(end, req.num_prompt_tokens - 1):
             # Position p predicts prompt token p + 1; positions already sent (before a preemption) are skipped.
@@ -203,7 +201,9 @@ def collect(sched, block_size: int, prev_rows: dict[str, int] | None = None,
             sample_rows.append((params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids))
         else:
             decode_only = False
-    b.decode_only, b.num_placeholders, b.width = decode_only, num_placeholders, width
+    b.row_slots = table_slots.rows(req_ids, block_lists, b.col0, b.new_ids, b.diff_off)
+    b.decode_only, b.num_placeholders = decode_only, num_placeholders
+    b.max_seq_len, b.width = max_seq_len, max(1, -(-max_seq_len // bs))
     return b
 
 

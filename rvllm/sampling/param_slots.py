@@ -10,17 +10,19 @@ parameters changed; the kernels read the other rows' records from the table. In 
 Slots are keyed by request id (SamplingMetadata.request_ids) and remember the SamplingParams that
 filled them (SamplingMetadata.sampling_params): a row whose params are neither that object nor
 equal to it sends its record again. A request without a slot takes a free one or evicts the least
-recently used slot not used by this call. Rows without an id or params, and every row of a call
-with more rows than slots, get slot -1: their records come fresh and the table is not touched.
-The runner releases finished requests' slots (an optimization: eviction alone is correct).
+recently used slot not used by this call (keyed_slots.KeyedSlots). Rows without an id or params,
+and every row of a call with more rows than slots, get slot -1: their records come fresh and the
+table is not touched. The runner releases finished requests' slots (an optimization: eviction
+alone is correct).
 
-Pure Python: the device's side is sampling.cu's load_row, and gpu_sampler.resolve_rows is its
-NumPy counterpart, which the CPU tests replay.
+Pure Python: the device's side is sampling.cu's load_row, and gpu_sampler_inputs.resolve_rows is
+its NumPy counterpart, which the CPU tests replay.
 """
 from __future__ import annotations
 
 from collections.abc import Hashable
 
+from rvllm.keyed_slots import KeyedSlots
 from rvllm.sampling.metadata import SamplingMetadata
 
 NO_SLOT = -1
@@ -28,24 +30,19 @@ NO_SLOT = -1
 
 class ParamSlots:
     def __init__(self, num_slots: int):
-        if num_slots < 1:
-            raise ValueError(f"parameter slots: need at least one, got {num_slots}")
+        self._keys = KeyedSlots(num_slots, "parameter slots")
         self.num_slots = num_slots
         self.clear()
 
     def clear(self) -> None:
         """Forget every slot: each row's next call sends its record again (planned records never
         reached the device, or another vocabulary changed what a record holds)."""
-        self._slots: dict[Hashable, int] = {}
-        self._key: list = [None] * self.num_slots  # each slot's key
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._keys.clear()
         self._params: list = [None] * self.num_slots  # the SamplingParams each slot's record came from
-        self._used = [0] * self.num_slots  # the call that last used each slot (evictions take the oldest)
-        self._calls = 0
         self._last: tuple | None = None  # (request ids, params, slots) of the last call
 
     def slot_of(self, key: Hashable) -> int | None:
-        return self._slots.get(key)
+        return self._keys.slot_of(key)
 
     def plan(self, meta: SamplingMetadata) -> tuple[list[int], list[int]]:
         """(each row's slot, the rows whose records this call sends, in row order)."""
@@ -60,42 +57,21 @@ class ParamSlots:
             return [NO_SLOT] * n, list(range(n))
         if len(set(ids)) < n:
             raise ValueError("a request id appears in two rows of one sampling call")
-        slots_of, filled, free, used = self._slots, self._params, self._free, self._used
-        self._calls += 1
-        call = self._calls
-        for k in ids:  # this call's slots become the most recent: the evictions below never take them
-            slot = slots_of.get(k)
-            if slot is not None:
-                used[slot] = call
-        slots, fresh = [0] * n, []
-        for i, (k, sp) in enumerate(zip(ids, params)):
-            slot = slots_of.get(k)
-            if slot is None:
-                # With no free slot, the least recently used one: not this call's (at most
-                # num_slots rows, and the slots placed so far carry this call's mark).
-                slot = free.pop() if free else self._evict()
-                slots_of[k] = slot
-                self._key[slot] = k
-                used[slot] = call
-                fresh.append(i)
-            elif not (filled[slot] is sp or filled[slot] == sp):
+        slots, new = self._keys.place(ids)
+        filled = self._params
+        for i in new:
+            filled[slots[i]] = None  # an evicted request's params: not this row's record
+        fresh = []
+        for i, (slot, sp) in enumerate(zip(slots, params)):
+            had = filled[slot]
+            if not (had is sp or had == sp):
                 fresh.append(i)
             filled[slot] = sp
-            slots[i] = slot
         self._last = (list(ids), list(params), slots)
         return slots, fresh
 
-    def _evict(self) -> int:
-        used = self._used
-        slot = min(range(self.num_slots), key=used.__getitem__)
-        del self._slots[self._key[slot]]
-        return slot
-
     def release(self, keys) -> None:
         """Frees the slots of these keys (finished requests); unknown keys are ignored."""
-        for k in keys:
-            slot = self._slots.pop(k, None)
-            if slot is not None:
-                self._free.append(slot)
-                self._params[slot] = self._key[slot] = None
+        for slot in self._keys.release(keys):
+            self._params[slot] = None
         self._last = None
