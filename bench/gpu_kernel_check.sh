@@ -108,7 +108,8 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                     host = b.to_host(arr).astype(np.float32)
                     assert np.isfinite(host).all(), f"{dtype} hd={hd} {attention}: non-finite {name}"
 # The sampler's kernels: penalty slots over three calls (reset, counts from the sampled tokens),
-# seeded top-k/top-p with logprobs, bias and a suppressed id; then the all-greedy argmax path.
+# seeded top-k/top-p with logprobs, bias and a suppressed id; the kept-set selection's fallback; then the
+# all-greedy argmax path.
 import cupy as cp
 
 from rvllm.sampling.gpu_sampler import GpuSampler
@@ -128,6 +129,13 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
         for o, t in zip(outs, got.token_ids):
             assert 0 <= t < vocab
             o.append(t)
+    # the kept-set selection's fallback to radix selects over the whole row: more candidates than
+    # shared memory holds (one value everywhere), and a top-k cut below -32
+    deep = SamplingMetadata.from_requests([(SamplingParams(temperature=1.0, top_p=0.5), [1], [], None),
+                                           (SamplingParams(temperature=1.0, top_k=8191), [1], [], None)])
+    x = cp.ones((2, 8192), cp.float32)
+    x[1] = cp.linspace(0, -4000, 8192, dtype=cp.float32)
+    assert len(sampler(x, deep).token_ids) == 2
     greedy = SamplingMetadata.from_requests([(SamplingParams(temperature=0.0), [1], [], None)] * 3)
     assert len(sampler(cp.asarray(rng.standard_normal((3, vocab)), dtype=cp.float32), greedy).token_ids) == 3
 print("smoke: every kernel ran")

@@ -3,7 +3,8 @@
 Rows of two shapes: "flat" (normal, sd 1, as with dummy weights) and "lm" (normal, sd 2.5, with a
 dozen tokens 15-30 above, as in a language model's row). For each shape and sampling setting, the
 device time of GpuSampler.launch (its copies and kernels; CUDA events around --iters launches,
-queued behind ~10 ms of other GPU work so that the host's packing is not timed).
+queued behind ~10 ms of other GPU work so that the host's packing is not timed). Rows carry request
+ids, prompts and growing outputs, as in decode, so penalties run in their steady state.
 
     python bench/sampler_times.py [--rows 256] [--vocab 151936] [--iters 20]
 """
@@ -20,8 +21,13 @@ import numpy as np  # noqa: E402
 SETTINGS = {
     "temperature 1.0": dict(temperature=1.0),
     "temperature 0.7, top-p 0.9": dict(temperature=0.7, top_p=0.9),
+    "temperature 0.7, top-k 20": dict(temperature=0.7, top_k=20),
+    # Qwen2.5-Instruct's generation_config.json, which `rvllm serve` applies by default (as vLLM does)
+    "Qwen2.5 chat: temperature 0.7, top-k 20, top-p 0.8, repetition 1.05":
+        dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
     "greedy": dict(temperature=0.0),
 }
+PROMPT_LEN = 128
 
 
 def logits(kind: str, rows: int, vocab: int, rng) -> np.ndarray:
@@ -57,13 +63,18 @@ def main() -> None:
         x = cp.asarray(logits(kind, args.rows, args.vocab, rng))
         for label, sp in SETTINGS.items():
             params = SamplingParams(**sp)
-            meta = SamplingMetadata.from_requests([(params, [], [], None)] * args.rows)
-            sampler.launch(x, meta).result()  # warm-up: compiles, allocates
+            # Requests in decode: each call's outputs one token longer than the last call's (new
+            # lists, the same prompts), so the penalty state is in its steady state (nothing uploaded).
+            ids = [f"{kind}-{label}-{r}" for r in range(args.rows)]
+            prompts = [rng.integers(0, args.vocab, PROMPT_LEN).tolist() for _ in range(args.rows)]
+            metas = [SamplingMetadata.from_requests([(params, prompts[r], [0] * c, None) for r in range(args.rows)],
+                                                    request_ids=ids) for c in range(args.iters + 1)]
+            sampler.launch(x, metas[0]).result()  # warm-up: compiles, allocates, fills the slots
             start, end = cp.cuda.Event(), cp.cuda.Event()
             for _ in range(14):  # the host queues the launches while the GPU works through this
                 busy *= 1.0
             start.record()
-            for _ in range(args.iters):
+            for meta in metas[1:]:
                 pending = sampler.launch(x, meta)
             end.record()
             pending.result()

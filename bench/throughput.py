@@ -2,7 +2,7 @@
 --output-len tokens each (ignore_eos), all submitted at once; prints output tokens/s.
 
     python bench/throughput.py --model qwen2.5-1.5b --load-format dummy --num-prompts 256 \
-        --input-len 128 --output-len 128 [--device cuda] [--append-results]
+        --input-len 128 --output-len 128 [--device cuda] [--sampling qwen-chat] [--append-results]
 """
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ import numpy as np  # noqa: E402
 from bench.common import add_engine_args, append_results, profile_table  # noqa: E402
 
 
+SAMPLING = {
+    "plain": dict(temperature=1.0, top_p=1.0),
+    "qwen-chat": dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_engine_args(ap, input_len=128)
@@ -26,6 +32,9 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="the engine's default when unset")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--sampling", choices=sorted(SAMPLING), default="plain",
+                    help="plain: temperature 1.0, top-p 1.0 (vllm bench throughput's); qwen-chat: Qwen2.5-Instruct's "
+                         "generation_config (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05)")
     args = ap.parse_args()
 
     from rvllm import LLM, SamplingParams
@@ -40,7 +49,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     vocab = llm.engine.spec.vocab_size
     prompts = [rng.integers(100, min(vocab, 30000), args.input_len).tolist() for _ in range(args.num_prompts)]
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(**SAMPLING[args.sampling], max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -49,6 +58,8 @@ def main() -> None:
     n_in = args.num_prompts * args.input_len
     mode = "eager" if args.enforce_eager or llm.engine.backend.name == "cpu" else "graphs"
     mode += ", async" if llm.engine.async_scheduling else ", in-order"
+    if args.sampling != "plain":
+        mode += f", {args.sampling} sampling"
     table = ("| model | device | mode | prompts | in/out | load s | wall s | req/s | output tok/s | total tok/s |\n"
              "|---|---|---|---|---|---|---|---|---|---|\n"
              f"| {args.model} | {llm.engine.backend.name} | {mode} | {args.num_prompts} | {args.input_len}/{args.output_len} | "

@@ -20,6 +20,9 @@
 //          values, so ties need no order. Found by a radix select weighted by mass.
 //   min-p: log(min_p) (computed on the host in float32, as NumPy does).
 //   kept: scaled >= max(thr_k, thr_p, log min_p) and scaled > -inf (ties with the last kept kept).
+// The radix selects run over the few tokens of the value bins where thr_k and thr_p lie, which one
+// histogram pass over the row finds (kept_threshold_binned); over the whole row when those tokens
+// do not fit in shared memory (kept_threshold_full_row). Both give the same thresholds.
 // Masses are fixed point, round(e^scaled * 2^40) in 64-bit integers (e^scaled <= 1: the row max
 // has scaled = 0): sums are exact and independent of summation order, so the selection is
 // deterministic. NumPy sums float64 (top-k rows) or float32 (top-p-only rows) instead; the two
@@ -47,14 +50,14 @@
 #include "common.cuh"
 
 #define SAMPLER_THREADS 1024
-#define MAX_TOP_LOGPROBS 20  // gpu_sampler.py: MAX_TOP_LOGPROBS
+#define MAX_TOP_LOGPROBS 20  // gpu_sampler_inputs.py: MAX_TOP_LOGPROBS
 #define NO_TOKEN 0x7fffffff
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
 // A request's sampling parameters, the same every call: one record per slot of the parameter
-// table. gpu_sampler.py PARAMS_DTYPE mirrors this layout (tests/test_sampler_gpu.py compares them).
+// table. gpu_sampler_inputs.py PARAMS_DTYPE mirrors this layout (tests/test_sampler_gpu.py compares them).
 struct RowParams {
   double top_p;        // >= 1: off
   u64 seed;            // Philox key: the request's seed, or the sampler's for unseeded requests
@@ -70,7 +73,7 @@ struct RowParams {
   int pad_[3];
 };
 
-// One row of a call: where its record is, and what changes every call. gpu_sampler.py
+// One row of a call: where its record is, and what changes every call. gpu_sampler_inputs.py
 // STEP_DTYPE mirrors this layout.
 struct RowStep {
   u64 step;            // seeded rows: the request's output tokens so far (others: the call counter)
@@ -236,13 +239,24 @@ __device__ __forceinline__ void block_argmax(float& v, int& i) {
 // true: the value where the mass from the top first reaches target). *above = W(key > K).
 // kw(i, key, weight) gives token i's key and weight. Returns false when the row's total W is
 // below target (then *key_out is not set); every thread returns the same.
+// Its shared memory is at file scope: a kernel instantiates radix_select up to five times (top-k,
+// top-p, logprobs, and top-k / top-p over the candidates of kept_threshold_binned), and arrays
+// declared inside would be allocated once per instantiation, past the 48 KB of static shared memory.
+// Sharing is safe: a call writes s_radix_bin / _above / _found only after a barrier that every
+// thread reaches after reading the previous call's values.
+__shared__ u64 s_radix_hist[256];
+__shared__ u64 s_radix_above;
+__shared__ u32 s_radix_bin;
+__shared__ int s_radix_found;
+__shared__ u64 s_radix_w[32][32];  // per warp: the lanes' weights, for the leader to add (BY_MASS)
+
 template <bool BY_MASS, class KeyWeight>
 __device__ bool radix_select(const KeyWeight& kw, int V, u64 target, u32* key_out, u64* above_out) {
-  __shared__ u64 s_hist[256];
-  __shared__ u64 s_above;
-  __shared__ u32 s_bin;
-  __shared__ int s_found;
-  __shared__ u64 s_w[BY_MASS ? 32 : 1][32];  // per warp: the lanes' weights, for the leader to add
+  u64* const s_hist = s_radix_hist;
+  u64& s_above = s_radix_above;
+  u32& s_bin = s_radix_bin;
+  int& s_found = s_radix_found;
+  u64 (*const s_w)[32] = s_radix_w;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   u32 prefix = 0u, mask = 0u;
   u64 above = 0ull;
@@ -320,6 +334,239 @@ __device__ bool radix_select(const KeyWeight& kw, int V, u64 target, u32* key_ou
   return true;
 }
 
+// ---- passes over a row ----------------------------------------------------------------------------
+// f(g, v) for this thread's groups g = g0 + tid, g0 + tid + blockDim.x, ... below g1 (v: tokens
+// 4g .. 4g + 3, load4). The next group's load is issued before f works on this one: with one
+// 16-byte load in flight per thread, a pass that does arithmetic per token (the race: Philox and
+// two logs) read its rows at ~0.9 TB/s where argmax_kernel reads them at ~2.4 (NOTES #42).
+template <class F>
+__device__ __forceinline__ void for_each_group(const float* __restrict__ x, int V, int g0, int g1, F&& f) {
+  int g = g0 + threadIdx.x;
+  if (g >= g1) return;
+  float v[4];
+  load4(x, V, g, v);
+  for (;;) {
+    const float cur[4] = {v[0], v[1], v[2], v[3]};
+    const int next = g + blockDim.x;
+    if (next < g1) load4(x, V, next, v);
+    f(g, cur);
+    if (next >= g1) break;
+    g = next;
+  }
+}
+
+// ---- the kept set's thresholds from a histogram of the row -----------------------------------
+// radix_select reads the whole row once per 8 bits of key: top-k and top-p together took seven
+// passes over the row with a log per token in four of them (1-1.9 ms a call at 256 rows x 152k,
+// NOTES #43). Here one pass counts the tokens and sums their masses per value bin of scaled
+// (1/64 wide over (-32, 0]), the bins give where the k-th value and the top-p crossing lie, a
+// second pass copies the keys of the tokens in those bins into shared memory, and the exact
+// radix selects run over those few keys. Same definitions, same integer masses: the same
+// thresholds as the full-row selects, which remain the fallback when the candidates do not fit
+// (or the k-th value lies below -32, or the row has a NaN).
+#define SEL_BINS 2048                  // = 2 * SAMPLER_THREADS: a thread scans two bins
+#define SEL_BIN_WIDTH_INV 64.f
+#define SEL_CAP (SEL_BINS * 12 / 4)    // candidate keys (u32) in the histograms' bytes
+static_assert(SEL_BINS == 2 * SAMPLER_THREADS, "kept_threshold_binned scans two bins a thread");
+
+__shared__ __align__(16) unsigned char s_sel[SEL_BINS * 12];  // histograms (u64 mass, u32 count), then candidates
+__shared__ u32 s_sel_ncand;
+__shared__ int s_sel_bin;
+
+// Larger s -> the same or a smaller bin, so each bin is a range of keys, the highest first. The last
+// bin also takes everything at or below -32 (mass 0: e^-32 * 2^40 < 1), -inf and NaN.
+__device__ __forceinline__ int sel_bin(float s) {
+  return s > -32.f ? max(0, min((int)(-s * SEL_BIN_WIDTH_INV), SEL_BINS - 1)) : SEL_BINS - 1;
+}
+
+// In place: h[b] becomes the sum of h[0..b]. Needs blockDim.x * 2 == SEL_BINS.
+template <class T>
+__device__ void inclusive_scan_bins(T* h) {
+  __shared__ T s_warp_total[32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T a = h[2 * tid], b = h[2 * tid + 1];
+  T incl = a + b;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
+  if (lane == 31) s_warp_total[warp] = incl;
+  __syncthreads();
+  for (int w = 0; w < warp; ++w) incl += s_warp_total[w];
+  h[2 * tid] = incl - b;
+  h[2 * tid + 1] = incl;
+  __syncthreads();
+}
+
+// The bin b with S(< b) < target <= S(<= b) over an inclusive scan S; -1 if S's total is below target.
+template <class T>
+__device__ int crossing_bin(const T* incl, u64 target) {
+  __syncthreads();  // s_sel_bin: a previous call's threads may still read it
+  if (threadIdx.x == 0) s_sel_bin = -1;
+  __syncthreads();
+  for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
+    const u64 before = b ? (u64)incl[b - 1] : 0ull;
+    if (before < target && target <= (u64)incl[b]) s_sel_bin = b;  // one bin at most
+  }
+  __syncthreads();
+  return s_sel_bin;
+}
+
+__device__ __forceinline__ u64 top_p_target(double top_p, u64 z) {
+  const double t = ceil(top_p * (double)z);
+  return t < 1.0 ? 1ull : (u64)t;
+}
+
+// thr = max(thr_k, thr_p) as defined at the top of this file (top-k when has_k, top-p when has_p,
+// at least one). Returns false, with every thread, when the binned path cannot decide.
+template <class Scale>
+__device__ bool kept_threshold_binned(const float* __restrict__ x, int V, const Scale& scale, int top_k,
+                                      double top_p, bool has_k, bool has_p, float* thr_out) {
+  u64* const mass = reinterpret_cast<u64*>(s_sel);
+  u32* const count = reinterpret_cast<u32*>(s_sel + SEL_BINS * 8);
+  u32* const cand = reinterpret_cast<u32*>(s_sel);
+  const int tid = threadIdx.x, lane = tid & 31;
+  for (int b = tid; b < SEL_BINS; b += blockDim.x) {
+    mass[b] = 0ull;
+    count[b] = 0u;
+  }
+  if (tid == 0) s_sel_ncand = 0u;
+  __syncthreads();
+  u32 far = 0u;  // this thread's tokens in the last bin: one atomic a warp at the end, not one a token
+  bool nan = false;
+  for_each_group(x, V, 0, (V + 3) >> 2, [&](int g, const float (&v)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (4 * g + j >= V) break;
+      const float s = scale(v[j]);
+      nan |= s != s;
+      const int b = sel_bin(s);
+      if (b == SEL_BINS - 1) {
+        ++far;
+        continue;
+      }
+      if (has_k) atomicAdd(count + b, 1u);
+      const u64 w = fixed_mass(s);
+      if (has_p && w) atomicAdd(mass + b, w);
+    }
+  });
+  for (int o = 16; o > 0; o >>= 1) far += __shfl_xor_sync(0xffffffffu, far, o);
+  if (has_k && lane == 0 && far) atomicAdd(count + SEL_BINS - 1, far);
+  if (__syncthreads_or(nan)) return false;  // a NaN's key is above +inf's, its bin the last: not monotone
+  if (has_k) inclusive_scan_bins(count);
+  if (has_p) inclusive_scan_bins(mass);
+
+  // The candidates: the bins between the top-p crossing and the k-th value. With top-k, Z (what top-p
+  // is a fraction of) is known only once thr_k is, but it is at least the mass of the bins above the
+  // k-th's bin, so the crossing lies at or below that lower bound's crossing bin.
+  int lo = 0, hi = 0;
+  if (has_k) {
+    hi = crossing_bin(count, (u64)top_k);  // found: the row has V > top_k tokens
+    if (hi < 0 || hi == SEL_BINS - 1) return false;
+    lo = hi;
+  }
+  u64 total_mass = 0ull;
+  if (has_p) {
+    total_mass = mass[SEL_BINS - 1];
+    const u64 z_low = has_k ? (hi ? mass[hi - 1] : 0ull) : total_mass;
+    lo = crossing_bin(mass, top_p_target(top_p, z_low));
+    if (lo < 0) return false;  // a row of -inf (no mass)
+    if (!has_k) hi = lo;
+  }
+  if (lo > hi) return false;  // not expected (the row max's bin 0 has mass), but then not decidable here
+  const u64 mass_above = has_p && lo ? mass[lo - 1] : 0ull;  // tokens of bins < lo: above every candidate
+  const u64 count_above = has_k && lo ? (u64)count[lo - 1] : 0ull;
+  __syncthreads();  // every thread has read the histograms: the candidates overwrite them
+
+  for_each_group(x, V, 0, (V + 3) >> 2, [&](int g, const float (&v)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (4 * g + j >= V) break;
+      const float s = scale(v[j]);
+      const int b = sel_bin(s);
+      if (b >= lo && b <= hi) {
+        const u32 at = atomicAdd(&s_sel_ncand, 1u);
+        if (at < SEL_CAP) cand[at] = order_key(s);
+      }
+    }
+  });
+  __syncthreads();
+  const u32 n = s_sel_ncand;
+  if (n > SEL_CAP) return false;
+
+  float thr = RVLLM_NEG_INF;
+  u32 k_key = 0u;
+  u64 cnt_gt = 0ull;
+  if (has_k) {
+    auto by_count = [&](int i, u32& k, u64& w) {
+      k = cand[i];
+      w = 1ull;
+    };
+    u64 above;
+    if (!radix_select<false>(by_count, (int)n, (u64)top_k - count_above, &k_key, &above)) return false;
+    cnt_gt = count_above + above;
+    thr = key_value(k_key);
+  }
+  if (has_p) {
+    u64 z = total_mass;
+    if (has_k) {  // the mass of the top-k set: above thr_k, plus the ties at the k-th it takes
+      u64 zc = 0ull;
+      for (int i = tid; i < (int)n; i += blockDim.x)
+        if (cand[i] > k_key) zc += fixed_mass(key_value(cand[i]));
+      z = mass_above + block_sum_u64(zc) + (u64)((long long)top_k - (long long)cnt_gt) * fixed_mass(thr);
+    }
+    const u64 target = top_p_target(top_p, z);
+    auto by_mass = [&](int i, u32& k, u64& w) {
+      k = cand[i];
+      w = fixed_mass(key_value(k));
+    };
+    u32 p_key;
+    u64 unused;
+    if (target <= mass_above || !radix_select<true>(by_mass, (int)n, target - mass_above, &p_key, &unused))
+      return false;  // neither happens (the crossing lies among the candidates), but stay exact if it did
+    thr = fmaxf(thr, key_value(p_key));
+  }
+  *thr_out = thr;
+  return true;
+}
+
+// The same thresholds by radix selects over the whole row (up to four passes each, plus one for
+// top-p's Z): kept_threshold_binned's fallback.
+template <class Scale>
+__device__ float kept_threshold_full_row(const float* __restrict__ x, int V, const Scale& scale, int top_k,
+                                         double top_p, bool has_k, bool has_p) {
+  auto scaled = [&](int i) { return scale(x[i]); };
+  float thr = RVLLM_NEG_INF;
+  u64 cnt_gt = 0ull;
+  u32 k_key = 0u;
+  if (has_k) {
+    auto by_count = [&](int i, u32& k, u64& w) {
+      k = order_key(scaled(i));
+      w = 1ull;
+    };
+    if (radix_select<false>(by_count, V, (u64)top_k, &k_key, &cnt_gt)) thr = key_value(k_key);
+  }
+  if (has_p) {
+    u64 z = 0ull;  // the mass top-p is a fraction of
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      const float s = scaled(i);
+      if (!has_k || order_key(s) > k_key) z += fixed_mass(s);
+    }
+    z = block_sum_u64(z);
+    if (has_k) z += (u64)((long long)top_k - (long long)cnt_gt) * fixed_mass(thr);  // ties at the k-th
+    auto by_mass = [&](int i, u32& k, u64& w) {
+      const float s = scaled(i);
+      k = order_key(s);
+      w = fixed_mass(s);
+    };
+    u32 p_key;
+    u64 unused;
+    if (radix_select<true>(by_mass, V, top_p_target(top_p, z), &p_key, &unused)) thr = fmaxf(thr, key_value(p_key));
+  }
+  return thr;
+}
+
 // ---- kernels -------------------------------------------------------------------------------------
 
 // out[b, :] = logits[b, :] with, in NumPy's order: repetition (tokens in the prompt or the output:
@@ -368,15 +615,32 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_ker
   const float rep = p.repetition_penalty, freq = p.frequency_penalty, pres = p.presence_penalty;
   // As NumPy, each penalty only where it is on (x - 0 would turn -0 into +0 for freq = pres = -0).
   const bool with_rep = rep != 1.f, with_fp = freq != 0.f || pres != 0.f;
-  for (int i = tid; i < V; i += blockDim.x) {
-    float v = src[i];
-    if (slot >= 0) {
-      const int c = cnt[i];
-      if (with_rep && (c > 0 || inp[i])) v = v > 0.f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
-      // NumPy: x -= freq * count + presence, each op rounded to float32 (no fused multiply-add)
-      if (with_fp && c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres));
+  auto penalized = [&](float v, int c, bool in_p) {
+    if (with_rep && (c > 0 || in_p)) v = v > 0.f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
+    // NumPy: x -= freq * count + presence, each op rounded to float32 (no fused multiply-add)
+    if (with_fp && c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres));
+    return v;
+  };
+  // Four tokens a thread and 16-byte loads where the rows allow (V a multiple of 4 makes every row
+  // of src, dst and the slot's counts 16-byte aligned when the arrays are, and in_prompt 4-byte):
+  // with a penalty the pass moves 13 bytes a token, ~0.5 GB a call at 256 rows x 152k.
+  const bool vec = (V & 3) == 0 && ((reinterpret_cast<size_t>(src) | reinterpret_cast<size_t>(dst) |
+                                     reinterpret_cast<size_t>(cnt) | reinterpret_cast<size_t>(inp)) & 15) == 0;
+  if (vec) {
+    for (int g = tid; g < (V >> 2); g += blockDim.x) {
+      float4 v = reinterpret_cast<const float4*>(src)[g];
+      if (slot >= 0) {
+        const int4 c = reinterpret_cast<const int4*>(cnt)[g];
+        const uchar4 in_p = reinterpret_cast<const uchar4*>(inp)[g];
+        v.x = penalized(v.x, c.x, in_p.x);
+        v.y = penalized(v.y, c.y, in_p.y);
+        v.z = penalized(v.z, c.z, in_p.z);
+        v.w = penalized(v.w, c.w, in_p.w);
+      }
+      reinterpret_cast<float4*>(dst)[g] = v;
     }
-    dst[i] = v;
+  } else {
+    for (int i = tid; i < V; i += blockDim.x) dst[i] = slot >= 0 ? penalized(src[i], cnt[i], inp[i]) : src[i];
   }
   __syncthreads();  // makes the copy visible to the threads that edit it below
   for (int j = bias_off[row] + tid; j < bias_off[row + 1]; j += blockDim.x) {
@@ -419,9 +683,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
   const float* x = logits + (size_t)row * V;
   float best = RVLLM_NEG_INF;
   int best_i = NO_TOKEN;
-  for (int g = start / 4 + threadIdx.x; 4 * g < end; g += blockDim.x) {
-    float v[4];
-    load4(x, V, g, v);
+  for_each_group(x, V, start / 4, (end + 3) / 4, [&](int g, const float (&v)[4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (v[j] > best) {  // tokens past `end` are past V (chunks are whole groups): -inf
@@ -429,7 +691,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
         best_i = 4 * g + j;
       }
     }
-  }
+  });
   block_argmax(best, best_i);
   if (threadIdx.x != 0) return;
   if (splits == 1) {
@@ -450,10 +712,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
 //   [3B + 20b + j] top ids, [23B + 20b + j] top logprobs (float bits), j < num_logprobs, best first,
 //   equal logprobs in token-id order.
 // Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
+// thresholds (tests; null in the engine): [B], each random row's kept-set threshold, max(thr_k,
+// thr_p, log min_p) on scaled values (-inf for plain rows); greedy rows' entries are not written.
 // A row with a penalty slot counts its token there (the host counts it as known to the device).
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, int B, RowParams* __restrict__ table,
-    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts) {
+    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
+    float* __restrict__ thresholds) {
   pdl_enter();
   __shared__ float s_top_v[MAX_TOP_LOGPROBS];
   __shared__ int s_top_i[MAX_TOP_LOGPROBS];
@@ -466,125 +731,74 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
   const RowParams& p = rw.p;
 
   // A plain random row (no top-k, top-p, min-p or logprobs) keeps every token above -inf and races
-  // on x / T in one pass: argmax of x / T - log q is the draw that (x - max) / T - log q gives, up
-  // to the rounding of the subtraction, so the pass that finds the row max is not needed.
+  // on x / T: argmax of x / T - log q is the draw that (x - max) / T - log q gives, up to the
+  // rounding of the subtraction, so the pass that finds the row max is skipped (row_max = 0 makes
+  // the race below exactly that: x - 0 is x).
   const bool plain = !p.greedy && !(p.top_k > 0 && p.top_k < V) && !(p.top_p < 1.0) &&
                      !(p.log_min_p > RVLLM_NEG_INF) && p.num_logprobs < 0;  // uniform over the block
+  const int groups = (V + 3) >> 2;
   float row_max = 0.f;
-  int token = 0;
-  if (plain) {
+  int token = 0;  // every token -inf: token 0, as the argmax gives
+  if (!plain) {
+    // argmax and row max (a thread's tokens in increasing order: the first of equal values stays)
+    float mx = RVLLM_NEG_INF;
+    int arg = NO_TOKEN;
+    for_each_group(x, V, 0, groups, [&](int g, const float (&v)[4]) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (v[j] > mx) {
+          mx = v[j];
+          arg = 4 * g + j;
+        }
+      }
+    });
+    block_argmax(mx, arg);
+    if (arg != NO_TOKEN) token = arg;
+    row_max = (mx > RVLLM_NEG_INF && mx < -RVLLM_NEG_INF) ? mx : 0.f;  // NumPy: 0 if not finite
+  }
+
+  if (!p.greedy) {
     const float temp = p.temperature;
-    const bool unit_temp = temp == 1.f;  // x / 1 is x: the division skipped
+    // (x - max) / T: the same two float32 operations as NumPy, so the same values and ties. At
+    // T = 1 the division is exact, so it is skipped (an IEEE division is ~10 instructions a token).
+    const bool unit_temp = temp == 1.f;
+    auto scale = [&](float xv) {
+      const float d = __fsub_rn(xv, row_max);
+      return unit_temp ? d : __fdiv_rn(d, temp);
+    };
+    float thr = RVLLM_NEG_INF;
+    const bool has_k = p.top_k > 0 && p.top_k < V, has_p = p.top_p < 1.0;
+    if ((has_k || has_p) && !kept_threshold_binned(x, V, scale, p.top_k, p.top_p, has_k, has_p, &thr))
+      thr = kept_threshold_full_row(x, V, scale, p.top_k, p.top_p, has_k, has_p);
+    thr = fmaxf(thr, p.log_min_p);
+    if (thresholds && tid == 0) thresholds[row] = thr;
+
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
-    for (int g = tid; 4 * g < V; g += blockDim.x) {
-      float v[4];
-      load4(x, V, g, v);
-      if (!(v[0] > RVLLM_NEG_INF || v[1] > RVLLM_NEG_INF || v[2] > RVLLM_NEG_INF || v[3] > RVLLM_NEG_INF))
-        continue;  // -inf (or NaN) everywhere: no draw needed
+    for_each_group(x, V, 0, groups, [&](int g, const float (&v)[4]) {  // tokens 4g .. 4g + 3: one Philox call
+      float sc[4];
+      bool keep[4], any = false;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        sc[j] = 4 * g + j < V ? scale(v[j]) : RVLLM_NEG_INF;
+        keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
+        any |= keep[j];
+      }
+      if (!any) return;  // below the top-k / top-p / min-p cut, or -inf: no draw needed
       u32 w[4];
       philox_words(rw, (u32)g, w);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if (!(v[j] > RVLLM_NEG_INF)) continue;  // past V too: load4 gives -inf there
-        const float r = (unit_temp ? v[j] : __fdiv_rn(v[j], temp)) - log_exp_noise(w[j]);
+        if (!keep[j]) continue;
+        const float r = sc[j] - log_exp_noise(w[j]);
         if (r > best) {  // increasing token order within a thread: the first of equal values stays
           best = r;
           best_i = 4 * g + j;
         }
       }
-    }
+    });
     block_argmax(best, best_i);
-    token = best_i == NO_TOKEN ? 0 : best_i;  // every token -inf: token 0, as the argmax gives
-  } else {
-    // argmax and row max (a thread's tokens in increasing order: the first of equal values stays)
-    float mx = RVLLM_NEG_INF;
-    token = NO_TOKEN;
-    for (int g = tid; 4 * g < V; g += blockDim.x) {
-      float v[4];
-      load4(x, V, g, v);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (v[j] > mx) {
-          mx = v[j];
-          token = 4 * g + j;
-        }
-      }
-    }
-    block_argmax(mx, token);
-    if (token == NO_TOKEN) token = 0;
-    row_max = (mx > RVLLM_NEG_INF && mx < -RVLLM_NEG_INF) ? mx : 0.f;  // NumPy: 0 if not finite
-
-    if (!p.greedy) {
-      const float temp = p.temperature;
-      // (x - max) / T: the same two float32 operations as NumPy, so the same values and ties. At
-      // T = 1 the division is exact, so it is skipped (an IEEE division is ~10 instructions a token).
-      const bool unit_temp = temp == 1.f;
-      auto scale = [&](float xv) {
-        const float d = __fsub_rn(xv, row_max);
-        return unit_temp ? d : __fdiv_rn(d, temp);
-      };
-      auto scaled = [&](int i) { return scale(x[i]); };
-      float thr = RVLLM_NEG_INF;
-      u64 cnt_gt = 0ull;
-      u32 k_key = 0u;
-      const bool has_k = p.top_k > 0 && p.top_k < V;
-      if (has_k) {
-        auto by_count = [&](int i, u32& k, u64& w) {
-          k = order_key(scaled(i));
-          w = 1ull;
-        };
-        if (radix_select<false>(by_count, V, (u64)p.top_k, &k_key, &cnt_gt)) thr = key_value(k_key);
-      }
-      if (p.top_p < 1.0) {
-        u64 z = 0ull;  // the mass top-p is a fraction of
-        for (int i = tid; i < V; i += blockDim.x) {
-          const float s = scaled(i);
-          if (!has_k || order_key(s) > k_key) z += fixed_mass(s);
-        }
-        z = block_sum_u64(z);
-        if (has_k) z += (u64)((long long)p.top_k - (long long)cnt_gt) * fixed_mass(thr);  // ties at the k-th
-        const double t = ceil(p.top_p * (double)z);
-        const u64 target = t < 1.0 ? 1ull : (u64)t;
-        auto by_mass = [&](int i, u32& k, u64& w) {
-          const float s = scaled(i);
-          k = order_key(s);
-          w = fixed_mass(s);
-        };
-        u32 p_key;
-        u64 unused;
-        if (radix_select<true>(by_mass, V, target, &p_key, &unused)) thr = fmaxf(thr, key_value(p_key));
-      }
-      thr = fmaxf(thr, p.log_min_p);
-
-      float best = RVLLM_NEG_INF;
-      int best_i = NO_TOKEN;
-      for (int g = tid; 4 * g < V; g += blockDim.x) {  // tokens 4g .. 4g + 3: one Philox call
-        float sc[4];
-        bool keep[4], any = false;
-        load4(x, V, g, sc);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          sc[j] = 4 * g + j < V ? scale(sc[j]) : RVLLM_NEG_INF;
-          keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
-          any |= keep[j];
-        }
-        if (!any) continue;  // below the top-k / top-p / min-p cut: no draw needed
-        u32 w[4];
-        philox_words(rw, (u32)g, w);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (!keep[j]) continue;
-          const float r = sc[j] - log_exp_noise(w[j]);
-          if (r > best) {  // increasing token order within a thread: the first of equal values stays
-            best = r;
-            best_i = 4 * g + j;
-          }
-        }
-      }
-      block_argmax(best, best_i);
-      if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
-    }
+    if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
   }
   if (tid == 0) {
     out[row] = token;

@@ -170,6 +170,99 @@ def radix_select(keys, weights, target):
     return prefix, above
 
 
+def top_p_target(top_p: float, z: int) -> int:
+    return max(1, math.ceil(top_p * float(z)))
+
+
+def full_row_threshold(scaled, k: int, top_p: float) -> np.float32:
+    """max(thr_k, thr_p) (sampling.cu's definitions; -inf when neither is on) by radix selects over
+    the whole row: kept_threshold_full_row."""
+    keys = order_key(scaled)
+    thr = np.float32(-np.inf)
+    if k:
+        k_key, cnt_gt = radix_select(keys, np.ones(keys.size, np.uint64), k)
+        thr = key_value(k_key)
+    if top_p < 1.0:
+        mass = fixed_mass(scaled)
+        z = int(mass[keys > k_key].sum()) + (k - cnt_gt) * int(fixed_mass(np.float32(thr))) if k else int(mass.sum())
+        found = radix_select(keys, mass, top_p_target(top_p, z))
+        if found:
+            thr = np.fmax(thr, key_value(found[0]))  # fmaxf: a NaN loses
+    return thr
+
+
+SEL_BINS, SEL_CAP = 2048, 2048 * 12 // 4  # sampling.cu
+
+
+def sel_bins(scaled) -> np.ndarray:
+    """sampling.cu sel_bin: trunc(-s * 64) for s > -32 (clamped to the bins), else the last bin."""
+    s = np.asarray(scaled, np.float32)
+    b = np.full(s.shape, SEL_BINS - 1, np.int64)
+    ok = s > np.float32(-32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        b[ok] = np.clip(np.trunc(-s[ok] * np.float32(64)), 0, SEL_BINS - 1).astype(np.int64)
+    return b
+
+
+def crossing_bin(incl: np.ndarray, target: int) -> int:
+    """The bin b with S(< b) < target <= S(<= b) over the inclusive sums incl; -1 if none."""
+    incl = [int(v) for v in incl]
+    before = [0] + incl[:-1]
+    return next((b for b in range(len(incl)) if before[b] < target <= incl[b]), -1)
+
+
+def binned_threshold(scaled, k: int, top_p: float):
+    """kept_threshold_binned: the same threshold as full_row_threshold from a histogram of the row by
+    value bins and radix selects over the tokens of the bins where the cuts lie; None where the
+    kernel falls back to the full row (a NaN, the k-th value below -32, more candidates than fit)."""
+    scaled = np.asarray(scaled, np.float32)
+    if np.isnan(scaled).any():
+        return None
+    has_k, has_p = k > 0, top_p < 1.0
+    keys, bins = order_key(scaled), sel_bins(scaled)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mass = fixed_mass(scaled)
+    mass_h = np.zeros(SEL_BINS, np.uint64)
+    np.add.at(mass_h, bins, mass)
+    count_incl, mass_incl = np.cumsum(np.bincount(bins, minlength=SEL_BINS)), np.cumsum(mass_h)
+    lo = hi = 0
+    if has_k:
+        hi = crossing_bin(count_incl, k)
+        if hi < 0 or hi == SEL_BINS - 1:
+            return None
+        lo = hi
+    total = int(mass_incl[-1])
+    if has_p:
+        z_low = (int(mass_incl[hi - 1]) if hi else 0) if has_k else total
+        lo = crossing_bin(mass_incl, top_p_target(top_p, z_low))
+        if lo < 0:
+            return None
+        hi = hi if has_k else lo
+    if lo > hi:
+        return None
+    mass_above = int(mass_incl[lo - 1]) if has_p and lo else 0
+    count_above = int(count_incl[lo - 1]) if has_k and lo else 0
+    cand = keys[(bins >= lo) & (bins <= hi)]
+    if cand.size > SEL_CAP:
+        return None
+    cand_mass = fixed_mass(np.array([key_value(int(c)) for c in cand], np.float32))
+    thr = np.float32(-np.inf)
+    if has_k:
+        k_key, above = radix_select(cand, np.ones(cand.size, np.uint64), k - count_above)
+        cnt_gt = count_above + above
+        thr = key_value(k_key)
+    if has_p:
+        z = total
+        if has_k:
+            z = mass_above + int(cand_mass[cand > k_key].sum()) + (k - cnt_gt) * int(fixed_mass(np.float32(thr)))
+        target = top_p_target(top_p, z)
+        found = radix_select(cand, cand_mass, target - mass_above) if target > mass_above else None
+        if not found:
+            return None
+        thr = np.fmax(thr, key_value(found[0]))  # fmaxf: a NaN loses
+    return thr
+
+
 class DeviceState:
     """GpuSampler's per-request state with NumPy arrays standing in for the device's: the host's slot
     bookkeeping, counts [S, V] and in_prompt [S, V] (penalties) and the parameter table [S]. All
@@ -239,23 +332,7 @@ def emulate(logits, meta, step=0, seed=0, state=None, sample=True):
                 token = int(ids[np.argmax(race)])
         elif not pr["greedy"]:
             scaled = (xr - row_max) / pr["temperature"]
-            keys = order_key(scaled)
-            thr = np.float32(-np.inf)
-            k = int(pr["top_k"])
-            if k:
-                k_key, cnt_gt = radix_select(keys, np.ones(vocab, np.uint64), k)
-                thr = key_value(k_key)
-            if pr["top_p"] < 1.0:
-                mass = fixed_mass(scaled)
-                if k:
-                    z = int(mass[keys > k_key].sum()) + (k - cnt_gt) * int(fixed_mass(np.float32(thr)))
-                else:
-                    z = int(mass.sum())
-                target = max(1, math.ceil(float(pr["top_p"]) * float(z)))
-                found = radix_select(keys, mass, target)
-                if found:
-                    thr = max(thr, key_value(found[0]))
-            thr = max(thr, pr["log_min_p"])
+            thr = np.fmax(full_row_threshold(scaled, int(pr["top_k"]), float(pr["top_p"])), pr["log_min_p"])
             keep = (scaled >= thr) & (scaled > -np.inf)
             if keep.any():
                 ids = np.flatnonzero(keep)
@@ -375,6 +452,64 @@ def test_emulated_processing_and_logprobs_match_numpy(rng):
         assert abs(chosen - ref.logprob) < 1e-5 and rank == ref.rank
         np.testing.assert_allclose(vals, ref.top_logprobs, atol=1e-5)
         assert ids == ref.top_ids or np.allclose(lp[r, ids], lp[r, ref.top_ids])  # ties: any order of equals
+
+
+def threshold_rows(rng, n, vocab, kind):
+    """Rows for the kept-set thresholds: crafted_logits' kinds, and rows that send the binned
+    selection to its fallback: "narrow" (thousands of tokens a value bin), "constant" (every token
+    in one bin), "wide" (values spread over thousands: deep top-k cuts lie below -32), "nan"."""
+    if kind in ("normal", "ties", "peaked"):
+        return crafted_logits(rng, n, vocab, kind)
+    if kind == "narrow":
+        return rng.normal(0, 0.05, size=(n, vocab)).astype(np.float32)
+    if kind == "constant":
+        return np.full((n, vocab), 1.5, np.float32)
+    if kind == "wide":
+        return np.stack([rng.permutation(np.linspace(0, -4000, vocab)) for _ in range(n)]).astype(np.float32)
+    x = rng.normal(0, 2, size=(n, vocab)).astype(np.float32)
+    x[:, 3] = np.nan
+    return x
+
+
+def threshold_cases(rng, vocab, count):
+    """(k, top_p, temperature) with at least one cut on; k as the kernel sees it (0: off)."""
+    cases = []
+    while len(cases) < count:
+        k = int(rng.choice([0, 0, 1, 2, 5, 20, 40, vocab - 1]))
+        top_p = float(rng.choice([1.0, 0.05, 0.5, 0.8, 0.9, 0.999]))
+        if k or top_p < 1.0:
+            cases.append((k, top_p, float(rng.choice([0.3, 0.7, 1.0, 1.7]))))
+    return cases
+
+
+def scaled_row(x, temperature):
+    """sample_kernel's scaled values: (x - row max) / T in float32. Its max pass skips NaN (`v > mx`);
+    a row max that is not finite counts as 0."""
+    mx = np.nanmax(x)
+    return (x - (mx if np.isfinite(mx) else np.float32(0))) / np.float32(temperature)
+
+
+def test_binned_thresholds_equal_the_full_row_selects(rng):
+    """kept_threshold_binned's algorithm (NumPy) gives full_row_threshold's exact thresholds wherever
+    it decides, and every fallback condition is reached."""
+    decided = fallbacks = 0
+    for kind in ("normal", "ties", "peaked", "narrow", "constant", "wide", "nan"):
+        for vocab in (50, 1000, 7000):
+            x = threshold_rows(rng, 1, vocab, kind)[0]
+            for k, top_p, t in threshold_cases(rng, vocab, 6):
+                s = scaled_row(x, t)
+                got = binned_threshold(s, k, top_p)
+                if got is None:
+                    fallbacks += 1
+                    continue
+                decided += 1
+                want = full_row_threshold(s, k, top_p)
+                assert got == want or (np.isneginf(got) and np.isneginf(want)), (kind, vocab, k, top_p, t, got, want)
+    assert decided > 80 and fallbacks > 10, (decided, fallbacks)
+    # each fallback: a NaN; the k-th value below -32; more candidates than shared memory holds
+    assert binned_threshold(scaled_row(threshold_rows(rng, 1, 1000, "nan")[0], 1.0), 5, 1.0) is None
+    assert binned_threshold(scaled_row(threshold_rows(rng, 1, 1000, "wide")[0], 1.0), 999, 1.0) is None
+    assert binned_threshold(scaled_row(threshold_rows(rng, 1, 7000, "constant")[0], 1.0), 0, 0.5) is None
 
 
 def test_emulated_race_matches_the_distribution():
@@ -758,3 +893,23 @@ def test_rows_not_16_byte_aligned_sample_as_aligned_ones(sampler, rng):
         a = GpuSampler(SimpleNamespace(dtype=sampler.dtype), seed=9)
         c = GpuSampler(SimpleNamespace(dtype=sampler.dtype), seed=9)
         assert a(shifted, meta_for(meta_params)).token_ids == c(dev(logits), meta_for(meta_params)).token_ids
+
+
+THRESHOLD_SIZES = [(24, 1000), (9, 1001), (12, 151936)]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "peaked", "narrow", "constant", "wide", "nan"])
+@pytest.mark.parametrize("b,vocab", THRESHOLD_SIZES, ids=[f"B{b}-V{v}" for b, v in THRESHOLD_SIZES])
+@pytest.mark.gpu
+@requires_gpu
+def test_kept_thresholds_match_the_full_row_selects(sampler, rng, kind, b, vocab):
+    """sample_kernel's top-k / top-p threshold, bit for bit, against the NumPy radix selects over the
+    whole row: through the binned path, and through its fallback (narrow, constant, wide and nan rows
+    at the larger sizes)."""
+    logits = threshold_rows(rng, b, vocab, kind)
+    cases = threshold_cases(rng, vocab, b)
+    params = [SamplingParams(temperature=t, top_k=k or -1, top_p=p) for k, p, t in cases]
+    got = sampler.kept_thresholds(dev(logits), meta_for(params))
+    for r, (k, top_p, t) in enumerate(cases):
+        want = np.fmax(full_row_threshold(scaled_row(logits[r], t), k, top_p), np.float32(-np.inf))  # the min-p fmaxf
+        assert got[r] == want or (np.isneginf(got[r]) and np.isneginf(want)), (r, k, top_p, t, got[r], want)

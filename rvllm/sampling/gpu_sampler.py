@@ -90,11 +90,13 @@ class GpuSampler:
         """logits: cupy float32 [B, V], C-contiguous, on the device. Returns host token ids."""
         return self.launch(logits, meta).result()
 
-    def launch(self, logits, meta: SamplingMetadata) -> "PendingSample":
+    def launch(self, logits, meta: SamplingMetadata, thresholds=None) -> "PendingSample":
         """Queues the sampling of `logits` on the current stream without waiting for the device:
         inputs go up from pinned memory, the results come back into pinned memory behind an event.
         PendingSample.token_ids is the device array of sampled ids (the next step's inputs may read
-        it); .result() waits for the copy and returns the SamplerOutput."""
+        it); .result() waits for the copy and returns the SamplerOutput.
+        thresholds: None, or a cupy float32 [B] that sample_kernel fills with each random row's
+        kept-set threshold (kept_thresholds)."""
         num_rows, vocab = self._check(logits, meta)
         step = self.calls
         self.calls += 1
@@ -114,13 +116,21 @@ class GpuSampler:
         counts = self._counts if self._counts is not None else self._no_state
         self._kernel("sample_kernel")((num_rows,), (THREADS,),
                                       (out, x, np.int32(vocab), np.int32(num_rows), *self._row_args(args, step),
-                                       counts))
+                                       counts, thresholds if thresholds is not None else np.uint64(0)))
         # Rows asking more logprobs than the kernel keeps get theirs on the host in result(): copy
         # their logits now (a graph replay of the next step reuses the logits buffer).
         big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
             if want_lp and vocab > MAX_TOP_LOGPROBS else []
         big_logits = x[cp.asarray(big, dtype=np.int32)] if big else None
         return PendingSample(meta, num_rows, vocab, out, (big, big_logits), keep=(staged, dev))
+
+    def kept_thresholds(self, logits, meta: SamplingMetadata) -> np.ndarray:
+        """Per row, the threshold on (x - max) / T above which sample_kernel keeps tokens (the top-k,
+        top-p and min-p cut; -inf for rows without one, NaN for greedy rows). Samples the rows as
+        launch() does (penalty counts included); tests and debugging."""
+        thresholds = cp.full(logits.shape[0], np.nan, np.float32)
+        self.launch(logits, meta, thresholds).result()
+        return thresholds.get()
 
     def process_logits(self, logits, meta: SamplingMetadata):
         """Penalties, bias, suppressed ids and masks applied to a copy: cupy float32 [B, V].
