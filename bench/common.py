@@ -75,6 +75,20 @@ def profile_table(llm, run) -> str:
     return "\n".join(lines)
 
 
+SAMPLING = {
+    "greedy": dict(temperature=0.0),
+    "plain": dict(temperature=1.0, top_p=1.0),  # vllm bench throughput's
+    # Qwen2.5-Instruct's generation_config.json, which `rvllm serve` applies by default (as vLLM does)
+    "qwen-chat": dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
+}
+
+
+def add_sampling_arg(ap, default: str) -> None:
+    ap.add_argument("--sampling", choices=list(SAMPLING), default=default,
+                    help="greedy; plain (temperature 1.0, top-p 1.0); qwen-chat (Qwen2.5-Instruct's generation_config: "
+                         "temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05)")
+
+
 def add_engine_args(ap, input_len: int, output_len: int = 128) -> None:
     """The arguments bench/latency.py and bench/throughput.py share: model, load format, device,
     lengths, eager / async switches, --profile and --append-results."""

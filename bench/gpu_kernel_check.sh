@@ -108,8 +108,8 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                     host = b.to_host(arr).astype(np.float32)
                     assert np.isfinite(host).all(), f"{dtype} hd={hd} {attention}: non-finite {name}"
 # The sampler's kernels: penalty slots over three calls (reset, counts from the sampled tokens),
-# seeded top-k/top-p with logprobs, bias and a suppressed id; the kept-set selection's fallback; then the
-# all-greedy argmax path.
+# seeded top-k/top-p with logprobs, bias and a suppressed id; the kept-set selection's fallback and the
+# split race (plain and greedy rows too); then the all-greedy argmax path.
 import cupy as cp
 
 from rvllm.sampling.gpu_sampler import GpuSampler
@@ -135,7 +135,10 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                                            (SamplingParams(temperature=1.0, top_k=8191), [1], [], None)])
     x = cp.ones((2, 8192), cp.float32)
     x[1] = cp.linspace(0, -4000, 8192, dtype=cp.float32)
-    assert len(sampler(x, deep).token_ids) == 2
+    assert len(sampler(x, deep).token_ids) == 2  # 2 rows x 8192: race_kernel, 4 blocks a row
+    mixed = SamplingMetadata.from_requests([(SamplingParams(temperature=0.9), [1], [], None),
+                                            (SamplingParams(temperature=0.0), [1], [], None)])
+    assert len(sampler(cp.asarray(rng.standard_normal((2, 8192)), dtype=cp.float32), mixed).token_ids) == 2
     greedy = SamplingMetadata.from_requests([(SamplingParams(temperature=0.0), [1], [], None)] * 3)
     assert len(sampler(cp.asarray(rng.standard_normal((3, vocab)), dtype=cp.float32), greedy).token_ids) == 3
 print("smoke: every kernel ran")

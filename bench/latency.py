@@ -1,7 +1,9 @@
-"""Batch-1 decode speed: one prompt of --input-len tokens, --output-len greedy tokens (ignore_eos).
+"""Batch-1 decode speed: one prompt of --input-len tokens, --output-len tokens (ignore_eos; greedy unless
+--sampling says otherwise).
 Prints decode tok/s (after the first token) and the per-step engine time.
 
-    python bench/latency.py --model qwen2.5-1.5b --load-format dummy [--device cuda] [--append-results]
+    python bench/latency.py --model qwen2.5-1.5b --load-format dummy [--device cuda] [--sampling qwen-chat]
+        [--append-results]
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_engine_args, append_results, profile_table  # noqa: E402
+from bench.common import SAMPLING, add_engine_args, add_sampling_arg, append_results, profile_table  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_engine_args(ap, input_len=32)
     ap.add_argument("--iters", type=int, default=3)
+    add_sampling_arg(ap, "greedy")
     args = ap.parse_args()
 
     from rvllm import LLM, SamplingParams
@@ -28,7 +31,7 @@ def main() -> None:
               async_scheduling=args.async_scheduling,
               max_num_seqs=8)
     prompt = list(range(100, 100 + args.input_len))
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(**SAMPLING[args.sampling], max_tokens=args.output_len, ignore_eos=True)
     llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     rates = []
     for _ in range(args.iters):
@@ -40,6 +43,8 @@ def main() -> None:
     best = max(rates)
     mode = "eager" if args.enforce_eager or llm.engine.backend.name == "cpu" else "graphs"
     mode += ", async" if llm.engine.async_scheduling else ", in-order"
+    if args.sampling != "greedy":
+        mode += f", {args.sampling} sampling"
     table = ("| model | device | mode | in/out | decode tok/s (best of %d) | ms/token | TTFT ms | e2e s |\n"
              "|---|---|---|---|---|---|---|---|\n" % args.iters +
              f"| {args.model} | {llm.engine.backend.name} | {mode} | {args.input_len}/{args.output_len} | {best[0]:.1f} | "

@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from bench.common import SAMPLING  # noqa: E402
+
 SETTINGS = {
     "temperature 1.0": dict(temperature=1.0),
     "temperature 0.7, top-p 0.9": dict(temperature=0.7, top_p=0.9),
     "temperature 0.7, top-k 20": dict(temperature=0.7, top_k=20),
-    # Qwen2.5-Instruct's generation_config.json, which `rvllm serve` applies by default (as vLLM does)
-    "Qwen2.5 chat: temperature 0.7, top-k 20, top-p 0.8, repetition 1.05":
-        dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
+    "Qwen2.5 chat: temperature 0.7, top-k 20, top-p 0.8, repetition 1.05": SAMPLING["qwen-chat"],
     "greedy": dict(temperature=0.0),
 }
 PROMPT_LEN = 128

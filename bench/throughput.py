@@ -15,13 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.common import add_engine_args, append_results, profile_table  # noqa: E402
-
-
-SAMPLING = {
-    "plain": dict(temperature=1.0, top_p=1.0),
-    "qwen-chat": dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
-}
+from bench.common import SAMPLING, add_engine_args, add_sampling_arg, append_results, profile_table  # noqa: E402
 
 
 def main() -> None:
@@ -32,9 +26,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="the engine's default when unset")
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--sampling", choices=sorted(SAMPLING), default="plain",
-                    help="plain: temperature 1.0, top-p 1.0 (vllm bench throughput's); qwen-chat: Qwen2.5-Instruct's "
-                         "generation_config (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05)")
+    add_sampling_arg(ap, "plain")
     args = ap.parse_args()
 
     from rvllm import LLM, SamplingParams

@@ -10,6 +10,8 @@
 //                          row's penalty slot; then, for rows that ask, the chosen token's logprob
 //                          and rank and the top-k logprobs (k <= 20)
 //   argmax_kernel          the all-greedy fast path
+//   race_kernel            small batches without logprobs: the race (or argmax) of each row split
+//                          over blocks, after sample_kernel's stats mode left the thresholds
 //   philox_kernel          raw Philox4x32-10 blocks, for the known-answer test
 //
 // Kept-set semantics (random rows), on scaled = (x - row_max) / temperature, as in NumPy:
@@ -358,10 +360,11 @@ __device__ __forceinline__ void for_each_group(const float* __restrict__ x, int 
 // ---- the kept set's thresholds from a histogram of the row -----------------------------------
 // radix_select reads the whole row once per 8 bits of key: top-k and top-p together took seven
 // passes over the row with a log per token in four of them (1-1.9 ms a call at 256 rows x 152k,
-// NOTES #43). Here one pass counts the tokens and sums their masses per value bin of scaled
-// (1/64 wide over (-32, 0]), the bins give where the k-th value and the top-p crossing lie, a
-// second pass copies the keys of the tokens in those bins into shared memory, and the exact
-// radix selects run over those few keys. Same definitions, same integer masses: the same
+// NOTES #43). Here one pass counts the tokens (top-k) or sums their masses (top-p alone) per
+// value bin of scaled (1/64 wide over (-32, 0]); the bins give where the k-th value or the top-p
+// crossing lies; a second pass copies the keys of the tokens that can decide the thresholds (with
+// top-k: all down to the k-th value's bin; else the crossing's bin) into shared memory, and the
+// exact radix selects run over those few keys. Same definitions, same integer masses: the same
 // thresholds as the full-row selects, which remain the fallback when the candidates do not fit
 // (or the k-th value lies below -32, or the row has a NaN).
 #define SEL_BINS 2048                  // = 2 * SAMPLER_THREADS: a thread scans two bins
@@ -446,37 +449,34 @@ __device__ bool kept_threshold_binned(const float* __restrict__ x, int V, const 
         ++far;
         continue;
       }
-      if (has_k) atomicAdd(count + b, 1u);
-      const u64 w = fixed_mass(s);
-      if (has_p && w) atomicAdd(mass + b, w);
+      if (has_k) {
+        atomicAdd(count + b, 1u);
+      } else {
+        const u64 w = fixed_mass(s);
+        if (w) atomicAdd(mass + b, w);
+      }
     }
   });
   for (int o = 16; o > 0; o >>= 1) far += __shfl_xor_sync(0xffffffffu, far, o);
   if (has_k && lane == 0 && far) atomicAdd(count + SEL_BINS - 1, far);
   if (__syncthreads_or(nan)) return false;  // a NaN's key is above +inf's, its bin the last: not monotone
-  if (has_k) inclusive_scan_bins(count);
-  if (has_p) inclusive_scan_bins(mass);
 
-  // The candidates: the bins between the top-p crossing and the k-th value. With top-k, Z (what top-p
-  // is a fraction of) is known only once thr_k is, but it is at least the mass of the bins above the
-  // k-th's bin, so the crossing lies at or below that lower bound's crossing bin.
+  // The candidates: with top-k, every token down to the k-th value's bin (the top-k set and, inside
+  // it, top-p's crossing and its Z: no masses needed per bin, only counts, 32-bit atomics); with
+  // top-p alone, the tokens of the bin where the mass from the top reaches top_p of the total.
   int lo = 0, hi = 0;
-  if (has_k) {
-    hi = crossing_bin(count, (u64)top_k);  // found: the row has V > top_k tokens
-    if (hi < 0 || hi == SEL_BINS - 1) return false;
-    lo = hi;
-  }
   u64 total_mass = 0ull;
-  if (has_p) {
+  if (has_k) {
+    inclusive_scan_bins(count);
+    hi = crossing_bin(count, (u64)top_k);  // found: the row has V > top_k tokens
+    if (hi < 0 || hi == SEL_BINS - 1 || count[hi] > SEL_CAP) return false;
+  } else {
+    inclusive_scan_bins(mass);
     total_mass = mass[SEL_BINS - 1];
-    const u64 z_low = has_k ? (hi ? mass[hi - 1] : 0ull) : total_mass;
-    lo = crossing_bin(mass, top_p_target(top_p, z_low));
+    lo = hi = crossing_bin(mass, top_p_target(top_p, total_mass));
     if (lo < 0) return false;  // a row of -inf (no mass)
-    if (!has_k) hi = lo;
   }
-  if (lo > hi) return false;  // not expected (the row max's bin 0 has mass), but then not decidable here
-  const u64 mass_above = has_p && lo ? mass[lo - 1] : 0ull;  // tokens of bins < lo: above every candidate
-  const u64 count_above = has_k && lo ? (u64)count[lo - 1] : 0ull;
+  const u64 mass_above = lo ? mass[lo - 1] : 0ull;  // tokens of bins < lo (top-p alone): above every candidate
   __syncthreads();  // every thread has read the histograms: the candidates overwrite them
 
   for_each_group(x, V, 0, (V + 3) >> 2, [&](int g, const float (&v)[4]) {
@@ -503,9 +503,7 @@ __device__ bool kept_threshold_binned(const float* __restrict__ x, int V, const 
       k = cand[i];
       w = 1ull;
     };
-    u64 above;
-    if (!radix_select<false>(by_count, (int)n, (u64)top_k - count_above, &k_key, &above)) return false;
-    cnt_gt = count_above + above;
+    if (!radix_select<false>(by_count, (int)n, (u64)top_k, &k_key, &cnt_gt)) return false;
     thr = key_value(k_key);
   }
   if (has_p) {
@@ -565,6 +563,55 @@ __device__ float kept_threshold_full_row(const float* __restrict__ x, int V, con
     if (radix_select<true>(by_mass, V, top_p_target(top_p, z), &p_key, &unused)) thr = fmaxf(thr, key_value(p_key));
   }
   return thr;
+}
+
+// ---- the race ------------------------------------------------------------------------------------
+// A plain random row (no top-k, top-p, min-p or logprobs) keeps every token above -inf and races
+// on x / T: argmax of x / T - log q is the draw that (x - max) / T - log q gives, up to the rounding
+// of the subtraction, so the pass that finds the row max is skipped (row_max = 0 makes the race
+// exactly that: x - 0 is x).
+__device__ __forceinline__ bool plain_row(const RowParams& p, int V) {
+  return !p.greedy && !(p.top_k > 0 && p.top_k < V) && !(p.top_p < 1.0) && !(p.log_min_p > RVLLM_NEG_INF) &&
+         p.num_logprobs < 0;
+}
+
+// scaled = (x - row_max) / T: the same two float32 operations as NumPy, so the same values and ties.
+// At T = 1 the division is exact, so it is skipped (an IEEE division is ~10 instructions a token).
+struct Scale {
+  float row_max, temp;
+  bool unit_temp;
+  __device__ Scale(float m, float t) : row_max(m), temp(t), unit_temp(t == 1.f) {}
+  __device__ __forceinline__ float operator()(float xv) const {
+    const float d = __fsub_rn(xv, row_max);
+    return unit_temp ? d : __fdiv_rn(d, temp);
+  }
+};
+
+// The race over tokens 4g .. 4g + 3 (v, from load4): the kept ones (scaled >= thr, > -inf) take
+// their noise from one Philox call; (best, best_i) keeps the largest scaled - log q. Called in
+// increasing g by each thread, so the first of equal values stays.
+__device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, float thr, int V, int g,
+                                           const float (&v)[4], float& best, int& best_i) {
+  float sc[4];
+  bool keep[4], any = false;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = 4 * g + j < V ? scale(v[j]) : RVLLM_NEG_INF;
+    keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
+    any |= keep[j];
+  }
+  if (!any) return;  // below the top-k / top-p / min-p cut, or -inf: no draw needed
+  u32 w[4];
+  philox_words(rw, (u32)g, w);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (!keep[j]) continue;
+    const float r = sc[j] - log_exp_noise(w[j]);
+    if (r > best) {
+      best = r;
+      best_i = 4 * g + j;
+    }
+  }
 }
 
 // ---- kernels -------------------------------------------------------------------------------------
@@ -712,13 +759,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
 //   [3B + 20b + j] top ids, [23B + 20b + j] top logprobs (float bits), j < num_logprobs, best first,
 //   equal logprobs in token-id order.
 // Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
-// thresholds (tests; null in the engine): [B], each random row's kept-set threshold, max(thr_k,
-// thr_p, log min_p) on scaled values (-inf for plain rows); greedy rows' entries are not written.
 // A row with a penalty slot counts its token there (the host counts it as known to the device).
+// stats (null, or [B] for race_kernel): the kernel stops before the race and writes, for each random
+// row that is not plain, (row max, kept-set threshold max(thr_k, thr_p, log min_p) on scaled values).
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, int B, RowParams* __restrict__ table,
     const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
-    float* __restrict__ thresholds) {
+    float2* __restrict__ stats) {
   pdl_enter();
   __shared__ float s_top_v[MAX_TOP_LOGPROBS];
   __shared__ int s_top_i[MAX_TOP_LOGPROBS];
@@ -729,13 +776,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
   Row rw;  // `r` names a race value below
   load_row(rw, table, fresh, steps, call_step, row);
   const RowParams& p = rw.p;
-
-  // A plain random row (no top-k, top-p, min-p or logprobs) keeps every token above -inf and races
-  // on x / T: argmax of x / T - log q is the draw that (x - max) / T - log q gives, up to the
-  // rounding of the subtraction, so the pass that finds the row max is skipped (row_max = 0 makes
-  // the race below exactly that: x - 0 is x).
-  const bool plain = !p.greedy && !(p.top_k > 0 && p.top_k < V) && !(p.top_p < 1.0) &&
-                     !(p.log_min_p > RVLLM_NEG_INF) && p.num_logprobs < 0;  // uniform over the block
+  const bool plain = plain_row(p, V);  // uniform over the block
+  if (stats && (plain || p.greedy)) return;  // race_kernel needs nothing for these rows
   const int groups = (V + 3) >> 2;
   float row_max = 0.f;
   int token = 0;  // every token -inf: token 0, as the argmax gives
@@ -758,45 +800,19 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
   }
 
   if (!p.greedy) {
-    const float temp = p.temperature;
-    // (x - max) / T: the same two float32 operations as NumPy, so the same values and ties. At
-    // T = 1 the division is exact, so it is skipped (an IEEE division is ~10 instructions a token).
-    const bool unit_temp = temp == 1.f;
-    auto scale = [&](float xv) {
-      const float d = __fsub_rn(xv, row_max);
-      return unit_temp ? d : __fdiv_rn(d, temp);
-    };
+    const Scale scale(row_max, p.temperature);
     float thr = RVLLM_NEG_INF;
     const bool has_k = p.top_k > 0 && p.top_k < V, has_p = p.top_p < 1.0;
     if ((has_k || has_p) && !kept_threshold_binned(x, V, scale, p.top_k, p.top_p, has_k, has_p, &thr))
       thr = kept_threshold_full_row(x, V, scale, p.top_k, p.top_p, has_k, has_p);
     thr = fmaxf(thr, p.log_min_p);
-    if (thresholds && tid == 0) thresholds[row] = thr;
-
+    if (stats) {
+      if (tid == 0) stats[row] = make_float2(row_max, thr);
+      return;
+    }
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
-    for_each_group(x, V, 0, groups, [&](int g, const float (&v)[4]) {  // tokens 4g .. 4g + 3: one Philox call
-      float sc[4];
-      bool keep[4], any = false;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        sc[j] = 4 * g + j < V ? scale(v[j]) : RVLLM_NEG_INF;
-        keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
-        any |= keep[j];
-      }
-      if (!any) return;  // below the top-k / top-p / min-p cut, or -inf: no draw needed
-      u32 w[4];
-      philox_words(rw, (u32)g, w);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (!keep[j]) continue;
-        const float r = sc[j] - log_exp_noise(w[j]);
-        if (r > best) {  // increasing token order within a thread: the first of equal values stays
-          best = r;
-          best_i = 4 * g + j;
-        }
-      }
-    });
+    for_each_group(x, V, 0, groups, [&](int g, const float (&v)[4]) { race_group(rw, scale, thr, V, g, v, best, best_i); });
     block_argmax(best, best_i);
     if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
   }
@@ -882,6 +898,61 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
       out[3 * B + MAX_TOP_LOGPROBS * row + j] = s_top_i[j];
       out[23 * B + MAX_TOP_LOGPROBS * row + j] = __float_as_int(s_top_v[j]);
     }
+  }
+}
+
+// The race of small batches, split over blocks as argmax_kernel is (grid (B, splits)): one block
+// a row ran the race pass of a batch-1 row in ~75 us on an H200 (the pass is arithmetic per token,
+// on one SM). Greedy rows take the argmax, plain rows race on x / T, other rows on (x - row max) / T
+// above the threshold that sample_kernel left in stats (its stats mode). Each block's best (value,
+// index) goes into keys[b] with a 64-bit atomicMax; the last block of the row writes the token,
+// counts it in the row's penalty slot and leaves keys[b], done[b] zero (the argmax scratch).
+// Rows asking for logprobs do not come here. The tokens are sample_kernel's: the same draws per
+// token, the same order among equal values.
+extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
+    int* __restrict__ out, const float* __restrict__ logits, int V, RowParams* __restrict__ table,
+    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
+    const float2* __restrict__ stats, unsigned long long* __restrict__ keys, int* __restrict__ done) {
+  pdl_enter();
+  const int row = blockIdx.x, splits = gridDim.y;
+  const int chunk = ((V + splits - 1) / splits + 3) & ~3;  // whole groups of 4 tokens (load4)
+  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
+  const float* x = logits + (size_t)row * V;
+  Row rw;
+  load_row(rw, table, fresh, steps, call_step, row);
+  const RowParams& p = rw.p;
+  float row_max = 0.f, thr = RVLLM_NEG_INF;
+  if (!p.greedy && !plain_row(p, V)) {
+    const float2 st = stats[row];
+    row_max = st.x;
+    thr = st.y;
+  }
+  const Scale scale(row_max, p.temperature);
+  float best = RVLLM_NEG_INF;
+  int best_i = NO_TOKEN;
+  for_each_group(x, V, start / 4, (end + 3) / 4, [&](int g, const float (&v)[4]) {
+    if (!p.greedy) {
+      race_group(rw, scale, thr, V, g, v, best, best_i);
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (v[j] > best) {  // tokens past `end` are past V (chunks are whole groups): -inf
+        best = v[j];
+        best_i = 4 * g + j;
+      }
+    }
+  });
+  block_argmax(best, best_i);
+  if (threadIdx.x != 0) return;
+  if (best_i != NO_TOKEN) atomicMax(keys + row, argmax_key(best, best_i));
+  __threadfence();  // the key before the count
+  if (atomicAdd(done + row, 1) == splits - 1) {
+    const unsigned long long k = atomicExch(keys + row, 0ull);
+    const int token = k == 0ull ? 0 : (int)(0xffffffffu - (unsigned int)(k & 0xffffffffu));  // none: 0, as argmax
+    out[row] = token;
+    if (rw.s.pen_slot >= 0) atomicAdd(counts + (size_t)rw.s.pen_slot * V + token, 1);
+    done[row] = 0;
   }
 }
 

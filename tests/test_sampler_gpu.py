@@ -213,48 +213,41 @@ def crossing_bin(incl: np.ndarray, target: int) -> int:
 
 def binned_threshold(scaled, k: int, top_p: float):
     """kept_threshold_binned: the same threshold as full_row_threshold from a histogram of the row by
-    value bins and radix selects over the tokens of the bins where the cuts lie; None where the
-    kernel falls back to the full row (a NaN, the k-th value below -32, more candidates than fit)."""
+    value bins (counts with top-k, masses with top-p alone) and radix selects over the tokens that
+    can decide it (with top-k every token down to the k-th value's bin, else the top-p crossing's
+    bin); None where the kernel falls back to the full row (a NaN, the k-th value below -32, more
+    candidates than fit)."""
     scaled = np.asarray(scaled, np.float32)
     if np.isnan(scaled).any():
         return None
-    has_k, has_p = k > 0, top_p < 1.0
     keys, bins = order_key(scaled), sel_bins(scaled)
-    with np.errstate(over="ignore", invalid="ignore"):
-        mass = fixed_mass(scaled)
-    mass_h = np.zeros(SEL_BINS, np.uint64)
-    np.add.at(mass_h, bins, mass)
-    count_incl, mass_incl = np.cumsum(np.bincount(bins, minlength=SEL_BINS)), np.cumsum(mass_h)
-    lo = hi = 0
-    if has_k:
-        hi = crossing_bin(count_incl, k)
-        if hi < 0 or hi == SEL_BINS - 1:
+    if k:
+        count_incl = np.cumsum(np.bincount(bins, minlength=SEL_BINS))
+        lo, hi = 0, crossing_bin(count_incl, k)
+        if hi < 0 or hi == SEL_BINS - 1 or count_incl[hi] > SEL_CAP:
             return None
-        lo = hi
-    total = int(mass_incl[-1])
-    if has_p:
-        z_low = (int(mass_incl[hi - 1]) if hi else 0) if has_k else total
-        lo = crossing_bin(mass_incl, top_p_target(top_p, z_low))
+        mass_above = 0
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            mass = fixed_mass(scaled)
+        mass_h = np.zeros(SEL_BINS, np.uint64)
+        np.add.at(mass_h, bins, mass)
+        mass_incl = np.cumsum(mass_h)
+        total = int(mass_incl[-1])
+        lo = hi = crossing_bin(mass_incl, top_p_target(top_p, total))
         if lo < 0:
             return None
-        hi = hi if has_k else lo
-    if lo > hi:
-        return None
-    mass_above = int(mass_incl[lo - 1]) if has_p and lo else 0
-    count_above = int(count_incl[lo - 1]) if has_k and lo else 0
+        mass_above = int(mass_incl[lo - 1]) if lo else 0
     cand = keys[(bins >= lo) & (bins <= hi)]
     if cand.size > SEL_CAP:
         return None
     cand_mass = fixed_mass(np.array([key_value(int(c)) for c in cand], np.float32))
     thr = np.float32(-np.inf)
-    if has_k:
-        k_key, above = radix_select(cand, np.ones(cand.size, np.uint64), k - count_above)
-        cnt_gt = count_above + above
+    if k:
+        k_key, cnt_gt = radix_select(cand, np.ones(cand.size, np.uint64), k)
         thr = key_value(k_key)
-    if has_p:
-        z = total
-        if has_k:
-            z = mass_above + int(cand_mass[cand > k_key].sum()) + (k - cnt_gt) * int(fixed_mass(np.float32(thr)))
+    if top_p < 1.0:
+        z = total if not k else int(cand_mass[cand > k_key].sum()) + (k - cnt_gt) * int(fixed_mass(np.float32(thr)))
         target = top_p_target(top_p, z)
         found = radix_select(cand, cand_mass, target - mass_above) if target > mass_above else None
         if not found:
@@ -913,3 +906,39 @@ def test_kept_thresholds_match_the_full_row_selects(sampler, rng, kind, b, vocab
     for r, (k, top_p, t) in enumerate(cases):
         want = np.fmax(full_row_threshold(scaled_row(logits[r], t), k, top_p), np.float32(-np.inf))  # the min-p fmaxf
         assert got[r] == want or (np.isneginf(got[r]) and np.isneginf(want)), (r, k, top_p, t, got[r], want)
+
+
+SPLIT_SIZES = [(1, 151936), (7, 16387), (24, 49152)]  # 16387: not a multiple of 4
+
+
+@pytest.mark.parametrize("b,vocab", SPLIT_SIZES, ids=[f"B{b}-V{v}" for b, v in SPLIT_SIZES])
+@pytest.mark.gpu
+@requires_gpu
+def test_split_race_samples_the_single_block_tokens(sampler, rng, b, vocab):
+    """race_kernel (a small batch's rows split over blocks) against sample_kernel's own race: the same
+    tokens over three calls of the same requests, with greedy, plain, top-k / top-p / min-p and seeded
+    rows, and repetition penalties whose counts come from the sampled tokens."""
+    from types import SimpleNamespace
+
+    from rvllm.sampling.gpu_sampler import GpuSampler, argmax_splits
+
+    split, whole = (GpuSampler(SimpleNamespace(dtype=sampler.dtype), seed=5, max_num_seqs=32) for _ in range(2))
+    whole.split_race_min_splits = 1 << 30
+    assert argmax_splits(b, vocab, split.num_sms) >= split.split_race_min_splits  # the split path runs
+    params = [SamplingParams(**{**vars_of(sp), "repetition_penalty": 1.3 if r % 3 == 0 else 1.0})
+              for r, sp in enumerate(random_params(rng, b, vocab, greedy_share=0.3))]
+    ids = [f"r{r}" for r in range(b)]
+    prompts = [rng.integers(0, vocab, 20).tolist() for _ in range(b)]
+    outputs = [[] for _ in range(b)]
+    for call in range(3):
+        logits = dev(crafted_logits(rng, b, vocab, ["normal", "ties", "peaked"][call]))
+        meta = SamplingMetadata.from_requests(list(zip(params, prompts, [list(o) for o in outputs], [None] * b)), ids)
+        got, want = split(logits, meta).token_ids, whole(logits, meta).token_ids
+        assert got == want, f"call {call}: {params}"
+        for o, t in zip(outputs, got):
+            o.append(t)
+
+
+def vars_of(sp: SamplingParams) -> dict:
+    """The arguments that rebuild sp: random_params sets only these."""
+    return {k: getattr(sp, k) for k in ("temperature", "top_k", "top_p", "min_p", "seed")}

@@ -6,7 +6,9 @@ allowed-token masks) and the penalty-state diffs are packed on the host into one
 (gpu_sampler_inputs.py) and copied to the device once; `process_logits_kernel` applies the edits to
 a copy of the logits (only when a row has any), `sample_kernel` samples every row and computes
 logprobs; one device-to-host copy brings back the token ids (and the logprob rows when a row asked).
-All-greedy steps with no edits and no logprobs run `argmax_kernel` only. The kernels are in
+All-greedy steps with no edits and no logprobs run `argmax_kernel` only. Small batches without
+logprobs race in `race_kernel`, each row split over blocks, after `sample_kernel` has found the
+rows' thresholds (when a row has a top-k, top-p or min-p cut). The kernels are in
 kernels_cu/sampling.cu, whose header states where the results can differ from NumPy's (the random
 draws themselves, and top-p at a boundary within float rounding).
 
@@ -42,6 +44,9 @@ THREADS = 1024  # SAMPLER_THREADS in sampling.cu
 MAX_VOCAB = 1 << 23  # fixed-point masses (2^40 per token) must sum below 2^63
 ARGMAX_SPLIT_ROWS = 1024  # rows the split argmax keeps scratch for; larger batches use one block a row
 _ARGMAX_CHUNK = 2048  # the fewest floats a split argmax block reads
+# Calls whose rows split into at least this many blocks each (argmax_splits: batches up to ~66 rows
+# on 132 SMs) race in race_kernel, split over blocks; larger ones race in sample_kernel, a block a row.
+SPLIT_RACE_MIN_SPLITS = 4
 
 def argmax_splits(num_rows: int, vocab: int, num_sms: int) -> int:
     """Blocks per row for argmax_kernel: enough for about two blocks per SM over the batch, each
@@ -66,6 +71,8 @@ class GpuSampler:
         # Allocated here, before any CUDA graph capture, and kept for the graphs' lifetime.
         self._argmax_keys = cp.zeros(ARGMAX_SPLIT_ROWS, np.uint64)
         self._argmax_done = cp.zeros(ARGMAX_SPLIT_ROWS, np.int32)
+        self._stats = cp.empty(2 * ARGMAX_SPLIT_ROWS, np.float32)  # sample_kernel's stats for race_kernel
+        self.split_race_min_splits = SPLIT_RACE_MIN_SPLITS
         self.penalty_slots = PenaltySlots(max_num_seqs)
         self.param_slots = ParamSlots(max_num_seqs)
         # The parameter table (sampling.cu's RowParams per slot): uninitialized, a slot's record is
@@ -90,13 +97,11 @@ class GpuSampler:
         """logits: cupy float32 [B, V], C-contiguous, on the device. Returns host token ids."""
         return self.launch(logits, meta).result()
 
-    def launch(self, logits, meta: SamplingMetadata, thresholds=None) -> "PendingSample":
+    def launch(self, logits, meta: SamplingMetadata) -> "PendingSample":
         """Queues the sampling of `logits` on the current stream without waiting for the device:
         inputs go up from pinned memory, the results come back into pinned memory behind an event.
         PendingSample.token_ids is the device array of sampled ids (the next step's inputs may read
-        it); .result() waits for the copy and returns the SamplerOutput.
-        thresholds: None, or a cupy float32 [B] that sample_kernel fills with each random row's
-        kept-set threshold (kept_thresholds)."""
+        it); .result() waits for the copy and returns the SamplerOutput."""
         num_rows, vocab = self._check(logits, meta)
         step = self.calls
         self.calls += 1
@@ -114,9 +119,19 @@ class GpuSampler:
         want_lp = meta.max_num_logprobs is not None
         out = cp.empty(num_rows * (3 + 2 * MAX_TOP_LOGPROBS) if want_lp else num_rows, dtype=np.int32)
         counts = self._counts if self._counts is not None else self._no_state
-        self._kernel("sample_kernel")((num_rows,), (THREADS,),
-                                      (out, x, np.int32(vocab), np.int32(num_rows), *self._row_args(args, step),
-                                       counts, thresholds if thresholds is not None else np.uint64(0)))
+        row_args = self._row_args(args, step)
+        splits = argmax_splits(num_rows, vocab, self.num_sms)
+        if want_lp or splits < self.split_race_min_splits:
+            self._kernel("sample_kernel")((num_rows,), (THREADS,),
+                                          (out, x, np.int32(vocab), np.int32(num_rows), *row_args, counts, np.uint64(0)))
+        else:
+            if not (meta.no_top_k_top_p and meta.no_min_p):  # the thresholds first (random rows with a cut)
+                self._kernel("sample_kernel")((num_rows,), (THREADS,),
+                                              (out, x, np.int32(vocab), np.int32(num_rows), *row_args, counts,
+                                               self._stats))
+            self._kernel("race_kernel")((num_rows, splits), (THREADS,),
+                                        (out, x, np.int32(vocab), *row_args, counts, self._stats, self._argmax_keys,
+                                         self._argmax_done))
         # Rows asking more logprobs than the kernel keeps get theirs on the host in result(): copy
         # their logits now (a graph replay of the next step reuses the logits buffer).
         big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
@@ -126,11 +141,17 @@ class GpuSampler:
 
     def kept_thresholds(self, logits, meta: SamplingMetadata) -> np.ndarray:
         """Per row, the threshold on (x - max) / T above which sample_kernel keeps tokens (the top-k,
-        top-p and min-p cut; -inf for rows without one, NaN for greedy rows). Samples the rows as
-        launch() does (penalty counts included); tests and debugging."""
-        thresholds = cp.full(logits.shape[0], np.nan, np.float32)
-        self.launch(logits, meta, thresholds).result()
-        return thresholds.get()
+        top-p and min-p cut), from its stats mode; NaN for greedy and plain rows. Samples nothing;
+        tests and debugging."""
+        num_rows, vocab = self._check(logits, meta)
+        staged, dev, args = self._upload(meta, vocab, self.calls, sampling=False)
+        x = self._process(logits, dev, args, self.calls) if meta.needs_logit_processing else logits
+        stats = cp.full((num_rows, 2), np.nan, np.float32)
+        self._kernel("sample_kernel")((num_rows,), (THREADS,),
+                                      (self._no_state, x, np.int32(vocab), np.int32(num_rows),  # out: unwritten
+                                       *self._row_args(args, self.calls), self._no_state, stats))
+        cp.cuda.get_current_stream().synchronize()  # `staged` must outlive the copy
+        return stats[:, 1].get()
 
     def process_logits(self, logits, meta: SamplingMetadata):
         """Penalties, bias, suppressed ids and masks applied to a copy: cupy float32 [B, V].
