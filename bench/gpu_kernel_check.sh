@@ -135,10 +135,12 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                                            (SamplingParams(temperature=1.0, top_k=8191), [1], [], None)])
     x = cp.ones((2, 8192), cp.float32)
     x[1] = cp.linspace(0, -4000, 8192, dtype=cp.float32)
-    assert len(sampler(x, deep).token_ids) == 2  # 2 rows x 8192: race_kernel, 4 blocks a row
+    assert len(sampler(x, deep).token_ids) == 2  # 2 rows x 8192: split over 4 blocks a row (select_*, race)
     mixed = SamplingMetadata.from_requests([(SamplingParams(temperature=0.9), [1], [], None),
-                                            (SamplingParams(temperature=0.0), [1], [], None)])
-    assert len(sampler(cp.asarray(rng.standard_normal((2, 8192)), dtype=cp.float32), mixed).token_ids) == 2
+                                            (SamplingParams(temperature=0.0), [1], [], None),
+                                            (SamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.01,
+                                                            repetition_penalty=1.05), [1, 2], [3], None)])
+    assert len(sampler(cp.asarray(rng.standard_normal((3, 8192)), dtype=cp.float32), mixed).token_ids) == 3
     greedy = SamplingMetadata.from_requests([(SamplingParams(temperature=0.0), [1], [], None)] * 3)
     assert len(sampler(cp.asarray(rng.standard_normal((3, vocab)), dtype=cp.float32), greedy).token_ids) == 3
 print("smoke: every kernel ran")

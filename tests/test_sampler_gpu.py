@@ -888,7 +888,9 @@ def test_rows_not_16_byte_aligned_sample_as_aligned_ones(sampler, rng):
         assert a(shifted, meta_for(meta_params)).token_ids == c(dev(logits), meta_for(meta_params)).token_ids
 
 
-THRESHOLD_SIZES = [(24, 1000), (9, 1001), (12, 151936)]
+# 1000, 1001, 8192 at these batches: a block a row (sample_kernel's stats mode); 151936 and 16387:
+# split over blocks (argmax_kernel's max, select_*_kernel)
+THRESHOLD_SIZES = [(24, 1000), (9, 1001), (96, 8192), (12, 151936), (3, 16387)]
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "peaked", "narrow", "constant", "wide", "nan"])
@@ -896,9 +898,9 @@ THRESHOLD_SIZES = [(24, 1000), (9, 1001), (12, 151936)]
 @pytest.mark.gpu
 @requires_gpu
 def test_kept_thresholds_match_the_full_row_selects(sampler, rng, kind, b, vocab):
-    """sample_kernel's top-k / top-p threshold, bit for bit, against the NumPy radix selects over the
-    whole row: through the binned path, and through its fallback (narrow, constant, wide and nan rows
-    at the larger sizes)."""
+    """The kernels' top-k / top-p threshold, bit for bit, against the NumPy radix selects over the
+    whole row: a block a row and split over blocks, through the binned path and through its fallback
+    (narrow, constant, wide and nan rows at the larger sizes)."""
     logits = threshold_rows(rng, b, vocab, kind)
     cases = threshold_cases(rng, vocab, b)
     params = [SamplingParams(temperature=t, top_k=k or -1, top_p=p) for k, p, t in cases]

@@ -52,7 +52,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
-    "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "race_kernel", "philox_kernel"), False),
+    "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "race_kernel", "select_count_kernel",
+                     "select_gather_kernel", "select_kernel", "philox_kernel"), False),
 }
 
 # Must match attention_decode.cu.

@@ -7,8 +7,8 @@ allowed-token masks) and the penalty-state diffs are packed on the host into one
 a copy of the logits (only when a row has any), `sample_kernel` samples every row and computes
 logprobs; one device-to-host copy brings back the token ids (and the logprob rows when a row asked).
 All-greedy steps with no edits and no logprobs run `argmax_kernel` only. Small batches without
-logprobs race in `race_kernel`, each row split over blocks, after `sample_kernel` has found the
-rows' thresholds (when a row has a top-k, top-p or min-p cut). The kernels are in
+logprobs race in `race_kernel`, each row split over blocks, after the rows' thresholds (when a row
+has a top-k, top-p or min-p cut) were found split over blocks too (`select_*_kernel`). The kernels are in
 kernels_cu/sampling.cu, whose header states where the results can differ from NumPy's (the random
 draws themselves, and top-p at a boundary within float rounding).
 
@@ -29,7 +29,7 @@ import numpy as np
 from rvllm.backend import nvrtc
 from rvllm.sampling.gpu_sampler_inputs import MASK64, MAX_TOP_LOGPROBS, PARAMS_DTYPE, pack_step
 from rvllm.sampling.logprobs import LogprobsRow, gather_logprobs, log_softmax
-from rvllm.sampling.metadata import SamplingMetadata
+from rvllm.sampling.metadata import GREEDY_TEMPERATURE, SamplingMetadata
 from rvllm.sampling.param_slots import ParamSlots
 from rvllm.sampling.penalty_slots import PenaltySlots, SlotUpdate
 from rvllm.sampling.sampler import SamplerOutput
@@ -47,6 +47,7 @@ _ARGMAX_CHUNK = 2048  # the fewest floats a split argmax block reads
 # Calls whose rows split into at least this many blocks each (argmax_splits: batches up to ~66 rows
 # on 132 SMs) race in race_kernel, split over blocks; larger ones race in sample_kernel, a block a row.
 SPLIT_RACE_MIN_SPLITS = 4
+SEL_BINS, SEL_CAP = 2048, 6144  # sampling_select.cuh: value bins, candidate keys a row
 
 def argmax_splits(num_rows: int, vocab: int, num_sms: int) -> int:
     """Blocks per row for argmax_kernel: enough for about two blocks per SM over the batch, each
@@ -71,7 +72,8 @@ class GpuSampler:
         # Allocated here, before any CUDA graph capture, and kept for the graphs' lifetime.
         self._argmax_keys = cp.zeros(ARGMAX_SPLIT_ROWS, np.uint64)
         self._argmax_done = cp.zeros(ARGMAX_SPLIT_ROWS, np.int32)
-        self._stats = cp.empty(2 * ARGMAX_SPLIT_ROWS, np.float32)  # sample_kernel's stats for race_kernel
+        self._stats = cp.empty(2 * ARGMAX_SPLIT_ROWS, np.float32)  # (row max, threshold) a row, for race_kernel
+        self._select = None  # the split thresholds' scratch (_select_scratch)
         self.split_race_min_splits = SPLIT_RACE_MIN_SPLITS
         self.penalty_slots = PenaltySlots(max_num_seqs)
         self.param_slots = ParamSlots(max_num_seqs)
@@ -111,7 +113,8 @@ class GpuSampler:
             out = cp.empty(num_rows, dtype=np.int32)
             splits = argmax_splits(num_rows, vocab, self.num_sms)
             self._kernel("argmax_kernel")((num_rows, splits), (THREADS,),
-                                          (out, logits, np.int32(vocab), self._argmax_keys, self._argmax_done))
+                                          (out, logits, np.int32(vocab), self._argmax_keys, self._argmax_done,
+                                           np.uint64(0)))
             return PendingSample(meta, num_rows, vocab, out)
 
         staged, dev, args = self._upload(meta, vocab, step, sampling=True)
@@ -126,9 +129,7 @@ class GpuSampler:
                                           (out, x, np.int32(vocab), np.int32(num_rows), *row_args, counts, np.uint64(0)))
         else:
             if not (meta.no_top_k_top_p and meta.no_min_p):  # the thresholds first (random rows with a cut)
-                self._kernel("sample_kernel")((num_rows,), (THREADS,),
-                                              (out, x, np.int32(vocab), np.int32(num_rows), *row_args, counts,
-                                               self._stats))
+                self._thresholds(x, meta, splits, row_args, self._stats)
             self._kernel("race_kernel")((num_rows, splits), (THREADS,),
                                         (out, x, np.int32(vocab), *row_args, counts, self._stats, self._argmax_keys,
                                          self._argmax_done))
@@ -147,11 +148,42 @@ class GpuSampler:
         staged, dev, args = self._upload(meta, vocab, self.calls, sampling=False)
         x = self._process(logits, dev, args, self.calls) if meta.needs_logit_processing else logits
         stats = cp.full((num_rows, 2), np.nan, np.float32)
-        self._kernel("sample_kernel")((num_rows,), (THREADS,),
-                                      (self._no_state, x, np.int32(vocab), np.int32(num_rows),  # out: unwritten
-                                       *self._row_args(args, self.calls), self._no_state, stats))
+        self._thresholds(x, meta, argmax_splits(num_rows, vocab, self.num_sms), self._row_args(args, self.calls), stats)
         cp.cuda.get_current_stream().synchronize()  # `staged` must outlive the copy
         return stats[:, 1].get()
+
+    def _thresholds(self, x, meta: SamplingMetadata, splits: int, row_args: tuple, stats) -> None:
+        """stats [B, 2] = (row max, kept-set threshold) of the random rows with a top-k, top-p or min-p
+        cut: split over blocks as the race is (argmax_kernel's max, then select_*_kernel) when the
+        call's rows split, else sample_kernel's stats mode, a block a row."""
+        num_rows, vocab = x.shape
+        v = np.int32(vocab)
+        if splits < self.split_race_min_splits:
+            self._kernel("sample_kernel")((num_rows,), (THREADS,),
+                                          (self._no_state, x, v, np.int32(num_rows), *row_args, self._no_state, stats))
+            return
+        sc = self._select_scratch(num_rows)
+        self._kernel("argmax_kernel")((num_rows, splits), (THREADS,),
+                                      (self._no_state, x, v, self._argmax_keys, self._argmax_done, sc["row_max"]))
+        if any(0 < k < vocab and t >= GREEDY_TEMPERATURE for k, t in zip(meta.top_k, meta.temperature)):
+            self._kernel("select_count_kernel")((num_rows, splits), (THREADS,),
+                                                (x, v, *row_args, sc["row_max"], sc["hist"], sc["flags"]))
+            self._kernel("select_gather_kernel")((num_rows, splits), (THREADS,),
+                                                 (x, v, *row_args, sc["row_max"], sc["hist"], sc["flags"], sc["ncand"],
+                                                  sc["cand"]))
+        self._kernel("select_kernel")((num_rows,), (THREADS,),
+                                      (x, v, *row_args, sc["row_max"], sc["hist"], sc["flags"], sc["ncand"], sc["cand"],
+                                       stats))
+
+    def _select_scratch(self, num_rows: int) -> dict:
+        """The split thresholds' per-row scratch (sampling.cu), for at least num_rows rows: hist, ncand and
+        flags zero (and left zero by select_kernel), cand and row_max written before they are read."""
+        if self._select is None or self._select["ncand"].size < num_rows:
+            self._select = None  # the old buffers back to the pool first
+            self._select = {"hist": cp.zeros(num_rows * SEL_BINS, np.uint32), "ncand": cp.zeros(num_rows, np.uint32),
+                            "flags": cp.zeros(num_rows, np.uint32), "cand": cp.empty(num_rows * SEL_CAP, np.uint32),
+                            "row_max": cp.empty(num_rows, np.float32)}
+        return self._select
 
     def process_logits(self, logits, meta: SamplingMetadata):
         """Penalties, bias, suppressed ids and masks applied to a copy: cupy float32 [B, V].
