@@ -80,13 +80,16 @@ SAMPLING = {
     "plain": dict(temperature=1.0, top_p=1.0),  # vllm bench throughput's
     # Qwen2.5-Instruct's generation_config.json, which `rvllm serve` applies by default (as vLLM does)
     "qwen-chat": dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
+    # Llama-3.1-Instruct's: top-p alone
+    "llama-chat": dict(temperature=0.6, top_p=0.9),
 }
 
 
 def add_sampling_arg(ap, default: str) -> None:
     ap.add_argument("--sampling", choices=list(SAMPLING), default=default,
                     help="greedy; plain (temperature 1.0, top-p 1.0); qwen-chat (Qwen2.5-Instruct's generation_config: "
-                         "temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05)")
+                         "temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05); llama-chat "
+                         "(Llama-3.1-Instruct's: temperature 0.6, top-p 0.9)")
 
 
 def add_engine_args(ap, input_len: int, output_len: int = 128) -> None:

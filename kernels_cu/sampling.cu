@@ -545,95 +545,158 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
 // sample_kernel's stats mode works a block a row; at batch 1 its passes (max, histogram, candidates)
 // ran on one SM (~100-180 us for a 152k-token row with top-k and top-p, H200). Here the passes are
 // split over blocks as argmax_kernel is: argmax_kernel (max_out) finds each row's max;
-// select_count_kernel counts each chunk's tokens per value bin into the row's histogram in global
-// memory; select_gather_kernel finds the k-th value's bin from it and appends the keys of its
-// chunk's tokens at or above that bin to the row's candidates; select_kernel (a block a row) runs
-// the radix selects over those, writes stats and leaves the scratch zero for the next call. Only
-// rows with top-k use the scratch; select_kernel gives rows with top-p alone kept_threshold_binned,
-// and rows the split passes could not decide (a NaN, the k-th value below -32, too many candidates)
-// the full-row selects, as sample_kernel does.
-// Scratch per row: hist [SEL_BINS], ncand, flags (1: a NaN), all zero between calls; cand [SEL_CAP].
+// select_count_kernel adds each chunk's per-bin counts (top-k rows) or masses (top-p alone) into the
+// row's histogram in global memory; select_gather_kernel finds the bins that decide the thresholds
+// from it (kept_threshold_binned's choice) and appends the keys of its chunk's tokens in them to the
+// row's candidates; select_kernel (a block a row) runs the radix selects over those, writes stats
+// and leaves the scratch zero for the next call. Rows the split passes cannot decide (a NaN, the
+// k-th value below -32, too many candidates) get the full-row selects in select_kernel, as in
+// sample_kernel; rows with min-p alone need only the max.
+// Scratch per row, zero between calls: count [SEL_BINS] (u32), mass [SEL_BINS] (u64), ncand, flags
+// (1: a NaN); written before read: cand [SEL_CAP].
+
+struct SelectScratch {
+  u32* count;
+  u64* mass;
+  u32* ncand;
+  u32* flags;
+  u32* cand;
+  const float* row_max;
+};
+// The scratch as kernel arguments (one per pointer: the launcher passes no structs), and the struct.
+#define SELECT_SCRATCH_PARAMS \
+    u32* __restrict__ sc_count, u64* __restrict__ sc_mass, u32* __restrict__ sc_ncand, u32* __restrict__ sc_flags, \
+    u32* __restrict__ sc_cand, const float* __restrict__ sc_row_max
+#define SELECT_SCRATCH {sc_count, sc_mass, sc_ncand, sc_flags, sc_cand, sc_row_max}
 
 __device__ __forceinline__ bool top_k_row(const RowParams& p, int V) {
   return !p.greedy && p.top_k > 0 && p.top_k < V;
+}
+
+__device__ __forceinline__ bool top_p_only_row(const RowParams& p, int V) {
+  return !p.greedy && !top_k_row(p, V) && p.top_p < 1.0;
 }
 
 __device__ __forceinline__ float finite_or_zero(float m) {  // NumPy: a row max that is not finite is 0
   return (m > RVLLM_NEG_INF && m < -RVLLM_NEG_INF) ? m : 0.f;
 }
 
+// This block's chunk of the row: groups [*g0, *g1) (whole groups, as argmax_kernel splits).
+__device__ __forceinline__ void split_chunk(int V, int* g0, int* g1) {
+  const int splits = gridDim.y, chunk = ((V + splits - 1) / splits + 3) & ~3;
+  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
+  *g0 = start / 4;
+  *g1 = (end + 3) / 4;
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) select_count_kernel(
     const float* __restrict__ logits, int V, RowParams* __restrict__ table, const RowParams* __restrict__ fresh,
-    const RowStep* __restrict__ steps, u64 call_step, const float* __restrict__ row_maxes, u32* __restrict__ hist,
-    u32* __restrict__ flags) {
+    const RowStep* __restrict__ steps, u64 call_step, SELECT_SCRATCH_PARAMS) {
   pdl_enter();
-  u32* const count = reinterpret_cast<u32*>(s_sel);
-  const int row = blockIdx.x, splits = gridDim.y, tid = threadIdx.x;
+  const SelectScratch sc SELECT_SCRATCH;
+  u64* const mass = reinterpret_cast<u64*>(s_sel);
+  u32* const count = reinterpret_cast<u32*>(s_sel + SEL_BINS * 8);
+  const int row = blockIdx.x, tid = threadIdx.x;
   Row rw;
   load_row(rw, table, fresh, steps, call_step, row);
-  if (!top_k_row(rw.p, V)) return;  // uniform over the block
-  const int chunk = ((V + splits - 1) / splits + 3) & ~3;
-  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
-  const Scale scale(finite_or_zero(row_maxes[row]), rw.p.temperature);
-  for (int b = tid; b < SEL_BINS; b += blockDim.x) count[b] = 0u;
+  const bool by_count = top_k_row(rw.p, V);
+  if (!by_count && !top_p_only_row(rw.p, V)) return;  // uniform over the block
+  const Scale scale(finite_or_zero(sc.row_max[row]), rw.p.temperature);
+  for (int b = tid; b < SEL_BINS; b += blockDim.x) {
+    mass[b] = 0ull;
+    count[b] = 0u;
+  }
   __syncthreads();
-  u32 far = 0u;  // the last bin's tokens: one atomic a warp, not one a token on one address
+  u32 far = 0u;  // the last bin's tokens (mass 0): one atomic a warp, not one a token on one address
   bool nan = false;
-  for_each_group(logits + (size_t)row * V, V, start / 4, (end + 3) / 4, [&](int g, const float (&v)[4]) {
+  int g0, g1;
+  split_chunk(V, &g0, &g1);
+  for_each_group(logits + (size_t)row * V, V, g0, g1, [&](int g, const float (&v)[4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (4 * g + j >= V) break;
       const float s = scale(v[j]);
       nan |= s != s;
       const int b = sel_bin(s);
-      if (b == SEL_BINS - 1)
+      if (b == SEL_BINS - 1) {
         ++far;
-      else
+      } else if (by_count) {
         atomicAdd(count + b, 1u);
+      } else {
+        const u64 w = fixed_mass(s);
+        if (w) atomicAdd(mass + b, w);
+      }
     }
   });
   for (int o = 16; o > 0; o >>= 1) far += __shfl_xor_sync(0xffffffffu, far, o);
-  if ((tid & 31) == 0 && far) atomicAdd(count + SEL_BINS - 1, far);
-  if (__syncthreads_or(nan) && tid == 0) atomicOr(flags + row, 1u);
-  u32* h = hist + (size_t)row * SEL_BINS;
-  for (int b = tid; b < SEL_BINS; b += blockDim.x)
-    if (count[b]) atomicAdd(h + b, count[b]);
+  if (by_count && (tid & 31) == 0 && far) atomicAdd(count + SEL_BINS - 1, far);
+  if (__syncthreads_or(nan) && tid == 0) atomicOr(sc.flags + row, 1u);
+  const size_t at = (size_t)row * SEL_BINS;
+  for (int b = tid; b < SEL_BINS; b += blockDim.x) {
+    if (by_count && count[b]) atomicAdd(sc.count + at + b, count[b]);
+    if (!by_count && mass[b]) atomicAdd(sc.mass + at + b, mass[b]);
+  }
 }
 
-// The bin of the row's k-th value from the summed histogram (every block scans it), or -1 when the
-// split path cannot decide the row (select_kernel then takes the full row).
-__device__ int split_k_bin(const u32* __restrict__ hist, u32 flags, int row, int top_k) {
-  u32* const count = reinterpret_cast<u32*>(s_sel);
-  const u32* h = hist + (size_t)row * SEL_BINS;
-  for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) count[b] = h[b];
+// The bins [*lo, *hi] whose tokens decide the row's thresholds, from its summed histogram (every
+// block of select_gather_kernel scans it), as kept_threshold_binned chooses them; *mass_above and
+// *total_mass for top-p alone. False when the split path cannot decide the row. Zeroes the row's
+// histogram behind it when `clear` (select_kernel: the last reader).
+__device__ bool split_window(const SelectScratch& sc, int row, const RowParams& p, int V, bool clear, int* lo,
+                             int* hi, u64* mass_above, u64* total_mass) {
+  u64* const mass = reinterpret_cast<u64*>(s_sel);
+  u32* const count = reinterpret_cast<u32*>(s_sel + SEL_BINS * 8);
+  const bool by_count = top_k_row(p, V);
+  const size_t at = (size_t)row * SEL_BINS;
+  for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {  // each thread zeroes the bins it read
+    if (by_count) {
+      count[b] = sc.count[at + b];
+      if (clear) sc.count[at + b] = 0u;
+    } else {
+      mass[b] = sc.mass[at + b];
+      if (clear) sc.mass[at + b] = 0ull;
+    }
+  }
   __syncthreads();
-  inclusive_scan_bins(count);
-  const int hi = crossing_bin(count, (u64)top_k);
-  return (flags || hi < 0 || hi == SEL_BINS - 1 || count[hi] > SEL_CAP) ? -1 : hi;
+  *mass_above = *total_mass = 0ull;
+  if (by_count) {
+    inclusive_scan_bins(count);
+    *lo = 0;
+    *hi = crossing_bin(count, (u64)p.top_k);
+    return *hi >= 0 && *hi < SEL_BINS - 1 && count[*hi] <= SEL_CAP;
+  }
+  inclusive_scan_bins(mass);
+  *total_mass = mass[SEL_BINS - 1];
+  *lo = *hi = crossing_bin(mass, top_p_target(p.top_p, *total_mass));
+  if (*lo < 0) return false;
+  *mass_above = *lo ? mass[*lo - 1] : 0ull;
+  return true;
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) select_gather_kernel(
     const float* __restrict__ logits, int V, RowParams* __restrict__ table, const RowParams* __restrict__ fresh,
-    const RowStep* __restrict__ steps, u64 call_step, const float* __restrict__ row_maxes,
-    const u32* __restrict__ hist, const u32* __restrict__ flags, u32* __restrict__ ncand, u32* __restrict__ cand) {
+    const RowStep* __restrict__ steps, u64 call_step, SELECT_SCRATCH_PARAMS) {
   pdl_enter();
-  const int row = blockIdx.x, splits = gridDim.y;
+  const SelectScratch sc SELECT_SCRATCH;
+  const int row = blockIdx.x;
   Row rw;
   load_row(rw, table, fresh, steps, call_step, row);
-  if (!top_k_row(rw.p, V)) return;
-  const int hi = split_k_bin(hist, flags[row], row, rw.p.top_k);
-  if (hi < 0) return;
-  const int chunk = ((V + splits - 1) / splits + 3) & ~3;
-  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
-  const Scale scale(finite_or_zero(row_maxes[row]), rw.p.temperature);
-  u32* c = cand + (size_t)row * SEL_CAP;
-  for_each_group(logits + (size_t)row * V, V, start / 4, (end + 3) / 4, [&](int g, const float (&v)[4]) {
+  if (!top_k_row(rw.p, V) && !top_p_only_row(rw.p, V)) return;
+  int lo, hi;
+  u64 mass_above, total_mass;
+  if (sc.flags[row] || !split_window(sc, row, rw.p, V, false, &lo, &hi, &mass_above, &total_mass)) return;
+  const Scale scale(finite_or_zero(sc.row_max[row]), rw.p.temperature);
+  u32* c = sc.cand + (size_t)row * SEL_CAP;
+  int g0, g1;
+  split_chunk(V, &g0, &g1);
+  for_each_group(logits + (size_t)row * V, V, g0, g1, [&](int g, const float (&v)[4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (4 * g + j >= V) break;
       const float s = scale(v[j]);
-      if (sel_bin(s) <= hi) {
-        const u32 at = atomicAdd(ncand + row, 1u);
+      const int b = sel_bin(s);
+      if (b >= lo && b <= hi) {
+        const u32 at = atomicAdd(sc.ncand + row, 1u);
         if (at < SEL_CAP) c[at] = order_key(s);
       }
     }
@@ -643,42 +706,41 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) select_gather_kern
 // stats[b] = (row max, threshold) for the random rows with a cut, as sample_kernel's stats mode.
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) select_kernel(
     const float* __restrict__ logits, int V, RowParams* __restrict__ table, const RowParams* __restrict__ fresh,
-    const RowStep* __restrict__ steps, u64 call_step, const float* __restrict__ row_maxes, u32* __restrict__ hist,
-    u32* __restrict__ flags, u32* __restrict__ ncand, const u32* __restrict__ cand, float2* __restrict__ stats) {
+    const RowStep* __restrict__ steps, u64 call_step, SELECT_SCRATCH_PARAMS, float2* __restrict__ stats) {
   pdl_enter();
+  const SelectScratch sc SELECT_SCRATCH;
   const int row = blockIdx.x, tid = threadIdx.x;
-  const float* x = logits + (size_t)row * V;
   Row rw;
   load_row(rw, table, fresh, steps, call_step, row);
   const RowParams& p = rw.p;
   if (p.greedy || plain_row(p, V)) return;
-  const float row_max = finite_or_zero(row_maxes[row]);
-  const Scale scale(row_max, p.temperature);
+  const float row_max = finite_or_zero(sc.row_max[row]);
   const bool has_k = top_k_row(p, V), has_p = p.top_p < 1.0;
   float thr = RVLLM_NEG_INF;
   bool decided = !has_k && !has_p;  // min-p alone
-  if (has_k) {
-    const u32 f = flags[row], n = ncand[row];
-    const int hi = split_k_bin(hist, f, row, p.top_k);
-    u32* h = hist + (size_t)row * SEL_BINS;
-    for (int b = tid; b < SEL_BINS; b += blockDim.x) h[b] = 0u;  // zero for the next call (read above)
+  if (!decided) {
+    const u32 nan = sc.flags[row], n = sc.ncand[row];  // read by every thread before thread 0 zeroes them
+    int lo, hi;
+    u64 mass_above, total_mass;
+    const bool window = split_window(sc, row, p, V, true, &lo, &hi, &mass_above, &total_mass);
+    // every candidate gathered: with top-k the window's count is known; else all that fitted
+    const bool ok = !nan && window && (has_k ? n == reinterpret_cast<const u32*>(s_sel + SEL_BINS * 8)[hi]
+                                             : n <= SEL_CAP);
     if (tid == 0) {
-      flags[row] = 0u;
-      ncand[row] = 0u;
+      sc.flags[row] = 0u;
+      sc.ncand[row] = 0u;
     }
-    const u32* count = reinterpret_cast<const u32*>(s_sel);
-    const bool ok = hi >= 0 && n == count[hi];  // every candidate gathered
-    __syncthreads();  // count is read: the candidates overwrite it
+    __syncthreads();  // the histograms are read: the candidates overwrite them
     if (ok) {
       u32* c = reinterpret_cast<u32*>(s_sel);
-      for (u32 i = tid; i < n; i += blockDim.x) c[i] = cand[(size_t)row * SEL_CAP + i];
+      for (u32 i = tid; i < n; i += blockDim.x) c[i] = sc.cand[(size_t)row * SEL_CAP + i];
       __syncthreads();
-      decided = threshold_from_candidates(c, n, p.top_k, p.top_p, true, has_p, 0ull, 0ull, &thr);
+      decided = threshold_from_candidates(c, n, p.top_k, p.top_p, has_k, has_p, mass_above, total_mass, &thr);
     }
-  } else if (has_p) {
-    decided = kept_threshold_binned(x, V, scale, p.top_k, p.top_p, false, true, &thr);
   }
-  if (!decided) thr = kept_threshold_full_row(x, V, scale, p.top_k, p.top_p, has_k, has_p);
+  if (!decided)
+    thr = kept_threshold_full_row(logits + (size_t)row * V, V, Scale(row_max, p.temperature), p.top_k, p.top_p,
+                                  has_k, has_p);
   if (tid == 0) stats[row] = make_float2(row_max, fmaxf(thr, p.log_min_p));
 }
 

@@ -29,7 +29,7 @@ import numpy as np
 from rvllm.backend import nvrtc
 from rvllm.sampling.gpu_sampler_inputs import MASK64, MAX_TOP_LOGPROBS, PARAMS_DTYPE, pack_step
 from rvllm.sampling.logprobs import LogprobsRow, gather_logprobs, log_softmax
-from rvllm.sampling.metadata import GREEDY_TEMPERATURE, SamplingMetadata
+from rvllm.sampling.metadata import SamplingMetadata
 from rvllm.sampling.param_slots import ParamSlots
 from rvllm.sampling.penalty_slots import PenaltySlots, SlotUpdate
 from rvllm.sampling.sampler import SamplerOutput
@@ -163,26 +163,24 @@ class GpuSampler:
                                           (self._no_state, x, v, np.int32(num_rows), *row_args, self._no_state, stats))
             return
         sc = self._select_scratch(num_rows)
+        scratch = tuple(sc[k] for k in ("count", "mass", "ncand", "flags", "cand", "row_max"))  # SELECT_SCRATCH_PARAMS
         self._kernel("argmax_kernel")((num_rows, splits), (THREADS,),
                                       (self._no_state, x, v, self._argmax_keys, self._argmax_done, sc["row_max"]))
-        if any(0 < k < vocab and t >= GREEDY_TEMPERATURE for k, t in zip(meta.top_k, meta.temperature)):
-            self._kernel("select_count_kernel")((num_rows, splits), (THREADS,),
-                                                (x, v, *row_args, sc["row_max"], sc["hist"], sc["flags"]))
-            self._kernel("select_gather_kernel")((num_rows, splits), (THREADS,),
-                                                 (x, v, *row_args, sc["row_max"], sc["hist"], sc["flags"], sc["ncand"],
-                                                  sc["cand"]))
-        self._kernel("select_kernel")((num_rows,), (THREADS,),
-                                      (x, v, *row_args, sc["row_max"], sc["hist"], sc["flags"], sc["ncand"], sc["cand"],
-                                       stats))
+        if not meta.no_top_k_top_p:  # rows with min-p alone need only the max
+            for name in ("select_count_kernel", "select_gather_kernel"):
+                self._kernel(name)((num_rows, splits), (THREADS,), (x, v, *row_args, *scratch))
+        self._kernel("select_kernel")((num_rows,), (THREADS,), (x, v, *row_args, *scratch, stats))
 
     def _select_scratch(self, num_rows: int) -> dict:
-        """The split thresholds' per-row scratch (sampling.cu), for at least num_rows rows: hist, ncand and
-        flags zero (and left zero by select_kernel), cand and row_max written before they are read."""
+        """The split thresholds' per-row scratch (sampling.cu SelectScratch), for at least num_rows rows:
+        count, mass, ncand and flags zero (and left zero by select_kernel); cand and row_max are
+        written before they are read."""
         if self._select is None or self._select["ncand"].size < num_rows:
             self._select = None  # the old buffers back to the pool first
-            self._select = {"hist": cp.zeros(num_rows * SEL_BINS, np.uint32), "ncand": cp.zeros(num_rows, np.uint32),
-                            "flags": cp.zeros(num_rows, np.uint32), "cand": cp.empty(num_rows * SEL_CAP, np.uint32),
-                            "row_max": cp.empty(num_rows, np.float32)}
+            self._select = {"count": cp.zeros(num_rows * SEL_BINS, np.uint32),
+                            "mass": cp.zeros(num_rows * SEL_BINS, np.uint64),
+                            "ncand": cp.zeros(num_rows, np.uint32), "flags": cp.zeros(num_rows, np.uint32),
+                            "cand": cp.empty(num_rows * SEL_CAP, np.uint32), "row_max": cp.empty(num_rows, np.float32)}
         return self._select
 
     def process_logits(self, logits, meta: SamplingMetadata):
