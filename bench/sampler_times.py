@@ -4,7 +4,9 @@ Rows of two shapes: "flat" (normal, sd 1, as with dummy weights) and "lm" (norma
 dozen tokens 15-30 above, as in a language model's row). For each shape and sampling setting, the
 device time of GpuSampler.launch (its copies and kernels; CUDA events around --iters launches,
 queued behind ~10 ms of other GPU work so that the host's packing is not timed). Rows carry request
-ids, prompts and growing outputs, as in decode, so penalties run in their steady state.
+ids, prompts and growing outputs, as in decode, so penalties run in their steady state. Penalties
+edit the logits in place, so each call penalizes the same seen tokens again (a few hundred of a
+row): that changes their values, not the work a call does.
 
     python bench/sampler_times.py [--rows 256] [--vocab 151936] [--iters 20]
 """

@@ -45,8 +45,9 @@
 // pass over the row (sample_kernel); the emulation in tests/test_sampler_gpu.py does the same.
 //
 // Penalty state (rvllm/sampling/penalty_slots.py): per slot s, counts[s * V + v] (occurrences of
-// token v in the request's output) and in_prompt[s * V + v] (1: v is in its prompt). A row with a
-// penalty has a slot (RowStep.pen_slot) that no other row of the launch has, so its block owns it.
+// token v in the request's output) and seen[s * V + v] (1: v is in its prompt or its output; the
+// repetition penalty's set). A row with a penalty has a slot (RowStep.pen_slot) that no other row of
+// the launch has, so its block owns it; the kernels that sample count the token and mark it seen.
 //
 // Sampling parameters (rvllm/sampling/param_slots.py): a table of RowParams, one record per slot,
 // kept on the device across calls. A call sends, per row, a RowStep: the row's slot and what
@@ -157,6 +158,10 @@ __device__ __forceinline__ bool plain_row(const RowParams& p, int V) {
          p.num_logprobs < 0;
 }
 
+__device__ __forceinline__ float finite_or_zero(float m) {  // NumPy: a row max that is not finite is 0
+  return (m > RVLLM_NEG_INF && m < -RVLLM_NEG_INF) ? m : 0.f;
+}
+
 // scaled = (x - row_max) / T: the same two float32 operations as NumPy, so the same values and ties.
 // At T = 1 the division is exact, so it is skipped (an IEEE division is ~10 instructions a token).
 struct Scale {
@@ -198,94 +203,101 @@ __device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, fl
 
 // ---- kernels -------------------------------------------------------------------------------------
 
-// out[b, :] = logits[b, :] with, in NumPy's order: repetition (tokens in the prompt or the output:
-// > 0 divided, else multiplied), frequency * output count + presence subtracted (output tokens),
-// logit bias added, suppressed ids set to -inf, tokens outside the allowed mask set to -inf.
-// A row with a penalty slot first brings it up to date: zeroed and its prompt's tokens marked when
-// pen_reset, then the output tokens the device has not counted yet added (per row CSR lists of
-// unique prompt ids and of new output ids); then every token's count is read densely. Bias and
-// suppressed ids are per row CSR lists too (offsets [B + 1], bias tokens unique within a row).
-// Out-of-range tokens are skipped.
+// logits[b, :] in place, in NumPy's order: repetition (tokens in the prompt or the output: > 0
+// divided, else multiplied), frequency * output count + presence subtracted (output tokens), logit
+// bias added, suppressed ids set to -inf, tokens outside the allowed mask set to -inf. In place:
+// the sampled rows' logits have no other reader (the runner's prompt logprobs come from their own
+// product), and GpuSampler.process_logits copies first.
+// A row with a penalty slot first brings it up to date: zeroed and its prompt's tokens marked seen
+// when pen_reset, then the output tokens the device has not counted yet counted and marked seen
+// (per row CSR lists of unique prompt ids and of new output ids). Only seen tokens can change (a
+// token with a count is seen), so the dense pass reads `seen` (a byte a token) and touches the
+// logits and counts only in groups of four with a seen token: a chat row's few hundred tokens,
+// where it read and wrote every token's logit and count (13 bytes a token, ~0.5 GB a call at 256
+// rows x 152k). Bias and suppressed ids are per row CSR lists too (offsets [B + 1], bias tokens
+// unique within a row). Out-of-range tokens are skipped.
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_kernel(
-    float* __restrict__ out, const float* __restrict__ logits, int V, RowParams* __restrict__ table,
-    const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
-    unsigned char* __restrict__ in_prompt, const int* __restrict__ prompt_off,
-    const int* __restrict__ prompt_tok, const int* __restrict__ new_off, const int* __restrict__ new_tok,
-    const int* __restrict__ bias_off, const int* __restrict__ bias_tok, const float* __restrict__ bias_val,
-    const int* __restrict__ sup_off, const int* __restrict__ sup_tok, const unsigned char* __restrict__ masks) {
+    float* __restrict__ logits, int V, RowParams* __restrict__ table, const RowParams* __restrict__ fresh,
+    const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts, unsigned char* __restrict__ seen,
+    const int* __restrict__ prompt_off, const int* __restrict__ prompt_tok, const int* __restrict__ new_off,
+    const int* __restrict__ new_tok, const int* __restrict__ bias_off, const int* __restrict__ bias_tok,
+    const float* __restrict__ bias_val, const int* __restrict__ sup_off, const int* __restrict__ sup_tok,
+    const unsigned char* __restrict__ masks) {
   pdl_enter();
   const int row = blockIdx.x, tid = threadIdx.x;
-  const float* src = logits + (size_t)row * V;
-  float* dst = out + (size_t)row * V;
+  float* x = logits + (size_t)row * V;
   Row r;
   load_row(r, table, fresh, steps, call_step, row);
   const RowParams& p = r.p;
   const int slot = r.s.pen_slot;  // uniform over the block
   int* cnt = counts + (size_t)max(slot, 0) * V;
-  unsigned char* inp = in_prompt + (size_t)max(slot, 0) * V;
+  unsigned char* sn = seen + (size_t)max(slot, 0) * V;
   if (slot >= 0) {
     if (r.s.pen_reset) {
       for (int i = tid; i < V; i += blockDim.x) {
         cnt[i] = 0;
-        inp[i] = 0;
+        sn[i] = 0;
       }
       __syncthreads();
       for (int j = prompt_off[row] + tid; j < prompt_off[row + 1]; j += blockDim.x) {
         const int t = prompt_tok[j];
-        if (t >= 0 && t < V) inp[t] = 1;
+        if (t >= 0 && t < V) sn[t] = 1;
       }
     }
     for (int j = new_off[row] + tid; j < new_off[row + 1]; j += blockDim.x) {
       const int t = new_tok[j];
-      if (t >= 0 && t < V) atomicAdd(cnt + t, 1);  // repeated tokens: several threads, one counter
+      if (t >= 0 && t < V) {
+        atomicAdd(cnt + t, 1);  // repeated tokens: several threads, one counter
+        sn[t] = 1;
+      }
     }
     __syncthreads();  // the slot's writes, visible to the whole block below
-  }
-  const float rep = p.repetition_penalty, freq = p.frequency_penalty, pres = p.presence_penalty;
-  // As NumPy, each penalty only where it is on (x - 0 would turn -0 into +0 for freq = pres = -0).
-  const bool with_rep = rep != 1.f, with_fp = freq != 0.f || pres != 0.f;
-  auto penalized = [&](float v, int c, bool in_p) {
-    if (with_rep && (c > 0 || in_p)) v = v > 0.f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
-    // NumPy: x -= freq * count + presence, each op rounded to float32 (no fused multiply-add)
-    if (with_fp && c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres));
-    return v;
-  };
-  // Four tokens a thread and 16-byte loads where the rows allow (V a multiple of 4 makes every row
-  // of src, dst and the slot's counts 16-byte aligned when the arrays are, and in_prompt 4-byte):
-  // with a penalty the pass moves 13 bytes a token, ~0.5 GB a call at 256 rows x 152k.
-  const bool vec = (V & 3) == 0 && ((reinterpret_cast<size_t>(src) | reinterpret_cast<size_t>(dst) |
-                                     reinterpret_cast<size_t>(cnt) | reinterpret_cast<size_t>(inp)) & 15) == 0;
-  if (vec) {
-    for (int g = tid; g < (V >> 2); g += blockDim.x) {
-      float4 v = reinterpret_cast<const float4*>(src)[g];
-      if (slot >= 0) {
-        const int4 c = reinterpret_cast<const int4*>(cnt)[g];
-        const uchar4 in_p = reinterpret_cast<const uchar4*>(inp)[g];
-        v.x = penalized(v.x, c.x, in_p.x);
-        v.y = penalized(v.y, c.y, in_p.y);
-        v.z = penalized(v.z, c.z, in_p.z);
-        v.w = penalized(v.w, c.w, in_p.w);
+
+    const float rep = p.repetition_penalty, freq = p.frequency_penalty, pres = p.presence_penalty;
+    // As NumPy, each penalty only where it is on (x - 0 would turn -0 into +0 for freq = pres = -0).
+    const bool with_rep = rep != 1.f, with_fp = freq != 0.f || pres != 0.f;
+    auto penalized = [&](float v, int c) {  // a seen token's logit
+      if (with_rep) v = v > 0.f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
+      // NumPy: x -= freq * count + presence, each op rounded to float32 (no fused multiply-add)
+      if (with_fp && c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, (float)c), pres));
+      return v;
+    };
+    // V a multiple of 4 makes every row of the logits and counts 16-byte aligned when the arrays
+    // are, and `seen` 4-byte aligned.
+    const bool vec = (V & 3) == 0 && ((reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(cnt)) & 15) == 0 &&
+                     (reinterpret_cast<size_t>(sn) & 3) == 0;
+    if (vec) {
+      for (int g = tid; g < (V >> 2); g += blockDim.x) {
+        const uchar4 s4 = reinterpret_cast<const uchar4*>(sn)[g];
+        if (!(s4.x | s4.y | s4.z | s4.w)) continue;
+        float4 v = reinterpret_cast<const float4*>(x)[g];
+        const int4 c = with_fp ? reinterpret_cast<const int4*>(cnt)[g] : make_int4(0, 0, 0, 0);
+        if (s4.x) v.x = penalized(v.x, c.x);
+        if (s4.y) v.y = penalized(v.y, c.y);
+        if (s4.z) v.z = penalized(v.z, c.z);
+        if (s4.w) v.w = penalized(v.w, c.w);
+        reinterpret_cast<float4*>(x)[g] = v;
       }
-      reinterpret_cast<float4*>(dst)[g] = v;
+    } else {
+      for (int i = tid; i < V; i += blockDim.x)
+        if (sn[i]) x[i] = penalized(x[i], with_fp ? cnt[i] : 0);
     }
-  } else {
-    for (int i = tid; i < V; i += blockDim.x) dst[i] = slot >= 0 ? penalized(src[i], cnt[i], inp[i]) : src[i];
   }
-  __syncthreads();  // makes the copy visible to the threads that edit it below
+  __syncthreads();  // the penalties' writes before the edits below (a token may have both)
   for (int j = bias_off[row] + tid; j < bias_off[row + 1]; j += blockDim.x) {
     const int t = bias_tok[j];
-    if (t >= 0 && t < V) dst[t] = __fadd_rn(dst[t], bias_val[j]);
+    if (t >= 0 && t < V) x[t] = __fadd_rn(x[t], bias_val[j]);
   }
   __syncthreads();
   for (int j = sup_off[row] + tid; j < sup_off[row + 1]; j += blockDim.x) {
     const int t = sup_tok[j];
-    if (t >= 0 && t < V) dst[t] = RVLLM_NEG_INF;
+    if (t >= 0 && t < V) x[t] = RVLLM_NEG_INF;
   }
   if (r.s.mask_row >= 0) {
     __syncthreads();
     const unsigned char* m = masks + (size_t)r.s.mask_row * V;
     for (int i = tid; i < V; i += blockDim.x)
-      if (!m[i]) dst[i] = RVLLM_NEG_INF;
+      if (!m[i]) x[i] = RVLLM_NEG_INF;
   }
 }
 
@@ -339,18 +351,25 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
     out[row] = k == 0ull ? 0 : (int)(0xffffffffu - (unsigned int)(k & 0xffffffffu));
 }
 
+// A sampled token in its row's penalty slot: counted, and seen (the repetition penalty's set).
+__device__ __forceinline__ void count_token(int* counts, unsigned char* seen, int slot, int V, int token) {
+  atomicAdd(counts + (size_t)slot * V + token, 1);
+  seen[(size_t)slot * V + token] = 1;
+}
+
 // out (int32): [0, B) token ids; for rows with num_logprobs >= 0 also
 //   [B + b] chosen logprob (float bits), [2B + b] its rank (tokens with logprob >= it),
 //   [3B + 20b + j] top ids, [23B + 20b + j] top logprobs (float bits), j < num_logprobs, best first,
 //   equal logprobs in token-id order.
 // Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
-// A row with a penalty slot counts its token there (the host counts it as known to the device).
+// A row with a penalty slot counts its token there and marks it seen (the host counts it as known to
+// the device).
 // stats (null, or [B] for race_kernel): the kernel stops before the race and writes, for each random
 // row that is not plain, (row max, kept-set threshold max(thr_k, thr_p, log min_p) on scaled values).
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, int B, RowParams* __restrict__ table,
     const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
-    float2* __restrict__ stats) {
+    unsigned char* __restrict__ seen, float2* __restrict__ stats) {
   pdl_enter();
   __shared__ float s_top_v[MAX_TOP_LOGPROBS];
   __shared__ int s_top_i[MAX_TOP_LOGPROBS];
@@ -381,7 +400,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     });
     block_argmax(mx, arg);
     if (arg != NO_TOKEN) token = arg;
-    row_max = (mx > RVLLM_NEG_INF && mx < -RVLLM_NEG_INF) ? mx : 0.f;  // NumPy: 0 if not finite
+    row_max = finite_or_zero(mx);
   }
 
   if (!p.greedy) {
@@ -397,13 +416,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     }
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
-    for_each_group(x, V, 0, groups, [&](int g, const float (&v)[4]) { race_group(rw, scale, thr, V, g, v, best, best_i); });
+    for_each_group(x, V, 0, groups,
+                   [&](int g, const float (&v)[4]) { race_group(rw, scale, thr, V, g, v, best, best_i); });
     block_argmax(best, best_i);
     if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
   }
   if (tid == 0) {
     out[row] = token;
-    if (rw.s.pen_slot >= 0) atomicAdd(counts + (size_t)rw.s.pen_slot * V + token, 1);
+    if (rw.s.pen_slot >= 0) count_token(counts, seen, rw.s.pen_slot, V, token);
   }
   if (p.num_logprobs < 0) return;  // uniform over the block
 
@@ -497,7 +517,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, RowParams* __restrict__ table,
     const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
-    const float2* __restrict__ stats, unsigned long long* __restrict__ keys, int* __restrict__ done) {
+    unsigned char* __restrict__ seen, const float2* __restrict__ stats, unsigned long long* __restrict__ keys,
+    int* __restrict__ done) {
   pdl_enter();
   const int row = blockIdx.x, splits = gridDim.y;
   const int chunk = ((V + splits - 1) / splits + 3) & ~3;  // whole groups of 4 tokens (load4)
@@ -536,7 +557,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
     const unsigned long long k = atomicExch(keys + row, 0ull);
     const int token = k == 0ull ? 0 : (int)(0xffffffffu - (unsigned int)(k & 0xffffffffu));  // none: 0, as argmax
     out[row] = token;
-    if (rw.s.pen_slot >= 0) atomicAdd(counts + (size_t)rw.s.pen_slot * V + token, 1);
+    if (rw.s.pen_slot >= 0) count_token(counts, seen, rw.s.pen_slot, V, token);
     done[row] = 0;
   }
 }
@@ -575,10 +596,6 @@ __device__ __forceinline__ bool top_k_row(const RowParams& p, int V) {
 
 __device__ __forceinline__ bool top_p_only_row(const RowParams& p, int V) {
   return !p.greedy && !top_k_row(p, V) && p.top_p < 1.0;
-}
-
-__device__ __forceinline__ float finite_or_zero(float m) {  // NumPy: a row max that is not finite is 0
-  return (m > RVLLM_NEG_INF && m < -RVLLM_NEG_INF) ? m : 0.f;
 }
 
 // This block's chunk of the row: groups [*g0, *g1) (whole groups, as argmax_kernel splits).

@@ -3,7 +3,7 @@ NumPy arrays standing in for the device's (tests/test_sampler_gpu.py's DeviceSta
 the kernels' slot updates, dense reads and sampled-token counts, fed by pack_step's buffer).
 
 After any sequence of calls the device's counts must equal the bincount of each request's real
-output and in_prompt its prompt's set: with async-style placeholders (tokens the device sampled
+output and seen its prompt's and output's set: with async-style placeholders (tokens the device sampled
 and counted, not yet known on the host), requests that skip calls (preemption), eviction when slots
 run out, released and reused ids, and rows without ids."""
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_device_state_follows_the_real_outputs(num_slots, seed, calls):
                 continue
             slot = state.slots.slot_of(r)
             np.testing.assert_array_equal(state.counts[slot], np.bincount(reqs[r][2], minlength=vocab))
-            np.testing.assert_array_equal(state.in_prompt[slot], np.isin(np.arange(vocab), reqs[r][1]))
+            np.testing.assert_array_equal(state.seen[slot], np.isin(np.arange(vocab), reqs[r][1] + reqs[r][2]))
 
 
 def test_placeholder_is_the_engines():

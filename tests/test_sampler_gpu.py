@@ -258,13 +258,13 @@ def binned_threshold(scaled, k: int, top_p: float):
 
 class DeviceState:
     """GpuSampler's per-request state with NumPy arrays standing in for the device's: the host's slot
-    bookkeeping, counts [S, V] and in_prompt [S, V] (penalties) and the parameter table [S]. All
+    bookkeeping, counts [S, V] and seen [S, V] (penalties) and the parameter table [S]. All
     start as garbage, as the device's (cp.empty): a slot must be reset or written before it is read."""
 
     def __init__(self, vocab: int, num_slots: int = 256):
         self.slots = PenaltySlots(num_slots)
         self.counts = np.full((num_slots, vocab), 7, np.int32)
-        self.in_prompt = np.full((num_slots, vocab), 3, np.uint8)
+        self.seen = np.full((num_slots, vocab), 3, np.uint8)
         self.param_slots = ParamSlots(num_slots)
         self.param_table = np.frombuffer(np.random.default_rng(0).bytes(num_slots * PARAMS_DTYPE.itemsize),
                                          PARAMS_DTYPE).copy()
@@ -286,18 +286,20 @@ def emulate(logits, meta, step=0, seed=0, state=None, sample=True):
         for r in range(n):
             row = x[r]
             slot = p["pen_slot"][r]
-            if slot >= 0:  # the slot's update, then the dense read
-                cnt, inp = state.counts[slot], state.in_prompt[slot]
+            if slot >= 0:  # the slot's update, then the penalties on the seen tokens
+                cnt, seen = state.counts[slot], state.seen[slot]
                 if p["pen_reset"][r]:
                     cnt[:] = 0
-                    inp[:] = 0
-                    inp[s["prompt_tok"][s["prompt_off"][r]:s["prompt_off"][r + 1]]] = 1
-                np.add.at(cnt, s["new_tok"][s["new_off"][r]:s["new_off"][r + 1]], 1)
+                    seen[:] = 0
+                    seen[s["prompt_tok"][s["prompt_off"][r]:s["prompt_off"][r + 1]]] = 1
+                new = s["new_tok"][s["new_off"][r]:s["new_off"][r + 1]]
+                np.add.at(cnt, new, 1)
+                seen[new] = 1
                 rep, freq, pres = (p[f][r] for f in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
-                hit = cnt > 0
+                on = seen != 0
                 if rep != 1:
-                    on = hit | (inp != 0)
                     row[on] = np.where(row[on] > 0, row[on] / rep, row[on] * rep)
+                hit = on & (cnt > 0)
                 if freq != 0 or pres != 0:
                     row[hit] -= freq * cnt[hit].astype(np.float32) + pres
             for j in range(s["bias_off"][r], s["bias_off"][r + 1]):
@@ -335,6 +337,7 @@ def emulate(logits, meta, step=0, seed=0, state=None, sample=True):
         kept.append(keep)
         if sample and pr["pen_slot"] >= 0:
             state.counts[pr["pen_slot"], token] += 1
+            state.seen[pr["pen_slot"], token] = 1
         if pr["num_logprobs"] >= 0:
             lse = np.log(np.exp(xr - row_max).sum(dtype=np.float32))
             lp = (xr - row_max) - lse
@@ -933,9 +936,9 @@ def test_split_race_samples_the_single_block_tokens(sampler, rng, b, vocab):
     prompts = [rng.integers(0, vocab, 20).tolist() for _ in range(b)]
     outputs = [[] for _ in range(b)]
     for call in range(3):
-        logits = dev(crafted_logits(rng, b, vocab, ["normal", "ties", "peaked"][call]))
+        logits = crafted_logits(rng, b, vocab, ["normal", "ties", "peaked"][call])
         meta = SamplingMetadata.from_requests(list(zip(params, prompts, [list(o) for o in outputs], [None] * b)), ids)
-        got, want = split(logits, meta).token_ids, whole(logits, meta).token_ids
+        got, want = split(dev(logits), meta).token_ids, whole(dev(logits), meta).token_ids  # penalties: in place
         assert got == want, f"call {call}: {params}"
         for o, t in zip(outputs, got):
             o.append(t)

@@ -44,10 +44,12 @@ THREADS = 1024  # SAMPLER_THREADS in sampling.cu
 MAX_VOCAB = 1 << 23  # fixed-point masses (2^40 per token) must sum below 2^63
 ARGMAX_SPLIT_ROWS = 1024  # rows the split argmax keeps scratch for; larger batches use one block a row
 _ARGMAX_CHUNK = 2048  # the fewest floats a split argmax block reads
-# Calls whose rows split into at least this many blocks each (argmax_splits: batches up to ~66 rows
-# on 132 SMs) race in race_kernel, split over blocks; larger ones race in sample_kernel, a block a row.
+# Calls whose rows split into at least this many blocks each (argmax_splits: batches up to 87 rows
+# on 132 SMs) find their thresholds and race split over blocks (select_*_kernel, race_kernel);
+# larger ones run sample_kernel, a block a row.
 SPLIT_RACE_MIN_SPLITS = 4
 SEL_BINS, SEL_CAP = 2048, 6144  # sampling_select.cuh: value bins, candidate keys a row
+
 
 def argmax_splits(num_rows: int, vocab: int, num_sms: int) -> int:
     """Blocks per row for argmax_kernel: enough for about two blocks per SM over the batch, each
@@ -82,12 +84,12 @@ class GpuSampler:
         # vocabulary the records were made for (top-k is clamped to it).
         self._param_table = cp.empty(max_num_seqs * PARAMS_DTYPE.itemsize, np.uint8)
         self._records_vocab = None
-        # counts [S, V] int32 and in_prompt [S, V] uint8 (penalty_slots.py), allocated by the first call
+        # counts [S, V] int32 and seen [S, V] uint8 (penalty_slots.py), allocated by the first call
         # with a penalty row: many deployments never use penalties, and at S = 256 and V = 152k the
         # counts alone are 155 MB. Allocating there is safe: the sampler is never part of a CUDA graph
         # (graphs.py captures the forward and the logits only). Until then the kernels get a stand-in,
         # never read (no row has a slot).
-        self._counts = self._in_prompt = None
+        self._counts = self._seen = None
         self._no_state = cp.zeros(1, np.int32)
         self.num_sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
 
@@ -96,14 +98,16 @@ class GpuSampler:
 
     # ---- the step ---------------------------------------------------------------------------------
     def __call__(self, logits, meta: SamplingMetadata) -> SamplerOutput:
-        """logits: cupy float32 [B, V], C-contiguous, on the device. Returns host token ids."""
+        """logits: cupy float32 [B, V], C-contiguous, on the device (edited in place: launch). Returns
+        host token ids."""
         return self.launch(logits, meta).result()
 
     def launch(self, logits, meta: SamplingMetadata) -> "PendingSample":
         """Queues the sampling of `logits` on the current stream without waiting for the device:
         inputs go up from pinned memory, the results come back into pinned memory behind an event.
         PendingSample.token_ids is the device array of sampled ids (the next step's inputs may read
-        it); .result() waits for the copy and returns the SamplerOutput."""
+        it); .result() waits for the copy and returns the SamplerOutput. Penalties, logit bias,
+        suppressed ids and masks are applied to `logits` in place (the runner does not read them again)."""
         num_rows, vocab = self._check(logits, meta)
         step = self.calls
         self.calls += 1
@@ -121,18 +125,19 @@ class GpuSampler:
         x = self._process(logits, dev, args, step) if meta.needs_logit_processing else logits
         want_lp = meta.max_num_logprobs is not None
         out = cp.empty(num_rows * (3 + 2 * MAX_TOP_LOGPROBS) if want_lp else num_rows, dtype=np.int32)
-        counts = self._counts if self._counts is not None else self._no_state
+        counts, seen = self._penalty_state()
         row_args = self._row_args(args, step)
         splits = argmax_splits(num_rows, vocab, self.num_sms)
         if want_lp or splits < self.split_race_min_splits:
-            self._kernel("sample_kernel")((num_rows,), (THREADS,),
-                                          (out, x, np.int32(vocab), np.int32(num_rows), *row_args, counts, np.uint64(0)))
+            self._kernel("sample_kernel")((num_rows,), (THREADS,),  # stats: null (sample every row)
+                                          (out, x, np.int32(vocab), np.int32(num_rows), *row_args, counts, seen,
+                                           np.uint64(0)))
         else:
             if not (meta.no_top_k_top_p and meta.no_min_p):  # the thresholds first (random rows with a cut)
                 self._thresholds(x, meta, splits, row_args, self._stats)
             self._kernel("race_kernel")((num_rows, splits), (THREADS,),
-                                        (out, x, np.int32(vocab), *row_args, counts, self._stats, self._argmax_keys,
-                                         self._argmax_done))
+                                        (out, x, np.int32(vocab), *row_args, counts, seen, self._stats,
+                                         self._argmax_keys, self._argmax_done))
         # Rows asking more logprobs than the kernel keeps get theirs on the host in result(): copy
         # their logits now (a graph replay of the next step reuses the logits buffer).
         big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
@@ -141,12 +146,12 @@ class GpuSampler:
         return PendingSample(meta, num_rows, vocab, out, (big, big_logits), keep=(staged, dev))
 
     def kept_thresholds(self, logits, meta: SamplingMetadata) -> np.ndarray:
-        """Per row, the threshold on (x - max) / T above which sample_kernel keeps tokens (the top-k,
-        top-p and min-p cut), from its stats mode; NaN for greedy and plain rows. Samples nothing;
-        tests and debugging."""
+        """Per row, the threshold on (x - max) / T above which a sampling call keeps tokens (the top-k,
+        top-p and min-p cut), computed as that call would (split over blocks or a block a row: _thresholds);
+        NaN for greedy and plain rows. Samples nothing; tests and debugging."""
         num_rows, vocab = self._check(logits, meta)
         staged, dev, args = self._upload(meta, vocab, self.calls, sampling=False)
-        x = self._process(logits, dev, args, self.calls) if meta.needs_logit_processing else logits
+        x = self._process(logits.copy(), dev, args, self.calls) if meta.needs_logit_processing else logits
         stats = cp.full((num_rows, 2), np.nan, np.float32)
         self._thresholds(x, meta, argmax_splits(num_rows, vocab, self.num_sms), self._row_args(args, self.calls), stats)
         cp.cuda.get_current_stream().synchronize()  # `staged` must outlive the copy
@@ -160,7 +165,8 @@ class GpuSampler:
         v = np.int32(vocab)
         if splits < self.split_race_min_splits:
             self._kernel("sample_kernel")((num_rows,), (THREADS,),
-                                          (self._no_state, x, v, np.int32(num_rows), *row_args, self._no_state, stats))
+                                          (self._no_state, x, v, np.int32(num_rows), *row_args, self._no_state,
+                                           self._no_state, stats))
             return
         sc = self._select_scratch(num_rows)
         scratch = tuple(sc[k] for k in ("count", "mass", "ncand", "flags", "cand", "row_max"))  # SELECT_SCRATCH_PARAMS
@@ -190,7 +196,7 @@ class GpuSampler:
         if num_rows == 0:
             return logits.copy()
         staged, dev, args = self._upload(meta, vocab, self.calls, sampling=False)
-        out = self._process(logits, dev, args, self.calls)
+        out = self._process(logits.copy(), dev, args, self.calls)
         cp.cuda.get_current_stream().synchronize()  # `staged` must outlive the copy
         return out
 
@@ -204,25 +210,28 @@ class GpuSampler:
         """The kernels' row arguments (sampling.cu load_row): table, fresh records, step records, call counter."""
         return self._param_table, args["fresh"], args["steps"], np.uint64(step & MASK64)
 
+    def _penalty_state(self) -> tuple:
+        """(counts, seen) for the kernels: the state, or a never-read stand-in before first use."""
+        return (self._counts, self._seen) if self._counts is not None else (self._no_state,) * 2
+
     def _process(self, logits, dev, args, step: int):
+        """Penalties, bias, suppressed ids and masks applied to `logits` in place (returned)."""
         num_rows, vocab = logits.shape
-        out = cp.empty_like(logits)
-        counts, in_prompt = (self._counts, self._in_prompt) if self._counts is not None else (self._no_state,) * 2
         self._kernel("process_logits_kernel")(
             (num_rows,), (THREADS,),
-            (out, logits, np.int32(vocab), *self._row_args(args, step), counts, in_prompt, args["prompt_off"],
+            (logits, np.int32(vocab), *self._row_args(args, step), *self._penalty_state(), args["prompt_off"],
              args["prompt_tok"], args["new_off"], args["new_tok"], args["bias_off"], args["bias_tok"],
              args["bias_val"], args["sup_off"], args["sup_tok"], args["masks"]))
-        return out
+        return logits
 
     def _penalty_updates(self, meta: SamplingMetadata, vocab: int, sampling: bool) -> list[SlotUpdate | None] | None:
         if meta.no_penalties:
             return None
         if self._counts is None or self._counts.shape[1] != vocab:  # first use, or another vocabulary
             shape = (self.penalty_slots.num_slots, vocab)
-            self._counts = self._in_prompt = None  # the old pair's memory back to the pool first
+            self._counts = self._seen = None  # the old pair's memory back to the pool first
             # Uninitialized: a slot is zeroed when a request gets it (SlotUpdate.reset).
-            self._counts, self._in_prompt = cp.empty(shape, np.int32), cp.empty(shape, np.uint8)
+            self._counts, self._seen = cp.empty(shape, np.int32), cp.empty(shape, np.uint8)
             self.penalty_slots.clear()
         return self.penalty_slots.plan(meta, sampling)
 

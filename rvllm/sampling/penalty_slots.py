@@ -2,9 +2,10 @@
 much of its output the device has counted.
 
 GpuSampler keeps, per slot s of S (S = max_num_seqs), `counts[s, v]` (int32: how often token v
-occurs in the request's output so far) and `in_prompt[s, v]` (uint8: 1 where v occurs in its
-prompt); process_logits_kernel reads them densely for the repetition, frequency and presence
-penalties. The device counts every token it samples for a row with a slot (sample_kernel), so the
+occurs in the request's output so far) and `seen[s, v]` (uint8: 1 where v occurs in its prompt or
+its output); process_logits_kernel reads `seen` densely and, where a token is seen, applies the
+repetition penalty and the frequency and presence penalties from its count. The device counts
+(and marks seen) every token it samples for a row with a slot (sample_kernel, race_kernel), so the
 host uploads only what the device has not seen: the prompt and the whole output when a request
 gets a slot, nothing in the steady state. Under async scheduling the newest output token may be a
 placeholder that only the device knows; it was counted when it was sampled, so it is never uploaded.
@@ -36,7 +37,7 @@ from rvllm.sampling.metadata import SamplingMetadata
 
 # engine/request.py's PLACEHOLDER: an output token sampled on the device, not known on the host yet.
 PLACEHOLDER = -1
-STATE_BYTES_PER_TOKEN = 4 + 1  # counts (int32) and in_prompt (uint8), per slot and vocabulary entry
+STATE_BYTES_PER_TOKEN = 4 + 1  # counts (int32) and seen (uint8), per slot and vocabulary entry
 
 
 def state_bytes(num_slots: int, vocab: int) -> int:
@@ -50,9 +51,9 @@ class SlotUpdate:
     """What the device does to one row's slot before the row's penalties read it."""
 
     slot: int
-    reset: bool  # zero the slot's counts and in_prompt, then mark `prompt`'s tokens in in_prompt
+    reset: bool  # zero the slot's counts and seen, then mark `prompt`'s tokens seen
     prompt: Sequence[int]  # the prompt's token ids when reset, else empty
-    new_tokens: Sequence[int]  # output tokens the device has not counted yet: add them to counts
+    new_tokens: Sequence[int]  # output tokens the device has not counted yet: add them to counts, mark them seen
 
 
 @dataclass(slots=True)
