@@ -301,12 +301,55 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) process_logits_ker
   }
 }
 
+// ---- rows split over blocks (grid (B, splits): argmax_kernel, race_kernel, select_*_kernel) -------
+// This block's chunk of its row: groups [*g0, *g1), whole groups of 4 tokens (load4), so tokens past
+// the chunk's end within its last group are past V (-inf from load4).
+__device__ __forceinline__ void split_chunk(int V, int* g0, int* g1) {
+  const int splits = gridDim.y, chunk = ((V + splits - 1) / splits + 3) & ~3;
+  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
+  *g0 = start / 4;
+  *g1 = (end + 3) / 4;
+}
+
+// The argmax over tokens 4g .. 4g + 3 (a thread's groups in increasing order: the first of equal
+// values stays).
+__device__ __forceinline__ void argmax_group(int g, const float (&v)[4], float& best, int& best_i) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (v[j] > best) {
+      best = v[j];
+      best_i = 4 * g + j;
+    }
+  }
+}
+
 // The order of (value, index) pairs as one 64-bit integer: larger values first, then smaller
 // indices; 0 is below every pair with a value above -inf. -0 counts as +0 (they compare equal).
 __device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
   const unsigned int u = __float_as_uint(v + 0.f);
   const unsigned int ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   return ((unsigned long long)ordered << 32) | (0xffffffffu - (unsigned int)i);
+}
+
+// Thread 0 of each of a row's blocks: the block's best (value, index) goes into keys[row] with a
+// 64-bit atomicMax, and the row's last block (counted in done[row]) gets the row's best key in *key
+// (0: no token above -inf) and leaves keys[row], done[row] zero for the next launch (both start
+// zeroed: gpu_sampler.py). Returns whether this is that block; with one block a row, it always is.
+__device__ __forceinline__ bool split_row_best(unsigned long long* keys, int* done, int row, float best, int best_i,
+                                               unsigned long long* key) {
+  *key = best_i == NO_TOKEN ? 0ull : argmax_key(best, best_i);
+  const int splits = gridDim.y;
+  if (splits == 1) return true;
+  if (*key) atomicMax(keys + row, *key);
+  __threadfence();  // the key before the count
+  if (atomicAdd(done + row, 1) != splits - 1) return false;
+  *key = atomicExch(keys + row, 0ull);
+  done[row] = 0;
+  return true;
+}
+
+__device__ __forceinline__ int key_index(unsigned long long key) {  // 0 for no token, as NumPy's argmax of -inf
+  return key == 0ull ? 0 : (int)(0xffffffffu - (unsigned int)(key & 0xffffffffu));
 }
 
 // out[b] = argmax of row b (first index among equal maxima; 0 for a row of -inf). Grid (B, splits):
@@ -320,35 +363,19 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) argmax_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, unsigned long long* __restrict__ keys,
     int* __restrict__ done, float* __restrict__ max_out) {
   pdl_enter();
-  const int row = blockIdx.x, splits = gridDim.y;
-  const int chunk = ((V + splits - 1) / splits + 3) & ~3;  // whole groups of 4 tokens (load4)
-  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
-  const float* x = logits + (size_t)row * V;
+  const int row = blockIdx.x;
   float best = RVLLM_NEG_INF;
-  int best_i = NO_TOKEN;
-  for_each_group(x, V, start / 4, (end + 3) / 4, [&](int g, const float (&v)[4]) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (v[j] > best) {  // tokens past `end` are past V (chunks are whole groups): -inf
-        best = v[j];
-        best_i = 4 * g + j;
-      }
-    }
-  });
+  int best_i = NO_TOKEN, g0, g1;
+  split_chunk(V, &g0, &g1);
+  for_each_group(logits + (size_t)row * V, V, g0, g1,
+                 [&](int g, const float (&v)[4]) { argmax_group(g, v, best, best_i); });
   block_argmax(best, best_i);
-  if (threadIdx.x != 0) return;
-  unsigned long long k = best_i == NO_TOKEN ? 0ull : argmax_key(best, best_i);
-  if (splits > 1) {
-    if (k) atomicMax(keys + row, k);
-    __threadfence();  // the key before the count
-    if (atomicAdd(done + row, 1) != splits - 1) return;
-    k = atomicExch(keys + row, 0ull);
-    done[row] = 0;
-  }
+  unsigned long long k;
+  if (threadIdx.x != 0 || !split_row_best(keys, done, row, best, best_i, &k)) return;
   if (max_out)  // the key's high word is order_key(max + 0): key_value inverts it
     max_out[row] = k == 0ull ? RVLLM_NEG_INF : key_value((u32)(k >> 32));
   else
-    out[row] = k == 0ull ? 0 : (int)(0xffffffffu - (unsigned int)(k & 0xffffffffu));
+    out[row] = key_index(k);
 }
 
 // A sampled token in its row's penalty slot: counted, and seen (the repetition penalty's set).
@@ -389,15 +416,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     // argmax and row max (a thread's tokens in increasing order: the first of equal values stays)
     float mx = RVLLM_NEG_INF;
     int arg = NO_TOKEN;
-    for_each_group(x, V, 0, groups, [&](int g, const float (&v)[4]) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (v[j] > mx) {
-          mx = v[j];
-          arg = 4 * g + j;
-        }
-      }
-    });
+    for_each_group(x, V, 0, groups, [&](int g, const float (&v)[4]) { argmax_group(g, v, mx, arg); });
     block_argmax(mx, arg);
     if (arg != NO_TOKEN) token = arg;
     row_max = finite_or_zero(mx);
@@ -520,10 +539,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
     unsigned char* __restrict__ seen, const float2* __restrict__ stats, unsigned long long* __restrict__ keys,
     int* __restrict__ done) {
   pdl_enter();
-  const int row = blockIdx.x, splits = gridDim.y;
-  const int chunk = ((V + splits - 1) / splits + 3) & ~3;  // whole groups of 4 tokens (load4)
-  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
-  const float* x = logits + (size_t)row * V;
+  const int row = blockIdx.x;
   Row rw;
   load_row(rw, table, fresh, steps, call_step, row);
   const RowParams& p = rw.p;
@@ -535,31 +551,20 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
   }
   const Scale scale(row_max, p.temperature);
   float best = RVLLM_NEG_INF;
-  int best_i = NO_TOKEN;
-  for_each_group(x, V, start / 4, (end + 3) / 4, [&](int g, const float (&v)[4]) {
-    if (!p.greedy) {
+  int best_i = NO_TOKEN, g0, g1;
+  split_chunk(V, &g0, &g1);
+  for_each_group(logits + (size_t)row * V, V, g0, g1, [&](int g, const float (&v)[4]) {
+    if (p.greedy)
+      argmax_group(g, v, best, best_i);
+    else
       race_group(rw, scale, thr, V, g, v, best, best_i);
-      return;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (v[j] > best) {  // tokens past `end` are past V (chunks are whole groups): -inf
-        best = v[j];
-        best_i = 4 * g + j;
-      }
-    }
   });
   block_argmax(best, best_i);
-  if (threadIdx.x != 0) return;
-  if (best_i != NO_TOKEN) atomicMax(keys + row, argmax_key(best, best_i));
-  __threadfence();  // the key before the count
-  if (atomicAdd(done + row, 1) == splits - 1) {
-    const unsigned long long k = atomicExch(keys + row, 0ull);
-    const int token = k == 0ull ? 0 : (int)(0xffffffffu - (unsigned int)(k & 0xffffffffu));  // none: 0, as argmax
-    out[row] = token;
-    if (rw.s.pen_slot >= 0) count_token(counts, seen, rw.s.pen_slot, V, token);
-    done[row] = 0;
-  }
+  unsigned long long k;
+  if (threadIdx.x != 0 || !split_row_best(keys, done, row, best, best_i, &k)) return;
+  const int token = key_index(k);
+  out[row] = token;
+  if (rw.s.pen_slot >= 0) count_token(counts, seen, rw.s.pen_slot, V, token);
 }
 
 // ---- the thresholds of a small batch, split over blocks (race_kernel's rows) --------------------
@@ -598,14 +603,6 @@ __device__ __forceinline__ bool top_p_only_row(const RowParams& p, int V) {
   return !p.greedy && !top_k_row(p, V) && p.top_p < 1.0;
 }
 
-// This block's chunk of the row: groups [*g0, *g1) (whole groups, as argmax_kernel splits).
-__device__ __forceinline__ void split_chunk(int V, int* g0, int* g1) {
-  const int splits = gridDim.y, chunk = ((V + splits - 1) / splits + 3) & ~3;
-  const int start = blockIdx.y * chunk, end = min(V, start + chunk);
-  *g0 = start / 4;
-  *g1 = (end + 3) / 4;
-}
-
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) select_count_kernel(
     const float* __restrict__ logits, int V, RowParams* __restrict__ table, const RowParams* __restrict__ fresh,
     const RowStep* __restrict__ steps, u64 call_step, SELECT_SCRATCH_PARAMS) {
@@ -619,34 +616,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) select_count_kerne
   const bool by_count = top_k_row(rw.p, V);
   if (!by_count && !top_p_only_row(rw.p, V)) return;  // uniform over the block
   const Scale scale(finite_or_zero(sc.row_max[row]), rw.p.temperature);
-  for (int b = tid; b < SEL_BINS; b += blockDim.x) {
-    mass[b] = 0ull;
-    count[b] = 0u;
-  }
-  __syncthreads();
-  u32 far = 0u;  // the last bin's tokens (mass 0): one atomic a warp, not one a token on one address
-  bool nan = false;
   int g0, g1;
   split_chunk(V, &g0, &g1);
-  for_each_group(logits + (size_t)row * V, V, g0, g1, [&](int g, const float (&v)[4]) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (4 * g + j >= V) break;
-      const float s = scale(v[j]);
-      nan |= s != s;
-      const int b = sel_bin(s);
-      if (b == SEL_BINS - 1) {
-        ++far;
-      } else if (by_count) {
-        atomicAdd(count + b, 1u);
-      } else {
-        const u64 w = fixed_mass(s);
-        if (w) atomicAdd(mass + b, w);
-      }
-    }
-  });
-  for (int o = 16; o > 0; o >>= 1) far += __shfl_xor_sync(0xffffffffu, far, o);
-  if (by_count && (tid & 31) == 0 && far) atomicAdd(count + SEL_BINS - 1, far);
+  const bool nan = histogram_pass(logits + (size_t)row * V, V, g0, g1, scale, by_count);
   if (__syncthreads_or(nan) && tid == 0) atomicOr(sc.flags + row, 1u);
   const size_t at = (size_t)row * SEL_BINS;
   for (int b = tid; b < SEL_BINS; b += blockDim.x) {

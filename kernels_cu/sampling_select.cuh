@@ -285,6 +285,43 @@ __device__ __forceinline__ u64 top_p_target(double top_p, u64 z) {
   return t < 1.0 ? 1ull : (u64)t;
 }
 
+// The histogram in s_sel (mass [SEL_BINS] u64, then count [SEL_BINS] u32) of tokens 4 g0 .. 4 g1 of
+// row x: zeroed, then counts (by_count) or fixed-point masses per value bin (sel_bin). The last bin's
+// tokens (mass 0) are counted with one atomic a warp, not one a token on one address. Returns whether
+// this thread saw a NaN; the caller's next barrier orders the histogram before its reads.
+template <class Scale>
+__device__ bool histogram_pass(const float* __restrict__ x, int V, int g0, int g1, const Scale& scale, bool by_count) {
+  u64* const mass = reinterpret_cast<u64*>(s_sel);
+  u32* const count = reinterpret_cast<u32*>(s_sel + SEL_BINS * 8);
+  for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
+    mass[b] = 0ull;
+    count[b] = 0u;
+  }
+  __syncthreads();
+  u32 far = 0u;
+  bool nan = false;
+  for_each_group(x, V, g0, g1, [&](int g, const float (&v)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (4 * g + j >= V) break;
+      const float s = scale(v[j]);
+      nan |= s != s;
+      const int b = sel_bin(s);
+      if (b == SEL_BINS - 1) {
+        ++far;
+      } else if (by_count) {
+        atomicAdd(count + b, 1u);
+      } else {
+        const u64 w = fixed_mass(s);
+        if (w) atomicAdd(mass + b, w);
+      }
+    }
+  });
+  for (int o = 16; o > 0; o >>= 1) far += __shfl_xor_sync(0xffffffffu, far, o);
+  if (by_count && (threadIdx.x & 31) == 0 && far) atomicAdd(count + SEL_BINS - 1, far);
+  return nan;
+}
+
 // The thresholds from the candidate keys cand[0, n) (shared or global memory): with top-k, every
 // token down to the k-th value's bin; with top-p alone, the crossing bin's tokens, mass_above the
 // mass of the tokens above them and total_mass the row's. Returns false, with every thread, if a
@@ -334,36 +371,9 @@ __device__ bool kept_threshold_binned(const float* __restrict__ x, int V, const 
   u64* const mass = reinterpret_cast<u64*>(s_sel);
   u32* const count = reinterpret_cast<u32*>(s_sel + SEL_BINS * 8);
   u32* const cand = reinterpret_cast<u32*>(s_sel);
-  const int tid = threadIdx.x, lane = tid & 31;
-  for (int b = tid; b < SEL_BINS; b += blockDim.x) {
-    mass[b] = 0ull;
-    count[b] = 0u;
-  }
+  const int tid = threadIdx.x;
   if (tid == 0) s_sel_ncand = 0u;
-  __syncthreads();
-  u32 far = 0u;  // this thread's tokens in the last bin: one atomic a warp at the end, not one a token
-  bool nan = false;
-  for_each_group(x, V, 0, (V + 3) >> 2, [&](int g, const float (&v)[4]) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (4 * g + j >= V) break;
-      const float s = scale(v[j]);
-      nan |= s != s;
-      const int b = sel_bin(s);
-      if (b == SEL_BINS - 1) {
-        ++far;
-        continue;
-      }
-      if (has_k) {
-        atomicAdd(count + b, 1u);
-      } else {
-        const u64 w = fixed_mass(s);
-        if (w) atomicAdd(mass + b, w);
-      }
-    }
-  });
-  for (int o = 16; o > 0; o >>= 1) far += __shfl_xor_sync(0xffffffffu, far, o);
-  if (has_k && lane == 0 && far) atomicAdd(count + SEL_BINS - 1, far);
+  const bool nan = histogram_pass(x, V, 0, (V + 3) >> 2, scale, has_k);
   if (__syncthreads_or(nan)) return false;  // a NaN's key is above +inf's, its bin the last: not monotone
 
   // The candidates: with top-k, every token down to the k-th value's bin (the top-k set and, inside
