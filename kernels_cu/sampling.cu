@@ -675,21 +675,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) select_gather_kern
   u64 mass_above, total_mass;
   if (sc.flags[row] || !split_window(sc, row, rw.p, V, false, &lo, &hi, &mass_above, &total_mass)) return;
   const Scale scale(finite_or_zero(sc.row_max[row]), rw.p.temperature);
-  u32* c = sc.cand + (size_t)row * SEL_CAP;
   int g0, g1;
   split_chunk(V, &g0, &g1);
-  for_each_group(logits + (size_t)row * V, V, g0, g1, [&](int g, const float (&v)[4]) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (4 * g + j >= V) break;
-      const float s = scale(v[j]);
-      const int b = sel_bin(s);
-      if (b >= lo && b <= hi) {
-        const u32 at = atomicAdd(sc.ncand + row, 1u);
-        if (at < SEL_CAP) c[at] = order_key(s);
-      }
-    }
-  });
+  gather_pass(logits + (size_t)row * V, V, g0, g1, scale, lo, hi, sc.ncand + row, sc.cand + (size_t)row * SEL_CAP);
 }
 
 // stats[b] = (row max, threshold) for the random rows with a cut, as sample_kernel's stats mode.

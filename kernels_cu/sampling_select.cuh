@@ -322,6 +322,25 @@ __device__ bool histogram_pass(const float* __restrict__ x, int V, int g0, int g
   return nan;
 }
 
+// Appends the keys of tokens 4 g0 .. 4 g1 of row x whose bin lies in [lo, hi] to cand (shared or
+// global), counting them all in *ncand; only the first SEL_CAP are kept (more: the caller falls back).
+template <class Scale>
+__device__ void gather_pass(const float* __restrict__ x, int V, int g0, int g1, const Scale& scale, int lo, int hi,
+                            u32* ncand, u32* cand) {
+  for_each_group(x, V, g0, g1, [&](int g, const float (&v)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (4 * g + j >= V) break;
+      const float s = scale(v[j]);
+      const int b = sel_bin(s);
+      if (b >= lo && b <= hi) {
+        const u32 at = atomicAdd(ncand, 1u);
+        if (at < SEL_CAP) cand[at] = order_key(s);
+      }
+    }
+  });
+}
+
 // The thresholds from the candidate keys cand[0, n) (shared or global memory): with top-k, every
 // token down to the k-th value's bin; with top-p alone, the crossing bin's tokens, mass_above the
 // mass of the tokens above them and total_mass the row's. Returns false, with every thread, if a
@@ -394,18 +413,7 @@ __device__ bool kept_threshold_binned(const float* __restrict__ x, int V, const 
   const u64 mass_above = lo ? mass[lo - 1] : 0ull;  // tokens of bins < lo (top-p alone): above every candidate
   __syncthreads();  // every thread has read the histograms: the candidates overwrite them
 
-  for_each_group(x, V, 0, (V + 3) >> 2, [&](int g, const float (&v)[4]) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (4 * g + j >= V) break;
-      const float s = scale(v[j]);
-      const int b = sel_bin(s);
-      if (b >= lo && b <= hi) {
-        const u32 at = atomicAdd(&s_sel_ncand, 1u);
-        if (at < SEL_CAP) cand[at] = order_key(s);
-      }
-    }
-  });
+  gather_pass(x, V, 0, (V + 3) >> 2, scale, lo, hi, &s_sel_ncand, cand);
   __syncthreads();
   const u32 n = s_sel_ncand;
   if (n > SEL_CAP) return false;
