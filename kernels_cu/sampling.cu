@@ -13,8 +13,8 @@
 //                          and rank and the top-k logprobs (k <= 20)
 //   argmax_kernel          the all-greedy fast path (and the row max of the split thresholds)
 //   select_count_kernel,   small batches: the kept-set thresholds split over blocks (a histogram,
-//   select_gather_kernel,  the candidate keys, the radix selects), written to `stats` as
-//   select_kernel          sample_kernel's stats mode writes them for large batches
+//   select_gather_kernel,  the candidate keys, the radix selects), written to `stats` for
+//   select_kernel          race_kernel (sample_kernel's stats mode writes the same, a block a row)
 //   race_kernel            small batches without logprobs: the race (or argmax) of each row split
 //                          over blocks, above the thresholds in `stats`
 //   philox_kernel          raw Philox4x32-10 blocks, for the known-answer test
@@ -391,8 +391,9 @@ __device__ __forceinline__ void count_token(int* counts, unsigned char* seen, in
 // Logprobs are the log-softmax of the processed logits (before temperature), as in NumPy.
 // A row with a penalty slot counts its token there and marks it seen (the host counts it as known to
 // the device).
-// stats (null, or [B] for race_kernel): the kernel stops before the race and writes, for each random
-// row that is not plain, (row max, kept-set threshold max(thr_k, thr_p, log min_p) on scaled values).
+// stats (null in the engine's calls; [B] for GpuSampler.kept_thresholds at batches that do not split):
+// the kernel stops before the race and writes, for each random row that is not plain, (row max,
+// kept-set threshold max(thr_k, thr_p, log min_p) on scaled values), as select_kernel does.
 extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     int* __restrict__ out, const float* __restrict__ logits, int V, int B, RowParams* __restrict__ table,
     const RowParams* __restrict__ fresh, const RowStep* __restrict__ steps, u64 call_step, int* __restrict__ counts,
@@ -528,7 +529,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
 // The race of small batches, split over blocks as argmax_kernel is (grid (B, splits)): one block
 // a row ran the race pass of a batch-1 row in ~75 us on an H200 (the pass is arithmetic per token,
 // on one SM). Greedy rows take the argmax, plain rows race on x / T, other rows on (x - row max) / T
-// above the threshold that sample_kernel left in stats (its stats mode). Each block's best (value,
+// above the threshold that select_kernel left in stats. Each block's best (value,
 // index) goes into keys[b] with a 64-bit atomicMax; the last block of the row writes the token,
 // counts it in the row's penalty slot and leaves keys[b], done[b] zero (the argmax scratch).
 // Rows asking for logprobs do not come here. The tokens are sample_kernel's: the same draws per
