@@ -1,0 +1,125 @@
+"""Where a decode step's device time goes, kernel by kernel, from a real run's timeline.
+
+Runs N prompts (as bench/throughput.py does) under PyTorch's profiler, which records every kernel
+the process launches through CUPTI, CuPy's and cuBLAS's included, graph replays too. On the GPU
+machine PyTorch is there for reference checks; rvllm itself never imports it. Steps are cut at the
+device-to-host copies of the sampled ids (one a step, in stream order); a step with the prefill
+attention kernel is a prompt step, the others are decode steps. For the decode steps it prints
+each kernel's device time a step, the step's period (copy to copy) and how much of it no kernel
+ran (launch gaps, waits on the host).
+
+    python bench/kernel_timeline.py --model qwen2.5-1.5b --num-prompts 256 --input-len 128 --output-len 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bench.common import SAMPLING, add_sampling_arg  # noqa: E402
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without template arguments and parameter lists, at most 48 characters."""
+    name = re.sub(r"\(.*", "", name)
+    name = re.sub(r"<.*", "", name)
+    return name[:48]
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -np.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def decode_steps(events: list[dict]) -> list[list[dict]]:
+    """The kernels of each decode step, cut at the device-to-host copies (each step ends with one)."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    copies = sorted(e["ts"] + e["dur"] for e in events
+                    if e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", ""))
+    steps, i = [], 0
+    for lo, hi in zip(copies, copies[1:]):
+        step = []
+        while i < len(kernels) and kernels[i]["ts"] < hi:
+            if kernels[i]["ts"] >= lo:
+                step.append(kernels[i])
+            i += 1
+        if step and not any("prefill" in k["name"] for k in step):
+            steps.append((lo, hi, step))
+    return steps
+
+
+def report(steps, top: int) -> str:
+    n = len(steps)
+    periods = [hi - lo for lo, hi, _ in steps]
+    busy = [union_length([(k["ts"], k["ts"] + k["dur"]) for k in ks]) for _, _, ks in steps]
+    per = defaultdict(lambda: [0.0, 0])
+    for _, _, ks in steps:
+        for k in ks:
+            p = per[short_name(k["name"])]
+            p[0] += k["dur"]
+            p[1] += 1
+    lines = [f"{n} decode steps: period median {np.median(periods):.1f} us, kernels busy median {np.median(busy):.1f} us, "
+             f"idle median {np.median(np.subtract(periods, busy)):.1f} us",
+             "", "| kernel | us a step | launches a step | us a launch |", "|---|---|---|---|"]
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])
+    for name, (dur, count) in rows[:top]:
+        lines.append(f"| {name} | {dur / n:.1f} | {count / n:.1f} | {dur / count:.2f} |")
+    rest = sum(d for _, (d, _) in rows[top:])
+    lines.append(f"| (others, {max(0, len(rows) - top)} names) | {rest / n:.1f} | | |")
+    lines.append(f"| sum of kernel times | {sum(d for _, (d, _) in rows) / n:.1f} | {sum(c for _, (_, c) in rows) / n:.1f} | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-1.5b")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--top", type=int, default=24)
+    ap.add_argument("--trace", default=None, help="also keep the Chrome trace here")
+    add_sampling_arg(ap, "plain")
+    args = ap.parse_args()
+
+    import torch  # the profiler only
+
+    from rvllm import LLM, SamplingParams
+
+    llm = LLM(args.model, load_format="dummy", device="cuda", max_num_seqs=args.max_num_seqs,
+              max_model_len=4096, skip_tokenizer_init=True)
+    rng = np.random.default_rng(0)
+    vocab = llm.engine.spec.vocab_size
+
+    def prompts():
+        return [rng.integers(100, min(vocab, 30000), args.input_len).tolist() for _ in range(args.num_prompts)]
+
+    params = SamplingParams(**SAMPLING[args.sampling], max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts(), params)  # warm-up (fresh prompts below: no prefix-cache hits)
+    fresh = prompts()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        llm.generate(fresh, params)
+    path = args.trace or os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    print(f"{args.model}, {args.num_prompts} x {args.input_len}/{args.output_len}, {args.sampling} sampling")
+    print(report(decode_steps(events), args.top))
+
+
+if __name__ == "__main__":
+    main()
