@@ -34,6 +34,83 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_kernel(
 // fill (optional, null: none): fill[row, :] = fill_row[:] (fill_n elements), the bias of the
 // product that follows, which cuBLAS then adds to (beta = 1). A separate broadcast kernel took
 // 3.6 us per layer at 256 rows on an H100 (bench/op_times.py).
+//
+// Rows of d % 8 == 0 elements at 16-byte aligned addresses (every model's hidden size) take the
+// vector path: a thread holds up to NORM_MAX_CHUNKS 16-byte chunks of the row in registers, all of
+// its loads issued before any is used, and the norm weight is loaded before the PDL wait. The
+// element-wise loop it replaced (2-byte loads, the row re-read for the second pass) took 5.7 us a
+// call at 256 x 1536 on an H200, twice a layer (bench/kernel_timeline.py, session 11); the
+// backend launches d / 8 threads for it (CudaBackend.fused_add_rms_norm).
+#define NORM_VEC 8
+#define NORM_MAX_CHUNKS 4
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<unsigned long long>(p) & 15) == 0;
+}
+
+__device__ __forceinline__ void fused_add_rms_norm_vec(
+    scalar_t* __restrict__ out, scalar_t* residual_out, const scalar_t* __restrict__ x,
+    const scalar_t* residual, const scalar_t* __restrict__ weight, int d, float eps,
+    scalar_t* __restrict__ fill, const scalar_t* __restrict__ fill_row, int fill_n) {
+  const i64 base = (i64)blockIdx.x * d;
+  uint4 w[NORM_MAX_CHUNKS], xv[NORM_MAX_CHUNKS], rv[NORM_MAX_CHUNKS];
+#pragma unroll
+  for (int c = 0; c < NORM_MAX_CHUNKS; ++c) {  // a weight: before the wait
+    const int j = (threadIdx.x + c * blockDim.x) * NORM_VEC;
+    if (j < d) w[c] = *reinterpret_cast<const uint4*>(weight + j);
+  }
+  pdl_enter();
+#pragma unroll
+  for (int c = 0; c < NORM_MAX_CHUNKS; ++c) {
+    const int j = (threadIdx.x + c * blockDim.x) * NORM_VEC;
+    if (j < d) {
+      xv[c] = *reinterpret_cast<const uint4*>(x + base + j);
+      rv[c] = *reinterpret_cast<const uint4*>(residual + base + j);
+    }
+  }
+  if (fill != nullptr) {
+    scalar_t* f = fill + (i64)blockIdx.x * fill_n;
+    for (int j = threadIdx.x * NORM_VEC; j < fill_n; j += blockDim.x * NORM_VEC)
+      *reinterpret_cast<uint4*>(f + j) = *reinterpret_cast<const uint4*>(fill_row + j);
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < NORM_MAX_CHUNKS; ++c) {
+    const int j = (threadIdx.x + c * blockDim.x) * NORM_VEC;
+    if (j < d) {
+      const unsigned int* xp = reinterpret_cast<const unsigned int*>(&xv[c]);
+      const unsigned int* rp = reinterpret_cast<const unsigned int*>(&rv[c]);
+      unsigned int* sp = reinterpret_cast<unsigned int*>(&rv[c]);  // the sum replaces the residual
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const scalar_t lo = from_f32(to_f32((scalar_t)(xp[p] & 0xffffu)) + to_f32((scalar_t)(rp[p] & 0xffffu)));
+        const scalar_t hi = from_f32(to_f32((scalar_t)(xp[p] >> 16)) + to_f32((scalar_t)(rp[p] >> 16)));
+        const float flo = to_f32(lo), fhi = to_f32(hi);
+        ss += flo * flo + fhi * fhi;
+        sp[p] = (unsigned int)lo | ((unsigned int)hi << 16);
+      }
+      *reinterpret_cast<uint4*>(residual_out + base + j) = rv[c];
+    }
+  }
+  ss = block_sum(ss);
+  const float inv_rms = rsqrtf(ss / (float)d + eps);
+#pragma unroll
+  for (int c = 0; c < NORM_MAX_CHUNKS; ++c) {
+    const int j = (threadIdx.x + c * blockDim.x) * NORM_VEC;
+    if (j < d) {
+      const unsigned int* sp = reinterpret_cast<const unsigned int*>(&rv[c]);
+      const unsigned int* wp = reinterpret_cast<const unsigned int*>(&w[c]);
+      uint4 o;
+      unsigned int* op = reinterpret_cast<unsigned int*>(&o);
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+        op[p] = pack2(to_f32((scalar_t)(sp[p] & 0xffffu)) * inv_rms * to_f32((scalar_t)(wp[p] & 0xffffu)),
+                      to_f32((scalar_t)(sp[p] >> 16)) * inv_rms * to_f32((scalar_t)(wp[p] >> 16)));
+      *reinterpret_cast<uint4*>(out + base + j) = o;
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_kernel(
     scalar_t* __restrict__ out,
     scalar_t* residual_out,
@@ -42,6 +119,13 @@ extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_kernel(
     const scalar_t* __restrict__ weight,
     int d, float eps,
     scalar_t* __restrict__ fill, const scalar_t* __restrict__ fill_row, int fill_n) {
+  const bool vec = d % NORM_VEC == 0 && d <= NORM_MAX_CHUNKS * NORM_VEC * (int)blockDim.x &&
+                   aligned16(out) && aligned16(residual_out) && aligned16(x) && aligned16(residual) &&
+                   aligned16(weight) && (fill == nullptr || (fill_n % NORM_VEC == 0 && aligned16(fill) && aligned16(fill_row)));
+  if (vec) {
+    fused_add_rms_norm_vec(out, residual_out, x, residual, weight, d, eps, fill, fill_row, fill_n);
+    return;
+  }
   pdl_enter();
   const i64 base = (i64)blockIdx.x * d;
   if (fill != nullptr) {

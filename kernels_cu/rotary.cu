@@ -10,8 +10,10 @@
 // neox != 0 rotates pairs (x[j], x[j + d/2]); neox == 0 rotates pairs (x[2j], x[2j + 1]).
 #include "common.cuh"
 
+#define ROTARY_SMEM_DIM 512  // head sizes up to this keep their cos/sin row in shared memory
+
 __device__ __forceinline__ void rotate_heads(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src,
-                                             const float* __restrict__ cs, int num_heads, int head_dim,
+                                             const float* cs, int num_heads, int head_dim,
                                              int neox) {
   const int half = head_dim >> 1;
   for (int idx = threadIdx.x; idx < num_heads * half; idx += blockDim.x) {
@@ -37,15 +39,24 @@ extern "C" __global__ void __launch_bounds__(1024) rotary_cache_kernel(
     const int* __restrict__ slot_mapping,  // [T]
     const float* __restrict__ cos_sin, int max_pos,
     int num_heads, int num_kv_heads, int head_dim, int neox) {
-  pdl_enter();
+  // The position, the slot and the row of the cos/sin table are the step's inputs and a constant
+  // table: read before the wait (common.cuh), so that after it only q, k and v are loaded. They were
+  // two dependent loads on the chain from the qkv product to attention at batch 1.
+  __shared__ float s_cs[ROTARY_SMEM_DIM];
   const i64 t = blockIdx.x;
   int pos = positions[t];
   pos = min(max(pos, 0), max_pos - 1);  // never read outside the table
+  const i64 slot = slot_mapping[t];
   const float* cs = cos_sin + (i64)pos * head_dim;
+  if (head_dim <= ROTARY_SMEM_DIM) {
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) s_cs[i] = cs[i];
+    cs = s_cs;
+  }
+  pdl_enter();
+  __syncthreads();
 
   rotate_heads(q_out + t * num_heads * head_dim, q + t * q_stride, cs, num_heads, head_dim, neox);
 
-  const i64 slot = slot_mapping[t];
   if (slot < 0) return;
   const i64 kv_row = (i64)num_kv_heads * head_dim;
   rotate_heads(k_cache + slot * kv_row, k + t * k_stride, cs, num_kv_heads, head_dim, neox);

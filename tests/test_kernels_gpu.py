@@ -141,17 +141,25 @@ def test_rms_norm_per_head_on_strided_view(gpu, rng, head_dim):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 33])
-@pytest.mark.parametrize("d", [64, 576, 4096])
-def test_fused_add_rms_norm(gpu, rng, num_tokens, d):
+# 100: not a multiple of 8, the element-wise path; 16384: two 16-byte chunks a thread
+@pytest.mark.parametrize("d", [64, 100, 576, 4096, 16384])
+@pytest.mark.parametrize("fill_n", [0, 24, 36])  # 36: a bias the 16-byte copies cannot take
+def test_fused_add_rms_norm(gpu, rng, num_tokens, d, fill_n):
     x = rounded(gpu, rng.standard_normal((num_tokens, d)))
     res = rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
     w = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
     res_dev = gpu.weight(res)
-    out, new_res = gpu.fused_add_rms_norm(gpu.weight(x), res_dev, gpu.weight(w), 1e-5)
+    fill = None
+    if fill_n:
+        bias = rounded(gpu, rng.standard_normal(fill_n))
+        fill = (gpu.weight(np.full((num_tokens, fill_n), np.nan)), gpu.weight(bias))
+    out, new_res = gpu.fused_add_rms_norm(gpu.weight(x), res_dev, gpu.weight(w), 1e-5, fill=fill)
     ref_out, ref_res = CPU.fused_add_rms_norm(x, res, w, 1e-5)
     check(gpu, out, ref_out, "normed")
     check(gpu, new_res, ref_res, "residual")
     check(gpu, res_dev, res, "input residual untouched", tol=1e-7)
+    if fill_n:
+        check(gpu, fill[0], np.broadcast_to(bias, (num_tokens, fill_n)), "bias rows", tol=1e-7)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 8, 17, 33, 256])  # <= 8 rows: gemv.cu; more: cuBLAS

@@ -43,6 +43,12 @@ def _launch_threads(d: int) -> int:
     return min(1024, max(32, ((d + 3) // 4 + 31) // 32 * 32))
 
 
+def _chunk_threads(d: int) -> int:
+    """Threads for a row kernel whose threads take 16-byte chunks (8 elements): one chunk a thread
+    up to 1024 threads (norm.cu's vector path holds up to 4)."""
+    return min(1024, max(32, ((d + 7) // 8 + 31) // 32 * 32))
+
+
 class CudaBackend(DeviceTransfers):
     name = "cuda"
 
@@ -254,7 +260,7 @@ class CudaBackend(DeviceTransfers):
         new_residual = cp.empty_like(x)
         if rows and d:
             self._kernel("norm.cu", "fused_add_rms_norm_kernel")(
-                (rows,), (_launch_threads(d),),
+                (rows,), (_chunk_threads(d),),
                 (out, new_residual, x, residual, weight, np.int32(d), np.float32(eps), fill_out, fill_row,
                  np.int32(fill_n)))
         return out, new_residual
