@@ -31,6 +31,7 @@
 #endif
 #define DTC_LD (HEAD_DIM + 8)  // padded shared row (elements): ldmatrix's 8 rows fall in 8 bank groups
 #define DTC_CHUNKS (HEAD_DIM / 8)
+#define DTC_OLD (HEAD_DIM + 8)  // padded row (floats) of the warps' partial outputs in the combine
 #define LOG2E_F 1.4426950408889634f
 
 #define DECODE_TC_PARAMS \
@@ -43,6 +44,7 @@ template <int WARPS, int TILE, int STAGES>
 __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (block_of)");
   static_assert(WARPS >= 2, "the warps' partials always meet in shared memory");
+  static_assert(2 * STAGES * TILE * DTC_LD * 2 >= (16 * DTC_OLD + 32) * 4, "a warp's partials fit in its stages");
   extern __shared__ __align__(16) unsigned char dtc_smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   // This warp's stages: [STAGES][TILE][DTC_LD] of K, then of V.
@@ -53,17 +55,11 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
 
   // The metadata chain reads only the step's inputs: before the wait (common.cuh).
   const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
-  int req;
-  const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req);
+  int req, cached;
+  const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req, &cached);
   const int* btab = block_tables + (req >= 0 ? (i64)req * row_stride : 0);
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
-  pdl_enter();
-
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
-  if (req < 0 || ctx <= 0) {  // a padding row: zeros
-    for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
-    return;
-  }
 
   // Tile `tile` of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ... (a
   // warp-wide copy is 512 contiguous bytes of a row pair at head size 128). The block-table
@@ -88,13 +84,28 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
     cp_async_commit();
   };
   // This warp's tiles: warp, warp + WARPS, ...; the i-th of them goes to stage i % STAGES.
-  const int num_tiles = (ctx + TILE - 1) / TILE;
+  const int num_tiles = req >= 0 ? (ctx + TILE - 1) / TILE : 0;
   const int my_tiles = num_tiles > warp ? (num_tiles - warp + WARPS - 1) / WARPS : 0;
+  // The first STAGES - 1 tiles are copied before the wait when all their keys are from earlier
+  // steps (the keys below `cached`, which no kernel of this step writes; the block tables may be
+  // read here, common.cuh), so that their DRAM round trip overlaps the rotary kernel: in a decode
+  // step only a tile holding the row's own new key waits. Per warp, since each copies its own.
+  const bool early = (warp + (STAGES - 2) * WARPS + 1) * TILE <= cached;
+  auto prologue = [&]() {
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < my_tiles) load_tile(warp + s * WARPS, s, block_of(warp + s * WARPS));
-    else cp_async_commit();  // an empty group keeps the wait counts uniform
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < my_tiles) load_tile(warp + s * WARPS, s, block_of(warp + s * WARPS));
+      else cp_async_commit();  // an empty group keeps the wait counts uniform
+    }
+  };
+  if (early) prologue();
+  pdl_enter();
+  if (req < 0 || ctx <= 0) {  // a padding row: zeros
+    cp_async_wait<0>();
+    for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
+    return;
   }
+  if (!early) prologue();
   int blk_ahead = STAGES - 1 < my_tiles ? block_of(warp + (STAGES - 1) * WARPS) : -1;
 
   // The query rows: row m is head kvh * group + m (rows >= group are zeros), as A fragments for
@@ -190,14 +201,16 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   // The warps' partial results (unnormalized O, max, sum per row) into shared memory, over this
   // warp's own (drained) tile stages; a warp that got no tile has max -inf, sum 0 and O 0.
   cp_async_wait<0>();
-  float* s_o = reinterpret_cast<float*>(s_k);  // [16][HEAD_DIM]
-  float* s_ml = s_o + 16 * HEAD_DIM;           // [2][16]: max, sum
+  // Rows padded by 8 floats: the 8 rows a store instruction spans (g) fall in different banks
+  // (ncu counted 7.6-way conflicts on these stores unpadded).
+  float* s_o = reinterpret_cast<float*>(s_k);  // [16][DTC_OLD]
+  float* s_ml = s_o + 16 * DTC_OLD;            // [2][16]: max, sum
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = g + 8 * h;
 #pragma unroll
     for (int j = 0; j < HEAD_DIM / 8; ++j)
-      *reinterpret_cast<float2*>(s_o + m * HEAD_DIM + j * 8 + 2 * c) = make_float2(o_acc[j][2 * h], o_acc[j][2 * h + 1]);
+      *reinterpret_cast<float2*>(s_o + m * DTC_OLD + j * 8 + 2 * c) = make_float2(o_acc[j][2 * h], o_acc[j][2 * h + 1]);
     if (c == 0) {
       s_ml[m] = row_max[h];
       s_ml[16 + m] = row_sum[h];
@@ -210,16 +223,16 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
     float mx = RVLLM_NEG_INF;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-      const float* ml = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp) + 16 * HEAD_DIM;
+      const float* ml = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp) + 16 * DTC_OLD;
       mx = fmaxf(mx, ml[m]);
     }
     float o = 0.f, l = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       const float* ow = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp);
-      const float wgt = exp2f(ow[16 * HEAD_DIM + m] - mx);  // 0 for a warp without tiles
-      o += wgt * ow[m * HEAD_DIM + d];
-      l += wgt * ow[16 * HEAD_DIM + 16 + m];
+      const float wgt = exp2f(ow[16 * DTC_OLD + m] - mx);  // 0 for a warp without tiles
+      o += wgt * ow[m * DTC_OLD + d];
+      l += wgt * ow[16 * DTC_OLD + 16 + m];
     }
     out[(head0 + m) * HEAD_DIM + d] = from_f32(o / l);
   }
@@ -235,4 +248,5 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
 // On an H200 (bench/op_times.py --attention-variants, session 7) these beat the 1-warp 32-key, the
 // 2-warp 3-stage and the 4-warp 2-stage builds end to end or per op; see cuda_attention.tc_build.
 DECODE_TC_ENTRY(2, 16, 2)
+DECODE_TC_ENTRY(2, 16, 3)
 DECODE_TC_ENTRY(4, 16, 3)

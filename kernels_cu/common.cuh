@@ -151,14 +151,31 @@ __device__ __forceinline__ int find_request(const int* __restrict__ query_start_
 
 // Keys visible to query row `tok`: row r of request i sits at position seq_len - q_len + r and
 // sees keys [0, that position], so the context length is seq_len - q_len + r + 1. Sets *req
-// (-1 for a padding row, which then sees nothing).
+// (-1 for a padding row, which then sees nothing) and, when `cached` is not null, *cached to the
+// request's keys from earlier steps (seq_len - q_len): no kernel of this step writes those.
+// A decode step's rows are one-row requests in order (query_start_loc[tok] == tok and
+// query_start_loc[tok + 1] == tok + 1, then request tok owns row tok): two independent loads
+// instead of the binary search's chain of ~log2(num_reqs) dependent ones (8 at 256 rows).
 __device__ __forceinline__ int query_context_len(const int* __restrict__ query_start_loc,
                                                  const int* __restrict__ seq_lens, int num_reqs,
-                                                 int tok, int* req) {
+                                                 int tok, int* req, int* cached = nullptr) {
+  if (tok < num_reqs) {
+    const int start = query_start_loc[tok], end = query_start_loc[tok + 1];
+    const int len = seq_lens[tok];  // issued with the two above; used only when they match
+    if (start == tok && end == tok + 1) {
+      *req = tok;
+      if (cached != nullptr) *cached = len - 1;
+      return len;
+    }
+  }
   const int r = find_request(query_start_loc, num_reqs, tok);
   *req = r;
-  if (r < 0) return 0;
+  if (r < 0) {
+    if (cached != nullptr) *cached = 0;
+    return 0;
+  }
   const int q_start = query_start_loc[r];
   const int q_len = query_start_loc[r + 1] - q_start;
+  if (cached != nullptr) *cached = seq_lens[r] - q_len;
   return seq_lens[r] - q_len + (tok - q_start) + 1;
 }

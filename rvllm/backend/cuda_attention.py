@@ -47,6 +47,9 @@ _TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", 
 # build's 8.1), but end to end it gained qwen2.5-1.5b at batch 1 only 0.7% and cost qwen2.5-7b 11.6%
 # (bench/NOTES.md #41), so it stays off until that is understood.
 TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "0"))
+# Tiles in flight per warp of the 2-warp build (2 or 3; both are compiled). 3 since the first tiles
+# are copied before the PDL wait (session 11, H200: 256-way 61.9-62.2k tok/s with 2, 62.7-62.8k with 3).
+_TC_MANY_PAIRS_STAGES = int(os.environ.get("RVLLM_DECODE_TC_STAGES", "3"))
 
 
 # attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
@@ -59,10 +62,11 @@ DECODE_SPLIT_BUILDS = {"paged_attention_split_kernel": nvrtc.DECODE_NUM_THREADS,
 
 def tc_build(pairs: int, num_sms: int) -> str:
     """attention_decode_tc.cu's entry point for a step of `pairs` (row, KV head) pairs: 4 warps a
-    pair, 3 tiles in flight each, while the pairs alone leave SMs short of warps; 2 warps with 2
-    tiles from 3 pairs per SM (more blocks resident). H200, us (bench/op_times.py):
-    1.5b 256 rows x 192 keys 22.6 vs 26.6 (w4 s2) / 24.0 (w4 s3); 128 x 192 15.2 vs 10.7 (w4 s3)."""
-    return nvrtc.decode_tc_kernel(2, 16, 2) if pairs >= 3 * num_sms else nvrtc.decode_tc_kernel(4, 16, 3)
+    pair, 3 tiles in flight each, while the pairs alone leave SMs short of warps; 2 warps from 3 pairs
+    per SM (more blocks resident). H200, us (bench/op_times.py), session 7: 1.5b 256 rows x 192 keys
+    22.6 (w2 s2) vs 26.6 (w4 s2) / 24.0 (w4 s3); 128 x 192 15.2 vs 10.7 (w4 s3). Session 11, with
+    the first tiles copied before the PDL wait, 256 x 144: w2 s2 15.6, w2 s3 14.0, w4 s3 17.6."""
+    return nvrtc.decode_tc_kernel(2, 16, _TC_MANY_PAIRS_STAGES) if pairs >= 3 * num_sms else nvrtc.decode_tc_kernel(4, 16, 3)
 
 
 def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int,

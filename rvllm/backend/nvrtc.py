@@ -26,7 +26,7 @@ from rvllm.backend.cuda_launch import Kernel
 
 DTYPES = ("float16", "bfloat16")
 # attention_decode_tc.cu's entry points: (warps per (row, KV head) pair, keys per tile, tiles in flight per warp)
-DECODE_TC_BUILDS = ((2, 16, 2), (4, 16, 3))
+DECODE_TC_BUILDS = ((2, 16, 2), (2, 16, 3), (4, 16, 3))
 
 
 def decode_tc_kernel(warps: int, tile: int, stages: int) -> str:
