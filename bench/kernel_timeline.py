@@ -4,9 +4,9 @@ Runs N prompts (as bench/throughput.py does) under PyTorch's profiler, which rec
 the process launches through CUPTI, CuPy's and cuBLAS's included, graph replays too. On the GPU
 machine PyTorch is there for reference checks; rvllm itself never imports it. Steps are cut at the
 device-to-host copies of the sampled ids (one a step, in stream order); a step with the prefill
-attention kernel is a prompt step, the others are decode steps. For the decode steps it prints
-each kernel's device time a step, the step's period (copy to copy) and how much of it no kernel
-ran (launch gaps, waits on the host).
+attention kernel is a prompt step, the others are decode steps. For the decode steps (or, with
+--prompt-steps, the prompt steps) it prints each kernel's device time a step, the step's period
+(copy to copy) and how much of it no kernel ran (launch gaps, waits on the host).
 
     python bench/kernel_timeline.py --model qwen2.5-1.5b --num-prompts 256 --input-len 128 --output-len 32
 """
@@ -45,11 +45,14 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def decode_steps(events: list[dict]) -> list[list[dict]]:
-    """The kernels of each decode step, cut at the device-to-host copies (each step ends with one)."""
+def cut_steps(events: list[dict], prompt: bool = False) -> list[tuple[float, float, list[dict]]]:
+    """(start, end, kernels) of each decode step (prompt=True: each step with prompt tokens), cut at
+    the device-to-host copies (each step ends with one)."""
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     copies = sorted(e["ts"] + e["dur"] for e in events
                     if e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", ""))
+    if kernels:  # the first step starts with the first kernel, not after a copy
+        copies.insert(0, kernels[0]["ts"])
     steps, i = [], 0
     for lo, hi in zip(copies, copies[1:]):
         step = []
@@ -57,12 +60,12 @@ def decode_steps(events: list[dict]) -> list[list[dict]]:
             if kernels[i]["ts"] >= lo:
                 step.append(kernels[i])
             i += 1
-        if step and not any("prefill" in k["name"] for k in step):
+        if step and any("prefill" in k["name"] for k in step) == prompt:
             steps.append((lo, hi, step))
     return steps
 
 
-def report(steps, top: int) -> str:
+def report(steps, top: int, kind: str = "decode") -> str:
     n = len(steps)
     periods = [hi - lo for lo, hi, _ in steps]
     busy = [union_length([(k["ts"], k["ts"] + k["dur"]) for k in ks]) for _, _, ks in steps]
@@ -72,7 +75,7 @@ def report(steps, top: int) -> str:
             p = per[short_name(k["name"])]
             p[0] += k["dur"]
             p[1] += 1
-    lines = [f"{n} decode steps: period median {np.median(periods):.1f} us, kernels busy median {np.median(busy):.1f} us, "
+    lines = [f"{n} {kind} steps: period median {np.median(periods):.1f} us, kernels busy median {np.median(busy):.1f} us, "
              f"idle median {np.median(np.subtract(periods, busy)):.1f} us",
              "", "| kernel | us a step | launches a step | us a launch |", "|---|---|---|---|"]
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])
@@ -93,6 +96,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--top", type=int, default=24)
     ap.add_argument("--trace", default=None, help="also keep the Chrome trace here")
+    ap.add_argument("--prompt-steps", action="store_true", help="report the steps with prompt tokens instead")
     add_sampling_arg(ap, "plain")
     args = ap.parse_args()
 
@@ -118,7 +122,8 @@ def main() -> None:
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     print(f"{args.model}, {args.num_prompts} x {args.input_len}/{args.output_len}, {args.sampling} sampling")
-    print(report(decode_steps(events), args.top))
+    kind = "prompt" if args.prompt_steps else "decode"
+    print(report(cut_steps(events, args.prompt_steps), args.top, kind))
 
 
 if __name__ == "__main__":
