@@ -250,3 +250,10 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
 DECODE_TC_ENTRY(2, 16, 2)
 DECODE_TC_ENTRY(2, 16, 3)
 DECODE_TC_ENTRY(4, 16, 3)
+// The same 4-warp build for steps of at most one pair per SM. The backend gives it the smallest
+// shared-memory carveout that holds a block: left to the driver it took the largest (233 KB, for
+// two blocks an SM), while the GEMVs around it run at 132 KB, and an SM changes its carveout only
+// when empty, so every switch drained the SMs and undid the PDL overlap on both sides (NOTES #50).
+extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_w4_t16_s3_one_per_sm_kernel(DECODE_TC_PARAMS) {
+  decode_tc<4, 16, 3>(DECODE_TC_ARGS);
+}

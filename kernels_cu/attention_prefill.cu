@@ -31,7 +31,9 @@ __device__ __forceinline__ unsigned int ld_u32(const scalar_t* p) {  // 4-byte a
   return *reinterpret_cast<const unsigned int*>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_prefill_kernel(
+// At most 170 registers a thread, so that 3 blocks fit an SM's register file (the ldmatrix form
+// took 176 unbounded and ran 2 blocks an SM: 90 us where the element-wise form, at 167, took 79).
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, 3) paged_attention_prefill_kernel(
     scalar_t* __restrict__ out,            // [num_tokens, num_heads, HEAD_DIM]
     const scalar_t* __restrict__ q,        // [num_tokens, num_heads, HEAD_DIM]
     const scalar_t* __restrict__ k_cache,  // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
@@ -57,6 +59,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_prefil
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, c = lane & 3;
+  const int mrow = lane & 7, mat = lane >> 3;  // ldmatrix: lane supplies row mrow of matrix mat
 
   // This thread's two query rows (fragment rows g and g + 8 of its warp's 16).
   int row_m[2], row_pos[2];
@@ -123,18 +126,28 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_prefil
     }
     __syncthreads();
 
-    // S = Q K^T for this warp's 16 rows x BLOCK_N keys.
+    // S = Q K^T for this warp's 16 rows x BLOCK_N keys. B fragments by ldmatrix (B[k][n] = K[n][k],
+    // n = key): one x4 covers two k-steps of an 8-key n-tile (matrices: dims 16 ks, +8, +16, +24).
+    // Element-wise shared loads (two 4-byte loads an mma here, four 2-byte loads an mma for V
+    // below) made the kernel 79 us for an 8192-token step of 128-token prompts (qwen2.5-1.5b, H200,
+    // session 11), ~40 TFLOP/s.
     float s[BLOCK_N / 8][4];
 #pragma unroll
     for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const scalar_t* krow = s_k + (nt * 8 + g) * KV_LD + 2 * c;  // B[k][n] = K[n][k], n = key
+      const scalar_t* krow = s_k + (nt * 8 + mrow) * KV_LD;
 #pragma unroll
-      for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+      for (int ks = 0; ks + 1 < HEAD_DIM / 16; ks += 2) {
+        unsigned int b[4];
+        ldmatrix_x4(b, krow + ks * 16 + mat * 8);
+        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_16816(s[nt], qf[ks], b0);
+        mma_16816(s[nt], qf[ks + 1], b1);
+      }
+      if ((HEAD_DIM / 16) % 2) {  // an odd last k-step (head sizes 80, 112): lanes 0-15 address
         unsigned int b[2];
-        b[0] = ld_u32(krow + ks * 16);
-        b[1] = ld_u32(krow + ks * 16 + 8);
-        mma_16816(s[nt], qf[ks], b);
+        ldmatrix_x2(b, krow + (HEAD_DIM - 16) + (mat & 1) * 8);
+        mma_16816(s[nt], qf[HEAD_DIM / 16 - 1], b);
       }
     }
 
@@ -151,19 +164,19 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_attention_prefil
         }
     online_softmax_tile(s, row_max, row_sum, o_acc);
 
-    // O += P V.
+    // O += P V: V's B fragments come transposed from V rows (matrices: keys +0 / +8, dims +0 / +8).
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
       unsigned int a[4];
       p_fragment(a, s, kk);
-      const scalar_t* vcol = s_v + (kk * 16 + 2 * c) * KV_LD + g;  // B[k][n] = V[key k][dim n]
+      const scalar_t* vrow = s_v + (kk * 16 + (mat & 1) * 8 + mrow) * KV_LD + (mat >> 1) * 8;
 #pragma unroll
-      for (int j = 0; j < HEAD_DIM / 8; ++j) {
-        const scalar_t* vp = vcol + j * 8;
-        unsigned int b[2];
-        b[0] = (unsigned int)vp[0] | ((unsigned int)vp[KV_LD] << 16);
-        b[1] = (unsigned int)vp[8 * KV_LD] | ((unsigned int)vp[9 * KV_LD] << 16);
-        mma_16816(o_acc[j], a, b);
+      for (int j = 0; j < HEAD_DIM / 16; ++j) {  // n-tiles 2j and 2j + 1
+        unsigned int b[4];
+        ldmatrix_x4_trans(b, vrow + j * 16);
+        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_16816(o_acc[2 * j], a, b0);
+        mma_16816(o_acc[2 * j + 1], a, b1);
       }
     }
   }

@@ -46,9 +46,9 @@ def _llm(model_dir, graphs: bool, **kw):
 
 @pytest.fixture(scope="module", params=[0, 192], ids=["default", "short-context-graphs"])
 def engines(tiny, request):
-    """(eager engine, engine with graphs, short-context limit): with a limit (off by default,
-    bench/NOTES.md #41), short decode steps run the tensor-core kernel, and the graphs hold a
-    second, short-context graph per bucket; the setting holds while the tests of this instance run."""
+    """(eager engine, engine with graphs, short-context limit): with a limit (192 by default),
+    short decode steps run the tensor-core kernel, and the graphs hold a second, short-context graph
+    per bucket; the setting holds while the tests of this instance run."""
     saved = cuda_attention.TC_SHORT_CONTEXT
     cuda_attention.TC_SHORT_CONTEXT = request.param
     try:

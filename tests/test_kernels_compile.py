@@ -122,6 +122,8 @@ def test_decode_build_names_a_compiled_entry_point():
                         if name in cuda_attention.DECODE_TC_BUILDS:
                             assert threads == 32 * cuda_attention.DECODE_TC_BUILDS[name][0]
                             assert hd % 16 == 0 and hd <= 128 and group <= 16
+                            # one block an SM at most for the build with the small carveout
+                            assert (name == cuda_attention.DECODE_TC_ONE_PER_SM) == (t * nkv <= num_sms)
                         else:
                             assert threads in (nvrtc.DECODE_NUM_THREADS, nvrtc.DECODE_WIDE_THREADS)
 

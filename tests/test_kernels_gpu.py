@@ -232,7 +232,7 @@ def _rope_spec(head_dim: int) -> ModelSpec:
 
 
 @pytest.mark.parametrize("neox", [True, False])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [36, 64, 128])  # 36: half not a multiple of 4, the pair-per-thread path
 @pytest.mark.parametrize("nh,nkv", [(8, 8), (12, 4), (14, 2)])
 @pytest.mark.parametrize("num_tokens", [1, 37])
 def test_rotary_and_cache_write(gpu, rng, neox, head_dim, nh, nkv, num_tokens):
@@ -428,7 +428,7 @@ def test_decode_attention_tensor_cores_chosen_for_short_contexts(gpu, rng, monke
     from rvllm.backend import cuda_attention
 
     limit, sms = 192, gpu.num_sms
-    monkeypatch.setattr(cuda_attention, "TC_SHORT_CONTEXT", limit)  # off by default (NOTES #41)
+    monkeypatch.setattr(cuda_attention, "TC_SHORT_CONTEXT", limit)  # the default
     assert cuda_attention.decode_build(rows, 2, 128, sms, 6, limit)[0] in cuda_attention.DECODE_TC_BUILDS
     assert cuda_attention.decode_build(rows, 2, 128, sms, 6, limit + 1)[0] not in cuda_attention.DECODE_TC_BUILDS
     assert cuda_attention.decode_build(rows, 2, 128, sms, 17, limit)[0] not in cuda_attention.DECODE_TC_BUILDS
@@ -439,6 +439,11 @@ def test_decode_attention_tensor_cores_chosen_for_short_contexts(gpu, rng, monke
     lens = [int(n) for n in rng.integers(1, limit + 1, rows)]
     lens[0] = limit
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=2, group=6, head_dim=128, pad_rows=1)
+    name = cuda_attention.decode_build(rows, 2, 128, sms, 6, limit)[0]
+    if 2 * rows <= sms:  # at most a pair an SM: the build that asks for the smallest carveout (NOTES #50)
+        assert name == cuda_attention.DECODE_TC_ONE_PER_SM
+        kernel = gpu._kernel("attention_decode_tc.cu", name, 128)
+        assert kernel.preferred_shared_memory_carveout == 0
 
 
 def test_decode_attention_tensor_cores_chosen_for_large_steps(gpu, rng):

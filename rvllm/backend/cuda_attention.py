@@ -41,12 +41,12 @@ _WIDE_MAX_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_WIDE_MAX_PAIRS_PER_S
 # pairs per SM. Below it attention_decode.cu's builds, which split long contexts over blocks, win:
 # on an H200 at 32 rows x 2 KV heads (0.48 pairs per SM) and 1024 keys the two tie (35.4 us).
 _TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", "0.5"))
-# ... and, when set (off by default), at any step size when no context of the step is longer than
-# this many tokens; CUDA graphs then capture a second graph for the buckets this changes
-# (runner/graphs.py). The op is faster (H100, us a layer: 1.5b b1 x 128 keys 6.3 against the wide
-# build's 8.1), but end to end it gained qwen2.5-1.5b at batch 1 only 0.7% and cost qwen2.5-7b 11.6%
-# (bench/NOTES.md #41), so it stays off until that is understood.
-TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "0"))
+# ... and at any step size when no context of the step is longer than this many tokens (0: off);
+# CUDA graphs then capture a second graph for the buckets this changes (runner/graphs.py). Off
+# until session 11: it gained qwen2.5-1.5b at batch 1 0.7% and cost qwen2.5-7b 11.6% (bench/NOTES.md
+# #41), because the kernel's shared-memory carveout differed from the GEMVs' around it (#50). With
+# DECODE_TC_ONE_PER_SM's carveout, H200, batch 1: 1.5b 753.6 -> 803.3 tok/s, 7b 234.0 -> 238.7.
+TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "192"))
 # Tiles in flight per warp of the 2-warp build (2 or 3; both are compiled). 3 since the first tiles
 # are copied before the PDL wait (session 11, H200: 256-way 61.9-62.2k tok/s with 2, 62.7-62.8k with 3).
 _TC_MANY_PAIRS_STAGES = int(os.environ.get("RVLLM_DECODE_TC_STAGES", "3"))
@@ -54,6 +54,10 @@ _TC_MANY_PAIRS_STAGES = int(os.environ.get("RVLLM_DECODE_TC_STAGES", "3"))
 
 # attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
 DECODE_TC_BUILDS = {nvrtc.decode_tc_kernel(*b): b for b in nvrtc.DECODE_TC_BUILDS}
+DECODE_TC_ONE_PER_SM = nvrtc.DECODE_TC_ONE_PER_SM  # the 4-warp build for steps of <= 1 pair per SM
+DECODE_TC_BUILDS[DECODE_TC_ONE_PER_SM] = (4, 16, 3)
+# Its preferred carveout (percent): the smallest configuration that holds one block.
+_ONE_PER_SM_CARVEOUT = 0
 # attention_decode.cu's entry points (split_build chooses among them): name -> threads per block
 DECODE_SPLIT_BUILDS = {"paged_attention_split_kernel": nvrtc.DECODE_NUM_THREADS,
                        "paged_attention_split_lean_kernel": nvrtc.DECODE_NUM_THREADS,
@@ -63,10 +67,14 @@ DECODE_SPLIT_BUILDS = {"paged_attention_split_kernel": nvrtc.DECODE_NUM_THREADS,
 def tc_build(pairs: int, num_sms: int) -> str:
     """attention_decode_tc.cu's entry point for a step of `pairs` (row, KV head) pairs: 4 warps a
     pair, 3 tiles in flight each, while the pairs alone leave SMs short of warps; 2 warps from 3 pairs
-    per SM (more blocks resident). H200, us (bench/op_times.py), session 7: 1.5b 256 rows x 192 keys
-    22.6 (w2 s2) vs 26.6 (w4 s2) / 24.0 (w4 s3); 128 x 192 15.2 vs 10.7 (w4 s3). Session 11, with
-    the first tiles copied before the PDL wait, 256 x 144: w2 s2 15.6, w2 s3 14.0, w4 s3 17.6."""
-    return nvrtc.decode_tc_kernel(2, 16, _TC_MANY_PAIRS_STAGES) if pairs >= 3 * num_sms else nvrtc.decode_tc_kernel(4, 16, 3)
+    per SM (more blocks resident); DECODE_TC_ONE_PER_SM, the 4-warp build with a small shared-memory
+    carveout, up to one pair per SM (batch 1 with short contexts). H200, us (bench/op_times.py),
+    session 7: 1.5b 256 rows x 192 keys 22.6 (w2 s2) vs 26.6 (w4 s2) / 24.0 (w4 s3); 128 x 192 15.2
+    vs 10.7 (w4 s3). Session 11, with the first tiles copied before the PDL wait, 256 x 144: w2 s2
+    15.6, w2 s3 14.0, w4 s3 17.6."""
+    if pairs >= 3 * num_sms:
+        return nvrtc.decode_tc_kernel(2, 16, _TC_MANY_PAIRS_STAGES)
+    return DECODE_TC_ONE_PER_SM if pairs <= num_sms else nvrtc.decode_tc_kernel(4, 16, 3)
 
 
 def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int, group: int,
@@ -240,9 +248,12 @@ def rotary_and_cache_write(b, q, k, v, positions, cos_sin, k_cache, v_cache, slo
     check_cache(b, k_cache, v_cache, nkv, hd)
     q_out = cp.empty((num_tokens, nh, hd), dtype=b.compute_dtype)
     if num_tokens:
-        # A thread per rotated pair of q (one block per token): with 128 threads, 7 dependent
-        # rounds made it 7.4 us at batch 1 on an H100 (ncu).
-        threads = min(1024, max(128, -(-(nh * hd // 2) // 32) * 32))
+        # A thread per item (one block per token): four rotated pairs of a q or k head, or 16 bytes
+        # of v (rotary.cu's vector path); a thread per rotated pair of q where that path cannot run.
+        # With 128 threads, 7 dependent rounds made it 7.4 us at batch 1 on an H100 (ncu).
+        half = hd // 2
+        items = (nh + nkv) * (half // 4) + nkv * hd // 8 if half % 4 == 0 else nh * half
+        threads = min(1024, max(64, -(-items // 32) * 32))
         b._kernel("rotary.cu", "rotary_cache_kernel")(
             (num_tokens,), (threads,),
             (q_out, k_cache, v_cache, q, np.int64(q_stride), k, np.int64(k_stride), v, np.int64(v_stride),
@@ -348,6 +359,8 @@ def _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, bl
     kernel = b._kernel("attention_decode_tc.cu", name, hd)
     smem = nvrtc.decode_tc_smem_bytes(hd, warps, tile, stages)
     b._ensure_smem(kernel, smem)
+    if name == DECODE_TC_ONE_PER_SM and kernel.preferred_shared_memory_carveout != _ONE_PER_SM_CARVEOUT:
+        kernel.preferred_shared_memory_carveout = _ONE_PER_SM_CARVEOUT
     kernel((nkv, num_tokens), (32 * warps,),
            (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
             np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale)),

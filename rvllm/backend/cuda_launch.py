@@ -120,10 +120,21 @@ class Kernel:
         self.raw = raw
         self.name = name
         self._function = None  # the CUfunction, once loaded
+        self._carveout = None
 
     @property
     def attributes(self):
         return self.raw.attributes
+
+    @property
+    def preferred_shared_memory_carveout(self) -> int | None:
+        """The carveout this process asked for (percent of the largest), None when never set."""
+        return self._carveout
+
+    @preferred_shared_memory_carveout.setter
+    def preferred_shared_memory_carveout(self, percent: int) -> None:
+        self.raw.preferred_shared_memory_carveout = percent  # a hint: the driver still fits one block
+        self._carveout = percent
 
     @property
     def max_dynamic_shared_size_bytes(self) -> int:

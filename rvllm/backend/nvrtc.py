@@ -27,6 +27,9 @@ from rvllm.backend.cuda_launch import Kernel
 DTYPES = ("float16", "bfloat16")
 # attention_decode_tc.cu's entry points: (warps per (row, KV head) pair, keys per tile, tiles in flight per warp)
 DECODE_TC_BUILDS = ((2, 16, 2), (2, 16, 3), (4, 16, 3))
+# The 4-warp build again, as its own entry point for steps of at most one (row, KV head) pair per
+# SM, so that it can carry its own shared-memory carveout (cuda_attention.DECODE_TC_ONE_PER_SM).
+DECODE_TC_ONE_PER_SM = "paged_attention_decode_tc_w4_t16_s3_one_per_sm_kernel"
 
 
 def decode_tc_kernel(warps: int, tile: int, stages: int) -> str:
@@ -48,7 +51,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
                              "paged_attention_split_wide_kernel"), True),
-    "attention_decode_tc.cu": (tuple(decode_tc_kernel(*b) for b in DECODE_TC_BUILDS), True),
+    "attention_decode_tc.cu": (tuple(decode_tc_kernel(*b) for b in DECODE_TC_BUILDS) + (DECODE_TC_ONE_PER_SM,), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),

@@ -1,6 +1,6 @@
 """CUDA graphs for pure-decode steps: one graph per batch-size bucket, captured at startup.
 
-With RVLLM_DECODE_TC_SHORT_CONTEXT set (off by default: bench/NOTES.md #41), small buckets get a
+With RVLLM_DECODE_TC_SHORT_CONTEXT (192 tokens by default; 0 turns it off), small buckets get a
 second graph for short contexts: where a step whose contexts all fit the limit
 (backend.decode_short_context) runs another attention kernel than the bucket's graph holds (the
 tensor-core decode kernel, which streams a short context in one block), that step replays the
