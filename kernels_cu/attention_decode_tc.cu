@@ -131,8 +131,6 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   float row_max[2] = {RVLLM_NEG_INF, RVLLM_NEG_INF};  // log2 units (scores * scale * log2 e)
   float row_sum[2] = {0.f, 0.f};
   const float qk_scale = scale * LOG2E_F;
-  // ldmatrix row addresses: lane supplies row (lane % 8) of matrix (lane / 8).
-  const int mrow = lane & 7, mat = lane >> 3;
 
   for (int i = 0; i < my_tiles; ++i) {
     const int tile = warp + i * WARPS, next = i + STAGES - 1;
@@ -149,24 +147,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
 
     // S = Q K^T: 16 rows x TILE keys (n-tiles of 8 keys).
     float s[TILE / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < TILE / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const scalar_t* krow = sk + (nt * 8 + mrow) * DTC_LD;
-#pragma unroll
-      for (int ks = 0; ks + 1 < HEAD_DIM / 16; ks += 2) {  // matrices: dims 16 ks, +8, +16, +24
-        unsigned int b[4];
-        ldmatrix_x4(b, krow + ks * 16 + mat * 8);
-        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_16816(s[nt], qf[ks], b0);
-        mma_16816(s[nt], qf[ks + 1], b1);
-      }
-      if ((HEAD_DIM / 16) % 2) {  // an odd last k-step (head sizes 80, 112): lanes 0-15 address
-        unsigned int b[2];
-        ldmatrix_x2(b, krow + (HEAD_DIM - 16) + (mat & 1) * 8);
-        mma_16816(s[nt], qf[HEAD_DIM / 16 - 1], b);
-      }
-    }
+    qk_tile<TILE / 8, HEAD_DIM>(s, qf, sk, DTC_LD, lane);
 
     // Mask keys past the context, then the online softmax update.
 #pragma unroll
@@ -180,21 +161,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
         }
     online_softmax_tile(s, row_max, row_sum, o_acc);
 
-    // O += P V: V's B fragments come transposed from V rows (matrices: keys +0 / +8, dims +0 / +8).
-#pragma unroll
-    for (int kk = 0; kk < TILE / 16; ++kk) {
-      unsigned int a[4];
-      p_fragment(a, s, kk);
-      const scalar_t* vrow = sv + (kk * 16 + (mat & 1) * 8 + mrow) * DTC_LD + (mat >> 1) * 8;
-#pragma unroll
-      for (int j = 0; j < HEAD_DIM / 16; ++j) {  // n-tiles 2j and 2j + 1
-        unsigned int b[4];
-        ldmatrix_x4_trans(b, vrow + j * 16);
-        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_16816(o_acc[2 * j], a, b0);
-        mma_16816(o_acc[2 * j + 1], a, b1);
-      }
-    }
+    pv_tile<TILE / 8, HEAD_DIM>(o_acc, s, sv, DTC_LD, lane);  // O += P V
     __syncwarp();  // every lane is done with this stage before the next iteration refills it
   }
 

@@ -59,7 +59,6 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 3) paged_attention_pre
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, c = lane & 3;
-  const int mrow = lane & 7, mat = lane >> 3;  // ldmatrix: lane supplies row mrow of matrix mat
 
   // This thread's two query rows (fragment rows g and g + 8 of its warp's 16).
   int row_m[2], row_pos[2];
@@ -126,30 +125,11 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 3) paged_attention_pre
     }
     __syncthreads();
 
-    // S = Q K^T for this warp's 16 rows x BLOCK_N keys. B fragments by ldmatrix (B[k][n] = K[n][k],
-    // n = key): one x4 covers two k-steps of an 8-key n-tile (matrices: dims 16 ks, +8, +16, +24).
-    // Element-wise shared loads (two 4-byte loads an mma here, four 2-byte loads an mma for V
-    // below) made the kernel 79 us for an 8192-token step of 128-token prompts (qwen2.5-1.5b, H200,
-    // session 11), ~40 TFLOP/s.
+    // S = Q K^T for this warp's 16 rows x BLOCK_N keys, fragments by ldmatrix (mma.cuh). Element-wise
+    // shared loads (two 4-byte loads an mma for K, four 2-byte loads an mma for V) made the kernel
+    // 79 us for an 8192-token step of 128-token prompts (qwen2.5-1.5b, H200, session 11).
     float s[BLOCK_N / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const scalar_t* krow = s_k + (nt * 8 + mrow) * KV_LD;
-#pragma unroll
-      for (int ks = 0; ks + 1 < HEAD_DIM / 16; ks += 2) {
-        unsigned int b[4];
-        ldmatrix_x4(b, krow + ks * 16 + mat * 8);
-        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_16816(s[nt], qf[ks], b0);
-        mma_16816(s[nt], qf[ks + 1], b1);
-      }
-      if ((HEAD_DIM / 16) % 2) {  // an odd last k-step (head sizes 80, 112): lanes 0-15 address
-        unsigned int b[2];
-        ldmatrix_x2(b, krow + (HEAD_DIM - 16) + (mat & 1) * 8);
-        mma_16816(s[nt], qf[HEAD_DIM / 16 - 1], b);
-      }
-    }
+    qk_tile<BLOCK_N / 8, HEAD_DIM>(s, qf, s_k, KV_LD, lane);
 
     // Mask (causal, and keys past the block's last row), then the online softmax update.
 #pragma unroll
@@ -164,21 +144,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 3) paged_attention_pre
         }
     online_softmax_tile(s, row_max, row_sum, o_acc);
 
-    // O += P V: V's B fragments come transposed from V rows (matrices: keys +0 / +8, dims +0 / +8).
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-      unsigned int a[4];
-      p_fragment(a, s, kk);
-      const scalar_t* vrow = s_v + (kk * 16 + (mat & 1) * 8 + mrow) * KV_LD + (mat >> 1) * 8;
-#pragma unroll
-      for (int j = 0; j < HEAD_DIM / 16; ++j) {  // n-tiles 2j and 2j + 1
-        unsigned int b[4];
-        ldmatrix_x4_trans(b, vrow + j * 16);
-        const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_16816(o_acc[2 * j], a, b0);
-        mma_16816(o_acc[2 * j + 1], a, b1);
-      }
-    }
+    pv_tile<BLOCK_N / 8, HEAD_DIM>(o_acc, s, s_v, KV_LD, lane);  // O += P V
   }
 
   // Normalize and write the valid rows.

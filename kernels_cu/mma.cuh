@@ -92,6 +92,57 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int r[4], const scala
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 
+// S = Q K^T for 16 query rows x NT n-tiles of 8 keys. qf: Q's A fragments for each k-step of 16 of
+// the HD head dims; k_rows: the keys' rows in shared memory (HD elements each, `ld` apart). K's B
+// fragments come by ldmatrix, an x4 for two k-steps of an n-tile (matrices: dims 16 ks, +8, +16,
+// +24), an x2 for an odd last k-step (head sizes 80, 112). Both attention kernels' inner loops.
+template <int NT, int HD>
+__device__ __forceinline__ void qk_tile(float (&s)[NT][4], const unsigned int (&qf)[HD / 16][4],
+                                        const scalar_t* k_rows, int ld, int lane) {
+  const int mrow = lane & 7, mat = lane >> 3;  // lane supplies row mrow of matrix mat
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    const scalar_t* krow = k_rows + (nt * 8 + mrow) * ld;
+#pragma unroll
+    for (int ks = 0; ks + 1 < HD / 16; ks += 2) {
+      unsigned int b[4];
+      ldmatrix_x4(b, krow + ks * 16 + mat * 8);
+      const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_16816(s[nt], qf[ks], b0);
+      mma_16816(s[nt], qf[ks + 1], b1);
+    }
+    if ((HD / 16) % 2) {  // lanes 0-15 address the x2
+      unsigned int b[2];
+      ldmatrix_x2(b, krow + (HD - 16) + (mat & 1) * 8);
+      mma_16816(s[nt], qf[HD / 16 - 1], b);
+    }
+  }
+}
+
+// O += P V for the probabilities online_softmax_tile left in s (NT n-tiles of 8 keys: NT / 2
+// k-steps) and V's rows in shared memory (HD elements each, `ld` apart): V's B fragments come
+// transposed by ldmatrix (matrices: keys +0 / +8, dims +0 / +8), two output n-tiles an x4.
+template <int NT, int HD>
+__device__ __forceinline__ void pv_tile(float (&o_acc)[HD / 8][4], const float (&s)[NT][4], const scalar_t* v_rows,
+                                        int ld, int lane) {
+  const int mrow = lane & 7, mat = lane >> 3;
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    unsigned int a[4];
+    p_fragment(a, s, kk);
+    const scalar_t* vrow = v_rows + (kk * 16 + (mat & 1) * 8 + mrow) * ld + (mat >> 1) * 8;
+#pragma unroll
+    for (int j = 0; j < HD / 16; ++j) {  // n-tiles 2j and 2j + 1
+      unsigned int b[4];
+      ldmatrix_x4_trans(b, vrow + j * 16);
+      const unsigned int b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_16816(o_acc[2 * j], a, b0);
+      mma_16816(o_acc[2 * j + 1], a, b1);
+    }
+  }
+}
+
 // 16 bytes global -> shared without passing through registers (sm_80); `valid` false writes zeros.
 __device__ __forceinline__ void cp_async_16(scalar_t* dst, const scalar_t* src, bool valid) {
   const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
