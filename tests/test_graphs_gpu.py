@@ -44,7 +44,7 @@ def _llm(model_dir, graphs: bool, **kw):
     return llm
 
 
-@pytest.fixture(scope="module", params=[0, 192], ids=["default", "short-context-graphs"])
+@pytest.fixture(scope="module", params=[0, 192], ids=["short-context-off", "short-context-graphs"])
 def engines(tiny, request):
     """(eager engine, engine with graphs, short-context limit): with a limit (192 by default),
     short decode steps run the tensor-core kernel, and the graphs hold a second, short-context graph
