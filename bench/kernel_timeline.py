@@ -87,6 +87,31 @@ def report(steps, top: int, kind: str = "decode") -> str:
     return "\n".join(lines)
 
 
+def sequence(steps, start: int, count: int) -> str:
+    """Kernels start .. start + count - 1 of each step, in launch order, as medians over the steps
+    that have that many: when each began and ended (us after the previous kernel in the list
+    ended; negative: it was already running, as PDL lets a dependent kernel start early) and how
+    much it lengthened the chain (its end minus the latest end before it)."""
+    steps = [ks for _, _, ks in steps if len(ks) >= start + count]
+    if not steps:
+        return f"no step has {start + count} kernels"
+    rows = []
+    for i in range(start, start + count):
+        began, lasted, adds = [], [], []
+        for ks in steps:
+            ends = [k["ts"] + k["dur"] for k in ks[: i]]
+            prev = max(ends) if ends else ks[i]["ts"]
+            began.append(ks[i]["ts"] - (ks[i - 1]["ts"] + ks[i - 1]["dur"] if i else ks[i]["ts"]))
+            lasted.append(ks[i]["dur"])
+            adds.append(max(0.0, ks[i]["ts"] + ks[i]["dur"] - prev))
+        rows.append(f"| {i} | {short_name(steps[0][i]['name'])} | {np.median(began):.2f} | {np.median(lasted):.2f} | "
+                    f"{np.median(adds):.2f} |")
+    head = [f"kernels {start}-{start + count - 1} of {len(steps)} steps (medians, us)", "",
+            "| # | kernel | start after the previous one's end | duration | chain lengthened by |",
+            "|---|---|---|---|---|"]
+    return "\n".join(head + rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
@@ -97,6 +122,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=24)
     ap.add_argument("--trace", default=None, help="also keep the Chrome trace here")
     ap.add_argument("--prompt-steps", action="store_true", help="report the steps with prompt tokens instead")
+    ap.add_argument("--sequence", default=None, metavar="START:COUNT",
+                    help="also list kernels START .. START+COUNT-1 of each step in order (one layer's chain)")
     add_sampling_arg(ap, "plain")
     args = ap.parse_args()
 
@@ -123,7 +150,12 @@ def main() -> None:
         events = json.load(f)["traceEvents"]
     print(f"{args.model}, {args.num_prompts} x {args.input_len}/{args.output_len}, {args.sampling} sampling")
     kind = "prompt" if args.prompt_steps else "decode"
-    print(report(cut_steps(events, args.prompt_steps), args.top, kind))
+    steps = cut_steps(events, args.prompt_steps)
+    print(report(steps, args.top, kind))
+    if args.sequence:
+        start, count = (int(v) for v in args.sequence.split(":"))
+        print()
+        print(sequence(steps, start, count))
 
 
 if __name__ == "__main__":

@@ -86,27 +86,31 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   // This warp's tiles: warp, warp + WARPS, ...; the i-th of them goes to stage i % STAGES.
   const int num_tiles = req >= 0 ? (ctx + TILE - 1) / TILE : 0;
   const int my_tiles = num_tiles > warp ? (num_tiles - warp + WARPS - 1) / WARPS : 0;
-  // The first STAGES - 1 tiles are copied before the wait when all their keys are from earlier
-  // steps (the keys below `cached`, which no kernel of this step writes; the block tables may be
-  // read here, common.cuh), so that their DRAM round trip overlaps the rotary kernel: in a decode
-  // step only a tile holding the row's own new key waits. Per warp, since each copies its own.
-  const bool early = (warp + (STAGES - 2) * WARPS + 1) * TILE <= cached;
-  auto prologue = [&]() {
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < my_tiles) load_tile(warp + s * WARPS, s, block_of(warp + s * WARPS));
-      else cp_async_commit();  // an empty group keeps the wait counts uniform
-    }
+  // Of the first STAGES - 1 tiles, those whose keys are all from earlier steps (below `cached`,
+  // which no kernel of this step writes; the block tables may be read here, common.cuh) are copied
+  // before the wait, so that their DRAM round trip overlaps the rotary kernel: in a decode step only
+  // the tile holding the row's own new key waits. Tile by tile: a prefix of this warp's tiles (it was
+  // all of them or none, and at batch 1 with 4 warps a context under 128 keys loaded nothing early).
+  auto prologue_tile = [&](int s) {
+    if (s < my_tiles) load_tile(warp + s * WARPS, s, block_of(warp + s * WARPS));
+    else cp_async_commit();  // an empty group keeps the wait counts uniform
   };
-  if (early) prologue();
+  int early = 0;  // such tiles are whole tiles inside the context, so s < my_tiles for each
+  while (early < STAGES - 1 && (warp + early * WARPS + 1) * TILE <= cached) ++early;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < early) prologue_tile(s);
+  // The block of the loop's first copy, read ahead (block tables only, as above).
+  int blk_ahead = STAGES - 1 < my_tiles ? block_of(warp + (STAGES - 1) * WARPS) : -1;
   pdl_enter();
   if (req < 0 || ctx <= 0) {  // a padding row: zeros
     cp_async_wait<0>();
     for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
     return;
   }
-  if (!early) prologue();
-  int blk_ahead = STAGES - 1 < my_tiles ? block_of(warp + (STAGES - 1) * WARPS) : -1;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s >= early) prologue_tile(s);  // in order after the early ones: group i is still tile i
 
   // The query rows: row m is head kvh * group + m (rows >= group are zeros), as A fragments for
   // every k-step of 16 head dims.

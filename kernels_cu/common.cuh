@@ -49,13 +49,17 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 //    metadata (copied before the first kernel; the token ids are not: fill_placeholders_kernel
 //    writes them). backend/cuda.py's weight() waits for the kernels
 //    that convert weights, since a test may call a kernel right after. The block tables are
-//    written by the step's first kernel (update_block_tables_kernel): only kernels that start
-//    after one whose trigger follows its wait (the decode attention kernels, behind rotary) may
-//    read them before their own wait, since by then every kernel before that one has finished;
+//    written by the step's first kernel (update_block_tables_kernel): a kernel may read them
+//    before its own wait only if, going back along the kernels before it that trigger before
+//    their wait, one comes to a kernel that triggers after its wait, for every kernel before that
+//    one has finished by then. The decode attention kernels read them so: before them come rotary
+//    and the products, which trigger first, then the previous layer's attention or, in the first
+//    layer, the embedding (and at larger steps cuBLAS, whose kernels do not trigger at all);
 //  - write nothing before pdl_wait() (an earlier kernel may still read it);
 //  - call pdl_wait() in every block. It returns once the previous kernel has finished and its
 //    writes are visible; since that kernel waited too, so had every kernel before it.
-// pdl_launch_dependents() comes after the wait in most kernels; gemv.cu triggers first (see there).
+// pdl_launch_dependents() comes after the wait in most kernels; gemv.cu and rotary.cu trigger first
+// (see there).
 // On older GPUs, or when launched without the attribute, both are no-ops.
 // tests/test_kernels_compile.py checks that every entry point calls the wait.
 __device__ __forceinline__ void pdl_wait() {

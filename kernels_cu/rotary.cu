@@ -19,6 +19,17 @@
 
 #define ROTARY_SMEM_DIM 512  // head sizes up to this keep their cos/sin row in shared memory
 
+// The attention kernel after this one reads before its wait only what no kernel of the step writes
+// (its metadata, block tables and cached keys; common.cuh), so it may start as soon as this one
+// does: trigger before the wait. When the trigger followed the wait, attention started only once
+// the qkv product had finished, and at batch 1 its request lookup, block-table reads and early tile
+// copies all lay on the chain after rotary (H200: it began 0.35 us before rotary ended and added
+// 5.7 us a layer, bench/kernel_timeline.py --sequence, session 12).
+__device__ __forceinline__ void rotary_pdl_enter() {
+  pdl_launch_dependents();
+  pdl_wait();
+}
+
 __device__ __forceinline__ void rotate_heads(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src,
                                              const float* cs, int num_heads, int head_dim,
                                              int neox) {
@@ -110,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(1024) rotary_cache_kernel(
       c0 = *reinterpret_cast<const float4*>(cs + j);
       s0 = *reinterpret_cast<const float4*>(cs + half + j);
     }
-    pdl_enter();
+    rotary_pdl_enter();
     for (int item = first; item < q_items + k_items + v_items; item += blockDim.x) {
       if (item < q_items + k_items) {
         const int j = (item % groups) * ROT_VEC;
@@ -138,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(1024) rotary_cache_kernel(
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) s_cs[i] = cs[i];
     cs = s_cs;
   }
-  pdl_enter();
+  rotary_pdl_enter();
   __syncthreads();
 
   rotate_heads(q_out + t * num_heads * head_dim, q + t * q_stride, cs, num_heads, head_dim, neox);

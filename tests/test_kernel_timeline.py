@@ -1,5 +1,5 @@
 """bench/kernel_timeline.py's step cutting and accounting, on a hand-made trace (no GPU, no PyTorch)."""
-from bench.kernel_timeline import cut_steps, report, short_name, union_length
+from bench.kernel_timeline import cut_steps, report, sequence, short_name, union_length
 
 
 def _kernel(name, ts, dur):
@@ -51,3 +51,13 @@ def test_report_per_step_numbers():
 def test_short_names_drop_templates_and_parameters():
     assert short_name("void cublasLt::splitKreduce_kernel<float>(int)") == "void cublasLt::splitKreduce_kernel"
     assert short_name("x" * 60) == "x" * 48
+
+
+def test_sequence_shows_starts_durations_and_what_each_kernel_adds():
+    steps = cut_steps(EVENTS)
+    text = sequence(steps, 0, 2)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    # step 1: gemv 25-35, attn 30-40 (started 5 before the gemv ended, adds 5);
+    # step 2: gemv 55-65, attn 65-70 (starts at the gemv's end, adds 5). Medians of the two.
+    assert rows == ["| 0 | gemv_m1 | 0.00 | 10.00 | 10.00 |", "| 1 | attn | -2.50 | 7.50 | 5.00 |"]
+    assert sequence(steps, 1, 5) == "no step has 6 kernels"
