@@ -19,7 +19,9 @@
 // pass, is loaded while the current one is multiplied, so a warp always has two in flight. With a
 // long K (down: 8960) the segments make each warp's chain of dependent loads short; the partial
 // sums of a unit meet in shared memory. (A warp per unit over all of K reached 1.1 TB/s on the
-// down projection, bench/NOTES.md.)
+// down projection, bench/NOTES.md.) The SiLU form runs a warp per unit all the same (ks = 1, the
+// host's choice, backend/cuda_gemv.split_k): its K is the hidden size, and the block-wide barrier
+// that ends each split unit cost more than the longer chains (NOTES #55).
 //
 // Rounding matches the separate kernels: s, the normed input, the product and g and u are rounded
 // to the 16-bit type exactly where the unfused path stores them, so only fp32 summation order

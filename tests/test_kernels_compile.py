@@ -129,18 +129,25 @@ def test_decode_build_names_a_compiled_entry_point():
 
 
 def test_gemv_split_k_covers_k_with_short_segments():
-    """gemv.cu's work split (host side): ks warps per output unit cover K in segments of at most
-    about one stretch each, and a block holds whole units."""
+    """gemv.cu's work split (host side): in the gemv form ks warps per output unit cover K in
+    segments of about one stretch each (of whole stretches past 8 warps); the SiLU form takes a
+    unit per warp; a block holds whole units."""
     from rvllm.backend.cuda_gemv import split_k
 
     for k in (8, 64, 1536, 4096, 8960, 14336, 18944, 29568):
-        for stretch in (4, 8):
-            ks, rpb, seg = split_k(k, stretch)
-            chunks = k // 8
+        chunks = k // 8
+        for form in ("gemv", "silu"):
+            ks, rpb, seg = split_k(k, form)
             assert 1 <= ks <= 8 and ks * rpb <= 8 and rpb >= 1
             assert ks * seg >= chunks and (ks - 1) * seg < chunks  # every segment is used
-            assert seg <= 32 * stretch or ks == 8
-    assert split_k(8960, 8) == (5, 1, 224) and split_k(1536, 8) == (1, 8, 192) and split_k(1536, 4) == (2, 4, 96)
+        ks, _, seg = split_k(k, "gemv")
+        stretches = -(-seg // 256)
+        assert seg <= 256 or ks > 4, "a long K uses more warps before longer segments"
+        assert seg > 256 * (stretches - 1) + 128 or stretches == 1, "the last stretch of a segment is over half used"
+        assert split_k(k, "silu") == (1, 8, chunks)
+    assert split_k(8960, "gemv") == (5, 1, 224) and split_k(1536, "gemv") == (1, 8, 192)
+    assert split_k(14336, "gemv") == (7, 1, 256)  # one whole stretch a segment
+    assert split_k(18944, "gemv") == (5, 1, 474)  # two stretches, the second 85% used (8 warps: 16%)
 
 
 @pytest.mark.parametrize("file", sorted(nvrtc.KERNELS))

@@ -163,7 +163,8 @@ def test_fused_add_rms_norm(gpu, rng, num_tokens, d, fill_n):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 8, 17, 33, 256])  # <= 8 rows: gemv.cu; more: cuBLAS
-@pytest.mark.parametrize("k,n", [(64, 96), (100, 40), (256, 768), (576, 1536), (1024, 4096), (8960, 1536)])
+# 18944: segments of two stretches (cuda_gemv.split_k)
+@pytest.mark.parametrize("k,n", [(64, 96), (100, 40), (256, 768), (576, 1536), (1024, 4096), (8960, 1536), (18944, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(gpu, rng, num_tokens, k, n, bias):
     x = rounded(gpu, rng.standard_normal((num_tokens, k)))

@@ -33,12 +33,26 @@ def _aligned(x) -> bool:
     return x.data.ptr % 16 == 0 and (x.shape[0] == 1 or (x.strides[0] // x.itemsize) % 8 == 0)
 
 
-def split_k(k: int, stretch: int) -> tuple[int, int, int]:
-    """(ks, rpb, seg_chunks) for K = k: ks warps share an output unit, each taking a segment of
-    seg_chunks 16-byte chunks, so that a segment is about one stretch (32 lanes x `stretch` chunks)
-    and a warp's chain of dependent loads stays short; rpb units side by side fill a block."""
+def split_k(k: int, form: str) -> tuple[int, int, int]:
+    """(ks, rpb, seg_chunks) for K = k and a kernel form ("gemv" or "silu"): ks warps share an
+    output unit, each taking a segment of seg_chunks 16-byte chunks; rpb units side by side fill a
+    block.
+
+    gemv form: segments of about one stretch (32 lanes x U chunks), so that a warp's chain of
+    dependent loads stays short, or, where K needs more than 8 such segments, of the fewest whole
+    stretches that 8 warps cover. (Capping one-stretch segments at 8 warps left qwen2.5-7b's down
+    projection, K = 18944, with 296-chunk segments: a second stretch 16% used.)
+    SiLU form: one warp a unit (ks = 1): a unit split over warps ends with a block-wide barrier and
+    a shared-memory sum, and there are always enough units (the intermediate size) to fill the GPU.
+    H200, batch 1, the split-K sweep of bench/NOTES.md #55 (ks = 1 against one-stretch segments):
+    qwen2.5-1.5b 834 -> 851 tok/s, qwen2.5-7b 242 -> 257, llama-3.1-8b 247 -> 254."""
     chunks = k // 8
-    ks = min(_MAX_WARPS, max(1, -(-chunks // (32 * stretch))))
+    if form == "silu":
+        ks = 1
+    else:
+        stretch = 32 * _STRETCH[form]
+        per_segment = -(-chunks // (stretch * _MAX_WARPS))  # stretches a segment, at least 1
+        ks = min(_MAX_WARPS, max(1, -(-chunks // (stretch * per_segment))))
     return ks, _MAX_WARPS // ks, -(-chunks // ks)
 
 
@@ -58,7 +72,7 @@ class SmallBatchGemv:
         """Blocks of ks * rpb warps (split_k), at most as many as fit on the GPU at once: each loops
         over passes of rpb units, so the norm prologue runs once per block, and a warp's next
         stretch is in flight while it multiplies the current one."""
-        ks, rpb, seg_chunks = split_k(k, _STRETCH[form])
+        ks, rpb, seg_chunks = split_k(k, form)
         threads = 32 * ks * rpb
         key = (id(kernel), threads, smem)
         resident = self._resident.get(key)
@@ -90,7 +104,7 @@ class SmallBatchGemv:
         rows, k = x.shape
         m = self._bucket(rows)
         smem = m * k * x.itemsize if m else 0
-        ks, rpb, _ = split_k(k, _STRETCH["silu" if act == "silu_and_mul" else "gemv"])
+        ks, rpb, _ = split_k(k, "silu" if act == "silu_and_mul" else "gemv")
         if (m is None or k % 8 or smem > _MAX_SMEM or not x.flags.c_contiguous or not weight.flags.c_contiguous
                 or (residual is not None and not residual.flags.c_contiguous) or not _aligned(weight)
                 or not _aligned(x) or (residual is not None and not _aligned(residual))
