@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from rvllm.backend import cuda_attention
+from rvllm.backend import cuda_attention, cuda_gemv
 from rvllm.backend.cpu import AttentionMetadata, CpuBackend
 from rvllm.backend.cuda import is_cuda_available
 from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
@@ -32,7 +32,7 @@ CPU = CpuBackend()
 def gpu(request):
     from rvllm.backend.cuda import CudaBackend
 
-    return CudaBackend(request.param)
+    return CudaBackend(request.param, gemv_max_rows=cuda_gemv.MAX_ROWS)  # every compiled row count
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
-from rvllm.backend.cuda_gemv import MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
+from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.backend.cuda_probe import cuda_available
@@ -57,7 +57,7 @@ class CudaBackend(DeviceTransfers):
         steps, tensor-core prefill kernel otherwise) or "split" (the decode kernel for every
         step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto".
         gemv_max_rows: steps of at most this many token rows run their linear layers on the
-        kernels of gemv.cu (0 = always cuBLAS); default from $RVLLM_GEMV_MAX_ROWS, else 8."""
+        kernels of gemv.cu (0 = always cuBLAS; at most 8); default from $RVLLM_GEMV_MAX_ROWS, else 2."""
         if cp is None:
             raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         if dtype not in nvrtc.DTYPES:

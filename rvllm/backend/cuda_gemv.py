@@ -1,8 +1,8 @@
 """Decode-sized linear layers on the GPU: the wrappers of kernels_cu/gemv.cu.
 
 CudaBackend.linear and CudaBackend.add_norm_linear route steps of at most `max_rows` token rows
-here (decode steps of up to 8 requests); larger steps go to cuBLAS. The kernels are compiled for
-1, 2, 4 and 8 rows; a step runs the smallest that holds it. A call the kernels cannot take (K not
+here (decode steps of 1 or 2 requests by default, DEFAULT_MAX_ROWS); larger steps go to cuBLAS.
+The kernels are compiled for 1, 2, 4 and 8 rows; a step runs the smallest that holds it. A call the kernels cannot take (K not
 a multiple of 8, unaligned rows, a bias with the SiLU form, too much shared memory) returns None
 and the caller uses the general path.
 """
@@ -16,7 +16,13 @@ except Exception:  # ImportError, or a broken CUDA install (cuda.py says the sam
     cp = None
 
 ROW_BUCKETS = (1, 2, 4, 8)
-MAX_ROWS = ROW_BUCKETS[-1]
+MAX_ROWS = ROW_BUCKETS[-1]  # compiled for; CudaBackend(gemv_max_rows=...) or $RVLLM_GEMV_MAX_ROWS reach them all
+# Steps of more rows go to cuBLAS by default. Each row multiplies every weight chunk again on CUDA
+# cores, so from 4 rows these kernels lose to cuBLAS: H200, bench/op_times.py, us at 4 / 8 rows,
+# qwen2.5-1.5b gate_up 26.5 / 45.5 against cuBLAS 19.9 / 19.9; end to end, 8 x 128/128 requests
+# 2,125 -> 4,081 tok/s on cuBLAS (qwen2.5-7b 754 -> 1,691), while at 2 rows these still win (1,114
+# against 965; 7b 453 against 421). bench/NOTES.md #56.
+DEFAULT_MAX_ROWS = 2
 _MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
 _STRETCH = {"gemv": 8, "silu": 4}  # U in gemv.cu: 16-byte chunks per lane per stretch (R = 1 / R = 2 rows)
 _NORM_CHUNKS = 4  # NORM_CHUNKS in gemv.cu: 16-byte chunks of a row each thread of the norm prologue holds
