@@ -55,7 +55,9 @@ def meta(b, qsl, seq_lens, tables, slots):
 for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
     for hd in (64, 128):
         for attention in ("auto", "split"):
-            b = CudaBackend(dtype, attention=attention, gemv_max_rows=8)  # the 6-row step runs gemv.cu too
+            # The small steps (6 and 2 rows) run gemv.cu's products with the auto attention path and
+            # gemv_tc.cu's (tensor cores) with the split one.
+            b = CudaBackend(dtype, attention=attention, gemv_max_rows=8 if attention == "auto" else 0, gemv_tc_max_rows=8)
             w = lambda *shape: b.weight(rng.standard_normal(shape).astype(np.float32) * shape[-1] ** -0.5)
             spec = ModelSpec(architecture="LlamaForCausalLM", vocab_size=vocab, hidden_size=hidden,
                              intermediate_size=inter, num_layers=1, num_heads=nh, num_kv_heads=nkv, head_dim=hd)

@@ -150,6 +150,20 @@ def test_gemv_split_k_covers_k_with_short_segments():
     assert split_k(18944, "gemv") == (5, 1, 474)  # two stretches, the second 85% used (8 warps: 16%)
 
 
+def test_gemv_tc_split_covers_k_in_segments_of_two_stretches_or_more():
+    """gemv_tc.cu's work split: ks warps per tile cover the 32-column steps of K, in segments of at
+    least two 4-step stretches unless 8 warps are needed; a block holds whole tiles."""
+    from rvllm.backend.cuda_gemv import split_k_tc
+
+    for k in (32, 64, 1536, 3584, 4096, 8960, 14336, 18944):
+        steps = k // 32
+        ks, rpb, seg = split_k_tc(k)
+        assert 1 <= ks <= 8 and ks * rpb <= 8 and rpb >= 1
+        assert ks * seg >= steps and (ks - 1) * seg < steps
+        assert seg >= 8 or ks == 1 or steps < 16
+    assert split_k_tc(1536) == (6, 1, 8) and split_k_tc(64) == (1, 8, 2) and split_k_tc(18944) == (8, 1, 74)
+
+
 @pytest.mark.parametrize("file", sorted(nvrtc.KERNELS))
 def test_every_entry_point_is_registered(file):
     """A kernel missing from nvrtc.KERNELS compiles (and passes the PTX checks) but cannot be

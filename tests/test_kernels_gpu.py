@@ -36,6 +36,14 @@ def gpu(request):
 
 
 @pytest.fixture(scope="module")
+def gpu_tc(gpu):
+    """The same dtype with every step of 1-8 rows on gemv_tc.cu's tensor-core products."""
+    from rvllm.backend.cuda import CudaBackend
+
+    return CudaBackend(gpu.dtype, gemv_max_rows=0, gemv_tc_max_rows=cuda_gemv.TC_MAX_ROWS)
+
+
+@pytest.fixture(scope="module")
 def gpu_split(gpu):
     """The same dtype with the split (decode) kernel for every step: a second attention path."""
     from rvllm.backend.cuda import CudaBackend
@@ -200,6 +208,45 @@ def test_add_norm_linear(gpu, rng, num_tokens, d, n, form):
         check(gpu, res_dev, res, "input residual untouched", tol=1e-7)
     fused = gpu.gemv.add_norm_linear(x_dev, res_dev, dev(nw), 1e-6, dev(w), dev(b), act)
     assert (fused is not None) == (num_tokens <= 8 and d % 8 == 0)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 8])
+# N not a multiple of 16 (a partial tile); K of 2 steps (one warp), 48 (6 warps), 592 (8 warps, 74 steps each)
+@pytest.mark.parametrize("k,n", [(64, 96), (1536, 40), (1536, 2048), (18944, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_tensor_cores(gpu_tc, rng, num_tokens, k, n, bias):
+    """gemv_tc.cu's product (tokens are the mma's n, K permuted within 32-column steps) against the CPU."""
+    x = rounded(gpu_tc, rng.standard_normal((num_tokens, k)))
+    w = rounded(gpu_tc, rng.standard_normal((n, k)) / np.sqrt(k))
+    b = rounded(gpu_tc, rng.standard_normal(n)) if bias else None
+    dev = lambda a: None if a is None else gpu_tc.weight(a)  # noqa: E731
+    out = gpu_tc.gemv.linear(dev(x), dev(w), dev(b))
+    assert out is not None  # the tensor-core kernel took it
+    check(gpu_tc, out, CPU.linear(x, w, b), "linear (tensor cores)")
+    strided = gpu_tc.weight(np.concatenate([x, x[:, :32]], axis=1))[:, :k]  # rows 16-byte aligned, not contiguous
+    check(gpu_tc, gpu_tc.gemv.linear(strided, dev(w), dev(b)), CPU.linear(x, w, b), "linear (tensor cores, strided x)")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 6, 8])
+@pytest.mark.parametrize("d,n", [(64, 96), (1536, 2048), (3584, 520), (4096, 48)])
+@pytest.mark.parametrize("form", ["first_layer", "residual", "bias", "silu"])
+def test_add_norm_linear_tensor_cores(gpu_tc, rng, num_tokens, d, n, form):
+    """gemv_tc.cu's fused forms (8 staged rows, SiLU tiles of 8 gate and 8 up rows; 520: 260
+    outputs, a partial SiLU tile) against the CPU."""
+    x = rounded(gpu_tc, rng.standard_normal((num_tokens, d)))
+    res = None if form == "first_layer" else rounded(gpu_tc, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu_tc, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu_tc, rng.standard_normal((n, d)) / np.sqrt(d))
+    b = rounded(gpu_tc, rng.standard_normal(n)) if form == "bias" else None
+    act = "silu_and_mul" if form == "silu" else None
+    dev = lambda a: None if a is None else gpu_tc.weight(a)  # noqa: E731
+    x_dev, res_dev = dev(x), dev(res)
+    fused = gpu_tc.gemv.add_norm_linear(x_dev, res_dev, dev(nw), 1e-6, dev(w), dev(b), act)
+    assert fused is not None  # the tensor-core kernel took it
+    ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, b, act)
+    check(gpu_tc, fused[0], ref_out, f"add_norm_linear {form} (tensor cores)")
+    check(gpu_tc, fused[1], ref_res, "new residual", tol=1e-2 if res is not None else 1e-7)
+    check(gpu_tc, x_dev, x, "input x untouched", tol=1e-7)
 
 
 def test_linear_on_row_strided_input(gpu, rng):

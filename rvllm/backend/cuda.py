@@ -20,6 +20,7 @@ import numpy as np
 
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
 from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
+from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.backend.cuda_probe import cuda_available
@@ -52,12 +53,16 @@ def _chunk_threads(d: int) -> int:
 class CudaBackend(DeviceTransfers):
     name = "cuda"
 
-    def __init__(self, dtype: str = "bfloat16", attention: str | None = None, gemv_max_rows: int | None = None):
+    def __init__(self, dtype: str = "bfloat16", attention: str | None = None, gemv_max_rows: int | None = None,
+                 gemv_tc_max_rows: int | None = None):
         """dtype: "bfloat16" or "float16". attention: "auto" (decode kernel for decode-only
         steps, tensor-core prefill kernel otherwise) or "split" (the decode kernel for every
         step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto".
         gemv_max_rows: steps of at most this many token rows run their linear layers on the
-        kernels of gemv.cu (0 = always cuBLAS; at most 8); default from $RVLLM_GEMV_MAX_ROWS, else 2."""
+        kernels of gemv.cu (0: none; at most 8); default from $RVLLM_GEMV_MAX_ROWS, else 2.
+        gemv_tc_max_rows: larger steps of at most this many rows (up to 8) run gemv_tc.cu's
+        tensor-core kernels; default from $RVLLM_GEMV_TC_MAX_ROWS, else 0 (off: slower than cuBLAS
+        so far, cuda_gemv.DEFAULT_TC_MAX_ROWS)."""
         if cp is None:
             raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         if dtype not in nvrtc.DTYPES:
@@ -83,9 +88,11 @@ class CudaBackend(DeviceTransfers):
         self._uploader = StagedUploader()  # checkpoint tensors -> device (weight, weight_concat)
         if gemv_max_rows is None:
             gemv_max_rows = int(os.environ.get("RVLLM_GEMV_MAX_ROWS", _GEMV_MAX_ROWS))
+        if gemv_tc_max_rows is None:
+            gemv_tc_max_rows = int(os.environ.get("RVLLM_GEMV_TC_MAX_ROWS", _GEMV_TC_MAX_ROWS))
         num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
         self.num_sms = int(num_sms)
-        self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms)
+        self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms, gemv_tc_max_rows)
 
     def prepare_kernels(self, head_dim: int) -> None:
         """Starts compiling the kernels a model of this head size needs (those the disk cache

@@ -1,10 +1,12 @@
-"""Decode-sized linear layers on the GPU: the wrappers of kernels_cu/gemv.cu.
+"""Decode-sized linear layers on the GPU: the wrappers of kernels_cu/gemv.cu and gemv_tc.cu.
 
 CudaBackend.linear and CudaBackend.add_norm_linear route steps of at most `max_rows` token rows
-here (decode steps of 1 or 2 requests by default, DEFAULT_MAX_ROWS); larger steps go to cuBLAS.
-The kernels are compiled for 1, 2, 4 and 8 rows; a step runs the smallest that holds it. A call the kernels cannot take (K not
-a multiple of 8, unaligned rows, a bias with the SiLU form, too much shared memory) returns None
-and the caller uses the general path.
+here (decode steps of 1 or 2 requests by default, DEFAULT_MAX_ROWS); gemv.cu's kernels are
+compiled for 1, 2, 4 and 8 rows and a step runs the smallest that holds it. Steps past max_rows
+and up to `tc_max_rows` (off by default) run gemv_tc.cu's tensor-core kernels; larger steps go to
+cuBLAS. A call the kernels cannot take (K not a multiple of 8, or of 32 on tensor cores; unaligned
+rows, a bias with the SiLU form, too much shared memory) returns None and the caller uses the
+general path.
 """
 from __future__ import annotations
 
@@ -23,6 +25,15 @@ MAX_ROWS = ROW_BUCKETS[-1]  # compiled for; CudaBackend(gemv_max_rows=...) or $R
 # 2,125 -> 4,081 tok/s on cuBLAS (qwen2.5-7b 754 -> 1,691), while at 2 rows these still win (1,114
 # against 965; 7b 453 against 421). bench/NOTES.md #56.
 DEFAULT_MAX_ROWS = 2
+# Steps of more rows than the CUDA-core kernels take, up to gemv_tc_max_rows (at most TC_MAX_ROWS),
+# can run gemv_tc.cu (tensor cores: 8 tokens are the n of one mma, so a row costs no more arithmetic
+# than the first), when K is a multiple of 32: $RVLLM_GEMV_TC_MAX_ROWS / CudaBackend(gemv_tc_max_rows=...).
+# Off by default: as first written it is correct (tests/test_kernels_gpu.py) but still slower than
+# cuBLAS end to end (H200, 4 / 8 requests x 128/128: qwen2.5-1.5b 1,837 / 3,497 tok/s against
+# 2,025 / 4,099; qwen2.5-7b 847 / 1,644 against 873 / 1,719; bench/NOTES.md #57).
+TC_MAX_ROWS = 8
+DEFAULT_TC_MAX_ROWS = 0
+_TC_STEPS_PER_STRETCH = 4  # GTC_U in gemv_tc.cu: 32-column K steps per lane per stretch
 _MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
 _STRETCH = {"gemv": 8, "silu": 4}  # U in gemv.cu: 16-byte chunks per lane per stretch (R = 1 / R = 2 rows)
 _NORM_CHUNKS = 4  # NORM_CHUNKS in gemv.cu: 16-byte chunks of a row each thread of the norm prologue holds
@@ -62,10 +73,20 @@ def split_k(k: int, form: str) -> tuple[int, int, int]:
     return ks, _MAX_WARPS // ks, -(-chunks // ks)
 
 
+def split_k_tc(k: int) -> tuple[int, int, int]:
+    """(ks, rpb, seg_steps) of gemv_tc.cu for K = k (a multiple of 32): segments of at least two
+    stretches of 32-column steps, so that a tile's 16 x 8 outputs are summed over few warps, and at
+    most 8 warps a tile."""
+    steps = k // 32
+    ks = min(_MAX_WARPS, max(1, -(-steps // (2 * _TC_STEPS_PER_STRETCH))))
+    return ks, _MAX_WARPS // ks, -(-steps // ks)
+
+
 class SmallBatchGemv:
-    def __init__(self, backend, max_rows: int, num_sms: int):
+    def __init__(self, backend, max_rows: int, num_sms: int, tc_max_rows: int = 0):
         self.ops = backend
         self.max_rows = min(max_rows, MAX_ROWS)
+        self.tc_max_rows = min(tc_max_rows, TC_MAX_ROWS)
         self.num_sms = num_sms
         self._resident: dict = {}  # (kernel, threads, shared memory) -> blocks an SM holds at once
 
@@ -74,11 +95,16 @@ class SmallBatchGemv:
             return None
         return next(b for b in ROW_BUCKETS if b >= rows)
 
+    def _tc(self, rows: int, k: int) -> bool:
+        """Whether a step of `rows` rows goes to gemv_tc.cu: past the CUDA-core kernels' rows."""
+        return self.max_rows < rows <= self.tc_max_rows and k % 32 == 0
+
     def _launch(self, kernel, units: int, k: int, form: str, args: tuple, smem: int = 0) -> None:
-        """Blocks of ks * rpb warps (split_k), at most as many as fit on the GPU at once: each loops
-        over passes of rpb units, so the norm prologue runs once per block, and a warp's next
-        stretch is in flight while it multiplies the current one."""
-        ks, rpb, seg_chunks = split_k(k, form)
+        """Blocks of ks * rpb warps (split_k; split_k_tc for the "tc" form, whose units are tiles),
+        at most as many as fit on the GPU at once: each loops over passes of rpb units, so the norm
+        prologue runs once per block, and a warp's next stretch is in flight while it multiplies the
+        current one."""
+        ks, rpb, seg_chunks = split_k_tc(k) if form == "tc" else split_k(k, form)
         threads = 32 * ks * rpb
         key = (id(kernel), threads, smem)
         resident = self._resident.get(key)
@@ -95,23 +121,31 @@ class SmallBatchGemv:
         """x [rows, K] (rows contiguous) @ weight[N, K].T (+ bias) -> [rows, N], or None."""
         rows, k = x.shape
         m = self._bucket(rows)
-        if m is None or k % 8 or not _aligned(x) or not _aligned(weight) or not weight.flags.c_contiguous:
+        tc = m is None and self._tc(rows, k)
+        if (m is None and not tc) or k % 8 or not _aligned(x) or not _aligned(weight) or not weight.flags.c_contiguous:
             return None
         n = weight.shape[0]
         out = cp.empty((rows, n), dtype=weight.dtype)
-        kernel = self.ops._kernel("gemv.cu", f"gemv_m{m}")
-        self._launch(kernel, n, k, "gemv",
-                     (out, x, np.int64(x.strides[0] // x.itemsize), weight, _ptr(bias), np.int32(rows), np.int32(n),
-                      np.int32(k)))
+        args = (out, x, np.int64(x.strides[0] // x.itemsize), weight, _ptr(bias), np.int32(rows), np.int32(n),
+                np.int32(k))
+        if tc:
+            self._launch(self.ops._kernel("gemv_tc.cu", "gemv_tc"), -(-n // 16), k, "tc", args)
+        else:
+            self._launch(self.ops._kernel("gemv.cu", f"gemv_m{m}"), n, k, "gemv", args)
         return out
 
     def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
         """backend/fused.py's add_norm_linear in one kernel, or None."""
         rows, k = x.shape
         m = self._bucket(rows)
-        smem = m * k * x.itemsize if m else 0
-        ks, rpb, _ = split_k(k, "silu" if act == "silu_and_mul" else "gemv")
-        if (m is None or k % 8 or smem > _MAX_SMEM or not x.flags.c_contiguous or not weight.flags.c_contiguous
+        tc = m is None and self._tc(rows, k)
+        if tc:  # the tensor-core kernels stage 8 rows (GTC_ROWS)
+            smem = TC_MAX_ROWS * k * x.itemsize
+            ks, rpb, _ = split_k_tc(k)
+        else:
+            smem = m * k * x.itemsize if m else 0
+            ks, rpb, _ = split_k(k, "silu" if act == "silu_and_mul" else "gemv")
+        if ((m is None and not tc) or k % 8 or smem > _MAX_SMEM or not x.flags.c_contiguous or not weight.flags.c_contiguous
                 or (residual is not None and not residual.flags.c_contiguous) or not _aligned(weight)
                 or not _aligned(x) or (residual is not None and not _aligned(residual))
                 or k > 8 * _NORM_CHUNKS * 32 * ks * rpb or (act is not None and bias is not None)):
@@ -121,16 +155,22 @@ class SmallBatchGemv:
         if act == "silu_and_mul":
             inter = n // 2
             out = cp.empty((rows, inter), dtype=weight.dtype)
-            kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_silu_m{m}")
+            if tc:
+                kernel, units, form = self.ops._kernel("gemv_tc.cu", "add_norm_gemv_silu_tc"), -(-inter // 8), "tc"
+            else:
+                kernel, units, form = self.ops._kernel("gemv.cu", f"add_norm_gemv_silu_m{m}"), inter, "silu"
             self.ops._ensure_smem(kernel, smem)
-            self._launch(kernel, inter, k, "silu",
+            self._launch(kernel, units, k, form,
                          (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight,
                           np.int32(rows), np.int32(inter), np.int32(k)), smem)
         else:
             out = cp.empty((rows, n), dtype=weight.dtype)
-            kernel = self.ops._kernel("gemv.cu", f"add_norm_gemv_m{m}")
+            if tc:
+                kernel, units, form = self.ops._kernel("gemv_tc.cu", "add_norm_gemv_tc"), -(-n // 16), "tc"
+            else:
+                kernel, units, form = self.ops._kernel("gemv.cu", f"add_norm_gemv_m{m}"), n, "gemv"
             self.ops._ensure_smem(kernel, smem)
-            self._launch(kernel, n, k, "gemv",
+            self._launch(kernel, units, k, form,
                          (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
                           np.int32(rows), np.int32(n), np.int32(k)), smem)
         return out, (x if s_out is None else s_out)
