@@ -1,6 +1,8 @@
 // Small-batch matrix products on tensor cores: steps of 3 to 8 token rows, where gemv.cu's kernels,
 // which multiply every weight chunk once per row on CUDA cores, are compute-bound and lose to
-// cuBLAS (bench/NOTES.md #56). The same three forms and the same prologue as gemv.cu:
+// cuBLAS (bench/NOTES.md #56). Off by default (backend/cuda_gemv.DEFAULT_TC_MAX_ROWS): as written it
+// is correct but still 3-15% slower than cuBLAS end to end (NOTES #57). The same three forms and the
+// same prologue as gemv.cu:
 //
 //   gemv_tc:               out = x @ W^T (+ bias)                                  o_proj, down
 //   add_norm_gemv_tc:      s = a + b (or a), out = rms_norm(s) @ W^T (+ bias), s_out = s   qkv
