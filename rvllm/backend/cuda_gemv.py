@@ -35,7 +35,7 @@ TC_MAX_ROWS = 8
 DEFAULT_TC_MAX_ROWS = 0
 _TC_STEPS_PER_STRETCH = 4  # GTC_U in gemv_tc.cu: 32-column K steps per lane per stretch
 _MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
-_STRETCH = {"gemv": 8, "silu": 4}  # U in gemv.cu: 16-byte chunks per lane per stretch (R = 1 / R = 2 rows)
+_GEMV_STRETCH = 8  # U of gemv.cu's gemv forms: 16-byte chunks per lane per stretch (the SiLU form's ks is 1)
 _NORM_CHUNKS = 4  # NORM_CHUNKS in gemv.cu: 16-byte chunks of a row each thread of the norm prologue holds
 _MAX_SMEM = 200 * 1024  # the normed rows staged in shared memory (an H100 allows 227 KiB a block)
 _SMEM_PER_SM = 228 * 1024  # an H100's (sm_80: 164 KiB; the occupancy then only errs high)
@@ -67,7 +67,7 @@ def split_k(k: int, form: str) -> tuple[int, int, int]:
     if form == "silu":
         ks = 1
     else:
-        stretch = 32 * _STRETCH[form]
+        stretch = 32 * _GEMV_STRETCH
         per_segment = -(-chunks // (stretch * _MAX_WARPS))  # stretches a segment, at least 1
         ks = min(_MAX_WARPS, max(1, -(-chunks // (stretch * per_segment))))
     return ks, _MAX_WARPS // ks, -(-chunks // ks)
