@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-1.5b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--gemv-tc-max-rows", type=int, default=None,
+                    help="steps of up to this many rows run gemv_tc.cu's kernels (default: $RVLLM_GEMV_TC_MAX_ROWS, else off)")
     ap.add_argument("--attention-variants", action="store_true",
                     help="also time the decode kernel at other partition sizes, and the tensor-core prefill kernel on the decode step")
     args = ap.parse_args()
@@ -72,8 +74,9 @@ def main() -> None:
     from rvllm.runner.step_inputs import StepMetadata
 
     s, B, ctx, bs = preset_spec(args.model), args.batch, args.context, 16
-    b = CudaBackend("bfloat16")
-    blas = CudaBackend("bfloat16", gemv_max_rows=0)  # the same ops on cuBLAS (and separate norm / SiLU kernels)
+    b = CudaBackend("bfloat16", gemv_tc_max_rows=args.gemv_tc_max_rows)
+    # The same ops on cuBLAS (and separate norm / SiLU kernels), whatever $RVLLM_GEMV_*MAX_ROWS say.
+    blas = CudaBackend("bfloat16", gemv_max_rows=0, gemv_tc_max_rows=0)
     blas.stream = b.stream
     h, qkv_out, inter = s.hidden_size, s.q_size + 2 * s.kv_size, s.intermediate_size
     seed = iter(range(1, 10_000))

@@ -28,8 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and all its descendants (from /proc), in MB."""
+def tree_rss(pid: int) -> dict[str, float]:
+    """Resident memory of `pid` and each of its descendants, MB, keyed "pid name" (from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -38,20 +38,23 @@ def tree_rss_mb(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+    held, todo = {}, [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            status = Path(f"/proc/{p}/status").read_text().splitlines()
+            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
         except OSError:
-            pass
-    return total / 1024
+            continue
+        what = " ".join(a.decode(errors="replace") for a in argv[1:4])[:60]
+        for line in status:
+            if line.startswith("VmRSS:"):
+                held[f"{p} {what}"] = int(line.split()[1]) / 1024
+    return held
 
 
-def one_run(serve_args: list[str]) -> tuple[float, float]:
+def one_run(serve_args: list[str]) -> tuple[float, dict[str, float]]:
     port = free_port()
     cmd = [sys.executable, "-m", "rvllm", "serve", "--port", str(port), "--log-level", "warning", *serve_args]
     t0 = time.perf_counter()
@@ -68,7 +71,7 @@ def one_run(serve_args: list[str]) -> tuple[float, float]:
                 time.sleep(0.05)
         ready = time.perf_counter() - t0
         time.sleep(2.0)  # idle
-        return ready, tree_rss_mb(proc.pid)
+        return ready, tree_rss(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -82,8 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for i in range(args.runs):
-        ready, rss = one_run(args.serve_args)
-        rows.append(f"| {i + 1} | {' '.join(args.serve_args) or '(default model)'} | {ready:.2f} | {rss:.0f} |")
+        ready, held = one_run(args.serve_args)
+        rows.append(f"| {i + 1} | {' '.join(args.serve_args) or '(default model)'} | {ready:.2f} | {sum(held.values()):.0f} |")
+        print(f"run {i + 1}, each process (MB): " + "; ".join(f"{k}: {v:.0f}" for k, v in held.items()))
     table = "| run | serve args | to /health 200 (s) | RSS of all processes, idle (MB) |\n|---|---|---|---|\n"
     table += "\n".join(rows)
     print(table)

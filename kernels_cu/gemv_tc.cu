@@ -1,8 +1,8 @@
 // Small-batch matrix products on tensor cores: steps of 3 to 8 token rows, where gemv.cu's kernels,
 // which multiply every weight chunk once per row on CUDA cores, are compute-bound and lose to
 // cuBLAS (bench/NOTES.md #56). Off by default (backend/cuda_gemv.DEFAULT_TC_MAX_ROWS): as written it
-// is correct but still 3-15% slower than cuBLAS end to end (NOTES #57). The same three forms and the
-// same prologue as gemv.cu:
+// is correct but still 3-15% slower than cuBLAS end to end (NOTES #57). The same three forms as
+// gemv.cu, with a prologue of its own (tc_stage_add_norm):
 //
 //   gemv_tc:               out = x @ W^T (+ bias)                                  o_proj, down
 //   add_norm_gemv_tc:      s = a + b (or a), out = rms_norm(s) @ W^T (+ bias), s_out = s   qkv
@@ -161,6 +161,59 @@ __device__ __forceinline__ void tc_finish(float (&acc)[4], const TcWork& w, int 
   }
 }
 
+// The add_norm forms' prologue: xs[m, :] = rms_norm(a[m] + b[m]) for m < rows (block 0 also stores
+// a[m] + b[m] into s_out when b is given); rows from `rows` on are left unwritten (tc_accumulate
+// zeroes those tokens). A warp takes whole rows, so the rows' round trips to L2 overlap and a row's
+// sum is a warp shuffle. (gemv_common's stage_add_norm, one row after another with a block-wide
+// sum each, cost ~1 us a row: 11.0 us for qwen2.5-1.5b's qkv at 8 rows against 3.4 us to read its
+// weights, bench/NOTES.md #58.) A lane issues the loads of GTC_NORM_GROUP chunks before using any,
+// and rescales only the chunks it wrote itself, so no barrier is needed before the last.
+#define GTC_NORM_GROUP 8
+__device__ __forceinline__ void tc_stage_add_norm(scalar_t* xs, scalar_t* s_out, const scalar_t* __restrict__ a,
+                                                  const scalar_t* __restrict__ b, const scalar_t* __restrict__ norm_w,
+                                                  float eps, int rows, int K) {
+  const bool store = b != nullptr && s_out != nullptr && blockIdx.x == 0;
+  const int chunks = K >> 3, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int m = threadIdx.x >> 5; m < rows; m += warps) {
+    const i64 row = (i64)m * K;
+    float ss = 0.f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GTC_NORM_GROUP) {
+      uint4 av[GTC_NORM_GROUP], bv[GTC_NORM_GROUP];
+#pragma unroll
+      for (int u = 0; u < GTC_NORM_GROUP; ++u) {
+        const int c = c0 + 32 * u;
+        av[u] = bv[u] = make_uint4(0, 0, 0, 0);
+        if (c < chunks) {
+          av[u] = *reinterpret_cast<const uint4*>(a + row + c * 8);
+          if (b != nullptr) bv[u] = *reinterpret_cast<const uint4*>(b + row + c * 8);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < GTC_NORM_GROUP; ++u) {
+        const int c = c0 + 32 * u;
+        if (c >= chunks) continue;
+        const uint4 sv = b != nullptr ? add8(av[u], bv[u]) : av[u];
+        if (store) *reinterpret_cast<uint4*>(s_out + row + c * 8) = sv;
+        *reinterpret_cast<uint4*>(xs + row + c * 8) = sv;
+        ss += sum_squares8(sv);
+      }
+    }
+    const float inv_rms = rsqrtf(warp_sum(ss) / (float)K + eps);
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+      uint4* x = reinterpret_cast<uint4*>(xs + row + c * 8);
+      float xf[8], wf[8];
+      unpack8(*x, xf);
+      unpack8(*reinterpret_cast<const uint4*>(norm_w + c * 8), wf);
+      *x = make_uint4(pack2(xf[0] * inv_rms * wf[0], xf[1] * inv_rms * wf[1]),
+                      pack2(xf[2] * inv_rms * wf[2], xf[3] * inv_rms * wf[3]),
+                      pack2(xf[4] * inv_rms * wf[4], xf[5] * inv_rms * wf[5]),
+                      pack2(xf[6] * inv_rms * wf[6], xf[7] * inv_rms * wf[7]));
+    }
+  }
+  __syncthreads();
+}
+
 template <bool SILU>
 __device__ __forceinline__ void tc_stream(TcBatch& first, const TcWork& w, const scalar_t* __restrict__ W, int N,
                                           const scalar_t* x, i64 x_stride, scalar_t* __restrict__ out,
@@ -203,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(32 * GTC_MAX_WARPS, 2) add_norm_gem
   TcBatch first;
   first.load<false>(w, W, N, 0);
   gemv_pdl_enter();
-  stage_add_norm<GTC_ROWS>(xs, s_out, a, b, norm_w, eps, rows, K);
+  tc_stage_add_norm(xs, s_out, a, b, norm_w, eps, rows, K);
   tc_stream<false>(first, w, W, N, xs, K, out, bias, rows);
 }
 
@@ -217,6 +270,6 @@ extern "C" __global__ void __launch_bounds__(32 * GTC_MAX_WARPS, 2) add_norm_gem
   TcBatch first;
   first.load<true>(w, W, inter, 0);
   gemv_pdl_enter();
-  stage_add_norm<GTC_ROWS>(xs, s_out, a, b, norm_w, eps, rows, K);
+  tc_stage_add_norm(xs, s_out, a, b, norm_w, eps, rows, K);
   tc_stream<true>(first, w, W, inter, xs, K, out, nullptr, rows);
 }

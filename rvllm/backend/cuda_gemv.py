@@ -148,7 +148,7 @@ class SmallBatchGemv:
         if ((m is None and not tc) or k % 8 or smem > _MAX_SMEM or not x.flags.c_contiguous or not weight.flags.c_contiguous
                 or (residual is not None and not residual.flags.c_contiguous) or not _aligned(weight)
                 or not _aligned(x) or (residual is not None and not _aligned(residual))
-                or k > 8 * _NORM_CHUNKS * 32 * ks * rpb or (act is not None and bias is not None)):
+                or (not tc and k > 8 * _NORM_CHUNKS * 32 * ks * rpb) or (act is not None and bias is not None)):
             return None
         n = weight.shape[0]
         s_out = None if residual is None else cp.empty_like(x)  # None: x is the residual stream, unchanged

@@ -34,6 +34,7 @@ def run_engine_process(config, conn, log_level: str = "info") -> None:
         conn.send_bytes(encoder.encode(m.ErrorOutput(f"{e}", fatal=True)))
         return
     quiet_gc()
+    trim_host_memory()
     conn.send_bytes(encoder.encode(m.ReadyOutput(core.info())))
     log.info("engine core ready (pid %d)", os.getpid())
     _loop(core, conn, encoder, decoder)
@@ -46,6 +47,19 @@ def quiet_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def trim_host_memory() -> None:
+    """Hand the C allocator's free pages back to the system (glibc's malloc_trim; elsewhere a no-op).
+    Loading frees much of what it allocated (file reads, staging, the capture's temporaries), but
+    glibc keeps freed pages inside its heaps: on an H200, qwen2.5-1.5b, ~100 MB of the engine
+    process's idle memory (bench/NOTES.md #58)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the C library this process already has
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _leave_a_core_to_the_front_end() -> None:

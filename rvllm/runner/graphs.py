@@ -26,6 +26,7 @@ import bisect
 import logging
 import time
 
+from rvllm.backend.cuda_graph import ExecGraph
 from rvllm.runner.step_inputs import StepBatch, StepLayout, StepMetadata, serialize
 
 log = logging.getLogger("rvllm.runner")
@@ -128,11 +129,11 @@ class CudaGraphs:
                 self._forward(ids, positions, meta, out)
             except BaseException:
                 try:
-                    stream.end_capture()
+                    ExecGraph.end_capture(stream)
                 except Exception:  # the capture may be invalidated already; the first error matters
                     pass
                 raise
-            graph = stream.end_capture()
+            graph = ExecGraph.end_capture(stream)  # without the captured graph's host copy of its nodes
         phases["capture"] += time.perf_counter() - t
         t = time.perf_counter()
         graph.upload(stream)
