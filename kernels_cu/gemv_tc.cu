@@ -1,7 +1,7 @@
 // Small-batch matrix products on tensor cores: steps of 3 to 8 token rows, where gemv.cu's kernels,
 // which multiply every weight chunk once per row on CUDA cores, are compute-bound and lose to
-// cuBLAS (bench/NOTES.md #56). Off by default (backend/cuda_gemv.DEFAULT_TC_MAX_ROWS): as written it
-// is correct but still 3-15% slower than cuBLAS end to end (NOTES #57). The same three forms as
+// cuBLAS (bench/NOTES.md #56). Off by default (backend/cuda_gemv.DEFAULT_TC_MAX_ROWS): it is correct
+// but only level with cuBLAS (it wins o_proj and loses qkv; NOTES #57, #59). The same three forms as
 // gemv.cu, with a prologue of its own (tc_stage_add_norm):
 //
 //   gemv_tc:               out = x @ W^T (+ bias)                                  o_proj, down

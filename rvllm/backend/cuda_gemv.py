@@ -28,9 +28,10 @@ DEFAULT_MAX_ROWS = 2
 # Steps of more rows than the CUDA-core kernels take, up to gemv_tc_max_rows (at most TC_MAX_ROWS),
 # can run gemv_tc.cu (tensor cores: 8 tokens are the n of one mma, so a row costs no more arithmetic
 # than the first), when K is a multiple of 32: $RVLLM_GEMV_TC_MAX_ROWS / CudaBackend(gemv_tc_max_rows=...).
-# Off by default: as first written it is correct (tests/test_kernels_gpu.py) but still slower than
-# cuBLAS end to end (H200, 4 / 8 requests x 128/128: qwen2.5-1.5b 1,837 / 3,497 tok/s against
-# 2,025 / 4,099; qwen2.5-7b 847 / 1,644 against 873 / 1,719; bench/NOTES.md #57).
+# Off by default: it is correct (tests/test_kernels_gpu.py) but not faster than cuBLAS. H200, 8 rows,
+# us per product (bench/op_times.py) against cuBLAS: qwen2.5-1.5b qkv 7.6 / 7.2, o_proj 4.0 / 4.9,
+# gate_up 20.4 / 19.8, down 12.9 / 11.1; end to end within run-to-run noise of cuBLAS at 4 and 8
+# requests (bench/NOTES.md #57, #59).
 TC_MAX_ROWS = 8
 DEFAULT_TC_MAX_ROWS = 0
 _TC_STEPS_PER_STRETCH = 4  # GTC_U in gemv_tc.cu: 32-column K steps per lane per stretch

@@ -51,9 +51,10 @@ def quiet_gc() -> None:
 
 def trim_host_memory() -> None:
     """Hand the C allocator's free pages back to the system (glibc's malloc_trim; elsewhere a no-op).
-    Loading frees much of what it allocated (file reads, staging, the capture's temporaries), but
-    glibc keeps freed pages inside its heaps: on an H200, qwen2.5-1.5b, ~100 MB of the engine
-    process's idle memory (bench/NOTES.md #58)."""
+    Loading frees much of what it allocated (kernel compiles, file reads, the capture's temporaries),
+    but glibc keeps freed pages inside its heaps: after a start that compiled the kernels, ~100 MB
+    (H200, qwen2.5-1.5b, bench/rss_stages.py: 584 -> 482 MB anonymous); after a warm start, a few MB
+    (bench/NOTES.md #58)."""
     import ctypes
 
     try:
