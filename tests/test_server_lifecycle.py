@@ -132,10 +132,11 @@ def _children(pid: int) -> list[int]:
 def test_engine_death_fails_requests_and_exits_nonzero(smollm2_path):
     srv = start_server(smollm2_path)
     try:
-        # The engine core is the server's multiprocessing "spawn" child.
-        engine_pids = [p for p in _children(srv.proc.pid)
-                       if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        # The engine core is the server's `python -m rvllm.engine.core_proc` child.
+        children = _children(srv.proc.pid)
+        engine_pids = [p for p in children if b"rvllm.engine.core_proc" in open(f"/proc/{p}/cmdline", "rb").read()]
         assert engine_pids, "no engine child process found"
+        assert children == engine_pids, "the server should run no process but the engine core"
         events = stream_events(srv.base_url, {"model": MODEL_NAME, "prompt": "Go:", "max_tokens": 1500,
                                                       "ignore_eos": True},
                                on_first=lambda: [os.kill(p, signal.SIGKILL) for p in engine_pids])

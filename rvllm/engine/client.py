@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
+import os
+import pickle
+import socket
+import subprocess
+import sys
 import threading
 import time
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import AsyncIterator
 
 import msgspec
@@ -82,18 +88,10 @@ class AsyncEngineClient:
             config.model = str(source.path)  # resolved (and pulled) once, here
         self = cls(config, tokenizer, source)
         self._loop = loop
-        ctx = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
-        from rvllm.engine.core_proc import run_engine_process
-
-        self._proc = ctx.Process(target=run_engine_process, args=(config, child_conn, config.log_level),
-                                 name="rvllm-engine", daemon=True)
-        self._proc.start()
-        child_conn.close()
-        self._conn = parent_conn
+        self._proc, self._conn = _spawn_engine_process(config)
         first = await loop.run_in_executor(None, self._recv_first)
         if isinstance(first, m.ErrorOutput):
-            self._proc.join(5)
+            await loop.run_in_executor(None, _wait, self._proc, 5)
             raise RvllmError(first.message)
         self.info = first.info
         self.max_model_len = first.info["max_model_len"]
@@ -104,7 +102,7 @@ class AsyncEngineClient:
         try:
             return self._decoder.decode(self._conn.recv_bytes())
         except (EOFError, OSError):
-            code = self._proc.exitcode if self._proc else None
+            code = _wait(self._proc, 5) if self._proc else None
             return m.ErrorOutput(f"the engine process exited during startup (exit code {code})")
 
     async def shutdown(self) -> None:
@@ -115,9 +113,10 @@ class AsyncEngineClient:
             self._send(m.Shutdown())
         except EngineDeadError:
             pass
-        await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 10)
-        if self._proc.is_alive():
+        await asyncio.get_running_loop().run_in_executor(None, _wait, self._proc, 10)
+        if self._proc.poll() is None:
             self._proc.terminate()
+            await asyncio.get_running_loop().run_in_executor(None, _wait, self._proc, 10)
         self._proc = None
 
     @property
@@ -246,7 +245,7 @@ class AsyncEngineClient:
         if self._dead.is_set():
             return
         if not self._closing:
-            log.error("the engine process died (exit code %s)", self._proc.exitcode if self._proc else None)
+            log.error("the engine process died (exit code %s)", self._proc.poll() if self._proc else None)
         self._dead.set()
         for stream in self._streams.values():
             stream.error = EngineDeadError("the engine process died")
@@ -254,3 +253,31 @@ class AsyncEngineClient:
         for fut in self._stats_waiters:
             if not fut.done():
                 fut.set_exception(EngineDeadError("the engine process died"))
+
+
+def _spawn_engine_process(config: EngineConfig) -> tuple[subprocess.Popen, Connection]:
+    """Starts `python -m rvllm.engine.core_proc FD` with one end of a socket pair as FD, sends it the
+    config, and returns the process and this end as a multiprocessing Connection (send_bytes and
+    recv_bytes, as before). multiprocessing's "spawn" Process did the same but also started its
+    resource tracker, a third Python process that held 16 MB and tracked nothing rvllm makes
+    (bench/NOTES.md #58). The child finds rvllm where this process did, whatever its working directory."""
+    ours, theirs = socket.socketpair()
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "rvllm.engine.core_proc", str(theirs.fileno())],
+                                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+    finally:
+        theirs.close()
+    conn = Connection(ours.detach())
+    conn.send_bytes(pickle.dumps((config, config.log_level)))
+    return proc, conn
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The process's exit code, waiting up to `timeout` seconds for it to exit; None if still running."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None

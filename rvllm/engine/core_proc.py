@@ -1,14 +1,19 @@
 """The engine core's own process: receive requests, step while there is work, send deltas back.
 
 The HTTP event loop never waits on a model step because steps run here. Messages are msgspec
-msgpack over a multiprocessing pipe (see messages.py).
+msgpack over a socket pair, read and written as a multiprocessing Connection (see messages.py).
+The front end starts it as `python -m rvllm.engine.core_proc FD` (client._spawn_engine_process)
+and sends the pickled (EngineConfig, log level) first.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import os
+import pickle
 import signal
+import sys
+from multiprocessing.connection import Connection
 
 import msgspec
 
@@ -112,3 +117,15 @@ def _handle(core, msg, adds_seen: int):
         return m.StatsOutput(core.stats(drain=True))
     return None
 
+
+def main(argv: list[str]) -> None:
+    conn = Connection(int(argv[0]))
+    try:
+        config, log_level = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return  # the front end is gone before sending the config
+    run_engine_process(config, conn, log_level)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
