@@ -27,12 +27,12 @@ def rss() -> dict[str, float]:
     return out
 
 
-def top_mappings(n: int) -> list[tuple[str, float]]:
-    """The n largest holders of resident memory in /proc/self/smaps, MB: a mapped file's name
+def top_mappings(n: int, pid: int | str = "self") -> list[tuple[str, float]]:
+    """The n largest holders of resident memory in /proc/<pid>/smaps, MB: a mapped file's name
     (all its mappings together), or "[anon]" for anonymous memory and the heap."""
     held: dict[str, float] = {}
     name = "[anon]"
-    for line in Path("/proc/self/smaps").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         first = line.split(maxsplit=1)[0]
         if "-" in first and not first.endswith(":"):  # a mapping's header: range perms offset dev inode [path]
             parts = line.split(maxsplit=5)

@@ -3,6 +3,7 @@ processes when idle.
 
     python bench/startup.py [--runs 2] [-- SERVE ARGS...]
     python bench/startup.py -- --model qwen2.5-1.5b --load-format dummy --device cuda
+    python bench/startup.py --top 8 -- ...   (and each process's largest mappings: libraries, [anon])
 
 On a GPU, delete $RVLLM_CACHE/kernels first for a cold (compiling) start; later runs are warm.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import append_results  # noqa: E402
+from bench.rss_stages import top_mappings  # noqa: E402
 
 
 def free_port() -> int:
@@ -54,7 +56,7 @@ def tree_rss(pid: int) -> dict[str, float]:
     return held
 
 
-def one_run(serve_args: list[str]) -> tuple[float, dict[str, float]]:
+def one_run(serve_args: list[str], top: int = 0) -> tuple[float, dict[str, float]]:
     port = free_port()
     cmd = [sys.executable, "-m", "rvllm", "serve", "--port", str(port), "--log-level", "warning", *serve_args]
     t0 = time.perf_counter()
@@ -71,7 +73,14 @@ def one_run(serve_args: list[str]) -> tuple[float, dict[str, float]]:
                 time.sleep(0.05)
         ready = time.perf_counter() - t0
         time.sleep(2.0)  # idle
-        return ready, tree_rss(proc.pid)
+        held = tree_rss(proc.pid)
+        for key in held if top else ():
+            try:
+                print(f"  largest holders in {key}: " + ", ".join(
+                    f"{name} {mb:.1f}" for name, mb in top_mappings(top, int(key.split()[0]))))
+            except OSError:
+                pass
+        return ready, held
     finally:
         proc.terminate()
         proc.wait(30)
@@ -81,11 +90,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--append-results", action="store_true")
+    ap.add_argument("--top", type=int, default=0, help="also list each process's N largest mappings (MB)")
     ap.add_argument("serve_args", nargs="*", help="after --: arguments for rvllm serve")
     args = ap.parse_args()
     rows = []
     for i in range(args.runs):
-        ready, held = one_run(args.serve_args)
+        ready, held = one_run(args.serve_args, args.top)
         rows.append(f"| {i + 1} | {' '.join(args.serve_args) or '(default model)'} | {ready:.2f} | {sum(held.values()):.0f} |")
         print(f"run {i + 1}, each process (MB): " + "; ".join(f"{k}: {v:.0f}" for k, v in held.items()))
     table = "| run | serve args | to /health 200 (s) | RSS of all processes, idle (MB) |\n|---|---|---|---|\n"

@@ -75,7 +75,7 @@ class AsyncEngineClient:
     @classmethod
     async def start(cls, config: EngineConfig) -> "AsyncEngineClient":
         """Spawn the engine core process, wait until it has loaded the model."""
-        from rvllm.model.loader import resolve_model
+        from rvllm.model.source import resolve_model
         from rvllm.tokenizer_loader import load_tokenizer
 
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
-"""Find a model (HF directory | .gguf file | dummy preset), then load its weights onto a backend.
+"""Load a model's weights onto a backend (HF safetensors | GGUF | dummy), in the engine process.
 
-`resolve_model` is cheap (configs and metadata only) so the front-end process can call it for the
-tokenizer and limits without touching weights; `load_weights` runs in the engine process.
+Finding the model (`resolve_model`, `ModelSource`) is in source.py, which the front-end process
+imports without NumPy; they are re-exported here for the engine's callers.
 """
 from __future__ import annotations
 
@@ -10,66 +10,17 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rvllm.errors import ModelLoadError
-from rvllm.model.config import PRESETS, ModelSpec, load_hf_config, preset_spec
+from rvllm.model.config import ModelSpec
+from rvllm.model.source import ModelSource, resolve_model  # noqa: F401  (re-exported)
 from rvllm.model.llama import LayerWeights, ModelWeights
 from rvllm.model.rope import cos_sin_table
 from rvllm.bf16 import bf16_bits_to_float32
 from rvllm.model.safetensors_reader import SafetensorsFile
-
-
-@dataclass
-class ModelSource:
-    kind: str  # "hf" | "gguf" | "dummy"
-    name: str
-    spec: ModelSpec
-    path: Path | None = None
-    generation_config: dict = field(default_factory=dict)
-    gguf: object | None = None  # GGUFModel for kind == "gguf"
-
-
-def resolve_model(model: str | None, load_format: str = "auto", generation_config: str = "auto") -> ModelSource:
-    if model is None:
-        from rvllm.model.pull import ensure_default_model
-        model = str(ensure_default_model())
-    if load_format == "dummy":
-        if model in PRESETS:
-            return ModelSource("dummy", model, preset_spec(model))
-        path = Path(model)
-        return ModelSource("dummy", path.name, load_hf_config(path), path,
-                           _read_generation_config(path, generation_config))
-    path = Path(model).expanduser()
-    if not path.exists():
-        hint = f" (for random weights of a preset: --load-format dummy; presets: {', '.join(PRESETS)})" \
-            if model in PRESETS else ""
-        raise ModelLoadError(f"{path}: no such file or directory{hint}")
-    if path.is_file():
-        if path.suffix != ".gguf" and load_format != "gguf":
-            raise ModelLoadError(f"{path}: a model file must be .gguf; otherwise pass a model directory")
-        from rvllm.model.gguf_loader import read_gguf
-        g = read_gguf(path)
-        gen = dict(g.generation_config) if generation_config == "auto" else {}
-        return ModelSource("gguf", path.stem, g.spec, path, gen, g)
-    spec = load_hf_config(path)
-    return ModelSource("hf", path.name, spec, path, _read_generation_config(path, generation_config))
-
-
-def _read_generation_config(model_dir: Path, setting: str) -> dict:
-    if setting == "vllm":
-        return {}
-    folder = model_dir if setting == "auto" else Path(setting)
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read JSON ({e})") from None
 
 
 # ---- weights ------------------------------------------------------------------------------------
