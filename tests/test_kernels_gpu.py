@@ -124,6 +124,24 @@ def test_embedding(gpu, rng, num_tokens, hidden):
     np.testing.assert_array_equal(got, CPU.embedding(ids, table))
 
 
+@pytest.mark.parametrize("shape", [(1000, 1001), (3,), (1,)])  # an odd count: the last pair's half
+def test_dummy_weights(gpu, shape):
+    """dummy_normal_kernel (--load-format dummy): every element written (allocations here start as
+    NaN), normal by its moments and its one-sigma mass, the same values for the same seed."""
+    draw = lambda std, seed, mean=0.0: gpu.to_host(gpu.dummy_weight(shape, std, seed, mean)).astype(np.float64)  # noqa: E731
+    a = draw(0.02, 7)
+    assert a.shape == shape and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, draw(0.02, 7))
+    if a.size > 1:
+        assert not np.array_equal(a, draw(0.02, 8))
+    if a.size > 100_000:
+        assert abs(a.mean()) < 2e-4
+        assert abs(a.std() / 0.02 - 1) < 0.01
+        assert abs(np.mean(np.abs(a) < 0.02) - 0.6827) < 0.005
+        shifted = draw(0.5, 7, mean=3.0)
+        assert abs(shifted.mean() - 3.0) < 0.01 and abs(shifted.std() / 0.5 - 1) < 0.01
+
+
 @pytest.mark.parametrize("num_tokens", [1, 5, 129])
 @pytest.mark.parametrize("d", [64, 576, 4096, 5000])
 def test_rms_norm(gpu, rng, num_tokens, d):
@@ -172,7 +190,9 @@ def test_fused_add_rms_norm(gpu, rng, num_tokens, d, fill_n):
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 8, 17, 33, 256])  # <= 8 rows: gemv.cu; more: cuBLAS
 # 18944: segments of two stretches (cuda_gemv.split_k)
-@pytest.mark.parametrize("k,n", [(64, 96), (100, 40), (256, 768), (576, 1536), (1024, 4096), (8960, 1536), (18944, 96)])
+# (64, 99): a bias row of an odd length (broadcast_rows_kernel's element-wise copy, on cuBLAS's path)
+@pytest.mark.parametrize("k,n", [(64, 96), (64, 99), (100, 40), (256, 768), (576, 1536), (1024, 4096), (8960, 1536),
+                                 (18944, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(gpu, rng, num_tokens, k, n, bias):
     x = rounded(gpu, rng.standard_normal((num_tokens, k)))

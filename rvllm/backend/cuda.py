@@ -79,7 +79,7 @@ class CudaBackend(DeviceTransfers):
         self._beta0 = np.array(0.0, dtype=np.float32)
         self._beta1 = np.array(1.0, dtype=np.float32)
         self._smem_set: dict[int, int] = {}  # id(kernel) -> dynamic shared memory limit set
-        nvrtc.device_arch()  # fail now, not mid-forward, on a GPU older than sm_80
+        nvrtc.device_cc()  # fail now, not mid-forward, on a GPU older than sm_80
         # The model runner makes this stream current for every step (and captures CUDA graphs on it);
         # ops launch on the current stream. Non-blocking: it does not wait for the legacy default
         # stream, so work queued there (weight loading) is finished with synchronize_device() first.
@@ -317,7 +317,9 @@ class CudaBackend(DeviceTransfers):
         out = cp.empty((x2.shape[0], weight.shape[0]), dtype=self.compute_dtype)
         beta = self._beta0
         if bias is not None:
-            out[...] = bias  # broadcast copy; cuBLAS then adds the product (beta = 1)
+            if out.shape[0]:  # the bias in every row; cuBLAS then adds the product (beta = 1)
+                self._kernel("embedding.cu", "broadcast_rows_kernel")(
+                    (out.shape[0],), (256,), (out, bias, np.int32(out.shape[1])))
             beta = self._beta1
         if out.size and x2.shape[1]:
             self._gemm(x2, weight, out, self._gemm_type, beta)

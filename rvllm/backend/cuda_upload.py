@@ -70,7 +70,7 @@ class StagedUploader:
 
 class DeviceTransfers:
     """CudaBackend's host <-> device transfers and weight uploads. Uses the backend's `dtype`,
-    `compute_dtype` and `_uploader` (a StagedUploader)."""
+    `compute_dtype`, `_uploader` (a StagedUploader) and `_kernel` (dummy weights)."""
 
     def _storage(self, dtype) -> np.dtype:
         if dtype is None:
@@ -154,12 +154,15 @@ class DeviceTransfers:
         cp.get_default_pinned_memory_pool().free_all_blocks()
 
     def dummy_weight(self, shape, std: float, seed: int, mean: float = 0.0):
-        """Random normal(mean, std) weights generated on the GPU (fast for large presets; the
-        values differ from CpuBackend.dummy_weight's for the same seed)."""
-        x = cp.random.RandomState(seed).standard_normal(shape, dtype=np.float32)
-        x *= np.float32(std)
-        x += np.float32(mean)
-        return self._settled(self._from_f32(x))
+        """Random normal(mean, std) weights generated on the GPU by one kernel of ours (fast for large
+        presets, and no CuPy kernel: those load NVRTC; the values differ from
+        CpuBackend.dummy_weight's for the same seed)."""
+        out = cp.empty(shape, dtype=self.compute_dtype)
+        if out.size:
+            blocks = min(-(-out.size // 512), 65535)  # two values a thread, grid-stride past that
+            self._kernel("embedding.cu", "dummy_normal_kernel")(
+                (blocks,), (256,), (out, np.int64(out.size), np.uint64(seed), np.float32(std), np.float32(mean)))
+        return self._settled(out)
 
     def _from_f32(self, x):
         """float32 device array -> this backend's storage, rounded to nearest even."""

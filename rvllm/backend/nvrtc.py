@@ -2,8 +2,11 @@
 
 One compiled module per (file, SM, dtype, head size). The cubin is stored under
 `$RVLLM_CACHE/kernels/` (default `~/.cache/rvllm/kernels/`) keyed by a hash of the source, the
-options and the NVRTC version, so a warm start compiles nothing. Compile errors are raised as
-RuntimeError naming the kernel file, with NVRTC's log.
+options and the CUDA runtime version, so a warm start compiles nothing and does not load NVRTC at
+all (reading NVRTC's own version loaded its library, ~33 MB of the engine's memory, into every
+start: bench/NOTES.md #58). A cubin stays valid code for its SM whatever NVRTC built it; after
+changing NVRTC within one CUDA version, delete the directory to rebuild with the new one. Compile
+errors are raised as RuntimeError naming the kernel file, with NVRTC's log.
 
 The pure-Python half of this module (sources, options, the specialization table) imports no
 CuPy: CI uses it to compile every kernel through NVRTC alone (tests/test_kernels_compile.py,
@@ -44,7 +47,8 @@ MIN_COMPUTE_CAPABILITY = 80  # cvt.rn.bf16.f32 and mma.m16n8k16 need sm_80
 
 # file -> (kernel entry points, whether the file is specialized on head size)
 KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "embedding.cu": (("embedding_kernel", "fill_placeholders_kernel"), False),
+    "embedding.cu": (("embedding_kernel", "fill_placeholders_kernel", "broadcast_rows_kernel", "dummy_normal_kernel"),
+                     False),
     "block_tables.cu": (("update_block_tables_kernel",), False),
     "norm.cu": (("rms_norm_kernel", "fused_add_rms_norm_kernel"), False),
     "activation.cu": (("silu_and_mul_kernel",), False),
@@ -141,9 +145,9 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def cache_key(source: str, options: tuple[str, ...], nvrtc_version) -> str:
+def cache_key(source: str, options: tuple[str, ...], toolchain) -> str:
     h = hashlib.sha256()
-    for part in (source, "\0".join(options), repr(tuple(nvrtc_version))):
+    for part in (source, "\0".join(options), repr(tuple(toolchain))):
         h.update(part.encode())
         h.update(b"\1")
     return h.hexdigest()[:32]
@@ -152,11 +156,10 @@ def cache_key(source: str, options: tuple[str, ...], nvrtc_version) -> str:
 # ---- run time (imports cupy) ------------------------------------------------------------------
 
 @functools.cache
-def device_arch() -> tuple[str, bool]:
-    """(arch digits, ptx) for the current device: cubin for its own SM when this NVRTC knows it,
-    else PTX for the newest architecture NVRTC supports."""
+def device_cc() -> int:
+    """The current device's compute capability (90 for sm_90), checked against the kernels' minimum.
+    Touches the CUDA device, not NVRTC."""
     import cupy
-    from cupy.cuda import nvrtc
 
     cc = int(cupy.cuda.Device().compute_capability)
     if cc < MIN_COMPUTE_CAPABILITY:
@@ -164,6 +167,16 @@ def device_arch() -> tuple[str, bool]:
             f"rvllm's CUDA kernels need compute capability >= {MIN_COMPUTE_CAPABILITY / 10:.1f}; "
             f"this GPU has {cc / 10:.1f}"
         )
+    return cc
+
+
+@functools.cache
+def device_arch() -> tuple[str, bool]:
+    """(arch digits, ptx) to compile for the current device: cubin for its own SM when this NVRTC
+    knows it, else PTX for the newest architecture NVRTC supports. Loads NVRTC."""
+    from cupy.cuda import nvrtc
+
+    cc = device_cc()
     try:
         supported = [int(a) for a in nvrtc.getSupportedArchs()]
     except Exception:  # older bindings: assume NVRTC knows the device
@@ -192,19 +205,31 @@ def _nvrtc_compile(source: str, file: str, options: tuple[str, ...], ptx: bool) 
         nvrtc.destroyProgram(prog)
 
 
-def _compiled_path(file: str, dtype: str, head_dim: int | None) -> Path:
-    """The cached cubin (or PTX) of one module, compiled first when the cache lacks it."""
-    from cupy.cuda import nvrtc
+@functools.cache
+def _toolchain() -> tuple:
+    """What a cache key names besides the source and the options: the CUDA runtime CuPy runs on."""
+    import cupy
 
+    return ("cuda runtime", int(cupy.cuda.runtime.runtimeGetVersion()))
+
+
+def _cache_path(file: str, dtype: str, head_dim: int | None, arch: str, ptx: bool) -> Path:
+    key = cache_key(kernel_source(file), compile_options(arch, dtype, head_dim, ptx=ptx), _toolchain())
+    return cache_dir() / f"{Path(file).stem}-{dtype}-{head_dim or 0}-sm{arch}-{key}.{'ptx' if ptx else 'cubin'}"
+
+
+def _compiled_path(file: str, dtype: str, head_dim: int | None) -> Path:
+    """The cached cubin (or PTX) of one module, compiled first when the cache lacks it. A cubin for
+    the device's own SM is looked for first, so a warm start never loads NVRTC."""
     if file not in KERNELS:
         raise ValueError(f"unknown kernel file {file!r}; known: {', '.join(KERNELS)}")
+    path = _cache_path(file, dtype, head_dim, str(device_cc()), False)
+    if path.is_file():
+        return path
     arch, ptx = device_arch()
-    options = compile_options(arch, dtype, head_dim, ptx=ptx)
-    source = kernel_source(file)
-    key = cache_key(source, options, nvrtc.getVersion())
-    path = cache_dir() / f"{Path(file).stem}-{dtype}-{head_dim or 0}-sm{arch}-{key}.{'ptx' if ptx else 'cubin'}"
+    path = _cache_path(file, dtype, head_dim, arch, ptx)
     if not path.is_file():
-        binary = _nvrtc_compile(source, file, options, ptx)
+        binary = _nvrtc_compile(kernel_source(file), file, compile_options(arch, dtype, head_dim, ptx=ptx), ptx)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -226,7 +251,7 @@ def precompile(dtype: str, head_dim: int) -> None:
     disk cache lacks (load_module then waits for its own), so that a cold start compiles while the
     weights load instead of at each module's first use. (Whether the files also compile side by side
     depends on the binding releasing the GIL; not measured: bench/NOTES.md #20.)"""
-    device_arch()  # once, on this thread: it touches the CUDA device
+    device_cc()  # once, on this thread: it touches the CUDA device
     keys = [(file, dtype, head_dim if per_hd else None) for file, (_, per_hd) in KERNELS.items()]
     pool = ThreadPoolExecutor(max_workers=min(len(keys), os.cpu_count() or 1), thread_name_prefix="nvrtc")
     with _precompile_lock:

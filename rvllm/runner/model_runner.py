@@ -259,7 +259,7 @@ class ModelRunner:
         if num_sample == batch.num_tokens:  # every row samples (a decode step): no gather
             rows = hidden
         else:
-            rows = hidden[logits_idx[:num_sample]]
+            rows = self.ops.embedding(logits_idx[:num_sample], hidden)  # a row gather (no CuPy kernel)
         return hidden, self.model.compute_logits(rows)  # [S, V]
 
     def _fill_placeholders(self, num_rows: int) -> None:
