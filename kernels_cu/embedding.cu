@@ -2,6 +2,18 @@
 // rows the engine makes (the step's placeholders, a bias under a product) and dummy weights.
 #include "common.cuh"
 
+// dst[0, n) = src[0, n) by the block: 16 bytes a thread when both are 16-byte aligned and n is a
+// multiple of 8, else an element a thread.
+__device__ __forceinline__ void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int n) {
+  if (((n & 7) == 0) && ((((size_t)src) | ((size_t)dst)) & 15) == 0) {
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+    uint4* d4 = reinterpret_cast<uint4*>(dst);
+    for (int i = threadIdx.x; i < (n >> 3); i += blockDim.x) d4[i] = s4[i];
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(256) embedding_kernel(
     scalar_t* __restrict__ out,          // [num_tokens, hidden]
     const int* __restrict__ ids,         // [num_tokens]
@@ -15,14 +27,7 @@ extern "C" __global__ void __launch_bounds__(256) embedding_kernel(
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = 0;
     return;
   }
-  const scalar_t* src = table + (i64)id * hidden;
-  if (((hidden & 7) == 0) && ((((size_t)src) | ((size_t)dst)) & 15) == 0) {
-    const uint4* s4 = reinterpret_cast<const uint4*>(src);
-    uint4* d4 = reinterpret_cast<uint4*>(dst);
-    for (int i = threadIdx.x; i < (hidden >> 3); i += blockDim.x) d4[i] = s4[i];
-  } else {
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
-  }
+  copy_row(dst, table + (i64)id * hidden, hidden);
 }
 
 // Async scheduling: an input id -1 - k stands for row k of the previous step's sampled ids, which
@@ -42,14 +47,7 @@ extern "C" __global__ void fill_placeholders_kernel(int* __restrict__ ids, const
 extern "C" __global__ void __launch_bounds__(256) broadcast_rows_kernel(
     scalar_t* __restrict__ out, const scalar_t* __restrict__ row, int n) {
   pdl_enter();
-  scalar_t* dst = out + (i64)blockIdx.x * n;
-  if (((n & 7) == 0) && ((((size_t)row) | ((size_t)dst)) & 15) == 0) {
-    const uint4* s4 = reinterpret_cast<const uint4*>(row);
-    uint4* d4 = reinterpret_cast<uint4*>(dst);
-    for (int i = threadIdx.x; i < (n >> 3); i += blockDim.x) d4[i] = s4[i];
-  } else {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = row[i];
-  }
+  copy_row(out + (i64)blockIdx.x * n, row, n);
 }
 
 // Dummy weights: out[i] = mean + std * z_i, z_i ~ N(0, 1) by Box-Muller from two uniforms that a

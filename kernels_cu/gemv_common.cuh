@@ -50,6 +50,18 @@ __device__ __forceinline__ float sum_squares8(const uint4 s) {
   return ss;
 }
 
+// *x, a chunk of 8 summed values, scaled in place by the row's 1 / rms and the norm weights w[0, 8),
+// rounded as the norm kernels round.
+__device__ __forceinline__ void rms_scale8(uint4* x, const scalar_t* __restrict__ w, float inv_rms) {
+  float xf[8], wf[8];
+  unpack8(*x, xf);
+  unpack8(*reinterpret_cast<const uint4*>(w), wf);
+  *x = make_uint4(pack2(xf[0] * inv_rms * wf[0], xf[1] * inv_rms * wf[1]),
+                  pack2(xf[2] * inv_rms * wf[2], xf[3] * inv_rms * wf[3]),
+                  pack2(xf[4] * inv_rms * wf[4], xf[5] * inv_rms * wf[5]),
+                  pack2(xf[6] * inv_rms * wf[6], xf[7] * inv_rms * wf[7]));
+}
+
 template <int M>
 __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, const scalar_t* __restrict__ a,
                                                const scalar_t* __restrict__ b, const scalar_t* __restrict__ norm_w,
@@ -99,13 +111,7 @@ __device__ __forceinline__ void stage_add_norm(scalar_t* xs, scalar_t* s_out, co
         *x = make_uint4(0, 0, 0, 0);
         continue;
       }
-      float xf[8], wf[8];
-      unpack8(*x, xf);
-      unpack8(*reinterpret_cast<const uint4*>(norm_w + c * 8), wf);
-      *x = make_uint4(pack2(xf[0] * inv_rms * wf[0], xf[1] * inv_rms * wf[1]),
-                      pack2(xf[2] * inv_rms * wf[2], xf[3] * inv_rms * wf[3]),
-                      pack2(xf[4] * inv_rms * wf[4], xf[5] * inv_rms * wf[5]),
-                      pack2(xf[6] * inv_rms * wf[6], xf[7] * inv_rms * wf[7]));
+      rms_scale8(x, norm_w + c * 8, inv_rms);
     }
   }
   __syncthreads();

@@ -200,16 +200,7 @@ __device__ __forceinline__ void tc_stage_add_norm(scalar_t* xs, scalar_t* s_out,
     }
     const float inv_rms = rsqrtf(warp_sum(ss) / (float)K + eps);
 #pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-      uint4* x = reinterpret_cast<uint4*>(xs + row + c * 8);
-      float xf[8], wf[8];
-      unpack8(*x, xf);
-      unpack8(*reinterpret_cast<const uint4*>(norm_w + c * 8), wf);
-      *x = make_uint4(pack2(xf[0] * inv_rms * wf[0], xf[1] * inv_rms * wf[1]),
-                      pack2(xf[2] * inv_rms * wf[2], xf[3] * inv_rms * wf[3]),
-                      pack2(xf[4] * inv_rms * wf[4], xf[5] * inv_rms * wf[5]),
-                      pack2(xf[6] * inv_rms * wf[6], xf[7] * inv_rms * wf[7]));
-    }
+    for (int c = lane; c < chunks; c += 32) rms_scale8(reinterpret_cast<uint4*>(xs + row + c * 8), norm_w + c * 8, inv_rms);
   }
   __syncthreads();
 }
