@@ -133,3 +133,30 @@ def test_gpu_engine_scheduling_keeps_greedy_and_seeded_output(tiny, kw):
         del llm
     assert runs[1] == runs[0]
     assert all(len(t) == 16 for t in runs[0])
+
+
+def test_warm_start_loads_no_nvrtc(tmp_path):
+    """Once its kernels are in the disk cache, an engine builds, captures its graphs and generates
+    without loading NVRTC, whose library held ~33 MB of every engine's memory (bench/NOTES.md #58):
+    no CuPy elementwise kernel on the way (CuPy compiles those through NVRTC) and a kernel cache key
+    that does not ask NVRTC its version. A qwen2-shaped model on dummy weights: the dummy-weight
+    kernel, the bias under cuBLAS's products at prompt steps, the gather of the rows that sample."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir, _, _ = write_model(tmp_path, "qwen2")
+    script = (
+        "from rvllm import LLM, SamplingParams\n"
+        f"llm = LLM({str(model_dir)!r}, load_format='dummy', device='cuda', skip_tokenizer_init=True,"
+        " max_model_len=256, max_num_seqs=4)\n"
+        "llm.generate([[5, 6, 7, 8, 9], [10, 11, 12]], SamplingParams(max_tokens=6, ignore_eos=True))\n"
+        "llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, top_p=0.9, seed=1))\n"
+        "print('libnvrtc' in open('/proc/self/maps').read())\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    for run in ("the first run may compile", "warm"):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, f"{run}: {done.stderr[-3000:]}"
+    assert done.stdout.split()[-1] == "False", "a warm start loaded NVRTC"
