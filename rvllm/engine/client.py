@@ -271,7 +271,7 @@ def _spawn_engine_process(config: EngineConfig) -> tuple[subprocess.Popen, Conne
     finally:
         theirs.close()
     conn = Connection(ours.detach())
-    conn.send_bytes(pickle.dumps((config, config.log_level)))
+    conn.send_bytes(pickle.dumps(config))
     return proc, conn
 
 

@@ -3,7 +3,7 @@
 The HTTP event loop never waits on a model step because steps run here. Messages are msgspec
 msgpack over a socket pair, read and written as a multiprocessing Connection (see messages.py).
 The front end starts it as `python -m rvllm.engine.core_proc FD` (client._spawn_engine_process)
-and sends the pickled (EngineConfig, log level) first.
+and sends the pickled EngineConfig first.
 """
 from __future__ import annotations
 
@@ -121,10 +121,10 @@ def _handle(core, msg, adds_seen: int):
 def main(argv: list[str]) -> None:
     conn = Connection(int(argv[0]))
     try:
-        config, log_level = pickle.loads(conn.recv_bytes())
+        config = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):
         return  # the front end is gone before sending the config
-    run_engine_process(config, conn, log_level)
+    run_engine_process(config, conn, config.log_level)
 
 
 if __name__ == "__main__":
