@@ -43,16 +43,6 @@ def top_mappings(n: int, pid: int | str = "self") -> list[tuple[str, float]]:
     return sorted(held.items(), key=lambda kv: -kv[1])[:n]
 
 
-def malloc_trim() -> None:
-    """Give the C allocator's free pages back to the system (glibc only), to see what it holds."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
@@ -95,7 +85,9 @@ def main() -> None:
     llm.generate([list(range(100, 132))] * 4, SamplingParams(max_tokens=16, ignore_eos=True))
     gc.collect()
     snapshot("after a generate")
-    malloc_trim()
+    from rvllm.engine.core_proc import trim_host_memory  # what the serving engine does once ready
+
+    trim_host_memory()
     snapshot("after malloc_trim(0)")
     print(f"| stage ({args.model}) | RSS MB | anon | file | shmem |")
     print("|---|---|---|---|---|")
