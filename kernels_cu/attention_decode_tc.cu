@@ -42,7 +42,7 @@
 
 template <int WARPS, int TILE, int STAGES>
 __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
-  static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (block_of)");
+  static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (slot_of)");
   static_assert(WARPS >= 2, "the warps' partials always meet in shared memory");
   static_assert(2 * STAGES * TILE * DTC_LD * 2 >= (16 * DTC_OLD + 32) * 4, "a warp's partials fit in its stages");
   extern __shared__ __align__(16) unsigned char dtc_smem[];
@@ -61,25 +61,30 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
 
-  // Tile `tile` of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ... (a
-  // warp-wide copy is 512 contiguous bytes of a row pair at head size 128). The block-table
-  // entries come from `blk_lanes` (lane r < TILE holds key r's block, -1 past the context), read
-  // an iteration ahead by block_of so that their load is not in series with the K/V copies. Keys
-  // past the context are zero-filled: a NaN there would survive a zero probability.
-  auto block_of = [&](int tile) -> int {
+  // A tile of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ... (a
+  // warp-wide copy is 512 contiguous bytes of a row pair at head size 128). The keys' cache slots
+  // come from `slot_lanes` (lane r < TILE holds key r's slot, block * block_size + offset, -1 past
+  // the context; int32 as slot_mapping is), found an iteration ahead by slot_of so that the
+  // block-table load is not in series with the K/V copies, and once a key: a chunk's address is
+  // then a shuffle and a multiply-add (it was a division by block_size and 64-bit arithmetic per
+  // chunk, 8 a lane a tile). Keys past the context are zero-filled: a NaN there would survive a
+  // zero probability.
+  auto slot_of = [&](int tile) -> int {
     const int t = tile * TILE + lane % TILE;
-    return t < ctx ? btab[t / block_size] : -1;
+    return t < ctx ? btab[t / block_size] * block_size + t % block_size : -1;
   };
-  auto load_tile = [&](int tile, int stage, int blk_lanes) {
+  const scalar_t* k_head = k_cache + (i64)kvh * HEAD_DIM;
+  const scalar_t* v_head = v_cache + (i64)kvh * HEAD_DIM;
+  auto load_tile = [&](int stage, int slot_lanes) {
     scalar_t* sk = s_k + stage * TILE * DTC_LD;
     scalar_t* sv = s_v + stage * TILE * DTC_LD;
 #pragma unroll
     for (int idx = lane; idx < TILE * DTC_CHUNKS; idx += 32) {
       const int r = idx / DTC_CHUNKS, ch = idx - r * DTC_CHUNKS;
-      const int blk = __shfl_sync(0xffffffffu, blk_lanes, r), t = tile * TILE + r;
-      const i64 off = blk >= 0 ? ((i64)blk * block_size + t % block_size) * slot_stride + (i64)kvh * HEAD_DIM + ch * 8 : 0;
-      cp_async_16(sk + r * DTC_LD + ch * 8, k_cache + off, blk >= 0);
-      cp_async_16(sv + r * DTC_LD + ch * 8, v_cache + off, blk >= 0);
+      const int slot = __shfl_sync(0xffffffffu, slot_lanes, r);
+      const i64 off = slot >= 0 ? (i64)slot * slot_stride + ch * 8 : 0;
+      cp_async_16(sk + r * DTC_LD + ch * 8, k_head + off, slot >= 0);
+      cp_async_16(sv + r * DTC_LD + ch * 8, v_head + off, slot >= 0);
     }
     cp_async_commit();
   };
@@ -92,7 +97,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   // the tile holding the row's own new key waits. Tile by tile: a prefix of this warp's tiles (it was
   // all of them or none, and at batch 1 with 4 warps a context under 128 keys loaded nothing early).
   auto prologue_tile = [&](int s) {
-    if (s < my_tiles) load_tile(warp + s * WARPS, s, block_of(warp + s * WARPS));
+    if (s < my_tiles) load_tile(s, slot_of(warp + s * WARPS));
     else cp_async_commit();  // an empty group keeps the wait counts uniform
   };
   int early = 0;  // such tiles are whole tiles inside the context, so s < my_tiles for each
@@ -100,8 +105,8 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s)
     if (s < early) prologue_tile(s);
-  // The block of the loop's first copy, read ahead (block tables only, as above).
-  int blk_ahead = STAGES - 1 < my_tiles ? block_of(warp + (STAGES - 1) * WARPS) : -1;
+  // The slots of the loop's first copy, read ahead (block tables only, as above).
+  int slot_ahead = STAGES - 1 < my_tiles ? slot_of(warp + (STAGES - 1) * WARPS) : -1;
   pdl_enter();
   if (req < 0 || ctx <= 0) {  // a padding row: zeros
     cp_async_wait<0>();
@@ -139,8 +144,8 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   for (int i = 0; i < my_tiles; ++i) {
     const int tile = warp + i * WARPS, next = i + STAGES - 1;
     if (next < my_tiles) {
-      load_tile(warp + next * WARPS, next % STAGES, blk_ahead);  // the stage computed last iteration
-      blk_ahead = next + 1 < my_tiles ? block_of(warp + (next + 1) * WARPS) : -1;
+      load_tile(next % STAGES, slot_ahead);  // the stage computed last iteration
+      slot_ahead = next + 1 < my_tiles ? slot_of(warp + (next + 1) * WARPS) : -1;
     } else {
       cp_async_commit();
     }
