@@ -142,10 +142,37 @@ __device__ __forceinline__ void philox_words(const Row& r, u32 group, u32 (&w)[4
 }
 
 // log(q) of the Exp(1) draw with random word w: u = (23 random bits + 0.5) / 2^23 lies strictly
-// inside (0, 1) and is exact in float32, so q = -log(u) is finite and > 0.
-__device__ __forceinline__ float log_exp_noise(u32 w) {
-  const float u = ((float)(w >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
-  return logf(-logf(u));
+// inside (0, 1) and is exact in float32, so q = -log(u) is finite and > 0. The bits k + 0.5 come
+// without an integer conversion (a quarter-rate instruction, like the filter's exponentials): the
+// float with bits 0x4B000000 | k is 2^23 + k, and 2^23 + k - (2^23 - 0.5) = k + 0.5, exact.
+__device__ __forceinline__ float uniform_of(u32 w) {
+  return (__uint_as_float(0x4B000000u | (w >> 9)) - 8388607.5f) * 1.1920928955078125e-07f;  // 2^-23
+}
+__device__ __forceinline__ float log_exp_noise(u32 w) { return logf(-logf(uniform_of(w))); }
+
+// Whether the race value sc - log(q) of the draw with word w can exceed `bar`. In exact arithmetic
+// it does iff q < exp(sc - bar), i.e. u > exp(-exp(sc - bar)): two fast exponentials, where the race
+// value costs two accurate logs. The threshold is lowered by a relative margin mu that covers what
+// the exact path's comparison could decide differently. At the boundary q = exp(sc - bar) <= 16.7
+// (past it the threshold is below every u, which is > 2^-24), and an error d in log(q) moves u by a
+// relative 16.7 d there. d is at most the two logs' errors (a ulp of log(q) <= 1.9e-6, and ~1.2e-7
+// through q) plus the rounding of sc - log(q) next to bar (|bar| 2^-24): 3.4e-5 + |bar| 1e-6 in u,
+// and __expf's error adds ~1e-5. mu = 2^-12 + |bar| 2^-18 is over 3 times that, so no token the
+// exact comparison takes is filtered out.
+__device__ __forceinline__ bool may_beat(float sc, u32 w, float bar) {
+  if (!(bar > RVLLM_NEG_INF)) return true;  // also keeps mu finite below
+  const float mu = fminf(fmaf(fabsf(bar), 3.814697265625e-06f, 2.44140625e-04f), 1.f);  // 2^-18, 2^-12
+  const float t = __expf(-__expf(sc - bar));  // 0 when sc - bar is large, 1 when very negative
+  return uniform_of(w) > t * (1.f - mu);
+}
+
+// The largest race value the lanes of this warp still in their loop hold (their own `best`). A
+// token below it can neither win its row nor tie the winner, whichever lane holds it, so the
+// filters test against it: a warp takes a branch when any of its lanes does, and against each
+// lane's own best some lane passed in most groups (the exact values then cost every lane their
+// time). Shared each group, the whole warp skips the exact values in all but a few groups.
+__device__ __forceinline__ float warp_best(float best) {
+  return key_value(__reduce_max_sync(__activemask(), order_key(best)));
 }
 
 // ---- the race ------------------------------------------------------------------------------------
@@ -174,25 +201,33 @@ struct Scale {
   }
 };
 
-// The race over tokens 4g .. 4g + 3 (v, from load4): the kept ones (scaled >= thr, > -inf) take
-// their noise from one Philox call; (best, best_i) keeps the largest scaled - log q. Called in
-// increasing g by each thread, so the first of equal values stays.
-__device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, float thr, int V, int g,
-                                           const float (&v)[4], float& best, int& best_i) {
-  float sc[4];
-  bool keep[4], any = false;
+// The race over tokens 4g .. 4g + 3 (v, from load4, -inf past the row): the kept ones (scaled >=
+// thr, > -inf) take their noise from one Philox call; (best, best_i) keeps the largest scaled -
+// log q. Called in increasing g by each thread, so the first of equal values stays. The exact
+// value of a token is computed only when it can matter (NOTES #61): the group's draws only when
+// some kept token could reach the warp's best (a race value is at most scaled + 16.64: u <= 1 -
+// 2^-24 gives log q >= -16.64; most of a language model's row lies further below its top), and a
+// token's two logs only when may_beat says it can exceed it. The tokens are the same as when every
+// value was computed.
+__device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, float thr, int g, const float (&v)[4],
+                                           float& best, int& best_i) {
+  const float bar = fmaxf(best, warp_best(best));
+  float sc[4], top = RVLLM_NEG_INF;
+  bool keep[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    sc[j] = 4 * g + j < V ? scale(v[j]) : RVLLM_NEG_INF;
+    sc[j] = scale(v[j]);
     keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
-    any |= keep[j];
+    if (keep[j]) top = fmaxf(top, sc[j]);
   }
-  if (!any) return;  // below the top-k / top-p / min-p cut, or -inf: no draw needed
+  // none kept (below the top-k / top-p / min-p cut, or -inf), or none can reach bar: 0.11 of margin
+  // above 16.64 and |bar| 2^-18 cover the rounding of scaled - log q
+  if (!(top > RVLLM_NEG_INF) || top + 16.75f + fabsf(bar) * 3.814697265625e-06f < bar) return;
   u32 w[4];
   philox_words(rw, (u32)g, w);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (!keep[j]) continue;
+    if (!keep[j] || !may_beat(sc[j], w[j], fmaxf(best, bar))) continue;
     const float r = sc[j] - log_exp_noise(w[j]);
     if (r > best) {
       best = r;
@@ -437,7 +472,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
     for_each_group(x, V, 0, groups,
-                   [&](int g, const float (&v)[4]) { race_group(rw, scale, thr, V, g, v, best, best_i); });
+                   [&](int g, const float (&v)[4]) { race_group(rw, scale, thr, g, v, best, best_i); });
     block_argmax(best, best_i);
     if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
   }
@@ -558,7 +593,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
     if (p.greedy)
       argmax_group(g, v, best, best_i);
     else
-      race_group(rw, scale, thr, V, g, v, best, best_i);
+      race_group(rw, scale, thr, g, v, best, best_i);
   });
   block_argmax(best, best_i);
   unsigned long long k;

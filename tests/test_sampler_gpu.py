@@ -947,3 +947,37 @@ def test_split_race_samples_the_single_block_tokens(sampler, rng, b, vocab):
 def vars_of(sp: SamplingParams) -> dict:
     """The arguments that rebuild sp: random_params sets only these."""
     return {k: getattr(sp, k) for k in ("temperature", "top_k", "top_p", "min_p", "seed")}
+
+
+RACE_ROWS = [  # (logit offset, spread, temperature, top_k): flat and spread rows, |race values| up to ~1e4
+    (0.0, 1.0, 1.0, 0), (0.0, 1.0, 0.05, 0), (1e4, 1.0, 1.0, 0), (-1e4, 1.0, 1.0, 0),
+    (0.0, 30.0, 0.7, 0), (0.0, 3.0, 1.3, 50), (5e3, 10.0, 0.5, 0), (0.0, 0.01, 1.0, 0),
+]
+
+
+@pytest.mark.parametrize("b", [8, 96], ids=["split-race", "one-block-a-row"])
+@pytest.mark.gpu
+@requires_gpu
+def test_race_picks_the_emulated_winner(sampler, rng, b):
+    """The kernels' race (race_kernel at 8 rows, sample_kernel at 96) picks the token whose race value
+    x / T - log(q) (plain rows; (x - max) / T for cut rows) is the emulation's largest, up to rounding:
+    the draws are the same Philox words, and the logs differ from NumPy's by an ulp. Seeded rows, so
+    the noise depends only on the request. Rows of large |x / T| make the race values' rounding
+    coarse, where sampling.cu's filter of hopeless draws (may_beat) must still keep every winner."""
+    vocab = 49152
+    for call in range(3):
+        cases = [RACE_ROWS[(r + call) % len(RACE_ROWS)] for r in range(b)]
+        logits = np.stack([off + spread * rng.standard_normal(vocab) for off, spread, _, _ in cases]).astype(np.float32)
+        params = [SamplingParams(temperature=t, top_k=k, seed=1000 + r) for r, (_, _, t, k) in enumerate(cases)]
+        outputs = [[0] * (call + r % 5) for r in range(b)]
+        meta = meta_for(params, outputs=outputs)
+        got = sampler(dev(logits), meta).token_ids
+        _, want, kept, _ = emulate(logits, meta, sample=False)
+        for r, (_, _, t, k) in enumerate(cases):
+            x = logits[r]
+            scaled = x / np.float32(t) if k == 0 else (x - x.max()) / np.float32(t)
+            ids = np.array([got[r], want[r]])
+            race = scaled[ids] - log_exp_noise(1000 + r, len(outputs[r]), 0, ids)
+            assert kept[r][got[r]], f"call {call} row {r}: token {got[r]} not kept"
+            assert race[0] >= race[1] - 4e-6 * (1 + abs(race[1])), \
+                f"call {call} row {r} {cases[r]}: kernel's token {got[r]} races {race[0]}, the emulation's {want[r]} {race[1]}"
