@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--gemv-tc-max-rows", type=int, default=None,
                     help="steps of up to this many rows run gemv_tc.cu's kernels (default: $RVLLM_GEMV_TC_MAX_ROWS, else off)")
+    ap.add_argument("--scatter-blocks", type=int, default=1, metavar="F",
+                    help="a KV cache of F times the blocks the step reads, each request's blocks drawn at random from "
+                         "it (as after a long-running block pool), instead of one contiguous run per request")
     ap.add_argument("--attention-variants", action="store_true",
                     help="also time the decode kernel at other partition sizes, and the tensor-core prefill kernel on the decode step")
     args = ap.parse_args()
@@ -92,13 +95,21 @@ def main() -> None:
     x, res, norm_w = w(B, h), w(B, h), w(h)
     xq, xi, xg = w(B, s.q_size), w(B, inter), w(B, 2 * inter)
     nblocks = -(-ctx // bs)
-    kc = b.dummy_weight((B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 2)
-    vc = b.dummy_weight((B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 3)
-    tables = b.from_host(np.arange(B * nblocks, dtype=np.int32).reshape(B, nblocks))
+    # With --scatter-blocks F the attention ops rotate through F block tables that share no block, so
+    # consecutive calls read different 8 KB blocks from DRAM (not the L2 the last call filled).
+    F = max(1, args.scatter_blocks)
+    kc = b.dummy_weight((F * B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 2)
+    vc = b.dummy_weight((F * B * nblocks + 1, bs, s.num_kv_heads, s.head_dim), 1.0, 3)
+    order = np.random.default_rng(0).permutation(F * B * nblocks) if F > 1 else np.arange(B * nblocks)
     ws = DecodeWorkspace.allocate(B, s.num_heads, s.head_dim, 8192, b.from_host(np.array([nblocks], np.int32)))
-    meta = StepMetadata(b.from_host(np.arange(B + 1, dtype=np.int32)), b.from_host(np.full(B, ctx, np.int32)), tables,
-                        b.from_host((np.arange(B) * nblocks * bs + ctx - 1).astype(np.int32)), max_query_len=1,
-                        max_seq_len=ctx, query_lens_host=[1] * B, seq_lens_host=[ctx] * B, decode_workspace=ws)
+    metas = []
+    for table in order.astype(np.int32).reshape(F, B, nblocks):
+        last = table[:, (ctx - 1) // bs]  # each request's new key goes to its last block
+        metas.append(StepMetadata(b.from_host(np.arange(B + 1, dtype=np.int32)), b.from_host(np.full(B, ctx, np.int32)),
+                                  b.from_host(table), b.from_host((last * bs + (ctx - 1) % bs).astype(np.int32)),
+                                  max_query_len=1, max_seq_len=ctx, query_lens_host=[1] * B, seq_lens_host=[ctx] * B,
+                                  decode_workspace=ws))
+    meta = metas[0]
     q = w(B, s.num_heads, s.head_dim)
     k, v = w(B, s.num_kv_heads, s.head_dim), w(B, s.num_kv_heads, s.head_dim)
     cos_sin = b.from_host(cos_sin_table(s, 4096))
@@ -125,7 +136,7 @@ def main() -> None:
          rot("qkv", lambda m: blas.add_norm_linear(x, res, norm_w, eps, m, bias))),
         ("rotary + KV write", None, lambda i: b.rotary_and_cache_write(q, k, v, pos, cos_sin, kc, vc, meta.slot_mapping,
                                                                        True), None),
-        ("decode attention", None, lambda i: b.paged_attention(q, kc, vc, meta, s.head_dim ** -0.5), None),
+        ("decode attention", None, lambda i: b.paged_attention(q, kc, vc, metas[i % F], s.head_dim ** -0.5), None),
         ("o_proj", "o", rot("o", lambda m: b.linear(xq, m)), rot("o", lambda m: blas.linear(xq, m))),
         ("add_norm + gate_up + SiLU", "gate_up",
          rot("gate_up", lambda m: b.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul")),
@@ -143,13 +154,14 @@ def main() -> None:
         eager = StepMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 1, ctx,
                              [1] * B, [ctx] * B)
 
-        def with_choice(attr, value, m):
-            """The decode attention op with cuda_attention.<attr> (a chooser) answering `value`."""
+        def with_choice(attr, value, ms):
+            """The decode attention op with cuda_attention.<attr> (a chooser) answering `value`, call i
+            on step metadata ms[i % len(ms)]."""
             def run(i):
                 saved = getattr(cuda_attention, attr)
                 setattr(cuda_attention, attr, lambda *a: value)
                 try:
-                    b.paged_attention(q, kc, vc, m, scale)
+                    b.paged_attention(q, kc, vc, ms[i % len(ms)], scale)
                 finally:
                     setattr(cuda_attention, attr, saved)
             return run
@@ -157,10 +169,10 @@ def main() -> None:
         for kname, threads in (*cuda_attention.DECODE_SPLIT_BUILDS.items(),
                                *((n, 32 * b[0]) for n, b in cuda_attention.DECODE_TC_BUILDS.items())):
             # decode_build also sets the partition size (through the workspace's layout)
-            ops.append((f"decode attention, {kname}", None, with_choice("decode_build", (kname, threads), meta), None))
+            ops.append((f"decode attention, {kname}", None, with_choice("decode_build", (kname, threads), metas), None))
         for size in (32, 64, 128, 256, 512):
             ops.append((f"decode attention, eager, {size}-key partitions", None,
-                        with_choice("partition_size", size, eager), None))
+                        with_choice("partition_size", size, [eager]), None))
         ops.append(("decode attention, tensor-core prefill kernel", None,
                     lambda i: cuda_attention._attention_prefill(b, q, kc, vc, eager, scale, B, bs), None))
     print(f"| op ({args.model}, batch {B}, context {ctx}, {b.device_name}) | us | GB/s | cuBLAS path us "
