@@ -150,20 +150,32 @@ __device__ __forceinline__ float uniform_of(u32 w) {
 }
 __device__ __forceinline__ float log_exp_noise(u32 w) { return logf(-logf(uniform_of(w))); }
 
+// 2^x by the SFU (ex2.approx, relative error ~2^-22); results below 2^-126 flush to 0.
+__device__ __forceinline__ float ex2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#define RACE_LOG2E 1.4426950408889634f
+
 // Whether the race value sc - log(q) of the draw with word w can exceed `bar`. In exact arithmetic
 // it does iff q < exp(sc - bar), i.e. u > exp(-exp(sc - bar)): two fast exponentials, where the race
-// value costs two accurate logs. The threshold is lowered by a relative margin mu that covers what
-// the exact path's comparison could decide differently. At the boundary q = exp(sc - bar) <= 16.7
-// (past it the threshold is below every u, which is > 2^-24), and an error d in log(q) moves u by a
-// relative 16.7 d there. d is at most the two logs' errors (a ulp of log(q) <= 1.9e-6, and ~1.2e-7
-// through q) plus the rounding of sc - log(q) next to bar (|bar| 2^-24): 3.4e-5 + |bar| 1e-6 in u,
-// and __expf's error adds ~1e-5. mu = 2^-12 + |bar| 2^-18 is over 3 times that, so no token the
-// exact comparison takes is filtered out.
-__device__ __forceinline__ bool may_beat(float sc, u32 w, float bar) {
-  if (!(bar > RVLLM_NEG_INF)) return true;  // also keeps mu finite below
-  const float mu = fminf(fmaf(fabsf(bar), 3.814697265625e-06f, 2.44140625e-04f), 1.f);  // 2^-18, 2^-12
-  const float t = __expf(-__expf(sc - bar));  // 0 when sc - bar is large, 1 when very negative
-  return uniform_of(w) > t * (1.f - mu);
+// value costs two accurate logs. The threshold is lowered by a relative margin mu (keep = 1 - mu,
+// keep_factor, once a group) that covers what the exact path's comparison could decide
+// differently. At the boundary q = exp(sc - bar) <= 16.7 (past it the threshold is below every u,
+// which is > 2^-24), and an error d in log(q) moves u by a relative 16.7 d there. d is at most the
+// two logs' errors (a ulp of log(q) <= 1.9e-6, and ~1.2e-7 through q) plus the rounding of
+// sc - log(q) next to bar (|bar| 2^-24): 3.4e-5 + |bar| 1e-6 in u; the exponentials and their
+// arguments' rounding add ~5e-6. mu = 2^-12 + |bar| 2^-18 is over 3 times that, so no token the exact
+// comparison takes is filtered out. A `bar` below the lane's current best (it grew since) only lets
+// more tokens through.
+__device__ __forceinline__ float keep_factor(float bar) {
+  return 1.f - fminf(fmaf(fabsf(bar), 3.814697265625e-06f, 2.44140625e-04f), 1.f);  // 2^-18, 2^-12
+}
+__device__ __forceinline__ bool may_beat(float sc, u32 w, float bar, float keep) {
+  if (!(bar > RVLLM_NEG_INF)) return true;
+  const float t = ex2_fast(-ex2_fast((sc - bar) * RACE_LOG2E) * RACE_LOG2E);  // 0 when sc - bar is large
+  return uniform_of(w) > t * keep;
 }
 
 // The largest race value the lanes of this warp still in their loop hold (their own `best`). A
@@ -204,11 +216,13 @@ struct Scale {
 // The race over tokens 4g .. 4g + 3 (v, from load4, -inf past the row): the kept ones (scaled >=
 // thr, > -inf) take their noise from one Philox call; (best, best_i) keeps the largest scaled -
 // log q. Called in increasing g by each thread, so the first of equal values stays. The exact
-// value of a token is computed only when it can matter (NOTES #61): the group's draws only when
+// value of a token is computed only when it can matter (NOTES #62-#63): the group's draws only when
 // some kept token could reach the warp's best (a race value is at most scaled + 16.64: u <= 1 -
 // 2^-24 gives log q >= -16.64; most of a language model's row lies further below its top), and a
 // token's two logs only when may_beat says it can exceed it. The tokens are the same as when every
-// value was computed.
+// value was computed. UNIT: the row's temperature is 1 (scale's division skipped, without a branch
+// a token).
+template <bool UNIT>
 __device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, float thr, int g, const float (&v)[4],
                                            float& best, int& best_i) {
   const float bar = fmaxf(best, warp_best(best));
@@ -216,7 +230,7 @@ __device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, fl
   bool keep[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    sc[j] = scale(v[j]);
+    sc[j] = UNIT ? __fsub_rn(v[j], scale.row_max) : scale(v[j]);
     keep[j] = sc[j] >= thr && sc[j] > RVLLM_NEG_INF;
     if (keep[j]) top = fmaxf(top, sc[j]);
   }
@@ -225,15 +239,24 @@ __device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, fl
   if (!(top > RVLLM_NEG_INF) || top + 16.75f + fabsf(bar) * 3.814697265625e-06f < bar) return;
   u32 w[4];
   philox_words(rw, (u32)g, w);
+  const float keep_u = keep_factor(bar);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (!keep[j] || !may_beat(sc[j], w[j], fmaxf(best, bar))) continue;
+    if (!keep[j] || !may_beat(sc[j], w[j], bar, keep_u)) continue;
     const float r = sc[j] - log_exp_noise(w[j]);
     if (r > best) {
       best = r;
       best_i = 4 * g + j;
     }
   }
+}
+
+// The race over groups g0 + tid, g0 + tid + blockDim.x, ... below g1 of row x (for_each_group).
+template <bool UNIT>
+__device__ __forceinline__ void race_pass(const float* __restrict__ x, int V, int g0, int g1, const Row& rw,
+                                          const Scale& scale, float thr, float& best, int& best_i) {
+  for_each_group(x, V, g0, g1,
+                 [&](int g, const float (&v)[4]) { race_group<UNIT>(rw, scale, thr, g, v, best, best_i); });
 }
 
 // ---- kernels -------------------------------------------------------------------------------------
@@ -471,8 +494,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) sample_kernel(
     }
     float best = RVLLM_NEG_INF;
     int best_i = NO_TOKEN;
-    for_each_group(x, V, 0, groups,
-                   [&](int g, const float (&v)[4]) { race_group(rw, scale, thr, g, v, best, best_i); });
+    if (scale.unit_temp)
+      race_pass<true>(x, V, 0, groups, rw, scale, thr, best, best_i);
+    else
+      race_pass<false>(x, V, 0, groups, rw, scale, thr, best, best_i);
     block_argmax(best, best_i);
     if (best_i != NO_TOKEN) token = best_i;  // else every token is -inf: keep the argmax (0)
   }
@@ -589,12 +614,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLER_THREADS) race_kernel(
   float best = RVLLM_NEG_INF;
   int best_i = NO_TOKEN, g0, g1;
   split_chunk(V, &g0, &g1);
-  for_each_group(logits + (size_t)row * V, V, g0, g1, [&](int g, const float (&v)[4]) {
-    if (p.greedy)
-      argmax_group(g, v, best, best_i);
-    else
-      race_group(rw, scale, thr, g, v, best, best_i);
-  });
+  const float* x = logits + (size_t)row * V;
+  if (p.greedy)
+    for_each_group(x, V, g0, g1, [&](int g, const float (&v)[4]) { argmax_group(g, v, best, best_i); });
+  else if (scale.unit_temp)
+    race_pass<true>(x, V, g0, g1, rw, scale, thr, best, best_i);
+  else
+    race_pass<false>(x, V, g0, g1, rw, scale, thr, best, best_i);
   block_argmax(best, best_i);
   unsigned long long k;
   if (threadIdx.x != 0 || !split_row_best(keys, done, row, best, best_i, &k)) return;
