@@ -160,8 +160,8 @@ __device__ __forceinline__ float ex2_fast(float x) {
 
 // Whether the race value sc - log(q) of the draw with word w can exceed `bar`. In exact arithmetic
 // it does iff q < exp(sc - bar), i.e. u > exp(-exp(sc - bar)): two fast exponentials, where the race
-// value costs two accurate logs. The threshold is lowered by a relative margin mu (keep = 1 - mu,
-// keep_factor, once a group) that covers what the exact path's comparison could decide
+// value costs two accurate logs. The threshold is lowered by a relative margin mu (times
+// margin_factor = 1 - mu, once a group) that covers what the exact path's comparison could decide
 // differently. At the boundary q = exp(sc - bar) <= 16.7 (past it the threshold is below every u,
 // which is > 2^-24), and an error d in log(q) moves u by a relative 16.7 d there. d is at most the
 // two logs' errors (a ulp of log(q) <= 1.9e-6, and ~1.2e-7 through q) plus the rounding of
@@ -169,13 +169,13 @@ __device__ __forceinline__ float ex2_fast(float x) {
 // arguments' rounding add ~5e-6. mu = 2^-12 + |bar| 2^-18 is over 3 times that, so no token the exact
 // comparison takes is filtered out. A `bar` below the lane's current best (it grew since) only lets
 // more tokens through.
-__device__ __forceinline__ float keep_factor(float bar) {
+__device__ __forceinline__ float margin_factor(float bar) {
   return 1.f - fminf(fmaf(fabsf(bar), 3.814697265625e-06f, 2.44140625e-04f), 1.f);  // 2^-18, 2^-12
 }
-__device__ __forceinline__ bool may_beat(float sc, u32 w, float bar, float keep) {
+__device__ __forceinline__ bool may_beat(float sc, u32 w, float bar, float factor) {
   if (!(bar > RVLLM_NEG_INF)) return true;
   const float t = ex2_fast(-ex2_fast((sc - bar) * RACE_LOG2E) * RACE_LOG2E);  // 0 when sc - bar is large
-  return uniform_of(w) > t * keep;
+  return uniform_of(w) > t * factor;
 }
 
 // The largest race value the lanes of this warp still in their loop hold (their own `best`). A
@@ -239,10 +239,10 @@ __device__ __forceinline__ void race_group(const Row& rw, const Scale& scale, fl
   if (!(top > RVLLM_NEG_INF) || top + 16.75f + fabsf(bar) * 3.814697265625e-06f < bar) return;
   u32 w[4];
   philox_words(rw, (u32)g, w);
-  const float keep_u = keep_factor(bar);
+  const float factor = margin_factor(bar);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (!keep[j] || !may_beat(sc[j], w[j], bar, keep_u)) continue;
+    if (!keep[j] || !may_beat(sc[j], w[j], bar, factor)) continue;
     const float r = sc[j] - log_exp_noise(w[j]);
     if (r > best) {
       best = r;
