@@ -19,7 +19,8 @@ except OSError as e:  # the test extra installs the wheel; say so rather than sk
     _NVRTC_ERROR = str(e)
 
 ARCHS = (80, 90)
-CASES = [(f, dt, hd, arch) for f in nvrtc.KERNELS for dt, hd in nvrtc.specializations(f) for arch in ARCHS]
+CASES = [(f, dt, hd, arch) for f in nvrtc.KERNELS for dt, hd in nvrtc.specializations(f) for arch in ARCHS
+         if nvrtc.compiles_for(f, arch)]  # gemm_wgmma.cu: sm_90a only
 
 
 def _id(case):
@@ -54,6 +55,36 @@ def test_options_are_shared():
     assert "--gpu-architecture=compute_90" in nvrtc.compile_options(90, "float16", ptx=True)
     with pytest.raises(ValueError):
         nvrtc.compile_options(90, "float32")
+
+
+def test_wgmma_file_builds_only_for_sm90a():
+    """gemm_wgmma.cu's wgmma exists only on sm_90a: it compiles for that target, and asking for it on
+    another architecture is an error, not a build that fails on the GPU."""
+    assert nvrtc.target_arch("gemm_wgmma.cu", 90) == "90a" and nvrtc.target_arch("norm.cu", 90) == "90"
+    assert not nvrtc.compiles_for("gemm_wgmma.cu", 80) and not nvrtc.compiles_for("gemm_wgmma.cu", 100)
+    with pytest.raises(ValueError, match="sm_90a"):
+        nvrtc.target_arch("gemm_wgmma.cu", 80)
+
+
+def test_wgmma_wrapper_choices():
+    """cuda_wgmma's host side: the token tile that holds a step, the split of K (one wave of one
+    block an SM, at least 4 K tiles a split, no empty split), the opt-in setting's parsing."""
+    from rvllm.backend import cuda_wgmma as w
+
+    assert [w.token_tile(r)[0] for r in (1, 64, 65, 128, 129, 256, 300)] == [64, 64, 128, 128, 256, 256, 256]
+    for bn, stages in w.WGMMA_BUILDS:  # every build fits an H100's 227 KiB of shared memory a block
+        assert w.smem_bytes(bn, stages) <= 227 * 1024
+    assert w.choose_splits(12, 140, 132) == 11  # qwen2.5-1.5b down at 256 rows: 12 tiles
+    assert w.choose_splits(140, 24, 132) == 1  # gate_up: the tiles alone fill the GPU
+    assert w.choose_splits(16, 24, 132) == 6  # qkv: 8 would leave splits of 3 K tiles
+    for tiles, k_tiles in ((1, 1), (1, 5), (3, 140), (40, 7)):
+        s = w.choose_splits(tiles, k_tiles, 132)
+        kps = -(-k_tiles // s)
+        assert 1 <= s <= w.MAX_SPLITS and (s - 1) * kps < k_tiles  # the last split has K tiles
+    assert w.parse_rows("16-256") == (16, 256) and w.parse_rows("0-0") == (0, 0)
+    for bad in ("256", "256-16", "a-b", "1-2-3"):
+        with pytest.raises(ValueError, match="RVLLM_WGMMA_ROWS"):
+            w.parse_rows(bad)
 
 
 def test_source_has_no_includes_left():
@@ -185,9 +216,9 @@ def test_every_kernel_waits_for_the_previous_one_on_sm90(file):
         pytest.fail(_NVRTC_ERROR)
     dtype, head_dim = nvrtc.specializations(file)[0]
     names, _ = nvrtc.KERNELS[file]
-    for arch in ARCHS:
-        ptx, _ = compile_source(nvrtc.kernel_source(file), file, nvrtc.compile_options(arch, dtype, head_dim, ptx=True),
-                                ptx=True)
+    for arch in (a for a in ARCHS if nvrtc.compiles_for(file, a)):
+        ptx, _ = compile_source(nvrtc.kernel_source(file), file,
+                                nvrtc.compile_options(nvrtc.target_arch(file, arch), dtype, head_dim, ptx=True), ptx=True)
         entries = re.split(r"\.entry\s+", ptx.decode(errors="replace"))[1:]
         found = {e.split("(", 1)[0].strip(): e for e in entries}
         assert set(names) <= set(found), f"{file}: entries {sorted(found)}"
@@ -197,21 +228,25 @@ def test_every_kernel_waits_for_the_previous_one_on_sm90(file):
 
 
 def test_pdl_launch_packs_each_argument_into_an_8_byte_slot():
-    """The PDL launcher hands the driver one pointer per argument into 8-byte slots; numpy scalars
-    keep their width, and an untyped Python number is refused rather than guessed."""
+    """The PDL launcher hands the driver one pointer per argument into 8-byte slots (a struct passed
+    as bytes gets a slot of its size); numpy scalars keep their width, and an untyped Python number
+    is refused rather than guessed."""
     import struct
 
     import numpy as np
 
     from rvllm.backend.cuda_launch import _pack
 
-    fmt, values = _pack((np.int32(-3), np.float32(1.5), np.int64(-2), np.uint64(7), np.uint32(9)))
-    assert fmt == "i4xf4xqQI4x"
+    blob = bytes(range(128))  # a struct by value (a CUtensorMap): its own 128-byte slot
+    codes, values = _pack((np.int32(-3), np.float32(1.5), np.int64(-2), np.uint64(7), np.uint32(9), blob))
+    fmt = "".join(codes)
+    assert fmt == "i4xf4xqQI4x128s"
+    assert [struct.calcsize("=" + c) for c in codes] == [8, 8, 8, 8, 8, 128]
     packed = struct.pack("=" + fmt, *values)
-    assert len(packed) == 40
+    assert len(packed) == 168
     assert struct.unpack_from("=i", packed, 0)[0] == -3 and struct.unpack_from("=f", packed, 8)[0] == 1.5
     assert struct.unpack_from("=q", packed, 16)[0] == -2 and struct.unpack_from("=Q", packed, 24)[0] == 7
-    assert struct.unpack_from("=I", packed, 32)[0] == 9
+    assert struct.unpack_from("=I", packed, 32)[0] == 9 and packed[40:] == blob
     for bad in (3, 1.5, np.float64(1.0)):
         with pytest.raises(TypeError, match="numpy scalar"):
             _pack((bad,))

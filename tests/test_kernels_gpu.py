@@ -269,6 +269,61 @@ def test_add_norm_linear_tensor_cores(gpu_tc, rng, num_tokens, d, n, form):
     check(gpu_tc, x_dev, x, "input x untouched", tol=1e-7)
 
 
+@pytest.fixture(scope="module")
+def gpu_wgmma(gpu):
+    """The same dtype with every product of 1-1024 rows on gemm_wgmma.cu (sm_90 only)."""
+    from rvllm.backend.cuda import CudaBackend
+
+    b = CudaBackend(gpu.dtype, gemv_max_rows=0, wgmma_rows=(1, 1024))
+    if b.wgmma is None:
+        pytest.skip("gemm_wgmma.cu runs on compute capability 9.0 only")
+    return b
+
+
+# 1 and 9 rows: a 64-token tile mostly zeros; 65 / 130: the 128 and 256 tiles, partly filled; 300: two
+# 256-token tiles. K of one 64-column tile up to 140 (8960); N of one to 36 weight tiles.
+@pytest.mark.parametrize("num_tokens", [1, 9, 64, 65, 130, 256, 300])
+@pytest.mark.parametrize("k,n", [(64, 128), (1536, 2048), (8960, 1536), (3584, 4608)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 3, 16])  # None: the wrapper's choice
+def test_linear_wgmma(gpu_wgmma, rng, num_tokens, k, n, bias, splits):
+    """gemm_wgmma.cu (tokens are wgmma's n, K split over blocks and summed in order) against the CPU,
+    on contiguous and on row-strided x."""
+    x = rounded(gpu_wgmma, rng.standard_normal((num_tokens, k)))
+    w = rounded(gpu_wgmma, rng.standard_normal((n, k)) / np.sqrt(k))
+    b = rounded(gpu_wgmma, rng.standard_normal(n)) if bias else None
+    dev = lambda a: None if a is None else gpu_wgmma.weight(a)  # noqa: E731
+    gpu_wgmma.wgmma.splits_override = splits
+    try:
+        out = gpu_wgmma.wgmma.linear(dev(x), dev(w), dev(b))
+        assert out is not None  # the wgmma kernel took it
+        ref = CPU.linear(x, w, b)
+        check(gpu_wgmma, out, ref, "linear (wgmma)", tol=5e-3)
+        strided = gpu_wgmma.weight(np.concatenate([x, x[:, :64]], axis=1))[:, :k]  # rows 16-byte aligned, not contiguous
+        check(gpu_wgmma, gpu_wgmma.wgmma.linear(strided, dev(w), dev(b)), ref, "linear (wgmma, strided x)", tol=5e-3)
+    finally:
+        gpu_wgmma.wgmma.splits_override = None
+
+
+@pytest.mark.parametrize("num_tokens", [40, 256])
+@pytest.mark.parametrize("form", ["first_layer", "residual", "bias", "silu"])
+def test_add_norm_linear_wgmma(gpu_wgmma, rng, num_tokens, form):
+    """The norm kernel, then gemm_wgmma.cu (the bias in its epilogue, not prefilled for cuBLAS)."""
+    d, n = 1536, 2048
+    x = rounded(gpu_wgmma, rng.standard_normal((num_tokens, d)))
+    res = None if form == "first_layer" else rounded(gpu_wgmma, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu_wgmma, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu_wgmma, rng.standard_normal((n, d)) / np.sqrt(d))
+    b = rounded(gpu_wgmma, rng.standard_normal(n)) if form == "bias" else None
+    act = "silu_and_mul" if form == "silu" else None
+    dev = lambda a: None if a is None else gpu_wgmma.weight(a)  # noqa: E731
+    assert gpu_wgmma.wgmma.fits(dev(x), dev(w))
+    out, new_res = gpu_wgmma.add_norm_linear(dev(x), dev(res), dev(nw), 1e-6, dev(w), dev(b), act)
+    ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, b, act)
+    check(gpu_wgmma, out, ref_out, f"add_norm_linear {form} (wgmma)")
+    check(gpu_wgmma, new_res, ref_res, "new residual", tol=1e-2 if res is not None else 1e-7)
+
+
 def test_linear_on_row_strided_input(gpu, rng):
     x = rounded(gpu, rng.standard_normal((9, 200)))
     w = rounded(gpu, rng.standard_normal((48, 128)) / 12)

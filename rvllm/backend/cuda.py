@@ -22,6 +22,7 @@ from rvllm.backend import cuda_attention, cuda_blas, nvrtc
 from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
 from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
+from rvllm.backend.cuda_wgmma import make_wgmma
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
@@ -54,7 +55,7 @@ class CudaBackend(DeviceTransfers):
     name = "cuda"
 
     def __init__(self, dtype: str = "bfloat16", attention: str | None = None, gemv_max_rows: int | None = None,
-                 gemv_tc_max_rows: int | None = None):
+                 gemv_tc_max_rows: int | None = None, wgmma_rows: tuple[int, int] | None = None):
         """dtype: "bfloat16" or "float16". attention: "auto" (decode kernel for decode-only
         steps, tensor-core prefill kernel otherwise) or "split" (the decode kernel for every
         step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto".
@@ -62,7 +63,10 @@ class CudaBackend(DeviceTransfers):
         kernels of gemv.cu (0: none; at most 8); default from $RVLLM_GEMV_MAX_ROWS, else 2.
         gemv_tc_max_rows: larger steps of at most this many rows (up to 8) run gemv_tc.cu's
         tensor-core kernels; default from $RVLLM_GEMV_TC_MAX_ROWS, else 0 (off: slower than cuBLAS
-        so far, cuda_gemv.DEFAULT_TC_MAX_ROWS)."""
+        so far, cuda_gemv.DEFAULT_TC_MAX_ROWS).
+        wgmma_rows: (lo, hi): on sm_90, steps of lo..hi rows run their products on gemm_wgmma.cu
+        instead of cuBLAS where the shapes fit; default from $RVLLM_WGMMA_ROWS ("lo-hi"), else
+        cuda_wgmma.DEFAULT_ROWS; (0, 0) is off."""
         if cp is None:
             raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         if dtype not in nvrtc.DTYPES:
@@ -93,11 +97,12 @@ class CudaBackend(DeviceTransfers):
         num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
         self.num_sms = int(num_sms)
         self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms, gemv_tc_max_rows)
+        self.wgmma = make_wgmma(self, self.num_sms, wgmma_rows)  # None: off, or not an sm_90 GPU
 
     def prepare_kernels(self, head_dim: int) -> None:
         """Starts compiling the kernels a model of this head size needs (those the disk cache
         lacks) in background threads, so that a cold start compiles while the weights load."""
-        nvrtc.precompile(self.dtype, head_dim)
+        nvrtc.precompile(self.dtype, head_dim, skip=() if self.wgmma else ("gemm_wgmma.cu",))
 
     # ---- memory (host <-> device transfers and weights: cuda_upload.DeviceTransfers) ------------
     @property
@@ -312,6 +317,8 @@ class CudaBackend(DeviceTransfers):
             if bias.shape[0] != weight.shape[0]:
                 raise ValueError(f"linear: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
         small = self.gemv.linear(x2, weight, bias) if x2.shape[0] and x2.shape[1] else None
+        if small is None and self.wgmma is not None:
+            small = self.wgmma.linear(x2, weight, bias)
         if small is not None:
             return small.reshape(*x.shape[:-1], weight.shape[0])
         out = cp.empty((x2.shape[0], weight.shape[0]), dtype=self.compute_dtype)
@@ -349,7 +356,7 @@ class CudaBackend(DeviceTransfers):
             fused = self.gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias, act)
             if fused is not None:
                 return fused
-            if bias is not None and residual is not None:
+            if bias is not None and residual is not None and not (self.wgmma is not None and self.wgmma.fits(x, weight)):
                 # cuBLAS with a bias: the norm kernel writes the bias rows that the product adds to.
                 y = cp.empty((x.shape[0], weight.shape[0]), dtype=self.compute_dtype)
                 normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps, fill=(y, bias))

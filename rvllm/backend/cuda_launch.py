@@ -47,6 +47,7 @@ _SLOT = {np.dtype(np.int32): "i4x", np.dtype(np.uint32): "I4x", np.dtype(np.floa
 class _Driver:
     def __init__(self):
         lib = ctypes.CDLL("libcuda.so.1")
+        self.lib = lib
         self.launch = lib.cuLaunchKernelEx  # AttributeError on drivers before CUDA 12
         self.launch.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self.launch.restype = ctypes.c_int
@@ -56,13 +57,15 @@ class _Driver:
         self.attr.value[0] = 1
         self.local = threading.local()  # per thread: the config and the argument slots it fills
 
-    def slots(self, n: int):
+    def slots(self, fmt: str, sizes: tuple[int, ...]):
+        """The argument buffer for one argument layout: a slot of each size, and a pointer to each."""
         cache = self.local.__dict__.setdefault("slots", {})
-        if n not in cache:
-            buf = ctypes.create_string_buffer(8 * max(n, 1))
-            ptrs = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(buf) + 8 * i for i in range(max(n, 1))])
-            cache[n] = (buf, ptrs)
-        return cache[n]
+        if fmt not in cache:
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))] or [0]
+            buf = ctypes.create_string_buffer(max(8, sum(sizes)))
+            ptrs = (ctypes.c_void_p * len(offsets))(*[ctypes.addressof(buf) + o for o in offsets])
+            cache[fmt] = (buf, ptrs)
+        return cache[fmt]
 
     def config(self) -> _LaunchConfig:
         cfg = self.local.__dict__.get("config")
@@ -79,7 +82,35 @@ class _Driver:
 
 _driver: _Driver | None = None
 _enabled: dict[int, bool] = {}  # device id -> PDL used
-_formats: dict[str, struct.Struct] = {}  # argument codes -> their packer
+_formats: dict[str, tuple] = {}  # argument codes -> their packer and each argument's size
+
+
+def _get_driver() -> _Driver:
+    global _driver
+    if _driver is None:
+        _driver = _Driver()
+    return _driver
+
+
+# cuTensorMapEncodeTiled's enums (cuda.h; stable since CUDA 12.0)
+_TMA_DTYPE = {np.dtype(np.float16): 6, np.dtype(np.uint16): 9}  # FLOAT16; bfloat16 is stored as uint16
+_TMA_SWIZZLE_128B, _TMA_L2_PROMOTION_256B = 3, 3
+
+
+def tensor_map_2d(arr, box_rows: int, box_cols: int) -> bytes:
+    """A CUtensorMap (128 bytes, passed to a kernel by value) of the 2-D 16-bit device array `arr`
+    (rows of stride arr.strides[0], 16-byte aligned): boxes of box_rows x box_cols elements, stored
+    in shared memory in the 128-byte swizzle, elements past the array read as zeros."""
+    drv = _get_driver()
+    fn = drv.lib.cuTensorMapEncodeTiled
+    rows, cols = arr.shape
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    out = ctypes.create_string_buffer(128)
+    status = fn(out, ctypes.c_int(_TMA_DTYPE[np.dtype(arr.dtype)]), u32(2), ctypes.c_void_p(arr.data.ptr),
+                (u64 * 2)(cols, rows), (u64 * 1)(arr.strides[0]), (u32 * 2)(box_cols, box_rows), (u32 * 2)(1, 1),
+                ctypes.c_int(0), ctypes.c_int(_TMA_SWIZZLE_128B), ctypes.c_int(_TMA_L2_PROMOTION_256B), ctypes.c_int(0))
+    drv.check(status, f"cuTensorMapEncodeTiled({rows} x {cols}, box {box_rows} x {box_cols})")
+    return out.raw
 
 
 def pdl_enabled() -> bool:
@@ -98,7 +129,7 @@ def pdl_enabled() -> bool:
     return on
 
 
-def _pack(args: tuple) -> tuple[str, list]:
+def _pack(args: tuple) -> tuple[list[str], list]:
     codes, values = [], []
     for a in args:
         if cp is not None and isinstance(a, cp.ndarray):
@@ -107,10 +138,13 @@ def _pack(args: tuple) -> tuple[str, list]:
         elif isinstance(a, np.generic) and a.dtype in _SLOT:
             codes.append(_SLOT[a.dtype])
             values.append(a)
+        elif isinstance(a, bytes) and len(a) % 8 == 0:  # a struct by value (tensor_map_2d)
+            codes.append(f"{len(a)}s")
+            values.append(a)
         else:  # a Python int would have no width: every kernel argument is typed at the call
-            raise TypeError(f"kernel argument of type {type(a).__name__}: pass a cupy array or a numpy "
-                            f"scalar of int32, uint32, int64, uint64 or float32")
-    return "".join(codes), values
+            raise TypeError(f"kernel argument of type {type(a).__name__}: pass a cupy array, a numpy "
+                            f"scalar of int32, uint32, int64, uint64 or float32, or a struct as bytes")
+    return codes, values
 
 
 class Kernel:
@@ -145,20 +179,25 @@ class Kernel:
         self.raw.max_dynamic_shared_size_bytes = nbytes  # an attribute of the CUfunction both launches use
 
     def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-        if not pdl_enabled():
+        pdl = pdl_enabled()
+        if not pdl and not any(isinstance(a, bytes) for a in args):  # CuPy passes no structs
             self.raw(grid, block, args, shared_mem=shared_mem)
             return
-        fmt, values = _pack(args)
-        packer = _formats.get(fmt)
-        if packer is None:
-            packer = _formats[fmt] = struct.Struct("=" + fmt)
-        buf, ptrs = _driver.slots(len(values))
+        driver = _get_driver()
+        codes, values = _pack(args)
+        fmt = "".join(codes)
+        known = _formats.get(fmt)
+        if known is None:
+            known = _formats[fmt] = (struct.Struct("=" + fmt), tuple(struct.calcsize("=" + c) for c in codes))
+        packer, sizes = known
+        buf, ptrs = driver.slots(fmt, sizes)
         packer.pack_into(buf, 0, *values)
-        cfg = _driver.config()
+        cfg = driver.config()
+        cfg.num_attrs = 1 if pdl else 0
         cfg.grid[:] = [int(g) for g in (tuple(grid) + (1, 1))[:3]]
         cfg.block[:] = [int(b) for b in (tuple(block) + (1, 1))[:3]]
         cfg.shared_mem = int(shared_mem)
         cfg.stream = cp.cuda.get_current_stream().ptr
         if self._function is None:
             self._function = self.raw.kernel.ptr
-        _driver.check(_driver.launch(ctypes.byref(cfg), self._function, ptrs, None), self.name)
+        driver.check(driver.launch(ctypes.byref(cfg), self._function, ptrs, None), self.name)

@@ -60,9 +60,29 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
     "gemv_tc.cu": (("gemv_tc", "add_norm_gemv_tc", "add_norm_gemv_silu_tc"), False),
+    "gemm_wgmma.cu": (("gemm_wgmma_n64", "gemm_wgmma_n128", "gemm_wgmma_n256", "gemm_wgmma_reduce"), False),
     "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "race_kernel", "select_count_kernel",
                      "select_gather_kernel", "select_kernel", "philox_kernel"), False),
 }
+
+# Files written for one architecture's own instructions (wgmma needs sm_90a, which no other GPU
+# runs): compiled only for it, and used by the backend only on that compute capability.
+ARCH_SPECIFIC = {"gemm_wgmma.cu": 90}
+
+
+def compiles_for(file: str, arch: int | str) -> bool:
+    """Whether kernels_cu/<file> has a build for compute capability `arch` (digits, e.g. 90)."""
+    need = ARCH_SPECIFIC.get(file)
+    return need is None or int(str(arch).rstrip("a")) == need
+
+
+def target_arch(file: str, arch: int | str) -> str:
+    """The architecture to compile kernels_cu/<file> for on `arch`: the arch itself, or "90a" (the
+    architecture-specific target) for the ARCH_SPECIFIC files."""
+    if not compiles_for(file, arch):
+        raise ValueError(f"kernels_cu/{file} is built only for sm_{ARCH_SPECIFIC[file]}a, not sm_{arch}")
+    return f"{ARCH_SPECIFIC[file]}a" if file in ARCH_SPECIFIC else str(arch)
+
 
 # Must match attention_decode.cu.
 DECODE_PARTITION_SIZE = 512
@@ -214,7 +234,7 @@ def _toolchain() -> tuple:
 
 
 def _cache_path(file: str, dtype: str, head_dim: int | None, arch: str, ptx: bool) -> Path:
-    key = cache_key(kernel_source(file), compile_options(arch, dtype, head_dim, ptx=ptx), _toolchain())
+    key = cache_key(kernel_source(file), compile_options(target_arch(file, arch), dtype, head_dim, ptx=ptx), _toolchain())
     return cache_dir() / f"{Path(file).stem}-{dtype}-{head_dim or 0}-sm{arch}-{key}.{'ptx' if ptx else 'cubin'}"
 
 
@@ -229,7 +249,8 @@ def _compiled_path(file: str, dtype: str, head_dim: int | None) -> Path:
     arch, ptx = device_arch()
     path = _cache_path(file, dtype, head_dim, arch, ptx)
     if not path.is_file():
-        binary = _nvrtc_compile(kernel_source(file), file, compile_options(arch, dtype, head_dim, ptx=ptx), ptx)
+        binary = _nvrtc_compile(kernel_source(file), file, compile_options(target_arch(file, arch), dtype, head_dim, ptx=ptx),
+                                ptx)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -246,13 +267,15 @@ _precompiling: dict[tuple, Future] = {}
 _precompile_lock = threading.Lock()
 
 
-def precompile(dtype: str, head_dim: int) -> None:
+def precompile(dtype: str, head_dim: int, skip: tuple[str, ...] = ()) -> None:
     """Starts compiling, in threads, every module a model of this dtype and head size uses that the
     disk cache lacks (load_module then waits for its own), so that a cold start compiles while the
     weights load instead of at each module's first use. (Whether the files also compile side by side
-    depends on the binding releasing the GIL; not measured: bench/NOTES.md #20.)"""
+    depends on the binding releasing the GIL; not measured: bench/NOTES.md #20.) `skip`: files the
+    backend will not use (gemm_wgmma.cu while it is off)."""
     device_cc()  # once, on this thread: it touches the CUDA device
-    keys = [(file, dtype, head_dim if per_hd else None) for file, (_, per_hd) in KERNELS.items()]
+    keys = [(file, dtype, head_dim if per_hd else None) for file, (_, per_hd) in KERNELS.items()
+            if compiles_for(file, device_cc()) and file not in skip]
     pool = ThreadPoolExecutor(max_workers=min(len(keys), os.cpu_count() or 1), thread_name_prefix="nvrtc")
     with _precompile_lock:
         for key in keys:

@@ -98,6 +98,7 @@ def compile_kernel_file(file: str, arch: int | str, dtype: str, head_dim: int | 
                         extra_options: tuple[str, ...] = ()) -> tuple[bytes, str]:
     """Compile kernels_cu/<file> exactly as the run-time path does (plus extra_options, e.g.
     ("-Xptxas=-v",) for the register report)."""
-    from rvllm.backend.nvrtc import compile_options, kernel_source
+    from rvllm.backend.nvrtc import compile_options, kernel_source, target_arch
 
-    return compile_source(kernel_source(file), file, compile_options(arch, dtype, head_dim) + tuple(extra_options))
+    return compile_source(kernel_source(file), file,
+                          compile_options(target_arch(file, arch), dtype, head_dim) + tuple(extra_options))
