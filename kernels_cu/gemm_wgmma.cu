@@ -1,12 +1,12 @@
 // Matrix products of decode-sized steps on Hopper's warpgroup tensor-core instructions (wgmma,
-// sm_90a only; backend/cuda_wgmma.py routes steps of WGMMA rows here on compute capability 9.0):
+// sm_90a only; backend/cuda_wgmma.py routes steps of $RVLLM_WGMMA_ROWS rows here on compute
+// capability 9.0, none by default: this kernel is correct but slower than cuBLAS, bench/NOTES.md #70):
 //
 //   out[rows, N] = x[rows, K] @ W[N, K]^T (+ bias)
 //
 // At 16-256 token rows cuBLAS runs these products well under both the read rate of the weights and
 // the tensor cores' rate (bench/RESULTS.md, op times at 256 rows: qwen2.5-1.5b down 17.7 us for
-// 7 GFLOP and 27.5 MB), because N / 128 x rows / 128 output tiles are far fewer than the 132 SMs
-// and it then splits K with a separate reduction.
+// 7 GFLOP and 27.5 MB); an own kernel could also fuse the SiLU and the bias into its epilogue.
 //
 // Roles are swapped against the usual GEMM so that the token rows are wgmma's N: a block takes 128
 // weight rows (A, two warpgroups of m64) against all of a tile's BN tokens (B, n = BN), so one copy
@@ -182,11 +182,11 @@ extern "C" __global__ void gemm_wgmma_reduce(scalar_t* __restrict__ out, const f
                                              const scalar_t* __restrict__ bias, int rows, int N, int splits) {
   pdl_wait();
   pdl_launch_dependents();
-  const i64 total = (i64)rows * N / 4, stride = (i64)rows * N / 4;
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+  const i64 quads = (i64)rows * N / 4;  // per split, and the stride from one split to the next
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < quads; i += (i64)gridDim.x * blockDim.x) {
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s = 0; s < splits; ++s) {
-      const float4 p = __ldcg(reinterpret_cast<const float4*>(ws) + s * stride + i);
+      const float4 p = __ldcg(reinterpret_cast<const float4*>(ws) + s * quads + i);
       v.x += p.x;
       v.y += p.y;
       v.z += p.z;
