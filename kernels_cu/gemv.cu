@@ -6,6 +6,7 @@
 //   gemv_m<M>:               out = x @ W^T (+ bias)                          o_proj, down
 //   add_norm_gemv_m<M>:      s = a + b (or a), out = rms_norm(s) @ W^T (+ bias), s_out = s     qkv
 //   add_norm_gemv_silu_m<M>: same prologue; W = [gate; up] ([2I, K]), out = silu(g) * u ([M, I])
+//   add_norm_gemv_silu_u3_m<M>: the same with 3-chunk stretches (U = 3, below; M = 1, 2)
 //
 // M (1, 2, 4, 8) is the row count compiled for; `rows` <= M is the real one (the rest is padding
 // that is neither read nor written). W is [N, K] row-major (HF's [out, in]); K is a multiple of 8
@@ -21,7 +22,10 @@
 // sums of a unit meet in shared memory. (A warp per unit over all of K reached 1.1 TB/s on the
 // down projection, bench/NOTES.md.) The SiLU form runs a warp per unit all the same (ks = 1, the
 // host's choice, backend/cuda_gemv.split_k): its K is the hidden size, and the block-wide barrier
-// that ends each split unit cost more than the longer chains (NOTES #55).
+// that ends each split unit cost more than the longer chains (NOTES #55). Its stretches are of
+// U = 4 chunks a lane (two rows each), or 3 where that takes a unit in as many stretches with none
+// part-empty (backend/cuda_gemv.silu_stretch_chunks: K = 1536 is two stretches of 96 chunks instead
+// of 128 + 64; H200, qwen2.5-1.5b batch 1 +0.8-1.3%, bench/NOTES.md #77).
 //
 // Rounding matches the separate kernels: s, the normed input, the product and g and u are rounded
 // to the 16-bit type exactly where the unfused path stores them, so only fp32 summation order
@@ -189,6 +193,22 @@ __device__ __forceinline__ void gemv_stream(WeightBatch<R, U>& first, const Gemv
   }
 }
 
+// The SiLU form with stretches of U chunks a lane (entry point add_norm_gemv_silu<SUFFIX>_m<M>).
+#define SILU_ENTRY_POINT(M, U, SUFFIX)                                                                \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, 2) add_norm_gemv_silu##SUFFIX##_m##M( \
+      scalar_t* __restrict__ out, scalar_t* __restrict__ s_out, const scalar_t* __restrict__ a,       \
+      const scalar_t* __restrict__ b, const scalar_t* __restrict__ norm_w, float eps,                 \
+      const scalar_t* __restrict__ W, int rows, int inter, int K, int ks, int seg_chunks) {           \
+    extern __shared__ __align__(16) unsigned char gemv_smem[];                                        \
+    scalar_t* xs = reinterpret_cast<scalar_t*>(gemv_smem);                                            \
+    const GemvWork w = gemv_work(inter, K, ks, seg_chunks, U);                                        \
+    WeightBatch<2, U> first;                                                                          \
+    first.load(w, W, inter, 0);                                                                       \
+    gemv_pdl_enter();                                                                                 \
+    stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
+    gemv_stream<M, 2, U, true>(first, w, W, inter, xs, K, out, nullptr, rows);                        \
+  }
+
 // Launch: blockDim.x = 32 * ks * rpb (at most GEMV_MAX_WARPS warps), seg_chunks = ceil((K / 8) / ks).
 #define GEMV_ENTRY_POINTS(M)                                                                          \
   extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, 2) gemv_m##M(                        \
@@ -215,21 +235,13 @@ __device__ __forceinline__ void gemv_stream(WeightBatch<R, U>& first, const Gemv
     stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
     gemv_stream<M, 1, 8, false>(first, w, W, 0, xs, K, out, bias, rows);                              \
   }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, 2) add_norm_gemv_silu_m##M(          \
-      scalar_t* __restrict__ out, scalar_t* __restrict__ s_out, const scalar_t* __restrict__ a,       \
-      const scalar_t* __restrict__ b, const scalar_t* __restrict__ norm_w, float eps,                 \
-      const scalar_t* __restrict__ W, int rows, int inter, int K, int ks, int seg_chunks) {           \
-    extern __shared__ __align__(16) unsigned char gemv_smem[];                                        \
-    scalar_t* xs = reinterpret_cast<scalar_t*>(gemv_smem);                                            \
-    const GemvWork w = gemv_work(inter, K, ks, seg_chunks, 4);                                        \
-    WeightBatch<2, 4> first;                                                                          \
-    first.load(w, W, inter, 0);                                                                       \
-    gemv_pdl_enter();                                                                                 \
-    stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
-    gemv_stream<M, 2, 4, true>(first, w, W, inter, xs, K, out, nullptr, rows);                        \
-  }
+  SILU_ENTRY_POINT(M, 4, )
 
 GEMV_ENTRY_POINTS(1)
 GEMV_ENTRY_POINTS(2)
 GEMV_ENTRY_POINTS(4)
 GEMV_ENTRY_POINTS(8)
+// 3-chunk stretches for the steps the backend runs here by default (1-2 rows; at 4 and 8 rows this
+// form would spill registers).
+SILU_ENTRY_POINT(1, 3, _u3)
+SILU_ENTRY_POINT(2, 3, _u3)

@@ -181,6 +181,22 @@ def test_gemv_split_k_covers_k_with_short_segments():
     assert split_k(18944, "gemv") == (5, 1, 474)  # two stretches, the second 85% used (8 warps: 16%)
 
 
+def test_gemv_silu_stretch_chunks_takes_3_only_with_no_more_stretches():
+    """The SiLU form's stretch width (chunks a lane a row): 3 where a unit then needs as many
+    stretches as with 4 (so fewer lanes idle), else 4."""
+    from rvllm.backend.cuda_gemv import silu_stretch_chunks
+
+    def stretches(k, u):
+        return -(-(k // 8) // (32 * u))
+
+    for k in range(8, 16385, 8):
+        u = silu_stretch_chunks(k)
+        assert u in (3, 4)
+        assert (u == 3) == (stretches(k, 3) == stretches(k, 4))
+    # qwen2.5-1.5b: two stretches of 96 chunks, not 128 + 64; 7b and Llama 8B keep 4 (fewer stretches)
+    assert silu_stretch_chunks(1536) == 3 and silu_stretch_chunks(3584) == 4 and silu_stretch_chunks(4096) == 4
+
+
 def test_gemv_tc_split_covers_k_in_segments_of_two_stretches_or_more():
     """gemv_tc.cu's work split: ks warps per tile cover the 32-column steps of K, in segments of at
     least two 4-step stretches unless 8 warps are needed; a block holds whole tiles."""

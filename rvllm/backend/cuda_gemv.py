@@ -74,6 +74,17 @@ def split_k(k: int, form: str) -> tuple[int, int, int]:
     return ks, _MAX_WARPS // ks, -(-chunks // ks)
 
 
+def silu_stretch_chunks(k: int) -> int:
+    """U of the SiLU form for K = k: 16-byte chunks a lane takes from each of a unit's two rows per
+    stretch. 4, or 3 where 3 takes a unit in as many stretches (so fewer lanes idle): at
+    K = 1536 (192 chunks) two stretches of 96 instead of 128 + 64, the second half empty. H200,
+    qwen2.5-1.5b batch 1, against 4: 902.5 / 903.0 tok/s against 891.0 / 893.0 (bench/NOTES.md #77).
+    Where 3 needs more stretches (K = 3584: 5 against 4; K = 4096: 6 against 4) a unit would wait on
+    one more load round trip."""
+    chunks = k // 8
+    return 3 if -(-chunks // 96) == -(-chunks // 128) else 4
+
+
 def split_k_tc(k: int) -> tuple[int, int, int]:
     """(ks, rpb, seg_steps) of gemv_tc.cu for K = k (a multiple of 32): segments of at least two
     stretches of 32-column steps, so that a tile's 16 x 8 outputs are summed over few warps, and at
@@ -159,7 +170,9 @@ class SmallBatchGemv:
             if tc:
                 kernel, units, form = self.ops._kernel("gemv_tc.cu", "add_norm_gemv_silu_tc"), -(-inter // 8), "tc"
             else:
-                kernel, units, form = self.ops._kernel("gemv.cu", f"add_norm_gemv_silu_m{m}"), inter, "silu"
+                u3 = m <= 2 and silu_stretch_chunks(k) == 3  # compiled for 1-2 rows only (gemv.cu)
+                name = f"add_norm_gemv_silu{'_u3' if u3 else ''}_m{m}"
+                kernel, units, form = self.ops._kernel("gemv.cu", name), inter, "silu"
             self.ops._ensure_smem(kernel, smem)
             self._launch(kernel, units, k, form,
                          (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight,

@@ -58,7 +58,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "attention_decode_tc.cu": (tuple(decode_tc_kernel(*b) for b in DECODE_TC_BUILDS) + (DECODE_TC_ONE_PER_SM,), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
-                      for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu")), False),
+                      for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu"))
+                + ("add_norm_gemv_silu_u3_m1", "add_norm_gemv_silu_u3_m2"), False),
     "gemv_tc.cu": (("gemv_tc", "add_norm_gemv_tc", "add_norm_gemv_silu_tc"), False),
     "gemm_wgmma.cu": (("gemm_wgmma_n64", "gemm_wgmma_n128", "gemm_wgmma_n256", "gemm_wgmma_reduce"), False),
     "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "race_kernel", "select_count_kernel",
