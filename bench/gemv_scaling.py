@@ -3,7 +3,7 @@ times their output rows, timed as op_times.py times them (CUDA graphs of many ca
 rotating through copies so that each call reads them from DRAM), next to a plain grid-stride read
 of the same bytes. A least-squares line through the four sizes, time = fixed + bytes / rate, splits
 each product's time into a per-kernel fixed cost (ramp-up, prologue, tail) and the rate at which
-its bytes stream once it runs.
+its bytes stream once it runs. (The qkv product runs without its bias: a few KB more to read.)
 
 At batch 1 a layer is a chain of such kernels, so the fixed costs add up: they are what a kernel
 per op leaves on the table against the memory roofline (bench/NOTES.md #75).
