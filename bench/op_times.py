@@ -114,6 +114,7 @@ def main() -> None:
     k, v = w(B, s.num_kv_heads, s.head_dim), w(B, s.num_kv_heads, s.head_dim)
     cos_sin = b.from_host(cos_sin_table(s, 4096))
     pos = b.from_host(np.full(B, ctx - 1, np.int32))
+    heads = (s.num_heads, s.num_kv_heads, s.head_dim)
     eps = 1e-6
     read = cp.RawKernel(_READ_KERNEL, "read_bytes")
     num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
@@ -136,6 +137,12 @@ def main() -> None:
          rot("qkv", lambda m: blas.add_norm_linear(x, res, norm_w, eps, m, bias))),
         ("rotary + KV write", None, lambda i: b.rotary_and_cache_write(q, k, v, pos, cos_sin, kc, vc, meta.slot_mapping,
                                                                        True), None),
+        # The two ops above as one (gemv_rope.cu at 1-2 rows where one pass holds every unit; else both)
+        ("add_norm + qkv + rotary + KV write", "qkv",
+         rot("qkv", lambda m: b.add_norm_qkv_rotary(x, res, norm_w, eps, m, bias, heads, pos, cos_sin, kc, vc,
+                                                    meta.slot_mapping, True)),
+         rot("qkv", lambda m: blas.add_norm_qkv_rotary(x, res, norm_w, eps, m, bias, heads, pos, cos_sin, kc, vc,
+                                                       meta.slot_mapping, True))),
         ("decode attention", None, lambda i: b.paged_attention(q, kc, vc, metas[i % F], s.head_dim ** -0.5), None),
         ("o_proj", "o", rot("o", lambda m: b.linear(xq, m)), rot("o", lambda m: blas.linear(xq, m))),
         ("add_norm + gate_up + SiLU", "gate_up",

@@ -162,12 +162,13 @@ def test_decode_build_names_a_compiled_entry_point():
 def test_gemv_split_k_covers_k_with_short_segments():
     """gemv.cu's work split (host side): in the gemv form ks warps per output unit cover K in
     segments of about one stretch each (of whole stretches past 8 warps); the SiLU form takes a
-    unit per warp; a block holds whole units."""
+    unit per warp; the rotary form (gemv_rope.cu) segments of at most 128 chunks up to 8 warps; a
+    block holds whole units."""
     from rvllm.backend.cuda_gemv import split_k
 
     for k in (8, 64, 1536, 4096, 8960, 14336, 18944, 29568):
         chunks = k // 8
-        for form in ("gemv", "silu"):
+        for form in ("gemv", "silu", "rope"):
             ks, rpb, seg = split_k(k, form)
             assert 1 <= ks <= 8 and ks * rpb <= 8 and rpb >= 1
             assert ks * seg >= chunks and (ks - 1) * seg < chunks  # every segment is used
@@ -176,9 +177,12 @@ def test_gemv_split_k_covers_k_with_short_segments():
         assert seg <= 256 or ks > 4, "a long K uses more warps before longer segments"
         assert seg > 256 * (stretches - 1) + 128 or stretches == 1, "the last stretch of a segment is over half used"
         assert split_k(k, "silu") == (1, 8, chunks)
+        ks, _, seg = split_k(k, "rope")
+        assert seg <= 128 or ks == 8
     assert split_k(8960, "gemv") == (5, 1, 224) and split_k(1536, "gemv") == (1, 8, 192)
     assert split_k(14336, "gemv") == (7, 1, 256)  # one whole stretch a segment
     assert split_k(18944, "gemv") == (5, 1, 474)  # two stretches, the second 85% used (8 warps: 16%)
+    assert split_k(1536, "rope") == (2, 4, 96) and split_k(3584, "rope") == (4, 2, 112)  # qwen2.5-1.5b, 7b
 
 
 def test_gemv_silu_stretch_chunks_takes_3_only_with_no_more_stretches():

@@ -387,6 +387,67 @@ def test_rotary_and_cache_write(gpu, rng, neox, head_dim, nh, nkv, num_tokens):
     check(gpu, vc, vc_ref, "v_cache", tol=1e-7)  # a copy: exact
 
 
+@pytest.mark.parametrize("num_tokens", [1, 2, 3])  # 1-2: gemv_rope.cu; 3: the separate ops
+@pytest.mark.parametrize("neox", [True, False])
+# (hidden, nh, nkv, head_dim): qwen2.5-1.5b's layer (K = 1536: 3-chunk stretches, 2 warps a unit), llama's
+# heads at K = 4096 (4 warps a unit, several units a warp), head_dim 36 (the separate ops), one head each
+@pytest.mark.parametrize("d,nh,nkv,head_dim", [(1536, 12, 2, 128), (4096, 32, 8, 128), (520, 14, 2, 36), (64, 1, 1, 64)])
+@pytest.mark.parametrize("form", ["first_layer", "residual", "bias"])
+def test_add_norm_qkv_rotary(gpu, rng, num_tokens, neox, d, nh, nkv, head_dim, form):
+    """add + RMSNorm + the qkv product + rotary + the KV cache write in one kernel for 1-2 rows
+    (gemv_rope.cu) where one pass of its grid holds every unit, the separate kernels otherwise; q,
+    the residual and both caches against the CPU. Then the kernel itself at any number of passes
+    (the Llama-sized case takes several). With 2-3 rows one row's slot is -1 (padding: its k and v
+    are not written)."""
+    num_blocks, block_size, max_pos = 16, 16, 4096
+    n = (nh + 2 * nkv) * head_dim
+    x = rounded(gpu, rng.standard_normal((num_tokens, d)))
+    res = None if form == "first_layer" else rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu, rng.standard_normal((n, d)) / np.sqrt(d))
+    b = rounded(gpu, rng.standard_normal(n)) if form == "bias" else None
+    k_cache = rounded(gpu, rng.standard_normal((num_blocks, block_size, nkv, head_dim)))
+    v_cache = rounded(gpu, rng.standard_normal((num_blocks, block_size, nkv, head_dim)))
+    positions = rng.integers(0, max_pos, num_tokens).astype(np.int32)
+    slots = rng.choice(num_blocks * block_size, num_tokens, replace=False).astype(np.int32)
+    if num_tokens > 1:
+        slots[rng.integers(num_tokens)] = -1
+    cos_sin = cos_sin_table(_rope_spec(head_dim), max_pos)
+    heads = (nh, nkv, head_dim)
+
+    kc_ref, vc_ref = k_cache.copy(), v_cache.copy()
+    q_ref, res_ref = CPU.add_norm_qkv_rotary(x, res, nw, 1e-6, w, b, heads, positions, cos_sin, kc_ref, vc_ref,
+                                             slots, neox)
+    dev = lambda a: None if a is None else gpu.weight(a)  # noqa: E731
+    args = (dev(x), dev(res), dev(nw), 1e-6, dev(w), dev(b), heads, gpu.from_host(positions),
+            gpu.from_host(cos_sin))
+
+    def check_all(op, how):
+        kc, vc = gpu.weight(k_cache), gpu.weight(v_cache)
+        got = op(*args, kc, vc, gpu.from_host(slots), neox)
+        if got is None:
+            return False
+        check(gpu, got[0], q_ref, f"rotated q ({how})")
+        check(gpu, got[1], res_ref, f"new residual ({how})", tol=1e-2 if res is not None else 1e-7)
+        check(gpu, kc, kc_ref, f"k_cache ({how})")
+        check(gpu, vc, vc_ref, f"v_cache ({how})")  # every slot: the padding row's kept its old contents
+        return True
+
+    check_all(gpu.add_norm_qkv_rotary, "backend")
+    half = head_dim // 2
+    fits = num_tokens <= 2 and half & (half - 1) == 0  # built for 1-2 rows, pairs a power of two a head
+    gpu.gemv.rope_one_pass = False
+    try:
+        assert check_all(gpu.gemv.add_norm_qkv_rotary, "gemv_rope.cu, any passes") == fits
+    finally:
+        gpu.gemv.rope_one_pass = True
+    fused = gpu.gemv.add_norm_qkv_rotary(*args, gpu.weight(k_cache), gpu.weight(v_cache), gpu.from_host(slots), neox)
+    if d == 4096:  # 3,072 units, 4 warps each: more than any GPU's one pass
+        assert fused is None
+    elif d == 64:  # 96 units: one pass anywhere
+        assert (fused is not None) == fits
+
+
 @pytest.mark.parametrize("rows,width", [(1, 1), (3, 5), (37, 64), (300, 130)])
 def test_update_block_tables(gpu, rng, rows, width):
     """The step's block tables from the per-slot table: new ids written from each row's first new

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
+from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary
 from rvllm.bf16 import bf16_bits_to_float32
 
 
@@ -111,6 +112,12 @@ class CpuBackend:
     def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
         """(act(rms_norm(x + residual) @ weight.T + bias), x + residual); see backend/fused.py."""
         return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
+
+    def add_norm_qkv_rotary(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                            k_cache, v_cache, slot_mapping, neox: bool):
+        """(rotated q, x + residual), k and v into the cache; see backend/fused.py."""
+        return _add_norm_qkv_rotary(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
+                                    k_cache, v_cache, slot_mapping, neox)
 
     def logits(self, x: np.ndarray, lm_head: np.ndarray) -> np.ndarray:
         """[B, H] x [V, H] -> [B, V] float32 logits."""

@@ -24,6 +24,7 @@ from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.cuda_wgmma import make_wgmma
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
+from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
 
@@ -337,6 +338,21 @@ class CudaBackend(DeviceTransfers):
     def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
         """(act(rms_norm(x + residual) @ weight.T + bias), x + residual); see backend/fused.py.
         One kernel (gemv.cu) for steps of up to gemv.max_rows rows, the separate ops otherwise."""
+        self._check_add_norm(x, residual, norm_weight, weight, bias, act)
+        if x.shape[0] and x.shape[1]:
+            fused = self.gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias, act)
+            if fused is not None:
+                return fused
+            if bias is not None and residual is not None and not (self.wgmma is not None and self.wgmma.fits(x, weight)):
+                # cuBLAS with a bias: the norm kernel writes the bias rows that the product adds to.
+                y = cp.empty((x.shape[0], weight.shape[0]), dtype=self.compute_dtype)
+                normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps, fill=(y, bias))
+                self._gemm(normed, weight, y, self._gemm_type, self._beta1)
+                return (self.silu_and_mul(y) if act == "silu_and_mul" else y), residual
+        return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
+
+    def _check_add_norm(self, x, residual, norm_weight, weight, bias, act) -> None:
+        """add_norm_linear's argument checks (ValueError)."""
         self._check("add_norm_linear x", x, ndim=2)
         self._check("add_norm_linear weight", weight, ndim=2)
         self._check("add_norm_linear norm weight", norm_weight, ndim=1)
@@ -352,17 +368,23 @@ class CudaBackend(DeviceTransfers):
                 raise ValueError(f"add_norm_linear: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
         if act == "silu_and_mul" and weight.shape[0] % 2:
             raise ValueError(f"add_norm_linear: silu_and_mul needs an even number of weight rows, got {weight.shape[0]}")
+
+    def add_norm_qkv_rotary(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                            k_cache, v_cache, slot_mapping, neox: bool):
+        """(rotated q [T, nh, hd], x + residual), rotated k and v into the paged cache; see
+        backend/fused.py. One kernel (gemv_rope.cu) for steps of 1-2 rows, the separate ops otherwise."""
+        self._check_add_norm(x, residual, norm_weight, weight, bias, None)
+        nh, nkv, hd = heads
+        if weight.shape[0] != (nh + 2 * nkv) * hd:
+            raise ValueError(f"add_norm_qkv_rotary: weight {weight.shape} is not {(nh + 2 * nkv) * hd} rows of q, k, v")
+        cuda_attention.check_rotary_inputs(self, positions, cos_sin, k_cache, v_cache, slot_mapping, x.shape[0], nkv, hd)
         if x.shape[0] and x.shape[1]:
-            fused = self.gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias, act)
+            fused = self.gemv.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions,
+                                                  cos_sin, k_cache, v_cache, slot_mapping, neox)
             if fused is not None:
                 return fused
-            if bias is not None and residual is not None and not (self.wgmma is not None and self.wgmma.fits(x, weight)):
-                # cuBLAS with a bias: the norm kernel writes the bias rows that the product adds to.
-                y = cp.empty((x.shape[0], weight.shape[0]), dtype=self.compute_dtype)
-                normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps, fill=(y, bias))
-                self._gemm(normed, weight, y, self._gemm_type, self._beta1)
-                return (self.silu_and_mul(y) if act == "silu_and_mul" else y), residual
-        return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
+        return _add_norm_qkv_rotary(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
+                                    k_cache, v_cache, slot_mapping, neox)
 
     def logits(self, x, lm_head, out=None):
         """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly), into `out`

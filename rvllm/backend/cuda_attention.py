@@ -226,6 +226,21 @@ def _heads_view(b, name: str, x, num_tokens: int) -> int:
     return x.strides[0] // isz
 
 
+def check_rotary_inputs(b, positions, cos_sin, k_cache, v_cache, slot_mapping, num_tokens: int, nkv: int,
+                        hd: int) -> None:
+    """What rotary_cache_kernel and gemv_rope.cu read besides q, k and v (ValueError)."""
+    if hd % 2:
+        raise ValueError(f"rotary: head_dim must be even, got {hd}")
+    b._check("rotary positions", positions, np.int32, ndim=1)
+    b._check("rotary slot_mapping", slot_mapping, np.int32, ndim=1)
+    if positions.shape[0] != num_tokens or slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"rotary: positions {positions.shape} / slot_mapping {slot_mapping.shape} vs {num_tokens} tokens")
+    b._check("rotary cos_sin", cos_sin, np.float32, ndim=2)
+    if cos_sin.shape[1] != hd:
+        raise ValueError(f"rotary: cos_sin rows have {cos_sin.shape[1]} values, head_dim is {hd}")
+    check_cache(b, k_cache, v_cache, nkv, hd)
+
+
 def rotary_and_cache_write(b, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox: bool):
     """CudaBackend.rotary_and_cache_write (b: the backend): rotary_cache_kernel, which writes the
     new tokens' K and V into the paged cache that the attention kernels here read.
@@ -236,16 +251,9 @@ def rotary_and_cache_write(b, q, k, v, positions, cos_sin, k_cache, v_cache, slo
     k_stride = _heads_view(b, "rotary k", k, num_tokens)
     v_stride = _heads_view(b, "rotary v", v, num_tokens)
     nkv = k.shape[1]
-    if k.shape[2] != hd or v.shape != k.shape or hd % 2:
-        raise ValueError(f"rotary: shapes q {q.shape}, k {k.shape}, v {v.shape} (head_dim must be even)")
-    b._check("rotary positions", positions, np.int32, ndim=1)
-    b._check("rotary slot_mapping", slot_mapping, np.int32, ndim=1)
-    if positions.shape[0] != num_tokens or slot_mapping.shape[0] != num_tokens:
-        raise ValueError(f"rotary: positions {positions.shape} / slot_mapping {slot_mapping.shape} vs {num_tokens} tokens")
-    b._check("rotary cos_sin", cos_sin, np.float32, ndim=2)
-    if cos_sin.shape[1] != hd:
-        raise ValueError(f"rotary: cos_sin rows have {cos_sin.shape[1]} values, head_dim is {hd}")
-    check_cache(b, k_cache, v_cache, nkv, hd)
+    if k.shape[2] != hd or v.shape != k.shape:
+        raise ValueError(f"rotary: shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    check_rotary_inputs(b, positions, cos_sin, k_cache, v_cache, slot_mapping, num_tokens, nkv, hd)
     q_out = cp.empty((num_tokens, nh, hd), dtype=b.compute_dtype)
     if num_tokens:
         # A thread per item (one block per token): four rotated pairs of a q or k head, or 16 bytes

@@ -1,6 +1,6 @@
-"""Decode-sized linear layers on the GPU: the wrappers of kernels_cu/gemv.cu and gemv_tc.cu.
+"""Decode-sized linear layers on the GPU: the wrappers of kernels_cu/gemv.cu, gemv_rope.cu and gemv_tc.cu.
 
-CudaBackend.linear and CudaBackend.add_norm_linear route steps of at most `max_rows` token rows
+CudaBackend.linear, add_norm_linear and add_norm_qkv_rotary route steps of at most `max_rows` token rows
 here (decode steps of 1 or 2 requests by default, DEFAULT_MAX_ROWS); gemv.cu's kernels are
 compiled for 1, 2, 4 and 8 rows and a step runs the smallest that holds it. Steps past max_rows
 and up to `tc_max_rows` (off by default) run gemv_tc.cu's tensor-core kernels; larger steps go to
@@ -52,7 +52,7 @@ def _aligned(x) -> bool:
 
 
 def split_k(k: int, form: str) -> tuple[int, int, int]:
-    """(ks, rpb, seg_chunks) for K = k and a kernel form ("gemv" or "silu"): ks warps share an
+    """(ks, rpb, seg_chunks) for K = k and a kernel form ("gemv", "silu" or "rope"): ks warps share an
     output unit, each taking a segment of seg_chunks 16-byte chunks; rpb units side by side fill a
     block.
 
@@ -67,6 +67,12 @@ def split_k(k: int, form: str) -> tuple[int, int, int]:
     chunks = k // 8
     if form == "silu":
         ks = 1
+    elif form == "rope":
+        # gemv_rope.cu (qkv + rotary, two rows a unit): segments of at most 128 chunks a row, so a
+        # warp holds about what the gemv form's does (8 loads a lane), one stretch at 1.5b-8b sizes,
+        # requested before the PDL wait. H200, qwen2.5-1.5b's qkv (K = 1536) at batch 1: 3.89 us a
+        # call at this split (2 warps a unit) against 4.79 at 4 warps (bench/NOTES.md #78).
+        ks = min(_MAX_WARPS, max(1, -(-chunks // 128)))
     else:
         stretch = 32 * _GEMV_STRETCH
         per_segment = -(-chunks // (stretch * _MAX_WARPS))  # stretches a segment, at least 1
@@ -101,6 +107,7 @@ class SmallBatchGemv:
         self.tc_max_rows = min(tc_max_rows, TC_MAX_ROWS)
         self.num_sms = num_sms
         self._resident: dict = {}  # (kernel, threads, shared memory) -> blocks an SM holds at once
+        self.rope_one_pass = True  # gemv_rope.cu only where one pass of the grid holds every unit (below)
 
     def _bucket(self, rows: int) -> int | None:
         if rows < 1 or rows > self.max_rows:
@@ -111,11 +118,9 @@ class SmallBatchGemv:
         """Whether a step of `rows` rows goes to gemv_tc.cu: past the CUDA-core kernels' rows."""
         return self.max_rows < rows <= self.tc_max_rows and k % 32 == 0
 
-    def _launch(self, kernel, units: int, k: int, form: str, args: tuple, smem: int = 0) -> None:
-        """Blocks of ks * rpb warps (split_k; split_k_tc for the "tc" form, whose units are tiles),
-        at most as many as fit on the GPU at once: each loops over passes of rpb units, so the norm
-        prologue runs once per block, and a warp's next stretch is in flight while it multiplies the
-        current one."""
+    def _grid(self, kernel, units: int, k: int, form: str, smem: int) -> tuple[int, int, int, int]:
+        """(blocks, threads, ks, seg_chunks) of a launch: blocks of ks * rpb warps (split_k; split_k_tc
+        for the "tc" form, whose units are tiles), at most as many as fit on the GPU at once."""
         ks, rpb, seg_chunks = split_k_tc(k) if form == "tc" else split_k(k, form)
         threads = 32 * ks * rpb
         key = (id(kernel), threads, smem)
@@ -126,7 +131,12 @@ class SmallBatchGemv:
             resident = max(1, min(2048 // threads, 32, 65536 // (regs * threads),
                                   _SMEM_PER_SM // (smem + static + 1024)))
             self._resident[key] = resident
-        grid = max(1, min(-(-units // rpb), self.num_sms * resident))
+        return max(1, min(-(-units // rpb), self.num_sms * resident)), threads, ks, seg_chunks
+
+    def _launch(self, kernel, units: int, k: int, form: str, args: tuple, smem: int = 0) -> None:
+        """Every block loops over passes of rpb units, so the norm prologue runs once per block, and
+        a warp's next stretch is in flight while it multiplies the current one."""
+        grid, threads, ks, seg_chunks = self._grid(kernel, units, k, form, smem)
         kernel((grid,), (threads,), args + (np.int32(ks), np.int32(seg_chunks)), shared_mem=smem)
 
     def linear(self, x, weight, bias=None):
@@ -146,6 +156,13 @@ class SmallBatchGemv:
             self._launch(self.ops._kernel("gemv.cu", f"gemv_m{m}"), n, k, "gemv", args)
         return out
 
+    @staticmethod
+    def _norm_rows_fit(x, residual, weight, smem: int) -> bool:
+        """Whether the add + norm prologue can stage x (+ residual) in `smem` bytes and stream weight."""
+        return (x.shape[1] % 8 == 0 and smem <= _MAX_SMEM and x.flags.c_contiguous and weight.flags.c_contiguous
+                and _aligned(weight) and _aligned(x)
+                and (residual is None or (residual.flags.c_contiguous and _aligned(residual))))
+
     def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
         """backend/fused.py's add_norm_linear in one kernel, or None."""
         rows, k = x.shape
@@ -157,9 +174,7 @@ class SmallBatchGemv:
         else:
             smem = m * k * x.itemsize if m else 0
             ks, rpb, _ = split_k(k, "silu" if act == "silu_and_mul" else "gemv")
-        if ((m is None and not tc) or k % 8 or smem > _MAX_SMEM or not x.flags.c_contiguous or not weight.flags.c_contiguous
-                or (residual is not None and not residual.flags.c_contiguous) or not _aligned(weight)
-                or not _aligned(x) or (residual is not None and not _aligned(residual))
+        if ((m is None and not tc) or not self._norm_rows_fit(x, residual, weight, smem)
                 or (not tc and k > 8 * _NORM_CHUNKS * 32 * ks * rpb) or (act is not None and bias is not None)):
             return None
         n = weight.shape[0]
@@ -188,3 +203,37 @@ class SmallBatchGemv:
                          (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
                           np.int32(rows), np.int32(n), np.int32(k)), smem)
         return out, (x if s_out is None else s_out)
+
+    def add_norm_qkv_rotary(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                            k_cache, v_cache, slot_mapping, neox: bool):
+        """backend/fused.py's add_norm_qkv_rotary in one kernel (gemv_rope.cu: the product streamed two
+        rows a unit, as the SiLU form's, a unit being one rotation pair of a head; K split as
+        split_k's "rope"), or None: built for 1-2 rows, the steps this class takes by default. The
+        caller has checked the rotary inputs."""
+        rows, k = x.shape
+        nh, nkv, hd = heads
+        m = self._bucket(rows)
+        smem = (m or 0) * k * x.itemsize
+        ks, rpb, seg_chunks = split_k(k, "rope")
+        half = hd // 2
+        if (m is None or m > 2 or hd % 2 or half & (half - 1) or weight.shape[0] != (nh + 2 * nkv) * hd
+                or not self._norm_rows_fit(x, residual, weight, smem) or k > 8 * _NORM_CHUNKS * 32 * ks * rpb):
+            return None
+        units = (nh + 2 * nkv) * half
+        name = f"add_norm_gemv_rope{'_u3' if silu_stretch_chunks(8 * seg_chunks) == 3 else ''}_m{m}"  # a segment's
+        kernel = self.ops._kernel("gemv_rope.cu", name)
+        if self.rope_one_pass and self._grid(kernel, units, k, "rope", smem)[0] * rpb < units:
+            # More units than one pass of the grid: each later one costs its warp more than the
+            # separate rotary kernel saves (H200, qwen2.5-7b's qkv, 5 passes: 12.8 us a call against
+            # 12.45 for the two kernels; qwen2.5-1.5b, one pass: 3.89 against 4.89; NOTES #78).
+            return None
+        s_out = None if residual is None else cp.empty_like(x)
+        q_out = cp.empty((rows, nh, hd), dtype=weight.dtype)
+        self.ops._ensure_smem(kernel, smem)
+        self._launch(kernel, units, k, "rope",
+                     (q_out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
+                      np.int32(rows), np.int32(units), np.int32(k), k_cache, v_cache, positions,
+                      slot_mapping, cos_sin, np.int32(cos_sin.shape[0]), np.int32(nh), np.int32(nkv),
+                      np.int32(half.bit_length() - 1),
+                      np.int32(1 if neox else 0)), smem)
+        return q_out, (x if s_out is None else s_out)

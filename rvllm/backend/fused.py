@@ -1,8 +1,10 @@
 """Composite ops both backends expose, written once from the basic ops.
 
 `add_norm_linear` is the start of each half of a Llama layer: residual add, RMSNorm, the
-projection and (for the MLP) SiLU-and-mul. CpuBackend runs it as written here; CudaBackend runs
-it as one kernel for decode-sized steps (kernels_cu/gemv.cu) and as written here otherwise.
+projection and (for the MLP) SiLU-and-mul. `add_norm_qkv_rotary` is the attention half's start up
+to the KV cache: the same with the qkv projection, then rotary and the cache write. CpuBackend runs
+both as written here; CudaBackend runs each as one kernel for decode-sized steps
+(kernels_cu/gemv.cu, gemv_rope.cu) and as written here otherwise.
 """
 from __future__ import annotations
 
@@ -24,3 +26,18 @@ def add_norm_linear(ops, x, residual, norm_weight, eps: float, weight, bias=None
     if act == "silu_and_mul":
         y = ops.silu_and_mul(y)
     return y, residual
+
+
+def add_norm_qkv_rotary(ops, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                        k_cache, v_cache, slot_mapping, neox: bool):
+    """(rotated q [T, nh, hd], x + residual): add_norm_linear with the qkv weight ([(nh + 2 nkv) hd, H],
+    q, k and v heads in that order), then rotary_and_cache_write, which writes the rotated k and v
+    into the paged cache at slot_mapping. heads: (nh, nkv, hd)."""
+    nh, nkv, hd = heads
+    qkv, residual = ops.add_norm_linear(x, residual, norm_weight, eps, weight, bias)  # [T, (nh + 2 nkv) hd]
+    t = qkv.shape[0]
+    q = qkv[:, : nh * hd].reshape(t, nh, hd)
+    k = qkv[:, nh * hd: (nh + nkv) * hd].reshape(t, nkv, hd)
+    v = qkv[:, (nh + nkv) * hd:].reshape(t, nkv, hd)
+    q = ops.rotary_and_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox)
+    return q, residual
