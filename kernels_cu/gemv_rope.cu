@@ -5,7 +5,7 @@
 //
 // It replaces gemv.cu's add_norm_gemv followed by rotary.cu's rotary_cache_kernel: at batch 1 the
 // rotary kernel added ~1 us a layer to the chain of a qwen2.5-1.5b token (H200, session 16's
-// bench/kernel_timeline.py --sequence), most of it the kernel boundary rather than its work.
+// bench/kernel_timeline.py --sequence; 1.0 us a call alone, bench/op_times.py).
 //
 // The weight stream is gemv.cu's SiLU form (gemv_stream.cuh, two rows a unit): a unit is one
 // rotation pair of one head of the qkv product (heads in W's order: num_heads of q, then
