@@ -87,6 +87,41 @@ def report(steps, top: int, kind: str = "decode") -> str:
     return "\n".join(lines)
 
 
+def run_summary(events) -> str:
+    """The whole run: from the first kernel to the last device-to-host copy, how much the prompt
+    and decode steps took (their periods), how much of it any kernel ran, and the rest (before
+    the first step's copy and after the last: none, as steps are cut at the copies)."""
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    if not kernels:
+        return "no kernels"
+    prompt, decode = cut_steps(events, True), cut_steps(events, False)
+    span = max(e["ts"] + e["dur"] for e in events if e.get("cat") in ("kernel", "gpu_memcpy")) - min(
+        k["ts"] for k in kernels)
+    busy = union_length([(k["ts"], k["ts"] + k["dur"]) for k in kernels])
+
+    def total(steps):
+        return sum(hi - lo for lo, hi, _ in steps) / 1e3
+    steps = sorted([(lo, hi, ks, "prompt") for lo, hi, ks in prompt] + [(lo, hi, ks, "decode") for lo, hi, ks in decode],
+                   key=lambda st: st[0])
+    longest = sorted(range(len(steps)), key=lambda i: steps[i][0] - steps[i][1])[:8]
+    lines = [f"run: {span / 1e3:.1f} ms from the first kernel to the last copy, kernels busy {busy / 1e3:.1f} ms; "
+             f"{len(prompt)} prompt steps {total(prompt):.1f} ms, {len(decode)} decode steps {total(decode):.1f} ms",
+             "longest steps (# in order, kind, period us, kernels busy us, kernels): " + "; ".join(
+                 f"{i} {steps[i][3]} {steps[i][1] - steps[i][0]:.0f} "
+                 f"{union_length([(k['ts'], k['ts'] + k['dur']) for k in steps[i][2]]):.0f} {len(steps[i][2])}"
+                 for i in longest)]
+    if longest:  # where the longest step waited: its widest gaps between kernels (and before the first)
+        lo, hi, ks, _ = steps[longest[0]]
+        gaps, end, prev = [], lo, "(the step's start)"
+        for k in sorted(ks, key=lambda k: k["ts"]):
+            gaps.append((k["ts"] - end, prev, short_name(k["name"])))
+            end, prev = max(end, k["ts"] + k["dur"]), short_name(k["name"])
+        gaps.append((hi - end, prev, "(the copy that ends the step)"))
+        lines.append("its widest gaps (us, after -> before): " + "; ".join(
+            f"{g:.0f} {a} -> {b}" for g, a, b in sorted(gaps, reverse=True)[:4]))
+    return "\n".join(lines)
+
+
 def sequence(steps, start: int, count: int) -> str:
     """Kernels start .. start + count - 1 of each step, in launch order, as medians over the steps
     that have that many: when each began and ended (us after the previous kernel in the list
@@ -151,6 +186,7 @@ def main() -> None:
     print(f"{args.model}, {args.num_prompts} x {args.input_len}/{args.output_len}, {args.sampling} sampling")
     kind = "prompt" if args.prompt_steps else "decode"
     steps = cut_steps(events, args.prompt_steps)
+    print(run_summary(events))
     print(report(steps, args.top, kind))
     if args.sequence:
         start, count = (int(v) for v in args.sequence.split(":"))

@@ -30,6 +30,9 @@ extern "C" __global__ void read_bytes(const uint4* __restrict__ p, long long n, 
 }
 """
 _L2_BYTES = 50 << 20
+# Rows that time ops of other rows together (and logits, once a step): left out of "one layer (sum)".
+COMBINED_ROWS = ("add_norm + qkv + rotary + KV write", "add_norm + qkv + rotary + KV write + decode attention",
+                 "logits")
 
 
 def _time_graph(cp, stream, build, reps: int, graph_capture) -> float:
@@ -132,6 +135,13 @@ def main() -> None:
         mats = W[name]
         return lambda i: fn(mats[i % len(mats)])
 
+    def qkv_attention(be):
+        """The attention half up to o_proj as one backend op (rotary inside the qkv product's kernel
+        at 1-2 rows, inside the tensor-core decode kernel where a step runs it)."""
+        mats = W["qkv"]
+        return lambda i: be.qkv_rotary_attention(x, res, norm_w, eps, mats[i % len(mats)], bias, heads, pos, cos_sin,
+                                                 kc, vc, metas[i % F], True, s.head_dim ** -0.5)
+
     ops = [
         ("add_norm + qkv", "qkv", rot("qkv", lambda m: b.add_norm_linear(x, res, norm_w, eps, m, bias)),
          rot("qkv", lambda m: blas.add_norm_linear(x, res, norm_w, eps, m, bias))),
@@ -144,6 +154,7 @@ def main() -> None:
          rot("qkv", lambda m: blas.add_norm_qkv_rotary(x, res, norm_w, eps, m, bias, heads, pos, cos_sin, kc, vc,
                                                        meta.slot_mapping, True))),
         ("decode attention", None, lambda i: b.paged_attention(q, kc, vc, metas[i % F], s.head_dim ** -0.5), None),
+        ("add_norm + qkv + rotary + KV write + decode attention", "qkv", qkv_attention(b), qkv_attention(blas)),
         ("o_proj", "o", rot("o", lambda m: b.linear(xq, m)), rot("o", lambda m: blas.linear(xq, m))),
         ("add_norm + gate_up + SiLU", "gate_up",
          rot("gate_up", lambda m: b.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul")),
@@ -192,7 +203,7 @@ def main() -> None:
         nbytes = W[wname][0].nbytes if wname else 0
         t_blas = _time_graph(cp, b.stream, blas_fn, reps, b.graph_capture) if blas_fn else None
         t_read = _time_graph(cp, b.stream, reader(wname), reps, b.graph_capture) if wname else None
-        if name != "logits" and not name.startswith(("decode attention,", "(cuBLAS path)")):
+        if name not in COMBINED_ROWS and not name.startswith(("decode attention,", "(cuBLAS path)")):
             layer += t
         print(f"| {name} | {t:.1f} | {f'{nbytes / t / 1e3:.0f}' if nbytes else ''} | "
               f"{f'{t_blas:.1f}' if t_blas else ''} | {f'{t_read:.1f}' if t_read else ''} |")

@@ -17,6 +17,16 @@
 // nothing depends on host values that change between steps except through the metadata arrays,
 // so it is graph-safe as it stands. Rows that no request owns get zeros.
 //
+// The rope builds (`_rope_` in the name) also do rotary.cu's work, so that the decode steps they
+// take (cuda_attention.decode_rope, off by default) need no rotary kernel: q is the qkv product ([T, qkv_stride],
+// q, k and v heads in that order), each warp rotates its own query fragments, and the warp whose
+// tiles hold the row's new key (the last of its context) rotates that key, writes it and the new v
+// into the cache at slot_mapping[row] (-1: nothing), and puts them into the stage of that tile
+// itself, whose copy skips the slot. The cos/sin values come from the constant table before the
+// wait. Rotation pairs are (j, j + HEAD_DIM / 2) (neox; HEAD_DIM a multiple of 32, so a pair's two
+// values sit in one lane's fragments of k-steps ks and ks + HEAD_DIM / 32) or (2j, 2j + 1) (one
+// 32-bit fragment register), rounded to 16 bits as rotary.cu does.
+//
 // Compile-time: HEAD_DIM (a multiple of 16, at most 128), RVLLM_FP16 / RVLLM_BF16.
 // Dynamic shared memory: per warp, K and V tiles of every stage, 2 * STAGES * TILE * (HEAD_DIM + 8)
 // * 2 bytes (nvrtc.decode_tc_smem_bytes); the combine reuses it.
@@ -39,9 +49,86 @@
     DECODE_INPUT_PARAMS, float scale
 #define DECODE_TC_ARGS \
     out, DECODE_INPUT_ARGS, scale
+// The rope builds' extra inputs (q is the qkv product): the caches again, as destinations of the
+// new keys, the qkv rows' stride, and rotary.cu's inputs.
+#define DECODE_TC_ROPE_PARAMS \
+    DECODE_TC_PARAMS, scalar_t* __restrict__ k_new_dst, scalar_t* __restrict__ v_new_dst, i64 qkv_stride, \
+    const int* __restrict__ positions, const int* __restrict__ slot_mapping, const float* __restrict__ cos_sin, \
+    int max_pos, int neox
 
-template <int WARPS, int TILE, int STAGES>
-__device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
+struct DecodeRope {
+  scalar_t* k_dst;  // k_cache and v_cache: only the new keys' slots are written, which no copy reads
+  scalar_t* v_dst;
+  i64 qkv_stride;
+  const int* positions;
+  const int* slot_mapping;
+  const float* cos_sin;
+  int max_pos;
+  int neox;
+};
+
+// Rotates x1, x2 (16-bit pairs, element e of each with cos c[e], sin s[e]) into r1, r2.
+__device__ __forceinline__ void rotate_pairs2(unsigned int x1, unsigned int x2, const float* c, const float* s,
+                                              unsigned int& r1, unsigned int& r2) {
+  const float a0 = to_f32((scalar_t)(x1 & 0xffffu)), a1 = to_f32((scalar_t)(x1 >> 16));
+  const float b0 = to_f32((scalar_t)(x2 & 0xffffu)), b1 = to_f32((scalar_t)(x2 >> 16));
+  r1 = pack2(a0 * c[0] - b0 * s[0], a1 * c[1] - b1 * s[1]);
+  r2 = pack2(b0 * c[0] + a0 * s[0], b1 * c[1] + a1 * s[1]);
+}
+// Rotates the pair (low, high half) of x with cos c, sin s.
+__device__ __forceinline__ unsigned int rotate_interleaved(unsigned int x, float c, float s) {
+  const float a = to_f32((scalar_t)(x & 0xffffu)), b = to_f32((scalar_t)(x >> 16));
+  return pack2(a * c - b * s, b * c + a * s);
+}
+
+// The row's new key and value: loaded from the qkv product, k rotated, both written to the cache
+// slot (unless it is -1) and, for a row that has a request, to `stash` ([k | v], HEAD_DIM each) for
+// the warp that copies the key's tile. Lane u < HEAD_DIM / 16 takes the 16-byte chunks u and
+// u + HEAD_DIM / 16 of each (elements 8u.. and 8u + HEAD_DIM / 2..: neox pairs, or 4 interleaved
+// pairs each); kc / ks are their cos and sin, loaded before the wait (new_kv_cos_sin).
+__device__ __forceinline__ void new_kv_cos_sin(const float* cs, int lane, int neox, float* kc, float* ks) {
+  if (lane >= HEAD_DIM / 16) return;
+  const int a = neox ? 8 * lane : 4 * lane, b = neox ? 8 * lane + 4 : 4 * lane + HEAD_DIM / 4;
+  const float4 c0 = *reinterpret_cast<const float4*>(cs + a), c1 = *reinterpret_cast<const float4*>(cs + b);
+  const float4 s0 = *reinterpret_cast<const float4*>(cs + HEAD_DIM / 2 + a);
+  const float4 s1 = *reinterpret_cast<const float4*>(cs + HEAD_DIM / 2 + b);
+  kc[0] = c0.x, kc[1] = c0.y, kc[2] = c0.z, kc[3] = c0.w, kc[4] = c1.x, kc[5] = c1.y, kc[6] = c1.z, kc[7] = c1.w;
+  ks[0] = s0.x, ks[1] = s0.y, ks[2] = s0.z, ks[3] = s0.w, ks[4] = s1.x, ks[5] = s1.y, ks[6] = s1.z, ks[7] = s1.w;
+}
+__device__ __forceinline__ void new_kv(const scalar_t* k_src, const scalar_t* v_src, scalar_t* k_dst, scalar_t* v_dst,
+                                       scalar_t* stash, int lane, int neox, const float* kc, const float* ks) {
+  if (lane >= HEAD_DIM / 16) return;
+  const int ea = 8 * lane, eb = 8 * lane + HEAD_DIM / 2;
+  const uint4 ka = *reinterpret_cast<const uint4*>(k_src + ea), kb = *reinterpret_cast<const uint4*>(k_src + eb);
+  const uint4 va = *reinterpret_cast<const uint4*>(v_src + ea), vb = *reinterpret_cast<const uint4*>(v_src + eb);
+  const unsigned int xa[4] = {ka.x, ka.y, ka.z, ka.w}, xb[4] = {kb.x, kb.y, kb.z, kb.w};
+  unsigned int ra[4], rb[4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    if (neox) {
+      rotate_pairs2(xa[p], xb[p], kc + 2 * p, ks + 2 * p, ra[p], rb[p]);
+    } else {
+      ra[p] = rotate_interleaved(xa[p], kc[p], ks[p]);
+      rb[p] = rotate_interleaved(xb[p], kc[4 + p], ks[4 + p]);
+    }
+  }
+  const uint4 oa = make_uint4(ra[0], ra[1], ra[2], ra[3]), ob = make_uint4(rb[0], rb[1], rb[2], rb[3]);
+  if (k_dst != nullptr) {
+    *reinterpret_cast<uint4*>(k_dst + ea) = oa;
+    *reinterpret_cast<uint4*>(k_dst + eb) = ob;
+    *reinterpret_cast<uint4*>(v_dst + ea) = va;
+    *reinterpret_cast<uint4*>(v_dst + eb) = vb;
+  }
+  if (stash != nullptr) {
+    *reinterpret_cast<uint4*>(stash + ea) = oa;
+    *reinterpret_cast<uint4*>(stash + eb) = ob;
+    *reinterpret_cast<uint4*>(stash + HEAD_DIM + ea) = va;
+    *reinterpret_cast<uint4*>(stash + HEAD_DIM + eb) = vb;
+  }
+}
+
+template <int WARPS, int TILE, int STAGES, bool ROPE>
+__device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rope) {
   static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (slot_of)");
   static_assert(WARPS >= 2, "the warps' partials always meet in shared memory");
   static_assert(2 * STAGES * TILE * DTC_LD * 2 >= (16 * DTC_OLD + 32) * 4, "a warp's partials fit in its stages");
@@ -60,6 +147,32 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   const int* btab = block_tables + (req >= 0 ? (i64)req * row_stride : 0);
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
+  // The rope builds: the warp that copies the row's new key (key ctx - 1; warp 0 for a padding
+  // row, which only writes its slot), and the cos/sin values this lane uses, before the wait
+  // (the position and slot are the step's inputs, the table a constant).
+  const int new_key = ctx - 1;
+  const int writer = ROPE && new_key >= 0 ? (new_key / TILE) % WARPS : 0;
+  float qcos[ROPE ? HEAD_DIM / 8 : 1], qsin[ROPE ? HEAD_DIM / 8 : 1], kcos[8], ksin[8];
+  i64 new_slot = -1;
+  if constexpr (ROPE) {
+    const int pos = min(max(rope.positions[tok], 0), rope.max_pos - 1);  // never outside the table
+    new_slot = rope.slot_mapping[tok];
+    const float* cs = rope.cos_sin + (i64)pos * HEAD_DIM;
+    // Query fragments: lane (g, c) holds columns ks * 16 + 2c + {0, 1} and + 8 + {0, 1}.
+#pragma unroll
+    for (int i = 0; i < HEAD_DIM / 8; ++i) {
+      if (rope.neox) {  // k-steps below HEAD_DIM / 32, each column with its own cos/sin
+        const int col = (i >> 2) * 16 + 2 * c + ((i >> 1) & 1) * 8 + (i & 1);
+        qcos[i] = cs[col];
+        qsin[i] = cs[HEAD_DIM / 2 + col];
+      } else {  // every k-step, a cos/sin per pair of columns
+        const int pair = ((i >> 1) * 16 + 2 * c + (i & 1) * 8) >> 1;
+        qcos[i] = cs[pair];
+        qsin[i] = cs[HEAD_DIM / 2 + pair];
+      }
+    }
+    if (warp == writer) new_kv_cos_sin(cs, lane, rope.neox, kcos, ksin);
+  }
 
   // A tile of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ... (a
   // warp-wide copy is 512 contiguous bytes of a row pair at head size 128). The keys' cache slots
@@ -71,6 +184,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   // zero probability.
   auto slot_of = [&](int tile) -> int {
     const int t = tile * TILE + lane % TILE;
+    if (ROPE && t == new_key) return -1;  // the rope builds put the new key into the stage themselves
     return t < ctx ? btab[t / block_size] * block_size + t % block_size : -1;
   };
   const scalar_t* k_head = k_cache + (i64)kvh * HEAD_DIM;
@@ -108,7 +222,25 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   // The slots of the loop's first copy, read ahead (block tables only, as above).
   int slot_ahead = STAGES - 1 < my_tiles ? slot_of(warp + (STAGES - 1) * WARPS) : -1;
   pdl_enter();
-  if (req < 0 || ctx <= 0) {  // a padding row: zeros
+  // The rope builds: the writer warp's new key and value, and their stash ([k | v]) for the copy of
+  // the key's tile. Called after the tile copies are issued, and with the query loads in flight.
+  scalar_t* s_new = nullptr;
+  auto write_new_kv = [&](bool stash) {
+    if constexpr (ROPE) {
+      __shared__ __align__(16) scalar_t s_new_buf[2 * HEAD_DIM];
+      s_new = s_new_buf;
+      if (warp == writer) {
+        const scalar_t* k_src = q + (i64)tok * rope.qkv_stride + ((i64)num_heads + kvh) * HEAD_DIM;
+        const scalar_t* v_src = k_src + (i64)num_kv_heads * HEAD_DIM;
+        scalar_t* k_dst = new_slot >= 0 ? rope.k_dst + new_slot * slot_stride + (i64)kvh * HEAD_DIM : nullptr;
+        scalar_t* v_dst = new_slot >= 0 ? rope.v_dst + new_slot * slot_stride + (i64)kvh * HEAD_DIM : nullptr;
+        new_kv(k_src, v_src, k_dst, v_dst, stash ? s_new : nullptr, lane, rope.neox, kcos, ksin);
+        __syncwarp();
+      }
+    }
+  };
+  if (req < 0 || ctx <= 0) {  // a padding row: zeros (and its slot written, as rotary.cu would)
+    write_new_kv(false);
     cp_async_wait<0>();
     for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
     return;
@@ -122,8 +254,10 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
   unsigned int qf[HEAD_DIM / 16][4];
   {
     const bool ok0 = g < group, ok1 = g + 8 < group;
-    const scalar_t* q0 = q + (head0 + (ok0 ? g : 0)) * HEAD_DIM;
-    const scalar_t* q1 = q + (head0 + (ok1 ? g + 8 : 0)) * HEAD_DIM;
+    // The rope builds read the qkv product's rows: q's heads first, `qkv_stride` elements a token.
+    const scalar_t* q_heads = ROPE ? q + (i64)tok * rope.qkv_stride + (i64)kvh * group * HEAD_DIM - head0 * HEAD_DIM : q;
+    const scalar_t* q0 = q_heads + (head0 + (ok0 ? g : 0)) * HEAD_DIM;
+    const scalar_t* q1 = q_heads + (head0 + (ok1 ? g + 8 : 0)) * HEAD_DIM;
 #pragma unroll
     for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
       const int col = ks * 16 + 2 * c;
@@ -131,6 +265,23 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
       qf[ks][1] = ok1 ? *reinterpret_cast<const unsigned int*>(q1 + col) : 0u;
       qf[ks][2] = ok0 ? *reinterpret_cast<const unsigned int*>(q0 + col + 8) : 0u;
       qf[ks][3] = ok1 ? *reinterpret_cast<const unsigned int*>(q1 + col + 8) : 0u;
+    }
+  }
+  write_new_kv(true);
+  if constexpr (ROPE) {  // fragment register r holds row g (r even) or g + 8, columns + 8 when r >= 2
+    if (rope.neox) {
+#pragma unroll
+      for (int ks = 0; ks < HEAD_DIM / 32; ++ks)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int i = ks * 4 + (r >> 1) * 2;
+          rotate_pairs2(qf[ks][r], qf[ks + HEAD_DIM / 32][r], qcos + i, qsin + i, qf[ks][r], qf[ks + HEAD_DIM / 32][r]);
+        }
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < HEAD_DIM / 16; ++ks)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) qf[ks][r] = rotate_interleaved(qf[ks][r], qcos[ks * 2 + (r >> 1)], qsin[ks * 2 + (r >> 1)]);
     }
   }
 
@@ -151,8 +302,15 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
     }
     cp_async_wait<STAGES - 1>();  // this tile's group has landed (this lane's copies)
     __syncwarp();                 // ... and every other lane's
-    const scalar_t* sk = s_k + (i % STAGES) * TILE * DTC_LD;
-    const scalar_t* sv = s_v + (i % STAGES) * TILE * DTC_LD;
+    scalar_t* sk = s_k + (i % STAGES) * TILE * DTC_LD;
+    scalar_t* sv = s_v + (i % STAGES) * TILE * DTC_LD;
+    if (ROPE && tile == new_key / TILE) {  // the writer warp: the new key's row from the stash
+      const int r = new_key - tile * TILE;
+      for (int idx = lane; idx < 2 * DTC_CHUNKS; idx += 32)
+        *reinterpret_cast<uint4*>((idx < DTC_CHUNKS ? sk : sv) + r * DTC_LD + (idx % DTC_CHUNKS) * 8) =
+            *reinterpret_cast<const uint4*>(s_new + idx * 8);
+      __syncwarp();
+    }
 
     // S = Q K^T: 16 rows x TILE keys (n-tiles of 8 keys).
     float s[TILE / 8][4];
@@ -216,10 +374,16 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS) {
 
 // Entry points: warps per pair x keys per tile x tiles in flight per warp. More warps per pair for
 // steps with fewer pairs per SM (the backend's choice, cuda_attention.decode_build).
+#define DECODE_TC_ROPE_ARGS \
+  DECODE_TC_ARGS, DecodeRope{k_new_dst, v_new_dst, qkv_stride, positions, slot_mapping, cos_sin, max_pos, neox}
 #define DECODE_TC_ENTRY(W, T, S) \
   extern "C" __global__ void __launch_bounds__(32 * W) paged_attention_decode_tc_w##W##_t##T##_s##S##_kernel( \
       DECODE_TC_PARAMS) { \
-    decode_tc<W, T, S>(DECODE_TC_ARGS); \
+    decode_tc<W, T, S, false>(DECODE_TC_ARGS, DecodeRope{}); \
+  } \
+  extern "C" __global__ void __launch_bounds__(32 * W) paged_attention_decode_tc_rope_w##W##_t##T##_s##S##_kernel( \
+      DECODE_TC_ROPE_PARAMS) { \
+    decode_tc<W, T, S, true>(DECODE_TC_ROPE_ARGS); \
   }
 // On an H200 (bench/op_times.py --attention-variants, session 7) these beat the 1-warp 32-key, the
 // 2-warp 3-stage and the 4-warp 2-stage builds end to end or per op; see cuda_attention.tc_build.
@@ -231,5 +395,9 @@ DECODE_TC_ENTRY(4, 16, 3)
 // two blocks an SM), while the GEMVs around it run at 132 KB, and an SM changes its carveout only
 // when empty, so every switch drained the SMs and undid the PDL overlap on both sides (NOTES #50).
 extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_w4_t16_s3_one_per_sm_kernel(DECODE_TC_PARAMS) {
-  decode_tc<4, 16, 3>(DECODE_TC_ARGS);
+  decode_tc<4, 16, 3, false>(DECODE_TC_ARGS, DecodeRope{});
+}
+extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_rope_w4_t16_s3_one_per_sm_kernel(
+    DECODE_TC_ROPE_PARAMS) {
+  decode_tc<4, 16, 3, true>(DECODE_TC_ROPE_ARGS);
 }

@@ -1,5 +1,5 @@
 """bench/kernel_timeline.py's step cutting and accounting, on a hand-made trace (no GPU, no PyTorch)."""
-from bench.kernel_timeline import cut_steps, report, sequence, short_name, union_length
+from bench.kernel_timeline import cut_steps, report, run_summary, sequence, short_name, union_length
 
 
 def _kernel(name, ts, dur):
@@ -61,3 +61,17 @@ def test_sequence_shows_starts_durations_and_what_each_kernel_adds():
     # step 2: gemv 55-65, attn 65-70 (starts at the gemv's end, adds 5). Medians of the two.
     assert rows == ["| 0 | gemv_m1 | 0.00 | 10.00 | 10.00 |", "| 1 | attn | -2.50 | 7.50 | 5.00 |"]
     assert sequence(steps, 1, 5) == "no step has 6 kernels"
+
+
+def test_run_summary_names_the_longest_steps_and_where_the_longest_waited():
+    lines = run_summary(EVENTS).splitlines()
+    # 81 us from the first kernel to the last copy; kernels busy 4 + 10 + 15 + 15 = 44 us
+    assert lines[0] == ("run: 0.1 ms from the first kernel to the last copy, kernels busy 0.0 ms; "
+                        "1 prompt steps 0.0 ms, 2 decode steps 0.1 ms")
+    # periods 21 (prompt, busy 14), 30 and 30 (busy 15 each); ties keep step order
+    assert lines[1] == ("longest steps (# in order, kind, period us, kernels busy us, kernels): "
+                        "1 decode 30 15 2; 2 decode 30 15 2; 0 prompt 21 14 2")
+    # step 1 (21-51): gemv from 25, attn from 30 (5 before the gemv's end), attn ends at 40
+    assert lines[2] == ("its widest gaps (us, after -> before): 11 attn -> (the copy that ends the step); "
+                        "4 (the step's start) -> gemv_m1; -5 gemv_m1 -> attn")
+    assert run_summary([]) == "no kernels"

@@ -14,6 +14,7 @@ import pytest
 
 from rvllm.backend import cuda_attention, cuda_gemv
 from rvllm.backend.cpu import AttentionMetadata, CpuBackend
+from rvllm.backend.fused import split_qkv
 from rvllm.backend.cuda import is_cuda_available
 from rvllm.bf16 import bf16_bits_to_float32 as bf16_bits_to_f32, float32_to_bf16_bits as f32_to_bf16_bits
 from rvllm.model.config import ModelSpec
@@ -639,6 +640,116 @@ def test_decode_attention_tensor_cores_chosen_for_large_steps(gpu, rng):
     assert cuda_attention.decode_build(rows, 2, 128, gpu.num_sms, 17)[0] not in cuda_attention.DECODE_TC_BUILDS
     lens = rng.integers(1, 600, rows).tolist()
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=2, group=6, head_dim=128)
+
+
+def _decode_rope_case(gpu, rng, reqs, nkv, group, head_dim, pad_rows, block_size=16):
+    """A decode step's inputs for rotary + attention: _attention_case's cache and metadata, a random
+    qkv product, positions at each request's new key, and slots from the block tables (the last
+    padding row gets a spare block's slot: its k and v are written, as the rotary kernel writes
+    them; other padding rows -1). Returns (host, device) tuples of (qkv, k_cache, v_cache, meta,
+    positions, cos_sin)."""
+    nh = nkv * group
+    (_, kc, vc, meta), (_, kc_d, vc_d, meta_d) = _attention_case(gpu, rng, reqs, nkv, group, head_dim, block_size,
+                                                                 pad_rows)
+    rows = sum(q for q, _ in reqs) + pad_rows
+    qkv = rounded(gpu, rng.standard_normal((rows, (nh + 2 * nkv) * head_dim)))
+    positions = rng.integers(0, 4096, rows).astype(np.int32)
+    slots = np.full(rows, -1, np.int32)
+    row = 0
+    for r, (q_len, seq_len) in enumerate(reqs):
+        if q_len:
+            positions[row] = seq_len - 1
+            slots[row] = meta.block_tables[r, (seq_len - 1) // block_size] * block_size + (seq_len - 1) % block_size
+            row += q_len
+    if pad_rows:  # a block no request holds (_attention_case keeps 3 spare)
+        used = {int(meta.block_tables[r, i]) for r, (_, n) in enumerate(reqs) for i in range(-(-n // block_size))}
+        spare = min(set(range(kc.shape[0])) - used)
+        slots[-1] = spare * block_size + int(rng.integers(block_size))
+    cos_sin = cos_sin_table(_rope_spec(head_dim), 4096)
+    meta.slot_mapping, meta_d.slot_mapping = slots, gpu.from_host(slots)
+    return ((qkv, kc, vc, meta, positions, cos_sin),
+            (gpu.weight(qkv), kc_d, vc_d, meta_d, gpu.from_host(positions), gpu.from_host(cos_sin)))
+
+
+DECODE_TC_NAMES = sorted(cuda_attention.DECODE_TC_BUILDS)
+
+
+@pytest.mark.parametrize("build", DECODE_TC_NAMES)
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: an odd number of k-steps (interleaved pairs only)
+@pytest.mark.parametrize("group", [1, 7, 16])
+def test_decode_attention_with_rotary(gpu, rng, monkeypatch, build, neox, head_dim, group):
+    """The tensor-core decode kernel's rope builds (cuda_attention.decode_rope): rotary of the raw
+    qkv product, the new k and v into the cache, and attention over it, against the CPU's rotary
+    then attention. New keys at every offset of a 16-key tile (contexts 15, 16, 17, 31-33, ...),
+    so each warp of a build gets to put its row's key into its stage; a request with no query row;
+    padding rows (zeros; one writes its slot). neox at head size 80 is not built (None)."""
+    nkv = 2
+    reqs = [(1, n) for n in DECODE_LENS + [2, 31, 32, 33, 47, 48, 49, 64, 2000]] + [(0, 30)]
+    host, dev = _decode_rope_case(gpu, rng, reqs, nkv, group, head_dim, pad_rows=2)
+    qkv, kc, vc, meta, positions, cos_sin = host
+    heads, scale = (nkv * group, nkv, head_dim), head_dim ** -0.5
+    q, k, v = split_qkv(qkv, heads)
+    q_ref = CPU.rotary_and_cache_write(q, k, v, positions, cos_sin, kc, vc, meta.slot_mapping, neox)
+    ref = CPU.paged_attention(q_ref, kc, vc, meta, scale)
+
+    _force_decode_build(monkeypatch, build)
+    monkeypatch.setattr(cuda_attention, "DECODE_ROPE", True)  # both off by default
+    monkeypatch.setattr(cuda_attention, "DECODE_ROPE_ONE_PER_SM", True)
+    qkv_d, kc_d, vc_d, meta_d, pos_d, cs_d = dev
+    out = cuda_attention.decode_rope(gpu, qkv_d, heads, pos_d, cs_d, kc_d, vc_d, meta_d, scale, neox)
+    if neox and head_dim % 32:
+        assert out is None
+        return
+    check(gpu, out, ref, f"attention ({build})")
+    check(gpu, kc_d, kc, "k_cache")
+    check(gpu, vc_d, vc, "v_cache", tol=1e-7)  # a copy: exact; the padding row's slot written
+
+
+@pytest.mark.parametrize("case", ["gemv_rope", "attention", "one_per_sm", "split", "prefill"])
+def test_qkv_rotary_attention_routes(gpu, rng, monkeypatch, case):
+    """CudaBackend.qkv_rotary_attention against the CPU on the steps that take each of its paths,
+    and whether the rotary kernel ran: 1 row (rotary inside the qkv product, gemv_rope.cu), a row
+    an SM at 2 KV heads (inside the tensor-core decode kernel), 40 rows (the one-pair-per-SM build:
+    the rotary kernel), 3 rows with a 1000-token context (the split decode kernel: the rotary
+    kernel), a prefill step (the rotary kernel, then the prefill kernel)."""
+    nkv, group, head_dim, d = 2, 6, 128, 1536  # qwen2.5-1.5b's attention
+    nh = nkv * group
+    reqs = {"gemv_rope": [(1, 20)], "attention": [(1, int(n)) for n in rng.integers(1, 300, gpu.num_sms)],
+            "one_per_sm": [(1, int(n)) for n in rng.integers(1, 300, 40)],
+            "split": [(1, 1000), (1, 5), (1, 77)], "prefill": [(7, 7), (1, 40), (20, 300)]}[case]
+    rotary_calls = []
+    real_rotary = cuda_attention.rotary_and_cache_write
+    monkeypatch.setattr(cuda_attention, "rotary_and_cache_write", lambda *a: rotary_calls.append(1) or real_rotary(*a))
+    monkeypatch.setattr(gpu.gemv, "rope_one_pass", False)  # 1 row on gemv_rope.cu whatever the SM count
+    monkeypatch.setattr(cuda_attention, "DECODE_ROPE", True)  # off by default
+    host, dev = _decode_rope_case(gpu, rng, reqs, nkv, group, head_dim, pad_rows=0)
+    _, kc, vc, meta, positions, cos_sin = host
+    rows = positions.shape[0]
+    if case == "prefill":  # every row its own position and slot
+        positions = np.concatenate([np.arange(s - q, s) for q, s in reqs]).astype(np.int32)
+        meta.slot_mapping = np.concatenate([[meta.block_tables[r, p // 16] * 16 + p % 16 for p in range(s - q, s)]
+                                            for r, (q, s) in enumerate(reqs)]).astype(np.int32)
+        dev[3].slot_mapping = gpu.from_host(meta.slot_mapping)
+    x = rounded(gpu, rng.standard_normal((rows, d)))
+    res = rounded(gpu, rng.standard_normal((rows, d)) * 4)
+    nw = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu, rng.standard_normal(((nh + 2 * nkv) * head_dim, d)) / np.sqrt(d))
+    b = rounded(gpu, rng.standard_normal((nh + 2 * nkv) * head_dim))
+    heads, scale = (nh, nkv, head_dim), head_dim ** -0.5
+    ref, res_ref = CPU.qkv_rotary_attention(x, res, nw, 1e-6, w, b, heads, positions, cos_sin, kc, vc, meta, True,
+                                            scale)
+    _, kc_d, vc_d, meta_d, _, cs_d = dev
+    dv = gpu.weight
+    out, res_d = gpu.qkv_rotary_attention(dv(x), dv(res), dv(nw), 1e-6, dv(w), dv(b), heads, gpu.from_host(positions),
+                                          cs_d, kc_d, vc_d, meta_d, True, scale)
+    check(gpu, out, ref, f"attention output ({case})")
+    check(gpu, res_d, res_ref, "residual", tol=1e-2)
+    check(gpu, kc_d, kc, "k_cache")
+    check(gpu, vc_d, vc, "v_cache")
+    name = cuda_attention.decode_build(rows, nkv, head_dim, gpu.num_sms, group, meta.max_seq_len)[0]
+    assert (name in cuda_attention.DECODE_TC_BUILDS) == (case in ("gemv_rope", "attention", "one_per_sm")), name
+    assert len(rotary_calls) == (0 if case in ("gemv_rope", "attention") else 1), case
 
 
 PREFILL_REQS = [

@@ -11,6 +11,7 @@ import numpy as np
 
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
 from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary
+from rvllm.backend.fused import qkv_rotary_attention as _qkv_rotary_attention
 from rvllm.bf16 import bf16_bits_to_float32
 
 
@@ -118,6 +119,12 @@ class CpuBackend:
         """(rotated q, x + residual), k and v into the cache; see backend/fused.py."""
         return _add_norm_qkv_rotary(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
                                     k_cache, v_cache, slot_mapping, neox)
+
+    def qkv_rotary_attention(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                             k_cache, v_cache, meta, neox: bool, scale: float):
+        """(attention output, x + residual), k and v into the cache; see backend/fused.py."""
+        return _qkv_rotary_attention(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
+                                     k_cache, v_cache, meta, neox, scale)
 
     def logits(self, x: np.ndarray, lm_head: np.ndarray) -> np.ndarray:
         """[B, H] x [V, H] -> [B, V] float32 logits."""

@@ -24,7 +24,7 @@ from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.cuda_wgmma import make_wgmma
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
-from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary
+from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary, split_qkv as _split_qkv
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
 
@@ -373,18 +373,44 @@ class CudaBackend(DeviceTransfers):
                             k_cache, v_cache, slot_mapping, neox: bool):
         """(rotated q [T, nh, hd], x + residual), rotated k and v into the paged cache; see
         backend/fused.py. One kernel (gemv_rope.cu) for steps of 1-2 rows, the separate ops otherwise."""
+        fused = self._qkv_rotary_gemv(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
+                                      k_cache, v_cache, slot_mapping, neox)
+        if fused is not None:
+            return fused
+        return _add_norm_qkv_rotary(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
+                                    k_cache, v_cache, slot_mapping, neox)
+
+    def qkv_rotary_attention(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                             k_cache, v_cache, meta, neox: bool, scale: float):
+        """(attention output [T, nh, hd], x + residual), rotated k and v into the paged cache; see
+        backend/fused.py. Rotary and the cache write run inside the qkv product's kernel where it
+        takes them (gemv_rope.cu, 1-2 rows), else inside decode attention where
+        cuda_attention.decode_rope takes the step (off by default), else as their own kernel."""
+        q_res = self._qkv_rotary_gemv(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
+                                      k_cache, v_cache, meta.slot_mapping, neox)
+        if q_res is None:
+            qkv, residual = self.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
+            out = cuda_attention.decode_rope(self, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale, neox)
+            if out is not None:
+                return out, residual
+            q, k, v = _split_qkv(qkv, heads)
+            q_res = self.rotary_and_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
+                                                neox), residual
+        return self.paged_attention(q_res[0], k_cache, v_cache, meta, scale), q_res[1]
+
+    def _qkv_rotary_gemv(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                         k_cache, v_cache, slot_mapping, neox: bool):
+        """Checks add_norm_qkv_rotary's inputs; its result from gemv_rope.cu's one kernel, or None
+        where that kernel does not take the step."""
         self._check_add_norm(x, residual, norm_weight, weight, bias, None)
         nh, nkv, hd = heads
         if weight.shape[0] != (nh + 2 * nkv) * hd:
             raise ValueError(f"add_norm_qkv_rotary: weight {weight.shape} is not {(nh + 2 * nkv) * hd} rows of q, k, v")
         cuda_attention.check_rotary_inputs(self, positions, cos_sin, k_cache, v_cache, slot_mapping, x.shape[0], nkv, hd)
-        if x.shape[0] and x.shape[1]:
-            fused = self.gemv.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions,
-                                                  cos_sin, k_cache, v_cache, slot_mapping, neox)
-            if fused is not None:
-                return fused
-        return _add_norm_qkv_rotary(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
-                                    k_cache, v_cache, slot_mapping, neox)
+        if not (x.shape[0] and x.shape[1]):
+            return None
+        return self.gemv.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions,
+                                             cos_sin, k_cache, v_cache, slot_mapping, neox)
 
     def logits(self, x, lm_head, out=None):
         """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly), into `out`

@@ -50,6 +50,16 @@ TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "192"))
 # Tiles in flight per warp of the 2-warp build (2 or 3; both are compiled). 3 since the first tiles
 # are copied before the PDL wait (session 11, H200: 256-way 61.9-62.2k tok/s with 2, 62.7-62.8k with 3).
 _TC_MANY_PAIRS_STAGES = int(os.environ.get("RVLLM_DECODE_TC_STAGES", "3"))
+# RVLLM_DECODE_ROPE=1 (an experiment setting, off by default): decode steps that run the
+# tensor-core kernel with more than one (row, KV head) pair per SM take rotary and the KV-cache
+# write into it (its rope builds, decode_rope) instead of the rotary kernel. H200, qwen2.5-1.5b
+# (bench/NOTES.md #79): bench/op_times.py's qkv + rotary + attention at 256 rows 29.0 -> 27.9 us, at
+# 128 rows 18.3 -> 17.7; a real 256-way run's layer chain 0.57 us shorter, but its decode steps no
+# shorter (the gaps around the kernel grew) and 256 x 128/128 within run-to-run noise, so it stays off.
+DECODE_ROPE = os.environ.get("RVLLM_DECODE_ROPE", "0") == "1"
+# ... and on the one-pair-per-SM build too (not even per op: 64 rows 14.4 -> 14.5 us, 8 rows 13.0 ->
+# 13.2; qwen2.5-7b at batch 1 269.4 -> 268.0 tok/s). The tests turn both on.
+DECODE_ROPE_ONE_PER_SM = False
 
 
 # attention_decode_tc.cu's entry points: name -> (warps per pair, keys per tile, tiles in flight per warp)
@@ -270,14 +280,10 @@ def rotary_and_cache_write(b, q, k, v, positions, cos_sin, k_cache, v_cache, slo
     return q_out
 
 
-def paged_attention(b, q, k_cache, v_cache, meta, scale: float):
-    """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd] (b: the
-    CudaBackend). Decode-only steps (max_query_len == 1) use a decode kernel (decode_build: tensor
-    cores or the split-context kernel); others the tensor-core prefill kernel. Rows no request owns
-    come back as zeros."""
-    b._check("paged_attention q", q, ndim=3)
-    num_tokens, nh, hd = q.shape
-    nkv, block_size = k_cache.shape[2], k_cache.shape[1]
+def _check_attention(b, nh: int, hd: int, k_cache, v_cache, meta) -> int:
+    """What every attention kernel reads besides the queries (ValueError); returns num_reqs."""
+    b._check("k_cache", k_cache, ndim=4)
+    nkv = k_cache.shape[2]
     check_cache(b, k_cache, v_cache, nkv, hd)
     if nh % nkv:
         raise ValueError(f"paged_attention: {nh} query heads is not a multiple of {nkv} KV heads")
@@ -290,6 +296,18 @@ def paged_attention(b, q, k_cache, v_cache, meta, scale: float):
                          f"{meta.seq_lens.shape}, block_tables {meta.block_tables.shape} disagree")
     if hd % 8:
         raise ValueError(f"paged_attention: head_dim must be a multiple of 8, got {hd}")
+    return num_reqs
+
+
+def paged_attention(b, q, k_cache, v_cache, meta, scale: float):
+    """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd] (b: the
+    CudaBackend). Decode-only steps (max_query_len == 1) use a decode kernel (decode_build: tensor
+    cores or the split-context kernel); others the tensor-core prefill kernel. Rows no request owns
+    come back as zeros."""
+    b._check("paged_attention q", q, ndim=3)
+    num_tokens, nh, hd = q.shape
+    num_reqs = _check_attention(b, nh, hd, k_cache, v_cache, meta)
+    block_size = k_cache.shape[1]
     workspace = getattr(meta, "decode_workspace", None)
     if num_tokens == 0 or num_reqs == 0:
         if workspace is not None:
@@ -351,10 +369,12 @@ def _attention_split(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size, 
     return out
 
 
-def _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace):
+def _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace, rope=None):
     """The tensor-core decode kernel: no scratch, and a grid of the step's shape, so eager and
-    graph steps differ only in where the block table's row stride comes from."""
-    num_tokens, nh, hd = q.shape
+    graph steps differ only in where the block table's row stride comes from. rope: (qkv row
+    stride, its other arguments) for the rope build, whose q is the qkv product [T, qkv stride]
+    (decode_rope); None: q is [T, nh, hd]."""
+    num_tokens, nh, hd = q.shape if rope is None else (q.shape[0], *rope[0])
     nkv = k_cache.shape[2]
     if num_tokens > MAX_GRID_YZ:
         raise ValueError(f"paged_attention (tensor-core decode): {num_tokens} query rows exceed {MAX_GRID_YZ}")
@@ -362,18 +382,47 @@ def _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, bl
         stride_arg, stride_dev = np.int32(meta.block_tables.shape[1]), np.uint64(0)  # a null pointer
     else:
         stride_arg, stride_dev = np.int32(0), workspace.row_stride
-    out = cp.empty_like(q)
+    out = cp.empty((num_tokens, nh, hd), dtype=q.dtype)
     warps, tile, stages = DECODE_TC_BUILDS[name]
-    kernel = b._kernel("attention_decode_tc.cu", name, hd)
+    kernel = b._kernel("attention_decode_tc.cu", name if rope is None else nvrtc.decode_tc_rope_kernel(name), hd)
     smem = nvrtc.decode_tc_smem_bytes(hd, warps, tile, stages)
     b._ensure_smem(kernel, smem)
     if name == DECODE_TC_ONE_PER_SM and kernel.preferred_shared_memory_carveout != _ONE_PER_SM_CARVEOUT:
         kernel.preferred_shared_memory_carveout = _ONE_PER_SM_CARVEOUT
-    kernel((nkv, num_tokens), (32 * warps,),
-           (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
-            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale)),
-           shared_mem=smem)
+    args = (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
+            np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale))
+    if rope is not None:
+        args += (k_cache, v_cache) + rope[1]
+    kernel((nkv, num_tokens), (32 * warps,), args, shared_mem=smem)
     return out
+
+
+def decode_rope(b, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale: float, neox: bool):
+    """rotary_and_cache_write of the qkv product's q, k and v, then paged_attention of the rotated
+    q, as one kernel: the tensor-core decode kernel's rope build (attention_decode_tc.cu), where
+    DECODE_ROPE is on, for decode steps that run that kernel (decode_build) at more than one pair
+    per SM, with rotary inputs it takes; otherwise None (nothing run). qkv [T, (nh + 2 nkv) hd],
+    rows 16-byte aligned; heads (nh, nkv, hd). The caller has checked the rotary inputs
+    (check_rotary_inputs). Returns [T, nh, hd]."""
+    nh, nkv, hd = heads
+    if not DECODE_ROPE or meta.max_query_len > 1 or (neox and hd % 32):
+        return None  # neox pairs (j, j + hd/2) must fall in one lane's fragments (k-steps hd/32 apart)
+    b._check("decode_rope qkv", qkv, ndim=2, contiguous=False)
+    num_tokens = qkv.shape[0]
+    isz = qkv.itemsize
+    if qkv.shape[1] != (nh + 2 * nkv) * hd or qkv.strides[1] != isz or qkv.strides[0] % 16 or qkv.data.ptr % 16:
+        return None
+    num_reqs = _check_attention(b, nh, hd, k_cache, v_cache, meta)
+    if num_tokens == 0 or num_reqs == 0 or cos_sin.data.ptr % 16:
+        return None
+    name, _ = decode_build(num_tokens, nkv, hd, b.num_sms, nh // nkv, int(meta.max_seq_len))
+    if name not in DECODE_TC_BUILDS or (name == DECODE_TC_ONE_PER_SM and not DECODE_ROPE_ONE_PER_SM):
+        return None
+    workspace = getattr(meta, "decode_workspace", None)
+    rope = ((nh, hd), (np.int64(qkv.strides[0] // isz), positions, meta.slot_mapping, cos_sin,
+                       np.int32(cos_sin.shape[0]), np.int32(1 if neox else 0)))
+    return _attention_decode_tc(b, name, qkv, k_cache, v_cache, meta, scale, num_reqs, k_cache.shape[1], workspace,
+                                rope)
 
 
 def _eager_counters(b, n: int):

@@ -2,9 +2,12 @@
 
 `add_norm_linear` is the start of each half of a Llama layer: residual add, RMSNorm, the
 projection and (for the MLP) SiLU-and-mul. `add_norm_qkv_rotary` is the attention half's start up
-to the KV cache: the same with the qkv projection, then rotary and the cache write. CpuBackend runs
-both as written here; CudaBackend runs each as one kernel for decode-sized steps
-(kernels_cu/gemv.cu, gemv_rope.cu) and as written here otherwise.
+to the KV cache: the same with the qkv projection, then rotary and the cache write.
+`qkv_rotary_attention` is that and attention: the attention half up to the output projection.
+CpuBackend runs them as written here. CudaBackend runs the first two as one kernel for
+decode-sized steps (kernels_cu/gemv.cu, gemv_rope.cu), and in the third can put rotary and the
+cache write into the tensor-core decode attention kernel (attention_decode_tc.cu's rope builds, an
+experiment setting: cuda_attention.DECODE_ROPE); as written here otherwise.
 """
 from __future__ import annotations
 
@@ -33,11 +36,24 @@ def add_norm_qkv_rotary(ops, x, residual, norm_weight, eps: float, weight, bias,
     """(rotated q [T, nh, hd], x + residual): add_norm_linear with the qkv weight ([(nh + 2 nkv) hd, H],
     q, k and v heads in that order), then rotary_and_cache_write, which writes the rotated k and v
     into the paged cache at slot_mapping. heads: (nh, nkv, hd)."""
-    nh, nkv, hd = heads
     qkv, residual = ops.add_norm_linear(x, residual, norm_weight, eps, weight, bias)  # [T, (nh + 2 nkv) hd]
-    t = qkv.shape[0]
-    q = qkv[:, : nh * hd].reshape(t, nh, hd)
-    k = qkv[:, nh * hd: (nh + nkv) * hd].reshape(t, nkv, hd)
-    v = qkv[:, (nh + nkv) * hd:].reshape(t, nkv, hd)
+    q, k, v = split_qkv(qkv, heads)
     q = ops.rotary_and_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, neox)
     return q, residual
+
+
+def qkv_rotary_attention(ops, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
+                         k_cache, v_cache, meta, neox: bool, scale: float):
+    """(attention output [T, nh, hd], x + residual): add_norm_qkv_rotary (the slots are
+    meta.slot_mapping), then paged_attention over the cache it wrote."""
+    q, residual = ops.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
+                                          k_cache, v_cache, meta.slot_mapping, neox)
+    return ops.paged_attention(q, k_cache, v_cache, meta, scale), residual
+
+
+def split_qkv(qkv, heads):
+    """[T, (nh + 2 nkv) hd] -> q [T, nh, hd], k and v [T, nkv, hd]: views, each token's heads contiguous."""
+    nh, nkv, hd = heads
+    t = qkv.shape[0]
+    return (qkv[:, : nh * hd].reshape(t, nh, hd), qkv[:, nh * hd: (nh + nkv) * hd].reshape(t, nkv, hd),
+            qkv[:, (nh + nkv) * hd:].reshape(t, nkv, hd))

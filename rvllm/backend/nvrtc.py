@@ -40,6 +40,14 @@ def decode_tc_kernel(warps: int, tile: int, stages: int) -> str:
     return f"paged_attention_decode_tc_w{warps}_t{tile}_s{stages}_kernel"
 
 
+def decode_tc_rope_kernel(name: str) -> str:
+    """The rope build of attention_decode_tc.cu's entry point `name` (rotary and the KV-cache write too)."""
+    return name.replace("paged_attention_decode_tc_", "paged_attention_decode_tc_rope_", 1)
+
+
+_DECODE_TC_NAMES = tuple(decode_tc_kernel(*b) for b in DECODE_TC_BUILDS) + (DECODE_TC_ONE_PER_SM,)
+
+
 # Head sizes compiled by default for the attention kernels. Others that are multiples of 16
 # (the prefill kernel's mma k-step) up to 128 also compile on demand.
 HEAD_DIMS = (64, 80, 96, 128)
@@ -55,7 +63,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
                              "paged_attention_split_wide_kernel"), True),
-    "attention_decode_tc.cu": (tuple(decode_tc_kernel(*b) for b in DECODE_TC_BUILDS) + (DECODE_TC_ONE_PER_SM,), True),
+    "attention_decode_tc.cu": (_DECODE_TC_NAMES + tuple(decode_tc_rope_kernel(n) for n in _DECODE_TC_NAMES), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu"))

@@ -48,8 +48,7 @@ class LlamaModel:
         hidden = ops.embedding(input_ids, self.w.embed)  # [T, H]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.w.layers[:num_layers], kv_caches):
-            q, residual = self._qkv(hidden, residual, positions, layer, k_cache, v_cache, meta)  # [T, nh, hd]
-            o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, nh, hd]
+            o, residual = self._attention(hidden, residual, positions, layer, k_cache, v_cache, meta)  # [T, nh, hd]
             hidden = ops.linear(o.reshape(o.shape[0], s.q_size), layer.o_proj)  # [T, H]
             act, residual = ops.add_norm_linear(hidden, residual, layer.post_norm, s.rms_norm_eps,
                                                 layer.gate_up, act="silu_and_mul")  # [T, I]
@@ -57,14 +56,14 @@ class LlamaModel:
         x, _ = ops.fused_add_rms_norm(hidden, residual, self.w.final_norm, s.rms_norm_eps)
         return x
 
-    def _qkv(self, hidden, residual, positions, layer: LayerWeights, k_cache, v_cache, meta):
-        """The attention half up to the KV cache: (rotated q [T, nh, hd], the residual stream), this
-        step's k and v written into the cache."""
+    def _attention(self, hidden, residual, positions, layer: LayerWeights, k_cache, v_cache, meta):
+        """The attention half up to the output projection: (attention output [T, nh, hd], the
+        residual stream), this step's k and v written into the cache."""
         s, ops = self.spec, self.ops
-        if not s.qk_norm:  # one op (one kernel for decode-sized steps on CUDA)
-            return ops.add_norm_qkv_rotary(hidden, residual, layer.input_norm, s.rms_norm_eps, layer.qkv,
-                                           layer.qkv_bias, (s.num_heads, s.num_kv_heads, s.head_dim), positions,
-                                           self.w.cos_sin, k_cache, v_cache, meta.slot_mapping, s.rope_neox)
+        if not s.qk_norm:  # one op (on CUDA, rotary runs inside the qkv product's or attention's kernel)
+            return ops.qkv_rotary_attention(hidden, residual, layer.input_norm, s.rms_norm_eps, layer.qkv,
+                                            layer.qkv_bias, (s.num_heads, s.num_kv_heads, s.head_dim), positions,
+                                            self.w.cos_sin, k_cache, v_cache, meta, s.rope_neox, self.scale)
         qkv, residual = ops.add_norm_linear(hidden, residual, layer.input_norm, s.rms_norm_eps,
                                             layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
         num_tokens = qkv.shape[0]
@@ -76,7 +75,7 @@ class LlamaModel:
         q = ops.rotary_and_cache_write(
             q, k, v, positions, self.w.cos_sin, k_cache, v_cache, meta.slot_mapping, s.rope_neox
         )
-        return q, residual
+        return ops.paged_attention(q, k_cache, v_cache, meta, self.scale), residual
 
     def compute_logits(self, hidden):
         """hidden [B, H] (the rows that sample) -> logits [B, V], float32."""
