@@ -447,9 +447,11 @@ def _attention_prefill(b, q, k_cache, v_cache, meta, scale, num_reqs, block_size
         out[covered:] = 0
     m_tiles = -(-int(meta.max_query_len) * group // 64)  # BLOCK_M in attention_prefill.cu
     if m_tiles:
-        b._kernel("attention_prefill.cu", "paged_attention_prefill_kernel", hd)(
-            (m_tiles, nkv, num_reqs), (128,),
-            (out, q, k_cache, v_cache, meta.block_tables, np.int32(meta.block_tables.shape[1]),
-             meta.query_start_loc, meta.seq_lens, np.int32(nh), np.int32(nkv), np.int32(block_size),
-             np.float32(scale)))
+        kernel = b._kernel("attention_prefill.cu", "paged_attention_prefill_kernel", hd)
+        smem = nvrtc.prefill_smem_bytes(hd)
+        b._ensure_smem(kernel, smem)
+        kernel((m_tiles, nkv, num_reqs), (128,),
+               (out, q, k_cache, v_cache, meta.block_tables, np.int32(meta.block_tables.shape[1]),
+                meta.query_start_loc, meta.seq_lens, np.int32(nh), np.int32(nkv), np.int32(block_size),
+                np.float32(scale)), shared_mem=smem)
     return out

@@ -170,6 +170,12 @@ def decode_tc_smem_bytes(head_dim: int, warps: int, tile: int, stages: int) -> i
     return warps * 2 * stages * tile * (head_dim + 8) * 2
 
 
+def prefill_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of attention_prefill.cu: two stages of a 32-key K tile and V tile,
+    padded rows (PREFILL_STAGES, BLOCK_N, KV_LD there)."""
+    return 2 * 2 * 32 * (head_dim + 8) * 2
+
+
 def cache_dir() -> Path:
     root = os.environ.get("RVLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rvllm")
     return Path(root) / "kernels"
