@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rvllm.backend.fused import split_qkv
 from rvllm.model.config import ModelSpec
 
 
@@ -60,16 +61,14 @@ class LlamaModel:
         """The attention half up to the output projection: (attention output [T, nh, hd], the
         residual stream), this step's k and v written into the cache."""
         s, ops = self.spec, self.ops
+        heads = (s.num_heads, s.num_kv_heads, s.head_dim)
         if not s.qk_norm:  # one op (on CUDA, rotary runs inside the qkv product's or attention's kernel)
             return ops.qkv_rotary_attention(hidden, residual, layer.input_norm, s.rms_norm_eps, layer.qkv,
-                                            layer.qkv_bias, (s.num_heads, s.num_kv_heads, s.head_dim), positions,
-                                            self.w.cos_sin, k_cache, v_cache, meta, s.rope_neox, self.scale)
+                                            layer.qkv_bias, heads, positions, self.w.cos_sin, k_cache, v_cache,
+                                            meta, s.rope_neox, self.scale)
         qkv, residual = ops.add_norm_linear(hidden, residual, layer.input_norm, s.rms_norm_eps,
                                             layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
-        num_tokens = qkv.shape[0]
-        q = qkv[:, : s.q_size].reshape(num_tokens, s.num_heads, s.head_dim)
-        k = qkv[:, s.q_size : s.q_size + s.kv_size].reshape(num_tokens, s.num_kv_heads, s.head_dim)
-        v = qkv[:, s.q_size + s.kv_size :].reshape(num_tokens, s.num_kv_heads, s.head_dim)
+        q, k, v = split_qkv(qkv, heads)
         q = ops.rms_norm(q, layer.q_norm, s.rms_norm_eps)  # Qwen3: per head, before the rotation
         k = ops.rms_norm(k, layer.k_norm, s.rms_norm_eps)
         q = ops.rotary_and_cache_write(
