@@ -681,8 +681,9 @@ DECODE_TC_NAMES = sorted(cuda_attention.DECODE_TC_BUILDS)
 def test_decode_attention_with_rotary(gpu, rng, monkeypatch, build, neox, head_dim, group):
     """The tensor-core decode kernel's rope builds (cuda_attention.decode_rope): rotary of the raw
     qkv product, the new k and v into the cache, and attention over it, against the CPU's rotary
-    then attention. New keys at every offset of a 16-key tile (contexts 15, 16, 17, 31-33, ...),
-    so each warp of a build gets to put its row's key into its stage; a request with no query row;
+    then attention. New keys on both sides of 16-key tile edges (contexts 16, 17, 32, 33, 48, 49)
+    and in tiles 0-3 of a row, so each warp of a build puts a row's key into its stage; a request with
+    no query row;
     padding rows (zeros; one writes its slot). neox at head size 80 is not built (None)."""
     nkv = 2
     reqs = [(1, n) for n in DECODE_LENS + [2, 31, 32, 33, 47, 48, 49, 64, 2000]] + [(0, 30)]
