@@ -7,6 +7,11 @@ every launch reads them from DRAM (the H100's L2 is 50 MB), as in a real forward
 weight-reading op: its bandwidth, cuBLAS on the same shapes, and a plain grid-stride read of the
 same number of bytes (what a kernel of that size can reach on this card).
 
+Back-to-back launches of a PDL kernel overlap: each starts its pre-wait work while the previous one
+runs. An op with a long prologue reads short here: decode attention at 256 rows x 192 keys timed
+14.1-15.6 us in this graph, where ncu gives one launch 20.9 us and a real run's launches ~21 us
+(bench/NOTES.md #81).
+
     python bench/op_times.py --model qwen2.5-1.5b --batch 1 --context 128
 """
 from __future__ import annotations

@@ -41,6 +41,7 @@
 #endif
 #define DTC_LD (HEAD_DIM + 8)  // padded shared row (elements): ldmatrix's 8 rows fall in 8 bank groups
 #define DTC_CHUNKS (HEAD_DIM / 8)
+#define DTC_TILE_SHIFT(T) ((T) == 32 ? 5 : 4)  // log2 of TILE (16 or 32)
 #define DTC_OLD (HEAD_DIM + 8)  // padded row (floats) of the warps' partial outputs in the combine
 #define LOG2E_F 1.4426950408889634f
 
@@ -174,19 +175,46 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
     if (warp == writer) new_kv_cos_sin(cs, lane, rope.neox, kcos, ksin);
   }
 
+  // This warp's tiles: warp, warp + WARPS, ...; the i-th of them goes to stage i % STAGES.
+  const int num_tiles = req >= 0 ? (ctx + TILE - 1) / TILE : 0;
+  const int my_tiles = num_tiles > warp ? (num_tiles - warp + WARPS - 1) / WARPS : 0;
+
+  // The keys' cache blocks, read from the block table a window of this warp's tiles at a time: lane
+  // l holds entry l of a window (a tile's block, or one of its blocks when block_size < TILE), all
+  // loaded together, the next window's while this one is used. A tile's slots are then a shuffle
+  // and a multiply-add. (Read a tile ahead, each entry was a load issued behind the tiles' copies and
+  // used at once, ncu's largest single stall at 256 rows; in a real run -0.6 us a launch, NOTES #81.)
+  // block_size is a power of two (the backend checks).
+  const int bs_shift = __ffs(block_size) - 1;
+  const int e_shift = bs_shift < DTC_TILE_SHIFT(TILE) ? DTC_TILE_SHIFT(TILE) - bs_shift : 0;  // blocks a tile: 1 << e_shift
+  const int w_shift = 5 - e_shift;                                                           // tiles a window: 1 << w_shift
+  auto window_blocks = [&](int win) -> int {
+    const int i = (win << w_shift) + (lane >> e_shift);
+    const int key = (warp + i * WARPS) * TILE + ((lane & ((1 << e_shift) - 1)) << bs_shift);
+    return i < my_tiles && key < ctx ? btab[key >> bs_shift] : 0;
+  };
+  int win = 0, blk_cur = window_blocks(0), blk_next = window_blocks(1);
+
+  // Lane r < TILE's key of this warp's tile i: its cache slot (block * block_size + offset; -1 past
+  // the context; int32 as slot_mapping is). Called for i = 0, 1, 2, ... in order (windows advance
+  // one at a time), by the whole warp.
+  auto slot_of = [&](int i) -> int {
+    if ((i >> w_shift) != win) {
+      ++win;
+      blk_cur = blk_next;
+      blk_next = window_blocks(win + 1);
+    }
+    const int r = lane % TILE, t = (warp + i * WARPS) * TILE + r;
+    const int src = ((i & ((1 << w_shift) - 1)) << e_shift) + (r >> bs_shift);
+    const int blk = __shfl_sync(0xffffffffu, blk_cur, src);
+    if (ROPE && t == new_key) return -1;  // the rope builds put the new key into the stage themselves
+    return t < ctx ? blk * block_size + (t & (block_size - 1)) : -1;
+  };
   // A tile of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ... (a
   // warp-wide copy is 512 contiguous bytes of a row pair at head size 128). The keys' cache slots
-  // come from `slot_lanes` (lane r < TILE holds key r's slot, block * block_size + offset, -1 past
-  // the context; int32 as slot_mapping is), found an iteration ahead by slot_of so that the
-  // block-table load is not in series with the K/V copies, and once a key: a chunk's address is
-  // then a shuffle and a multiply-add (it was a division by block_size and 64-bit arithmetic per
-  // chunk, 8 a lane a tile). Keys past the context are zero-filled: a NaN there would survive a
-  // zero probability.
-  auto slot_of = [&](int tile) -> int {
-    const int t = tile * TILE + lane % TILE;
-    if (ROPE && t == new_key) return -1;  // the rope builds put the new key into the stage themselves
-    return t < ctx ? btab[t / block_size] * block_size + t % block_size : -1;
-  };
+  // come from `slot_lanes` (lane r < TILE holds key r's slot), found an iteration ahead by slot_of,
+  // once a key: a chunk's address is then a shuffle and a multiply-add. Keys past the context are
+  // zero-filled: a NaN there would survive a zero probability.
   const scalar_t* k_head = k_cache + (i64)kvh * HEAD_DIM;
   const scalar_t* v_head = v_cache + (i64)kvh * HEAD_DIM;
   auto load_tile = [&](int stage, int slot_lanes) {
@@ -202,16 +230,13 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
     }
     cp_async_commit();
   };
-  // This warp's tiles: warp, warp + WARPS, ...; the i-th of them goes to stage i % STAGES.
-  const int num_tiles = req >= 0 ? (ctx + TILE - 1) / TILE : 0;
-  const int my_tiles = num_tiles > warp ? (num_tiles - warp + WARPS - 1) / WARPS : 0;
   // Of the first STAGES - 1 tiles, those whose keys are all from earlier steps (below `cached`,
   // which no kernel of this step writes; the block tables may be read here, common.cuh) are copied
   // before the wait, so that their DRAM round trip overlaps the rotary kernel: in a decode step only
   // the tile holding the row's own new key waits. Tile by tile: a prefix of this warp's tiles (it was
   // all of them or none, and at batch 1 with 4 warps a context under 128 keys loaded nothing early).
   auto prologue_tile = [&](int s) {
-    if (s < my_tiles) load_tile(s, slot_of(warp + s * WARPS));
+    if (s < my_tiles) load_tile(s, slot_of(s));
     else cp_async_commit();  // an empty group keeps the wait counts uniform
   };
   int early = 0;  // such tiles are whole tiles inside the context, so s < my_tiles for each
@@ -219,8 +244,6 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s)
     if (s < early) prologue_tile(s);
-  // The slots of the loop's first copy, read ahead (block tables only, as above).
-  int slot_ahead = STAGES - 1 < my_tiles ? slot_of(warp + (STAGES - 1) * WARPS) : -1;
   pdl_enter();
   // The rope builds: the writer warp's new key and value, and their stash ([k | v]) for the copy of
   // the key's tile. Called after the tile copies are issued, and with the query loads in flight.
@@ -248,6 +271,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s)
     if (s >= early) prologue_tile(s);  // in order after the early ones: group i is still tile i
+  int slot_ahead = STAGES - 1 < my_tiles ? slot_of(STAGES - 1) : -1;  // the loop's first copy
 
   // The query rows: row m is head kvh * group + m (rows >= group are zeros), as A fragments for
   // every k-step of 16 head dims.
@@ -296,7 +320,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
     const int tile = warp + i * WARPS, next = i + STAGES - 1;
     if (next < my_tiles) {
       load_tile(next % STAGES, slot_ahead);  // the stage computed last iteration
-      slot_ahead = next + 1 < my_tiles ? slot_of(warp + (next + 1) * WARPS) : -1;
+      slot_ahead = next + 1 < my_tiles ? slot_of(next + 1) : -1;
     } else {
       cp_async_commit();
     }

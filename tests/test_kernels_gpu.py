@@ -789,6 +789,13 @@ def test_attention_block_sizes(gpu, gpu_split, rng, monkeypatch, block_size):
         _run_attention([gpu], rng, decode, nkv=2, group=7, head_dim=128, pad_rows=1, block_size=block_size)
 
 
+def test_attention_rejects_block_size_not_power_of_two(gpu, rng):
+    """The kernels find a key's cache block by shifts, so the wrapper refuses other block sizes."""
+    _, (q, kc, vc, meta) = _attention_case(gpu, rng, [(1, 30)], nkv=2, group=2, head_dim=64, block_size=12)
+    with pytest.raises(ValueError, match="power of two"):
+        gpu.paged_attention(q, kc, vc, meta, 0.125)
+
+
 def test_prefill_attention_long_prompt(gpu, rng):
     _run_attention([gpu], rng, [(1100, 1100), (3, 3)], nkv=2, group=4, head_dim=128)
 

@@ -222,6 +222,9 @@ def check_cache(b, k_cache, v_cache, nkv: int, hd: int) -> None:
         raise ValueError(f"KV cache: k {k_cache.shape}, v {v_cache.shape}; expected [num_blocks, block_size, {nkv}, {hd}]")
     if k_cache.data.ptr % 16 or v_cache.data.ptr % 16:
         raise ValueError("KV cache: base address must be 16-byte aligned")
+    block_size = k_cache.shape[1]
+    if block_size <= 0 or block_size & (block_size - 1):  # the kernels find a key's block by shifts
+        raise ValueError(f"KV cache: block_size must be a power of two, got {block_size}")
 
 
 def _heads_view(b, name: str, x, num_tokens: int) -> int:
