@@ -223,7 +223,7 @@ def check_cache(b, k_cache, v_cache, nkv: int, hd: int) -> None:
     if k_cache.data.ptr % 16 or v_cache.data.ptr % 16:
         raise ValueError("KV cache: base address must be 16-byte aligned")
     block_size = k_cache.shape[1]
-    if block_size <= 0 or block_size & (block_size - 1):  # the kernels find a key's block by shifts
+    if block_size <= 0 or block_size & (block_size - 1):  # attention_decode_tc.cu finds a key's block by shifts
         raise ValueError(f"KV cache: block_size must be a power of two, got {block_size}")
 
 
