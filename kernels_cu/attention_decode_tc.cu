@@ -11,7 +11,8 @@
 // One block per (query row, KV head) pair: grid (num_kv_heads, num_tokens), WARPS warps. Warp w
 // takes tiles w, w + WARPS, ... of TILE keys and streams them through its own shared memory, STAGES
 // tiles in flight (cp.async: no registers held by loads in flight), with the online softmax of the
-// prefill kernel; the warps' partial results meet in shared memory at the end. No split over
+// prefill kernel; with several warps their partial results meet in shared memory at the end, and
+// one warp writes its result itself. No split over
 // blocks: the backend uses it where the pairs alone fill the GPU (cuda_attention.decode_build),
 // and picks the entry point (warps, tile, stages) by how many pairs each SM gets. Any context length;
 // nothing depends on host values that change between steps except through the metadata arrays,
@@ -131,7 +132,6 @@ __device__ __forceinline__ void new_kv(const scalar_t* k_src, const scalar_t* v_
 template <int WARPS, int TILE, int STAGES, bool ROPE>
 __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rope) {
   static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (slot_of)");
-  static_assert(WARPS >= 2, "the warps' partials always meet in shared memory");
   static_assert(2 * STAGES * TILE * DTC_LD * 2 >= (16 * DTC_OLD + 32) * 4, "a warp's partials fit in its stages");
   extern __shared__ __align__(16) unsigned char dtc_smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -271,7 +271,9 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s)
     if (s >= early) prologue_tile(s);  // in order after the early ones: group i is still tile i
-  int slot_ahead = STAGES - 1 < my_tiles ? slot_of(STAGES - 1) : -1;  // the loop's first copy
+  // The loop's first copy's slots. Found an iteration ahead rather than at the copy: slot_of is only
+  // a shuffle now, but at batch 1 (1-3 tiles a warp) calling it at the copy cost 0.6% (NOTES #84).
+  int slot_ahead = STAGES - 1 < my_tiles ? slot_of(STAGES - 1) : -1;
 
   // The query rows: row m is head kvh * group + m (rows >= group are zeros), as A fragments for
   // every k-step of 16 head dims.
@@ -356,9 +358,23 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
     __syncwarp();  // every lane is done with this stage before the next iteration refills it
   }
 
+  cp_async_wait<0>();
+  if constexpr (WARPS == 1) {  // the warp's result is the output: lane (g, c) holds columns j * 8 + 2c, + 1
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = g + 8 * h;
+      if (m < group) {
+        const float inv = 1.f / row_sum[h];
+        scalar_t* dst = out + (head0 + m) * HEAD_DIM + 2 * c;
+#pragma unroll
+        for (int j = 0; j < HEAD_DIM / 8; ++j)
+          *reinterpret_cast<unsigned int*>(dst + j * 8) = pack2(o_acc[j][2 * h] * inv, o_acc[j][2 * h + 1] * inv);
+      }
+    }
+    return;
+  }
   // The warps' partial results (unnormalized O, max, sum per row) into shared memory, over this
   // warp's own (drained) tile stages; a warp that got no tile has max -inf, sum 0 and O 0.
-  cp_async_wait<0>();
   // Rows padded by 8 floats: the 8 rows a store instruction spans (g) fall in different banks
   // (ncu counted 7.6-way conflicts on these stores unpadded).
   float* s_o = reinterpret_cast<float*>(s_k);  // [16][DTC_OLD]
@@ -375,24 +391,33 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
     }
   }
   __syncthreads();
+  // A thread takes column pairs: (row m, columns 2p, 2p + 1) for idx = m * HEAD_DIM / 2 + p. The
+  // loop is unrolled over a thread's (at most 16 * HEAD_DIM / 64) pairs so that their shared loads
+  // are in flight together: element by element, one dependent chain after another, this took
+  // ~1.7 us of a 256-row launch (session 20's clock probe).
   const int per_warp = 2 * STAGES * TILE * DTC_LD;  // elements of scalar_t
-  for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += 32 * WARPS) {
-    const int m = idx / HEAD_DIM, d = idx - m * HEAD_DIM;
-    float mx = RVLLM_NEG_INF;
+  constexpr int PAIRS = HEAD_DIM / 2, MAX_ITERS = (16 * PAIRS + 32 * WARPS - 1) / (32 * WARPS);
+#pragma unroll
+  for (int it = 0; it < MAX_ITERS; ++it) {
+    const int idx = threadIdx.x + it * 32 * WARPS, m = idx / PAIRS, p = idx - m * PAIRS;
+    if (m >= group) break;
+    float mx = RVLLM_NEG_INF, ml[WARPS];
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-      const float* ml = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp) + 16 * DTC_OLD;
-      mx = fmaxf(mx, ml[m]);
+      ml[w] = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp)[16 * DTC_OLD + m];
+      mx = fmaxf(mx, ml[w]);
     }
-    float o = 0.f, l = 0.f;
+    float o0 = 0.f, o1 = 0.f, l = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       const float* ow = reinterpret_cast<const float*>(reinterpret_cast<const scalar_t*>(dtc_smem) + w * per_warp);
-      const float wgt = exp2f(ow[16 * DTC_OLD + m] - mx);  // 0 for a warp without tiles
-      o += wgt * ow[m * DTC_OLD + d];
+      const float wgt = exp2f(ml[w] - mx);  // 0 for a warp without tiles
+      const float2 v = *reinterpret_cast<const float2*>(ow + m * DTC_OLD + 2 * p);
+      o0 += wgt * v.x;
+      o1 += wgt * v.y;
       l += wgt * ow[16 * DTC_OLD + 16 + m];
     }
-    out[(head0 + m) * HEAD_DIM + d] = from_f32(o / l);
+    *reinterpret_cast<unsigned int*>(out + (head0 + m) * HEAD_DIM + 2 * p) = pack2(o0 / l, o1 / l);
   }
 }
 
@@ -409,10 +434,10 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
       DECODE_TC_ROPE_PARAMS) { \
     decode_tc<W, T, S, true>(DECODE_TC_ROPE_ARGS); \
   }
-// On an H200 (bench/op_times.py --attention-variants, session 7) these beat the 1-warp 32-key, the
-// 2-warp 3-stage and the 4-warp 2-stage builds end to end or per op; see cuda_attention.tc_build.
-DECODE_TC_ENTRY(2, 16, 2)
-DECODE_TC_ENTRY(2, 16, 3)
+// One warp a pair with 32-key tiles where the pairs fill the SMs (no combine: on an H200 a real
+// 256-way run's launches went from 20.6 to 19.2 us against the 2-warp 16-key build, NOTES #86); 4 warps
+// a pair below that. See cuda_attention.tc_build.
+DECODE_TC_ENTRY(1, 32, 3)
 DECODE_TC_ENTRY(4, 16, 3)
 // The same 4-warp build for steps of at most one pair per SM. The backend gives it the smallest
 // shared-memory carveout that holds a block: left to the driver it took the largest (233 KB, for

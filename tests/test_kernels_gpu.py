@@ -578,7 +578,7 @@ def test_decode_attention_large_group(gpu, rng):
     _run_attention([gpu], rng, [(1, 33), (1, 600)], nkv=1, group=16, head_dim=128)
 
 
-@pytest.fixture(params=["w2_t16_s2", "w4_t16_s3"])
+@pytest.fixture(params=["w1_t32_s3", "w4_t16_s3"])
 def tensor_core_decode(request, monkeypatch):
     """Every decode step on one build of attention_decode_tc.cu (warps per pair x keys per tile),
     whatever its size (where head size and group allow). Returns the kernel's name."""

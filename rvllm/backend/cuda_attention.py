@@ -47,9 +47,6 @@ _TC_MIN_PAIRS_PER_SM = float(os.environ.get("RVLLM_DECODE_TC_MIN_PAIRS_PER_SM", 
 # #41), because the kernel's shared-memory carveout differed from the GEMVs' around it (#50). With
 # DECODE_TC_ONE_PER_SM's carveout, H200, batch 1: 1.5b 753.6 -> 803.3 tok/s, 7b 234.0 -> 238.7.
 TC_SHORT_CONTEXT = int(os.environ.get("RVLLM_DECODE_TC_SHORT_CONTEXT", "192"))
-# Tiles in flight per warp of the 2-warp build (2 or 3; both are compiled). 3 since the first tiles
-# are copied before the PDL wait (session 11, H200: 256-way 61.9-62.2k tok/s with 2, 62.7-62.8k with 3).
-_TC_MANY_PAIRS_STAGES = int(os.environ.get("RVLLM_DECODE_TC_STAGES", "3"))
 # RVLLM_DECODE_ROPE=1 (an experiment setting, off by default): decode steps that run the
 # tensor-core kernel with more than one (row, KV head) pair per SM take rotary and the KV-cache
 # write into it (its rope builds, decode_rope) instead of the rotary kernel. H200, qwen2.5-1.5b
@@ -75,15 +72,16 @@ DECODE_SPLIT_BUILDS = {"paged_attention_split_kernel": nvrtc.DECODE_NUM_THREADS,
 
 
 def tc_build(pairs: int, num_sms: int) -> str:
-    """attention_decode_tc.cu's entry point for a step of `pairs` (row, KV head) pairs: 4 warps a
-    pair, 3 tiles in flight each, while the pairs alone leave SMs short of warps; 2 warps from 3 pairs
-    per SM (more blocks resident); DECODE_TC_ONE_PER_SM, the 4-warp build with a small shared-memory
-    carveout, up to one pair per SM (batch 1 with short contexts). H200, us (bench/op_times.py),
-    session 7: 1.5b 256 rows x 192 keys 22.6 (w2 s2) vs 26.6 (w4 s2) / 24.0 (w4 s3); 128 x 192 15.2
-    vs 10.7 (w4 s3). Session 11, with the first tiles copied before the PDL wait, 256 x 144: w2 s2
-    15.6, w2 s3 14.0, w4 s3 17.6."""
+    """attention_decode_tc.cu's entry point for a step of `pairs` (row, KV head) pairs:
+    - from 3 pairs per SM, one warp a pair with 32-key tiles, 3 in flight: no combine of warps, and
+      a real 256-way run's launches (qwen2.5-1.5b, 255 keys, H200) took 19.2 us against 20.6 for the
+      2-warp 16-key build that ran there before (NOTES #86);
+    - up to one pair per SM (batch 1 with short contexts), DECODE_TC_ONE_PER_SM, the 4-warp build with
+      a small shared-memory carveout;
+    - between, 4 warps a pair, 3 tiles in flight each, since the pairs alone leave SMs short of warps
+      (H200, session 7, bench/op_times.py: 128 rows x 192 keys 10.7 us against 15.2 for 2 warps)."""
     if pairs >= 3 * num_sms:
-        return nvrtc.decode_tc_kernel(2, 16, _TC_MANY_PAIRS_STAGES)
+        return nvrtc.decode_tc_kernel(1, 32, 3)
     return DECODE_TC_ONE_PER_SM if pairs <= num_sms else nvrtc.decode_tc_kernel(4, 16, 3)
 
 

@@ -29,7 +29,7 @@ from rvllm.backend.cuda_launch import Kernel
 
 DTYPES = ("float16", "bfloat16")
 # attention_decode_tc.cu's entry points: (warps per (row, KV head) pair, keys per tile, tiles in flight per warp)
-DECODE_TC_BUILDS = ((2, 16, 2), (2, 16, 3), (4, 16, 3))
+DECODE_TC_BUILDS = ((1, 32, 3), (4, 16, 3))
 # The 4-warp build again, as its own entry point for steps of at most one (row, KV head) pair per
 # SM, so that it can carry its own shared-memory carveout (cuda_attention.DECODE_TC_ONE_PER_SM).
 DECODE_TC_ONE_PER_SM = "paged_attention_decode_tc_w4_t16_s3_one_per_sm_kernel"
