@@ -231,6 +231,27 @@ def test_add_norm_linear(gpu, rng, num_tokens, d, n, form):
     assert (fused is not None) == (num_tokens <= 8 and d % 8 == 0)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 2])
+@pytest.mark.parametrize("warps", [4, 5, 6, 7])
+@pytest.mark.parametrize("d,inter", [(1536, 8960), (3584, 2100)])
+def test_add_norm_silu_block_sizes(gpu, rng, monkeypatch, num_tokens, warps, d, inter):
+    """The SiLU form at every block size cuda_gemv.silu_block_warps may pick (the 8-warp default is
+    test_add_norm_linear's), with more units than one pass of the grid holds (qwen2.5-1.5b's
+    gate_up: 8,960 units; the 3-chunk and 4-chunk stretch forms), against the CPU."""
+    from rvllm.backend import cuda_gemv
+
+    monkeypatch.setattr(cuda_gemv, "silu_block_warps", lambda *a: warps)
+    x = rounded(gpu, rng.standard_normal((num_tokens, d)))
+    res = rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu, rng.standard_normal((2 * inter, d)) / np.sqrt(d))
+    out = gpu.gemv.add_norm_linear(gpu.weight(x), gpu.weight(res), gpu.weight(nw), 1e-6, gpu.weight(w), None, "silu_and_mul")
+    assert out is not None
+    ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, None, "silu_and_mul")
+    check(gpu, out[0], ref_out, f"add_norm_linear silu, {warps}-warp blocks")
+    check(gpu, out[1], ref_res, "new residual", tol=1e-2)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 8])
 # N not a multiple of 16 (a partial tile); K of 2 steps (one warp), 48 (6 warps), 592 (8 warps, 74 steps each)
 @pytest.mark.parametrize("k,n", [(64, 96), (1536, 40), (1536, 2048), (18944, 96)])

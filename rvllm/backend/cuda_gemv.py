@@ -91,6 +91,36 @@ def silu_stretch_chunks(k: int) -> int:
     return 3 if -(-chunks // 96) == -(-chunks // 128) else 4
 
 
+# Block sizes (warps) the SiLU form may take instead of 8 (silu_block_warps).
+SILU_BLOCK_WARPS = (7, 6, 5, 4)
+# ... when the warp-slot time they waste is at least this much smaller than 8 warps'.
+_SILU_BLOCK_MIN_GAIN = 0.03
+
+
+def silu_block_warps(units: int, k: int, num_sms: int, resident) -> int:
+    """Warps a block of the SiLU form (one warp a unit) for `units` output units and K = k;
+    resident(warps) is how many such blocks an SM holds at once.
+
+    The grid is one wave of resident blocks and every warp takes a unit a pass, so the launch costs
+    about passes x warp slots of unit-times: where the last pass falls to a few warps, the rest idle
+    through it. qwen2.5-1.5b's gate_up (8,960 units) on 132 SMs at 2 blocks of 8 warps an SM is 4.24
+    passes, the last shared by a quarter of the warps (a session-20 clock probe saw its warps end
+    from 13 to 18 us); 3 blocks of 6 warps make 3.77 passes, 10% less slot time. H200, batch 1:
+    931-933 -> 947-948 tok/s; 7 and 5 warps, which this rule does not pick, 879 and 924. 8 warps
+    stay unless another size saves at least _SILU_BLOCK_MIN_GAIN: qwen2.5-7b's 18,944 units tie at 6
+    warps and ran 274 -> 252 tok/s there (bench/NOTES.md #88). Only sizes whose threads hold a row
+    in the norm prologue (K <= 8 * NORM_CHUNKS * threads) count."""
+    def cost(warps: int) -> int:
+        slots = num_sms * max(1, resident(warps)) * warps
+        return -(-units // slots) * slots
+
+    best, best_cost = _MAX_WARPS, cost(_MAX_WARPS)
+    for warps in SILU_BLOCK_WARPS:
+        if k <= 8 * _NORM_CHUNKS * 32 * warps and cost(warps) <= (1 - _SILU_BLOCK_MIN_GAIN) * best_cost:
+            best, best_cost = warps, cost(warps)
+    return best
+
+
 def split_k_tc(k: int) -> tuple[int, int, int]:
     """(ks, rpb, seg_steps) of gemv_tc.cu for K = k (a multiple of 32): segments of at least two
     stretches of 32-column steps, so that a tile's 16 x 8 outputs are summed over few warps, and at
@@ -118,11 +148,8 @@ class SmallBatchGemv:
         """Whether a step of `rows` rows goes to gemv_tc.cu: past the CUDA-core kernels' rows."""
         return self.max_rows < rows <= self.tc_max_rows and k % 32 == 0
 
-    def _grid(self, kernel, units: int, k: int, form: str, smem: int) -> tuple[int, int, int, int]:
-        """(blocks, threads, ks, seg_chunks) of a launch: blocks of ks * rpb warps (split_k; split_k_tc
-        for the "tc" form, whose units are tiles), at most as many as fit on the GPU at once."""
-        ks, rpb, seg_chunks = split_k_tc(k) if form == "tc" else split_k(k, form)
-        threads = 32 * ks * rpb
+    def _resident_blocks(self, kernel, threads: int, smem: int) -> int:
+        """Blocks of `threads` threads an SM holds at once, by registers, threads and shared memory."""
         key = (id(kernel), threads, smem)
         resident = self._resident.get(key)
         if resident is None:
@@ -131,6 +158,17 @@ class SmallBatchGemv:
             resident = max(1, min(2048 // threads, 32, 65536 // (regs * threads),
                                   _SMEM_PER_SM // (smem + static + 1024)))
             self._resident[key] = resident
+        return resident
+
+    def _grid(self, kernel, units: int, k: int, form: str, smem: int) -> tuple[int, int, int, int]:
+        """(blocks, threads, ks, seg_chunks) of a launch: blocks of ks * rpb warps (split_k; split_k_tc
+        for the "tc" form, whose units are tiles; silu_block_warps for the SiLU form), at most as many
+        as fit on the GPU at once."""
+        ks, rpb, seg_chunks = split_k_tc(k) if form == "tc" else split_k(k, form)
+        if form == "silu":
+            rpb = silu_block_warps(units, k, self.num_sms, lambda w: self._resident_blocks(kernel, 32 * w, smem))
+        threads = 32 * ks * rpb
+        resident = self._resident_blocks(kernel, threads, smem)
         return max(1, min(-(-units // rpb), self.num_sms * resident)), threads, ks, seg_chunks
 
     def _launch(self, kernel, units: int, k: int, form: str, args: tuple, smem: int = 0) -> None:
