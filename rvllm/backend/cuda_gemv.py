@@ -109,7 +109,8 @@ def silu_block_warps(units: int, k: int, num_sms: int, resident) -> int:
     931-933 -> 947-948 tok/s; 7 and 5 warps, which this rule does not pick, 879 and 924. 8 warps
     stay unless another size saves at least _SILU_BLOCK_MIN_GAIN: qwen2.5-7b's 18,944 units tie at 6
     warps and ran 274 -> 252 tok/s there (bench/NOTES.md #88). Only sizes whose threads hold a row
-    in the norm prologue (K <= 8 * NORM_CHUNKS * threads) count."""
+    in the norm prologue (K <= 8 * NORM_CHUNKS * threads) count. The same count did not pick
+    better sizes for the gemv form (NOTES #89), so split_k alone decides those."""
     def cost(warps: int) -> int:
         slots = num_sms * max(1, resident(warps)) * warps
         return -(-units // slots) * slots
