@@ -392,9 +392,9 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
   }
   __syncthreads();
   // A thread takes column pairs: (row m, columns 2p, 2p + 1) for idx = m * HEAD_DIM / 2 + p. The
-  // loop is unrolled over a thread's (at most 16 * HEAD_DIM / 64) pairs so that their shared loads
-  // are in flight together: element by element, one dependent chain after another, this took
-  // ~1.7 us of a 256-row launch (session 20's clock probe).
+  // loop is unrolled over a thread's pairs (16 rows x HEAD_DIM / 2 pairs at most, over the block's
+  // threads) so that their shared loads are in flight together: element by element, one dependent
+  // chain after another, this took ~1.7 us of a 256-row launch (session 20's clock probe, NOTES #85).
   const int per_warp = 2 * STAGES * TILE * DTC_LD;  // elements of scalar_t
   constexpr int PAIRS = HEAD_DIM / 2, MAX_ITERS = (16 * PAIRS + 32 * WARPS - 1) / (32 * WARPS);
 #pragma unroll
