@@ -12,9 +12,10 @@
 // that is neither read nor written). W is [N, K] row-major (HF's [out, in]); K is a multiple of 8
 // and every row pointer is 16-byte aligned (the wrapper in backend/cuda_gemv.py checks).
 //
-// Rounding matches the separate kernels: s, the normed input, the product and g and u are rounded
-// to the 16-bit type exactly where the unfused path stores them, so only fp32 summation order
-// differs.
+// Rounding follows the separate kernels: s, the normed input, the product and g and u are rounded
+// to the 16-bit type where the unfused path stores them, so in fp16 only fp32 summation order
+// differs. In bf16 the normed input is staged without its 1 / rms (rounded as s * w_norm), which
+// the finish applies to the sums (gemv_common.cuh, stage_add_norm).
 #include "gemv_stream.cuh"
 
 // The plain and SiLU forms' outputs: lane m writes row m's value of the unit.
@@ -23,6 +24,7 @@ struct FinishPlain {
   scalar_t* __restrict__ out;
   const scalar_t* __restrict__ bias;
   int rows;
+  float inv_rms;  // this lane's row's 1 / rms where the prologue deferred it (stage_add_norm), else 1
 
   __device__ __forceinline__ void operator()(float (&acc)[R][M], const GemvWork& w, int t,
                                              float (*red)[GEMV_MAX_WARPS][R][M], const NoExtra&) {
@@ -34,11 +36,11 @@ struct FinishPlain {
       if (w.lane != m || m >= rows) continue;
       if (SILU) {
         const int inter = w.units;
-        const float g = to_f32(from_f32(total[0][m])), u = to_f32(from_f32(total[R - 1][m]));
+        const float g = to_f32(from_f32(total[0][m] * inv_rms)), u = to_f32(from_f32(total[R - 1][m] * inv_rms));
         out[(i64)m * inter + n] = from_f32(g / (1.f + expf(-g)) * u);  // as silu_and_mul_kernel
       } else {
         const float b = bias != nullptr ? to_f32(bias[n]) : 0.f;
-        out[(i64)m * w.units + n] = from_f32(total[0][m] + b);
+        out[(i64)m * w.units + n] = from_f32(total[0][m] * inv_rms + b);
       }
     }
   }
@@ -55,9 +57,11 @@ struct FinishPlain {
     const GemvWork w = gemv_work(inter, K, ks, seg_chunks, U);                                        \
     WeightBatch<2, U> first;                                                                          \
     first.load(w, W, RowsStrided{inter}, 0);                                                          \
+    const NormWeights nw{norm_w};                                                                     \
+    nw.prefetch(K);                                                                                   \
     gemv_pdl_enter();                                                                                 \
-    stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
-    gemv_stream<M, 2, U>(first, w, W, RowsStrided{inter}, xs, K, FinishPlain<M, 2, true>{out, nullptr, rows}, rows); \
+    const float inv_rms = stage_add_norm<M>(xs, s_out, a, b, nw, eps, rows, K);                       \
+    gemv_stream<M, 2, U>(first, w, W, RowsStrided{inter}, xs, K, FinishPlain<M, 2, true>{out, nullptr, rows, inv_rms}, rows); \
   }
 
 // Launch: blockDim.x = 32 * ks * rpb (at most GEMV_MAX_WARPS warps), seg_chunks = ceil((K / 8) / ks).
@@ -70,7 +74,7 @@ struct FinishPlain {
     WeightBatch<1, 8> first;                                                                          \
     first.load(w, W, RowsStrided{0}, 0);                                                                           \
     gemv_pdl_enter(); /* the first weights are in flight while the previous kernel finishes */        \
-    gemv_stream<M, 1, 8>(first, w, W, RowsStrided{0}, x, x_stride, FinishPlain<M, 1, false>{out, bias, rows}, rows); \
+    gemv_stream<M, 1, 8>(first, w, W, RowsStrided{0}, x, x_stride, FinishPlain<M, 1, false>{out, bias, rows, 1.f}, rows); \
   }                                                                                                   \
   extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, 2) add_norm_gemv_m##M(               \
       scalar_t* __restrict__ out, scalar_t* __restrict__ s_out, const scalar_t* __restrict__ a,       \
@@ -82,9 +86,11 @@ struct FinishPlain {
     const GemvWork w = gemv_work(N, K, ks, seg_chunks, 8);                                            \
     WeightBatch<1, 8> first;                                                                          \
     first.load(w, W, RowsStrided{0}, 0); /* before the prologue: the weight stream runs while the norm waits */    \
+    const NormWeights nw{norm_w};                                                                                  \
+    nw.prefetch(K);                                                                                                \
     gemv_pdl_enter();                                                                                 \
-    stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                         \
-    gemv_stream<M, 1, 8>(first, w, W, RowsStrided{0}, xs, K, FinishPlain<M, 1, false>{out, bias, rows}, rows);   \
+    const float inv_rms = stage_add_norm<M>(xs, s_out, a, b, nw, eps, rows, K);                       \
+    gemv_stream<M, 1, 8>(first, w, W, RowsStrided{0}, xs, K, FinishPlain<M, 1, false>{out, bias, rows, inv_rms}, rows); \
   }                                                                                                   \
   SILU_ENTRY_POINT(M, 4, )
 

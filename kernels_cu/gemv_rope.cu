@@ -77,6 +77,7 @@ struct FinishRope {
   RowsRope rows_of;
   int num_heads, num_kv_heads, rows;
   int slot;  // this lane's token's cache slot (lane m < rows)
+  float inv_rms;  // this lane's row's 1 / rms where the prologue deferred it (stage_add_norm), else 1
 
   __device__ __forceinline__ void operator()(float (&acc)[2][M], const GemvWork& w, int t,
                                              float (*red)[GEMV_MAX_WARPS][2][M], const RopeExtra& e) {
@@ -88,8 +89,8 @@ struct FinishRope {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       if (w.lane != m || m >= rows) continue;
-      const float x1 = to_f32(from_f32(total[0][m] + to_f32(e.b1)));
-      const float x2 = to_f32(from_f32(total[1][m] + to_f32(e.b2)));
+      const float x1 = to_f32(from_f32(total[0][m] * inv_rms + to_f32(e.b1)));
+      const float x2 = to_f32(from_f32(total[1][m] * inv_rms + to_f32(e.b2)));
       scalar_t* dst;
       bool rotate = true;
       if (h < num_heads) {
@@ -131,12 +132,14 @@ struct FinishRope {
     }                                                                                                    \
     WeightBatch<2, U, RopeExtra> first;                                                                  \
     first.load(w, W, rows_of, 0);                                                                        \
+    const NormWeights nw{norm_w};                                                                        \
+    nw.prefetch(K);                                                                                      \
     gemv_pdl_enter();                                                                                    \
-    stage_add_norm<M>(xs, s_out, a, b, norm_w, eps, rows, K);                                            \
+    const float inv_rms = stage_add_norm<M>(xs, s_out, a, b, nw, eps, rows, K);                          \
     rows_of.with_cos = true;                                                                             \
     if (lane < rows && w.unit(0) < w.units) rows_of.load_cos(first.e, w.unit(0));                        \
     gemv_stream<M, 2, U>(first, w, W, rows_of, xs, K,                                                    \
-                         FinishRope<M>{q_out, k_cache, v_cache, rows_of, num_heads, num_kv_heads, rows, slot}, rows); \
+                         FinishRope<M>{q_out, k_cache, v_cache, rows_of, num_heads, num_kv_heads, rows, slot, inv_rms}, rows); \
   }
 
 ROPE_ENTRY_POINT(1, 4, )

@@ -20,8 +20,6 @@
 #pragma once
 #include "gemv_common.cuh"
 
-#define GEMV_MAX_WARPS 8
-
 // Where this warp works: the block-uniform pass sequence and its own unit slot and K segment.
 struct GemvWork {
   int units, K, chunks, ks, rpb, seg_chunks, stretches, passes;
