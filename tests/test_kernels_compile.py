@@ -204,6 +204,24 @@ def test_silu_block_warps_fills_the_last_pass():
         assert 4 <= warps <= 8
 
 
+def test_k_slices_only_long_k_products_over_few_tiles():
+    """backend/cuda_ksplit.k_slices (host side): the down projections of the presets split in K up to
+    the row counts measured to gain on an H200 (132 SMs), every other product never; slices are
+    16-byte aligned and at least MIN_SLICE_K long."""
+    from rvllm.backend.cuda_ksplit import MIN_SLICE_K, k_slices
+
+    assert [k_slices(r, 1536, 8960, 132) for r in (3, 64, 128, 256, 512, 1024)] == [4, 4, 4, 4, 2, 1]  # qwen2.5-1.5b
+    assert [k_slices(r, 3584, 18944, 132) for r in (3, 64, 128, 129, 256)] == [2, 2, 2, 1, 1]  # qwen2.5-7b
+    assert [k_slices(r, 4096, 14336, 132) for r in (3, 128, 256)] == [2, 2, 1]  # llama-3.1-8b
+    # qkv, o_proj and gate_up of the presets (llama-3.1-8b's qkv lost at every row count in K-slices)
+    for n, k in ((2048, 1536), (1536, 1536), (17920, 1536), (4608, 3584), (3584, 3584), (6144, 4096), (4096, 4096),
+                 (28672, 4096), (576, 1536)):
+        assert all(k_slices(r, n, k, 132) == 1 for r in (3, 8, 64, 128, 256, 512)), (n, k)
+    for k in range(8, 40000, 8):
+        s = k_slices(3, 96, k, 132)
+        assert s in (1, 2, 4, 8) and k % (8 * s) == 0 and (s == 1 or k // s >= MIN_SLICE_K)
+
+
 def test_gemv_silu_stretch_chunks_takes_3_only_with_no_more_stretches():
     """The SiLU form's stretch width (chunks a lane a row): 3 where a unit then needs as many
     stretches as with 4 (so fewer lanes idle), else 4."""

@@ -205,6 +205,55 @@ def test_linear(gpu, rng, num_tokens, k, n, bias):
         assert gpu.gemv.linear(gpu.weight(x), gpu.weight(w)) is not None
 
 
+# More rows than gemv.cu takes; N of 96 and 520 (a reduce-kernel grid of partial blocks); K-slices of
+# 1,120 to 9,472 columns; 256 rows with a K of 18,944 (4.8 M partial sums)
+@pytest.mark.parametrize("num_tokens,k,n", [(9, 8960, 1536), (17, 8960, 96), (64, 4096, 520), (256, 18944, 96)])
+@pytest.mark.parametrize("slices", [2, 4, 8])
+def test_linear_k_slices(gpu, rng, monkeypatch, num_tokens, k, n, slices):
+    """backend/cuda_ksplit.py: cuBLAS products of K-slices into fp32 partials, then the reduce kernel
+    (gemm_reduce.cu), against the CPU; x with contiguous rows and with a row stride wider than K."""
+    from rvllm.backend import cuda_ksplit
+
+    monkeypatch.setattr(cuda_ksplit, "k_slices", lambda *a: slices)
+    x = rounded(gpu, rng.standard_normal((num_tokens, k)))
+    w = rounded(gpu, rng.standard_normal((n, k)) / np.sqrt(k))
+    ref = CPU.linear(x, w, None)
+    wd = gpu.weight(w)
+    out = gpu.weight(np.full((num_tokens, n), np.nan, np.float32))  # an unwritten output stays NaN
+    assert gpu.ksplit(gpu.weight(x), wd, out)  # the split path took it
+    check(gpu, out, ref, f"linear in {slices} K-slices")
+    check(gpu, gpu.linear(gpu.weight(x), wd), ref, f"backend linear, {slices} K-slices")
+    strided = gpu.weight(np.concatenate([x, x[:, :64]], axis=1))[:, :k]  # rows 16-byte aligned, not contiguous
+    check(gpu, gpu.linear(strided, wd), ref, f"backend linear, {slices} K-slices, strided x")
+
+
+def test_linear_k_slices_in_a_graph(gpu, rng, monkeypatch):
+    """The K-slice product captured in a CUDA graph (the batched cuBLAS call through ctypes while
+    capturing, cuda_blas) and replayed on new inputs, as the decode graphs do."""
+    import cupy as cp
+
+    from rvllm.backend import cuda_ksplit
+
+    monkeypatch.setattr(cuda_ksplit, "k_slices", lambda *a: 4)
+    k, n, rows = 8960, 1536, 64
+    x1, x2 = (rounded(gpu, rng.standard_normal((rows, k))) for _ in range(2))
+    w = rounded(gpu, rng.standard_normal((n, k)) / np.sqrt(k))
+    xd, wd = gpu.weight(x1), gpu.weight(w)
+    pool = cp.cuda.MemoryPool()
+    with gpu.stream, gpu.graph_capture():
+        gpu.linear(xd, wd)  # warm-up: compiles the reduce kernel, lets cuBLAS choose
+        gpu.stream.synchronize()
+        with cp.cuda.using_allocator(pool.malloc):
+            gpu.stream.begin_capture()
+            out = gpu.linear(xd, wd)
+            graph = gpu.stream.end_capture()
+        for x in (x1, x2):
+            xd[...] = gpu.weight(x)
+            graph.launch(gpu.stream)
+            gpu.stream.synchronize()
+            check(gpu, out, CPU.linear(x, w, None), "linear in K-slices, graph replay")
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 8, 9, 40])
 # 3072 at 8 rows: 48 KiB of normed rows, which with the kernel's static shared memory needs the opt-in
 @pytest.mark.parametrize("d,n", [(64, 96), (1536, 2048), (3072, 64), (3584, 512), (4096, 512), (4100, 64)])

@@ -21,6 +21,7 @@ import numpy as np
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
 from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
 from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
+from rvllm.backend.cuda_ksplit import KSliceGemm
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.cuda_wgmma import make_wgmma
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
@@ -99,6 +100,9 @@ class CudaBackend(DeviceTransfers):
         self.num_sms = int(num_sms)
         self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms, gemv_tc_max_rows)
         self.wgmma = make_wgmma(self, self.num_sms, wgmma_rows)  # None: off, or not an sm_90 GPU
+        # Long-K products over few output tiles as cuBLAS products of K-slices (cuda_ksplit);
+        # $RVLLM_GEMM_K_SLICES=0 leaves them to cublasGemmEx's own split, for comparison.
+        self.ksplit = KSliceGemm(self, self.num_sms) if os.environ.get("RVLLM_GEMM_K_SLICES", "1") != "0" else None
 
     def prepare_kernels(self, head_dim: int) -> None:
         """Starts compiling the kernels a model of this head size needs (those the disk cache
@@ -330,6 +334,8 @@ class CudaBackend(DeviceTransfers):
                     (out.shape[0],), (256,), (out, bias, np.int32(out.shape[1])))
             beta = self._beta1
         if out.size and x2.shape[1]:
+            if bias is None and self.ksplit is not None and self.ksplit(x2, weight, out):
+                return out.reshape(*x.shape[:-1], weight.shape[0])
             self._gemm(x2, weight, out, self._gemm_type, beta)
         elif out.size and bias is None:
             out.fill(0)

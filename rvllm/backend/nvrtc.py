@@ -70,6 +70,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
                 + ("add_norm_gemv_silu_u3_m1", "add_norm_gemv_silu_u3_m2"), False),
     "gemv_rope.cu": (tuple(f"add_norm_gemv_rope{u}_m{m}" for u in ("", "_u3") for m in (1, 2)), False),
     "gemv_tc.cu": (("gemv_tc", "add_norm_gemv_tc", "add_norm_gemv_silu_tc"), False),
+    "gemm_reduce.cu": (("k_slices_reduce_kernel",), False),
     "gemm_wgmma.cu": (("gemm_wgmma_n64", "gemm_wgmma_n128", "gemm_wgmma_n256", "gemm_wgmma_reduce"), False),
     "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "race_kernel", "select_count_kernel",
                      "select_gather_kernel", "select_kernel", "philox_kernel"), False),

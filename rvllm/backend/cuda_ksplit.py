@@ -1,0 +1,76 @@
+"""Products with a long K and few output tiles (the MLP's down projection at 3-512 token rows) as
+cuBLAS products of K-slices into fp32 partial sums, added in a fixed order by
+kernels_cu/gemm_reduce.cu.
+
+cublasGemmEx splits such a product over K itself (its split-K kernel, then cublasLt's
+splitKreduce_kernel), and the pair is slower than one strided-batched call over S slices of K
+(cuBLAS then picks an unsplit kernel for each) followed by our reduction. H200, session 21
+(bench/gemm_k_slices.py, us a product with the reduction): qwen2.5-1.5b's down (1536 x 8960) at
+256 rows 17.8 with gemmEx against 15.3 in 4 slices, at 512 rows 26.2 against 23.1 in 2;
+qwen2.5-7b's (3584 x 18944) at 128 rows 43.9 against 40.3 in 2. bench/RESULTS.md has the tables.
+
+The rule (k_slices), for products whose K is at least twice their N: as many slices (8, 4 or 2) as
+keep the output tiles of 128 x 128 times the slices within FILL of the SMs, with slices of at least
+MIN_SLICE_K columns (shorter ones lost). bench/gemm_k_slices.py times every S against gemmEx at a
+model's shapes, to check the rule on another card.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import cupy as cp
+except Exception:  # ImportError, or a broken CUDA install (cuda.py says the same)
+    cp = None
+
+from rvllm.backend import cuda_blas
+
+TILE = 128  # the output tile the rule counts in (rows and columns)
+FILL = 0.76  # tiles x slices at most this share of the SMs (100 of an H100's or H200's 132)
+MIN_SLICE_K = 2048
+LONG_K = 2  # only products with K >= LONG_K * N: down (K / N = 3.5-5.8 in the presets). llama-3.1-8b's
+# qkv (6144 x 4096) lost at every row count, its o_proj (4096 x 4096) at 64-128 rows
+SLICES = (8, 4, 2)
+
+
+def k_slices(rows: int, n: int, k: int, num_sms: int) -> int:
+    """How many K-slices the product of `rows` token rows by an [n, k] weight takes (1: one gemmEx)."""
+    if k < LONG_K * n:
+        return 1
+    tiles = -(-rows // TILE) * -(-n // TILE)
+    for s in SLICES:
+        if k % (8 * s) == 0 and k // s >= MIN_SLICE_K and tiles * s <= FILL * num_sms:
+            return s
+    return 1
+
+
+class KSliceGemm:
+    """out = x @ weight.T as k_slices() cuBLAS products of K-slices and the reduce kernel."""
+
+    def __init__(self, ops, num_sms: int):
+        self.ops = ops
+        self.num_sms = num_sms
+
+    def __call__(self, x, weight, out) -> bool:
+        """Runs the product into `out` ([rows, N], C-contiguous, the compute dtype) when the rule
+        splits it; returns False (nothing launched) otherwise. x: [rows, K] with contiguous rows,
+        16-byte aligned; weight [N, K] C-contiguous."""
+        rows, k = x.shape
+        n = weight.shape[0]
+        s = k_slices(rows, n, k, self.num_sms)
+        if s < 2 or n % 8 or x.strides[0] % 16 or x.data.ptr % 16 or weight.data.ptr % 16 \
+                or not weight.flags.c_contiguous or not out.flags.c_contiguous:
+            return False
+        ks = k // s  # a multiple of 8: every slice starts 16-byte aligned
+        parts = cp.empty((s, rows, n), dtype=np.float32)
+        ops = self.ops
+        cuda_blas.gemm_strided_batched_ex(
+            n, rows, ks, ops._alpha.ctypes.data, weight.data.ptr, ops._gemm_type, k, ks,
+            x.data.ptr, ops._gemm_type, x.strides[0] // x.itemsize, ks,
+            ops._beta0.ctypes.data, parts.data.ptr, cuda_blas.CUDA_R_32F, n, rows * n, s)
+        elems = rows * n
+        threads = 256
+        blocks = min(-(-(elems // 8) // threads), 8 * self.num_sms)
+        ops._kernel("gemm_reduce.cu", "k_slices_reduce_kernel")(
+            (blocks,), (threads,), (out, parts, np.int64(elems), np.int32(s)))
+        return True
