@@ -103,6 +103,34 @@ def test_gpu_greedy_with_tensor_core_decode(tiny, monkeypatch, enforce_eager):
         assert llm.engine.runner.graphs.num_replays > 0
 
 
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_gpu_greedy_with_k_slice_products(tiny, monkeypatch, enforce_eager):
+    """Every cuBLAS product (steps of 3 or more rows: the prompts, and decode steps of the 4 requests)
+    in two K-slices and the reduce kernel (backend/cuda_ksplit.py, which the rule gives only long-K
+    products, none of this model's): the greedy tokens are the float64 reference's, in eager steps
+    and in graph replays."""
+    from rvllm import LLM, SamplingParams
+    from rvllm.backend import cuda_ksplit
+
+    split = []
+
+    def two_slices(rows, n, k, num_sms):
+        split.append(k % 16 == 0)
+        return 2 if split[-1] else 1
+
+    monkeypatch.setattr(cuda_ksplit, "k_slices", two_slices)
+    d, cfg, tensors = tiny
+    prompts = _prompts(cfg["vocab_size"], seed=3)
+    llm = LLM(str(d), device="cuda", block_size=16, skip_tokenizer_init=True, num_gpu_blocks_override=512,
+              enforce_eager=enforce_eager)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16,
+                                                                                ignore_eos=True))]
+    assert any(split), "no product took the K-slice path"
+    _assert_greedy_is_reference_argmax(cfg, tensors, prompts, got)
+    if not enforce_eager:
+        assert llm.engine.runner.graphs.num_replays > 0
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=7), dict(num_gpu_blocks_override=6),
                                 dict(enable_prefix_caching=False)],
                          ids=["default", "chunked", "preempt", "no-prefix-cache"])
