@@ -211,8 +211,8 @@ def test_k_slices_only_long_k_products_over_few_tiles():
     from rvllm.backend.cuda_ksplit import MIN_SLICE_K, k_slices
 
     assert [k_slices(r, 1536, 8960, 132) for r in (3, 64, 128, 256, 512, 1024)] == [4, 4, 4, 4, 2, 1]  # qwen2.5-1.5b
-    assert [k_slices(r, 3584, 18944, 132) for r in (3, 64, 128, 129, 256)] == [2, 2, 2, 1, 1]  # qwen2.5-7b
-    assert [k_slices(r, 4096, 14336, 132) for r in (3, 128, 256)] == [2, 2, 1]  # llama-3.1-8b
+    assert [k_slices(r, 3584, 18944, 132) for r in (3, 64, 128, 256, 257, 512)] == [2, 2, 2, 2, 1, 1]  # qwen2.5-7b
+    assert [k_slices(r, 4096, 14336, 132) for r in (3, 128, 256, 512)] == [2, 2, 2, 1]  # llama-3.1-8b
     # qkv, o_proj and gate_up of the presets (llama-3.1-8b's qkv lost at every row count in K-slices)
     for n, k in ((2048, 1536), (1536, 1536), (17920, 1536), (4608, 3584), (3584, 3584), (6144, 4096), (4096, 4096),
                  (28672, 4096), (576, 1536)):

@@ -10,8 +10,8 @@ splitKreduce_kernel), and the pair is slower than one strided-batched call over 
 qwen2.5-7b's (3584 x 18944) at 128 rows 43.9 against 40.3 in 2. bench/RESULTS.md has the tables.
 
 The rule (k_slices), for products whose K is at least twice their N: as many slices (8, 4 or 2) as
-keep the output tiles of 128 x 128 times the slices within FILL of the SMs, with slices of at least
-MIN_SLICE_K columns (shorter ones lost). bench/gemm_k_slices.py times every S against gemmEx at a
+keep the output tiles of 128 x 128 times the slices within FILL of the SMs (2 slices: within all of
+them), with slices of at least MIN_SLICE_K columns (shorter ones lost). bench/gemm_k_slices.py times every S against gemmEx at a
 model's shapes, to check the rule on another card.
 """
 from __future__ import annotations
@@ -26,7 +26,9 @@ except Exception:  # ImportError, or a broken CUDA install (cuda.py says the sam
 from rvllm.backend import cuda_blas
 
 TILE = 128  # the output tile the rule counts in (rows and columns)
-FILL = 0.76  # tiles x slices at most this share of the SMs (100 of an H100's or H200's 132)
+FILL = 0.76  # tiles x slices (4 or 8) at most this share of the SMs (100 of an H100's or H200's 132);
+# 2 slices up to all of them (qwen2.5-7b's and llama-3.1-8b's down at 256 rows: 56 and 64 tiles gained
+# in 2 slices, 7b at 128 rows lost in 4)
 MIN_SLICE_K = 2048
 LONG_K = 2  # only products with K >= LONG_K * N: down (K / N = 3.5-5.8 in the presets). llama-3.1-8b's
 # qkv (6144 x 4096) lost at every row count, its o_proj (4096 x 4096) at 64-128 rows
@@ -39,7 +41,8 @@ def k_slices(rows: int, n: int, k: int, num_sms: int) -> int:
         return 1
     tiles = -(-rows // TILE) * -(-n // TILE)
     for s in SLICES:
-        if k % (8 * s) == 0 and k // s >= MIN_SLICE_K and tiles * s <= FILL * num_sms:
+        fill = 1.0 if s == 2 else FILL
+        if k % (8 * s) == 0 and k // s >= MIN_SLICE_K and tiles * s <= fill * num_sms:
             return s
     return 1
 
