@@ -81,19 +81,13 @@ def _assert_greedy_is_reference_argmax(cfg, tensors, prompts, got):
                 assert tok == int(np.argmax(row)), f"step {i}: reference picks {int(np.argmax(row))}, rvllm {tok}"
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
-def test_gpu_greedy_with_tensor_core_decode(tiny, monkeypatch, enforce_eager):
-    """Every decode step on the tensor-core decode kernel (large steps use it by default; these
-    are small): the greedy tokens are the float64 reference's, in eager steps and in graph replays.
-    16 steps, as the scheduling test below: the kernel rounds the softmax weights to 16 bits before
-    P @ V (as the prefill kernel and FlashAttention do), which adds to the bf16 drift; over 32 steps
-    one qwen2 step whose two best logits were 3.1% of the row's scale apart flipped (H100)."""
+def _assert_16_greedy_steps_are_reference_argmax(tiny, seed: int, enforce_eager: bool) -> None:
+    """16 greedy steps of _prompts(seed) on the GPU, each the float64 reference's argmax; with graphs
+    on, some decode steps replayed them."""
     from rvllm import LLM, SamplingParams
-    from rvllm.backend import cuda_attention
 
-    monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
     d, cfg, tensors = tiny
-    prompts = _prompts(cfg["vocab_size"], seed=7)
+    prompts = _prompts(cfg["vocab_size"], seed=seed)
     llm = LLM(str(d), device="cuda", block_size=16, skip_tokenizer_init=True, num_gpu_blocks_override=512,
               enforce_eager=enforce_eager)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16,
@@ -104,12 +98,24 @@ def test_gpu_greedy_with_tensor_core_decode(tiny, monkeypatch, enforce_eager):
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_gpu_greedy_with_tensor_core_decode(tiny, monkeypatch, enforce_eager):
+    """Every decode step on the tensor-core decode kernel (large steps use it by default; these
+    are small): the greedy tokens are the float64 reference's, in eager steps and in graph replays.
+    16 steps, as the scheduling test below: the kernel rounds the softmax weights to 16 bits before
+    P @ V (as the prefill kernel and FlashAttention do), which adds to the bf16 drift; over 32 steps
+    one qwen2 step whose two best logits were 3.1% of the row's scale apart flipped (H100)."""
+    from rvllm.backend import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
+    _assert_16_greedy_steps_are_reference_argmax(tiny, 7, enforce_eager)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_gpu_greedy_with_k_slice_products(tiny, monkeypatch, enforce_eager):
     """Every cuBLAS product (steps of 3 or more rows: the prompts, and decode steps of the 4 requests)
     in two K-slices and the reduce kernel (backend/cuda_ksplit.py, which the rule gives only long-K
     products, none of this model's): the greedy tokens are the float64 reference's, in eager steps
     and in graph replays."""
-    from rvllm import LLM, SamplingParams
     from rvllm.backend import cuda_ksplit
 
     split = []
@@ -119,16 +125,8 @@ def test_gpu_greedy_with_k_slice_products(tiny, monkeypatch, enforce_eager):
         return 2 if split[-1] else 1
 
     monkeypatch.setattr(cuda_ksplit, "k_slices", two_slices)
-    d, cfg, tensors = tiny
-    prompts = _prompts(cfg["vocab_size"], seed=3)
-    llm = LLM(str(d), device="cuda", block_size=16, skip_tokenizer_init=True, num_gpu_blocks_override=512,
-              enforce_eager=enforce_eager)
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16,
-                                                                                ignore_eos=True))]
+    _assert_16_greedy_steps_are_reference_argmax(tiny, 3, enforce_eager)
     assert any(split), "no product took the K-slice path"
-    _assert_greedy_is_reference_argmax(cfg, tensors, prompts, got)
-    if not enforce_eager:
-        assert llm.engine.runner.graphs.num_replays > 0
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=7), dict(num_gpu_blocks_override=6),
