@@ -1,5 +1,5 @@
-"""Products with a long K and few output tiles (the MLP's down projection at 3-512 token rows) as
-cuBLAS products of K-slices into fp32 partial sums, added in a fixed order by
+"""Products with a long K and few output tiles (the MLP's down projection at 3 to a few hundred token
+rows) as cuBLAS products of K-slices into fp32 partial sums, added in a fixed order by
 kernels_cu/gemm_reduce.cu.
 
 cublasGemmEx splits such a product over K itself (its split-K kernel, then cublasLt's
@@ -11,8 +11,9 @@ qwen2.5-7b's (3584 x 18944) at 128 rows 43.9 against 40.3 in 2. bench/RESULTS.md
 
 The rule (k_slices), for products whose K is at least twice their N: as many slices (8, 4 or 2) as
 keep the output tiles of 128 x 128 times the slices within FILL of the SMs (2 slices: within all of
-them), with slices of at least MIN_SLICE_K columns (shorter ones lost). bench/gemm_k_slices.py times every S against gemmEx at a
-model's shapes, to check the rule on another card.
+them), with slices of at least MIN_SLICE_K columns (shorter ones lost). bench/gemm_k_slices.py times
+every S against gemmEx at a model's shapes, to check the rule on another card. The partial sums
+(S x rows x N floats, a few MB) are allocated per call, as the product's output is.
 """
 from __future__ import annotations
 
