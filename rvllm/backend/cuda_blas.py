@@ -1,8 +1,8 @@
 """cuBLAS matrix products for the CUDA backend: gemmEx (and its strided-batched form) with fp32
 accumulation, eager or captured.
 
-Eager calls go through CuPy's wrapper (cupy_backends.cuda.libs.cublas.gemmEx), which binds CuPy's
-handle to the current stream first. That wrapper refuses to run while the stream is capturing a
+Eager calls go through CuPy's wrappers (cupy_backends.cuda.libs.cublas.gemmEx, gemmStridedBatchedEx),
+which bind CuPy's handle to the current stream first. They refuse to run while the stream is capturing a
 CUDA graph (its setStream raises NotImplementedError), although cuBLAS supports capture. So
 inside `capturing()` the same cuBLAS function is called through ctypes on the same library and handle,
 after the handle was bound to the capture stream and to a fixed workspace before capture began
