@@ -3,7 +3,7 @@ accumulation, eager or captured.
 
 Eager calls go through CuPy's wrappers (cupy_backends.cuda.libs.cublas.gemmEx, gemmStridedBatchedEx),
 which bind CuPy's handle to the current stream first. They refuse to run while the stream is capturing a
-CUDA graph (its setStream raises NotImplementedError), although cuBLAS supports capture. So
+CUDA graph (CuPy's setStream raises NotImplementedError), although cuBLAS supports capture. So
 inside `capturing()` the same cuBLAS function is called through ctypes on the same library and handle,
 after the handle was bound to the capture stream and to a fixed workspace before capture began
 (cuBLAS then allocates nothing during capture, and replays use that workspace).
