@@ -7,6 +7,8 @@
 //   add_norm_gemv_m<M>:      s = a + b (or a), out = rms_norm(s) @ W^T (+ bias), s_out = s     qkv
 //   add_norm_gemv_silu_m<M>: same prologue; W = [gate; up] ([2I, K]), out = silu(g) * u ([M, I])
 //   add_norm_gemv_silu_u3_m<M>: the same with 3-chunk stretches (U = 3, below; M = 1, 2)
+//   add_norm_logits(_u6)_m1: s = a + b (or a), out = rms_norm(s) @ W^T in float32 (M = 1): the
+//                            final norm and the logits of a 1-row decode step
 //
 // M (1, 2, 4, 8) is the row count compiled for; `rows` <= M is the real one (the rest is padding
 // that is neither read nor written). W is [N, K] row-major (HF's [out, in]); K is a multiple of 8
@@ -18,10 +20,13 @@
 // the finish applies to the sums (gemv_common.cuh, stage_add_norm).
 #include "gemv_stream.cuh"
 
+__device__ __forceinline__ void store_out(scalar_t* p, float v) { *p = from_f32(v); }
+__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }  // the logits
+
 // The plain and SiLU forms' outputs: lane m writes row m's value of the unit.
-template <int M, int R, bool SILU>
+template <int M, int R, bool SILU, class OutT = scalar_t>
 struct FinishPlain {
-  scalar_t* __restrict__ out;
+  OutT* __restrict__ out;
   const scalar_t* __restrict__ bias;
   int rows;
   float inv_rms;  // this lane's row's 1 / rms where the prologue deferred it (stage_add_norm), else 1
@@ -37,10 +42,10 @@ struct FinishPlain {
       if (SILU) {
         const int inter = w.units;
         const float g = to_f32(from_f32(total[0][m] * inv_rms)), u = to_f32(from_f32(total[R - 1][m] * inv_rms));
-        out[(i64)m * inter + n] = from_f32(g / (1.f + expf(-g)) * u);  // as silu_and_mul_kernel
+        out[(i64)m * inter + n] = from_f32(g / (1.f + expf(-g)) * u);  // as silu_and_mul_kernel (OutT: scalar_t)
       } else {
         const float b = bias != nullptr ? to_f32(bias[n]) : 0.f;
-        out[(i64)m * w.units + n] = from_f32(total[0][m] * inv_rms + b);
+        store_out(out + (i64)m * w.units + n, total[0][m] * inv_rms + b);
       }
     }
   }
@@ -94,6 +99,33 @@ struct FinishPlain {
   }                                                                                                   \
   SILU_ENTRY_POINT(M, 4, )
 
+// The final norm and the logits (float32, as cuBLAS writes them on the general path) of a 1-row
+// decode step: the gemv form's add_norm prologue without s_out (nothing reads the residual after
+// the last layer), replacing the norm kernel and cuBLAS's product of lm_head. Stretches of U chunks
+// a lane in blocks resident B to an SM: U = 6 at 3 blocks (80 registers) where that takes K in as
+// many stretches as U = 8 does (backend/cuda_gemv.logits_stretch_chunks; K = 1536 is one stretch of
+// 192 chunks, 64 lanes' slots empty at U = 8). H200, qwen2.5-1.5b's lm_head (151936 x 1536), us a
+// call: U = 8 at 2 blocks 112.2, U = 6 at 2 blocks 109.7, at 3 blocks 106.0-106.4; cuBLAS 110-117
+// (bench/NOTES.md #93). Not at 2 rows: there this form took 135 us against 114-118 for the norm
+// kernel and cuBLAS.
+#define LOGITS_ENTRY_POINT(U, B, SUFFIX)                                                              \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, B) add_norm_logits##SUFFIX##_m1(   \
+      float* __restrict__ out, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,        \
+      const scalar_t* __restrict__ norm_w, float eps, const scalar_t* __restrict__ W, int rows, int N, \
+      int K, int ks, int seg_chunks) {                                                                \
+    extern __shared__ __align__(16) unsigned char gemv_smem[];                                        \
+    scalar_t* xs = reinterpret_cast<scalar_t*>(gemv_smem);                                            \
+    const GemvWork w = gemv_work(N, K, ks, seg_chunks, U);                                            \
+    WeightBatch<1, U> first;                                                                          \
+    first.load(w, W, RowsStrided{0}, 0);                                                              \
+    const NormWeights nw{norm_w};                                                                     \
+    nw.prefetch(K);                                                                                   \
+    gemv_pdl_enter();                                                                                 \
+    const float inv_rms = stage_add_norm<1>(xs, nullptr, a, b, nw, eps, rows, K);                    \
+    gemv_stream<1, 1, U>(first, w, W, RowsStrided{0}, xs, K,                                          \
+                         FinishPlain<1, 1, false, float>{out, nullptr, rows, inv_rms}, rows);         \
+  }
+
 GEMV_ENTRY_POINTS(1)
 GEMV_ENTRY_POINTS(2)
 GEMV_ENTRY_POINTS(4)
@@ -102,3 +134,5 @@ GEMV_ENTRY_POINTS(8)
 // form would spill registers).
 SILU_ENTRY_POINT(1, 3, _u3)
 SILU_ENTRY_POINT(2, 3, _u3)
+LOGITS_ENTRY_POINT(8, 2, )
+LOGITS_ENTRY_POINT(6, 3, _u6)

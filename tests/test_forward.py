@@ -57,6 +57,11 @@ def test_ragged_paged_forward_matches_reference(tmp_path, name):
         positions, meta = _meta([(s, n, blocks[k]) for k, s, n in step], ops)
         hidden = model.forward(np.array(ids, np.int32), positions, kv, meta)
         logits = model.compute_logits(hidden)
+        # the decode path's form (the final norm inside the logits op), into a given buffer: the same
+        # step again writes the same keys and values
+        out = np.full_like(logits, np.nan)
+        assert model.forward_logits(np.array(ids, np.int32), positions, kv, meta, out=out) is out
+        np.testing.assert_allclose(out, logits, rtol=1e-5, atol=1e-6)
         row = 0
         for k, s, n in step:
             got, want = logits[row:row + n], ref_logits[k][s:s + n]

@@ -238,6 +238,20 @@ def test_gemv_silu_stretch_chunks_takes_3_only_with_no_more_stretches():
     assert silu_stretch_chunks(1536) == 3 and silu_stretch_chunks(3584) == 4 and silu_stretch_chunks(4096) == 4
 
 
+def test_logits_stretch_chunks_takes_6_only_with_no_more_stretches():
+    """The logits form's stretch width: 6 chunks a lane where a split_k segment then needs as many
+    stretches as with 8, else 8 (whose build has no 6-chunk form's 3 blocks an SM to gain)."""
+    from rvllm.backend.cuda_gemv import logits_stretch_chunks, split_k
+
+    for k in range(8, 16385, 8):
+        seg = split_k(k, "gemv")[2]
+        u = logits_stretch_chunks(k)
+        assert u in (6, 8)
+        assert (u == 6) == (-(-seg // 192) == -(-seg // 256))
+    # qwen2.5-1.5b and SmolLM2: one full 6-chunk stretch; qwen2.5-7b and Llama 8B keep 8 (fewer stretches)
+    assert [logits_stretch_chunks(k) for k in (1536, 576, 3584, 4096)] == [6, 6, 8, 8]
+
+
 def test_gemv_tc_split_covers_k_in_segments_of_two_stretches_or_more():
     """gemv_tc.cu's work split: ks warps per tile cover the 32-column steps of K, in segments of at
     least two 4-step stretches unless 8 warps are needed; a block holds whole tiles."""

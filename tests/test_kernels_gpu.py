@@ -280,6 +280,38 @@ def test_add_norm_linear(gpu, rng, num_tokens, d, n, form):
     assert (fused is not None) == (num_tokens <= 8 and d % 8 == 0)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 2, 3])
+# 49152 and 30001 outputs: more units than one pass of the grid (SmolLM2's vocabulary; a ragged last
+# pass); K = 576 and 1536 take 6-chunk stretches, 3584 8-chunk ones (cuda_gemv.logits_stretch_chunks);
+# 4100: K not a multiple of 8 (the norm kernel and cuBLAS)
+@pytest.mark.parametrize("d,vocab", [(64, 96), (576, 49152), (1536, 30001), (3584, 5000), (4100, 64)])
+@pytest.mark.parametrize("form", ["first_layer", "residual"])
+def test_add_norm_logits(gpu, rng, num_tokens, d, vocab, form):
+    """The final norm and the logits: one gemv.cu kernel (float32 sums) at 1 row with K a multiple
+    of 8, the norm kernel and cuBLAS otherwise; into a NaN-filled `out` and allocated; against the
+    CPU."""
+    import cupy as cp
+
+    x = rounded(gpu, rng.standard_normal((num_tokens, d)))
+    res = None if form == "first_layer" else rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu, rng.standard_normal((vocab, d)) / np.sqrt(d))
+    dev = lambda a: None if a is None else gpu.weight(a)  # noqa: E731
+    x_dev, res_dev, nw_dev, w_dev = dev(x), dev(res), dev(nw), dev(w)
+    ref = CPU.add_norm_logits(x, res, nw, 1e-6, w)
+    out = cp.full((num_tokens, vocab), np.nan, dtype=np.float32)
+    got = gpu.add_norm_logits(x_dev, res_dev, nw_dev, 1e-6, w_dev, out=out)
+    assert got is out and got.dtype == np.float32
+    check(gpu, out, ref, f"add_norm_logits {form}")
+    check(gpu, gpu.add_norm_logits(x_dev, res_dev, nw_dev, 1e-6, w_dev), ref, f"add_norm_logits {form}, allocated")
+    check(gpu, x_dev, x, "input x untouched", tol=1e-7)
+    out.fill(np.nan)
+    fused = gpu.gemv.add_norm_logits(x_dev, res_dev, nw_dev, 1e-6, w_dev, out)
+    assert (fused is not None) == (num_tokens == 1 and d % 8 == 0)
+    if fused is not None:
+        check(gpu, out, ref, f"add_norm_logits {form}, gemv.cu")
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2])
 @pytest.mark.parametrize("warps", [4, 5, 6, 7])
 @pytest.mark.parametrize("d,inter", [(1536, 8960), (3584, 2100)])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear
+from rvllm.backend.fused import add_norm_logits as _add_norm_logits
 from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary
 from rvllm.backend.fused import qkv_rotary_attention as _qkv_rotary_attention
 from rvllm.bf16 import bf16_bits_to_float32
@@ -126,9 +127,17 @@ class CpuBackend:
         return _qkv_rotary_attention(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
                                      k_cache, v_cache, meta, neox, scale)
 
-    def logits(self, x: np.ndarray, lm_head: np.ndarray) -> np.ndarray:
-        """[B, H] x [V, H] -> [B, V] float32 logits."""
-        return self._matmul_t(x, lm_head).astype(np.float32, copy=False)
+    def add_norm_logits(self, x, residual, norm_weight, eps: float, lm_head, out=None):
+        """rms_norm(x + residual) @ lm_head.T, float32 [T, V]; see backend/fused.py."""
+        return _add_norm_logits(self, x, residual, norm_weight, eps, lm_head, out)
+
+    def logits(self, x: np.ndarray, lm_head: np.ndarray, out=None) -> np.ndarray:
+        """[B, H] x [V, H] -> [B, V] float32 logits (into `out`, a float32 [B, V] array, when given)."""
+        logits = self._matmul_t(x, lm_head).astype(np.float32, copy=False)
+        if out is None:
+            return logits
+        out[...] = logits
+        return out
 
     @staticmethod
     def _matmul_t(x: np.ndarray, weight: np.ndarray) -> np.ndarray:

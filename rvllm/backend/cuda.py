@@ -24,7 +24,7 @@ from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
 from rvllm.backend.cuda_ksplit import KSliceGemm
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.cuda_wgmma import make_wgmma
-from rvllm.backend.fused import add_norm_linear as _add_norm_linear
+from rvllm.backend.fused import add_norm_linear as _add_norm_linear, add_norm_logits as _add_norm_logits
 from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary, split_qkv as _split_qkv
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
@@ -357,23 +357,23 @@ class CudaBackend(DeviceTransfers):
                 return (self.silu_and_mul(y) if act == "silu_and_mul" else y), residual
         return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
 
-    def _check_add_norm(self, x, residual, norm_weight, weight, bias, act) -> None:
-        """add_norm_linear's argument checks (ValueError)."""
-        self._check("add_norm_linear x", x, ndim=2)
-        self._check("add_norm_linear weight", weight, ndim=2)
-        self._check("add_norm_linear norm weight", norm_weight, ndim=1)
+    def _check_add_norm(self, x, residual, norm_weight, weight, bias, act, op: str = "add_norm_linear") -> None:
+        """add_norm_linear's (or `op`'s) argument checks (ValueError)."""
+        self._check(f"{op} x", x, ndim=2)
+        self._check(f"{op} weight", weight, ndim=2)
+        self._check(f"{op} norm weight", norm_weight, ndim=1)
         if residual is not None:
-            self._check("add_norm_linear residual", residual, ndim=2)
+            self._check(f"{op} residual", residual, ndim=2)
             if residual.shape != x.shape:
-                raise ValueError(f"add_norm_linear: x {x.shape} and residual {residual.shape} differ")
+                raise ValueError(f"{op}: x {x.shape} and residual {residual.shape} differ")
         if weight.shape[1] != x.shape[1] or norm_weight.shape[0] != x.shape[1]:
-            raise ValueError(f"add_norm_linear: x {x.shape}, norm weight {norm_weight.shape}, weight {weight.shape}")
+            raise ValueError(f"{op}: x {x.shape}, norm weight {norm_weight.shape}, weight {weight.shape}")
         if bias is not None:
-            self._check("add_norm_linear bias", bias, ndim=1)
+            self._check(f"{op} bias", bias, ndim=1)
             if bias.shape[0] != weight.shape[0]:
-                raise ValueError(f"add_norm_linear: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
+                raise ValueError(f"{op}: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
         if act == "silu_and_mul" and weight.shape[0] % 2:
-            raise ValueError(f"add_norm_linear: silu_and_mul needs an even number of weight rows, got {weight.shape[0]}")
+            raise ValueError(f"{op}: silu_and_mul needs an even number of weight rows, got {weight.shape[0]}")
 
     def add_norm_qkv_rotary(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
                             k_cache, v_cache, slot_mapping, neox: bool):
@@ -425,15 +425,28 @@ class CudaBackend(DeviceTransfers):
         self._check("logits lm_head", lm_head, ndim=2)
         if lm_head.shape[1] != x2.shape[1]:
             raise ValueError(f"logits: x has {x2.shape[1]} features, lm_head is {lm_head.shape}")
-        shape = (x2.shape[0], lm_head.shape[0])
-        if out is None:
-            out = cp.empty(shape, dtype=np.float32)
-        else:
-            self._check("logits out", out, np.float32, ndim=2)
-            if out.shape != shape:
-                raise ValueError(f"logits: out is {out.shape}, expected {shape}")
+        out = self._logits_out("logits", x2, lm_head, out)
         if out.size:
             self._gemm(x2, lm_head, out, _CUDA_R_32F, self._beta0)
+        return out
+
+    def add_norm_logits(self, x, residual, norm_weight, eps: float, lm_head, out=None):
+        """rms_norm(x + residual) @ lm_head.T, float32 [T, V] (into `out` when given); see
+        backend/fused.py. One kernel (gemv.cu) for 1-row steps, the norm and cuBLAS otherwise."""
+        self._check_add_norm(x, residual, norm_weight, lm_head, None, None, "add_norm_logits")
+        out = self._logits_out("add_norm_logits", x, lm_head, out)
+        if x.size and self.gemv.add_norm_logits(x, residual, norm_weight, eps, lm_head, out) is not None:
+            return out
+        return _add_norm_logits(self, x, residual, norm_weight, eps, lm_head, out)
+
+    def _logits_out(self, op: str, x, lm_head, out):
+        """`out` checked as the [T, V] float32 result of `op`, or a new one."""
+        shape = (x.shape[0], lm_head.shape[0])
+        if out is None:
+            return cp.empty(shape, dtype=np.float32)
+        self._check(f"{op} out", out, np.float32, ndim=2)
+        if out.shape != shape:
+            raise ValueError(f"{op}: out is {out.shape}, expected {shape}")
         return out
 
     def silu_and_mul(self, x):

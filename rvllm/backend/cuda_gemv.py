@@ -1,12 +1,12 @@
 """Decode-sized linear layers on the GPU: the wrappers of kernels_cu/gemv.cu, gemv_rope.cu and gemv_tc.cu.
 
-CudaBackend.linear, add_norm_linear and add_norm_qkv_rotary route steps of at most `max_rows` token rows
-here (decode steps of 1 or 2 requests by default, DEFAULT_MAX_ROWS); gemv.cu's kernels are
-compiled for 1, 2, 4 and 8 rows and a step runs the smallest that holds it. Steps past max_rows
-and up to `tc_max_rows` (off by default) run gemv_tc.cu's tensor-core kernels; larger steps go to
-cuBLAS. A call the kernels cannot take (K not a multiple of 8, or of 32 on tensor cores; unaligned
-rows, a bias with the SiLU form, too much shared memory) returns None and the caller uses the
-general path.
+CudaBackend.linear, add_norm_linear, add_norm_qkv_rotary and add_norm_logits route steps of at
+most `max_rows` token rows here (decode steps of 1 or 2 requests by default, DEFAULT_MAX_ROWS);
+gemv.cu's kernels are compiled for 1, 2, 4 and 8 rows (the logits form for 1) and a step runs
+the smallest that holds it. Steps past max_rows and up to `tc_max_rows` (off by default) run
+gemv_tc.cu's tensor-core kernels; larger steps go to cuBLAS. A call the kernels cannot take (K not
+a multiple of 8, or of 32 on tensor cores; unaligned rows, a bias with the SiLU form, too much
+shared memory) returns None and the caller uses the general path.
 """
 from __future__ import annotations
 
@@ -89,6 +89,16 @@ def silu_stretch_chunks(k: int) -> int:
     one more load round trip."""
     chunks = k // 8
     return 3 if -(-chunks // 96) == -(-chunks // 128) else 4
+
+
+def logits_stretch_chunks(k: int) -> int:
+    """U of gemv.cu's logits form for K = k: 6 (in blocks resident 3 to an SM) where that takes a
+    K segment in no more stretches than 8 does, else 8. At K = 1536 one 6-chunk stretch of 192
+    chunks fills every lane where an 8-chunk one leaves 64 lanes' slots empty; the smaller stretch
+    also fits 3 blocks an SM. H200, qwen2.5-1.5b's lm_head at 1 row: 112.2 -> 106.0-106.4 us a call
+    (bench/NOTES.md #93). Segments are split_k's "gemv" ones, sized for 8-chunk stretches."""
+    seg = split_k(k, "gemv")[2]
+    return 6 if -(-seg // (32 * 6)) <= -(-seg // (32 * _GEMV_STRETCH)) else 8
 
 
 # Block sizes (warps) the SiLU form may take instead of 8 (silu_block_warps).
@@ -242,6 +252,25 @@ class SmallBatchGemv:
                          (out, _ptr(s_out), x, _ptr(residual), norm_weight, np.float32(eps), weight, _ptr(bias),
                           np.int32(rows), np.int32(n), np.int32(k)), smem)
         return out, (x if s_out is None else s_out)
+
+    def add_norm_logits(self, x, residual, norm_weight, eps: float, lm_head, out):
+        """out [1, V] float32 = rms_norm(x + residual) @ lm_head.T in one kernel (gemv.cu's
+        add_norm_logits, 1 row), or None. The caller has checked the shapes. At 2 rows this form
+        lost to the norm kernel and cuBLAS (H200, qwen2.5-1.5b: 135 against 114-118 us), so only
+        1-row steps (batch-1 decoding) take it."""
+        rows, k = x.shape
+        smem = k * x.itemsize
+        ks, rpb, _ = split_k(k, "gemv")
+        if (self._bucket(rows) != 1 or not self._norm_rows_fit(x, residual, lm_head, smem)
+                or k > 8 * _NORM_CHUNKS * 32 * ks * rpb):
+            return None
+        u6 = logits_stretch_chunks(k) == 6
+        kernel = self.ops._kernel("gemv.cu", f"add_norm_logits{'_u6' if u6 else ''}_m1")
+        self.ops._ensure_smem(kernel, smem)
+        n = lm_head.shape[0]
+        self._launch(kernel, n, k, "gemv", (out, x, _ptr(residual), norm_weight, np.float32(eps), lm_head,
+                                            np.int32(rows), np.int32(n), np.int32(k)), smem)
+        return out
 
     def add_norm_qkv_rotary(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
                             k_cache, v_cache, slot_mapping, neox: bool):

@@ -4,8 +4,9 @@
 projection and (for the MLP) SiLU-and-mul. `add_norm_qkv_rotary` is the attention half's start up
 to the KV cache: the same with the qkv projection, then rotary and the cache write.
 `qkv_rotary_attention` is that and attention: the attention half up to the output projection.
-CpuBackend runs them as written here. CudaBackend runs the first two as one kernel for
-decode-sized steps (kernels_cu/gemv.cu, gemv_rope.cu), and in the third can put rotary and the
+`add_norm_logits` is the model's end: the last residual add, the final norm and the logits.
+CpuBackend runs them as written here. CudaBackend runs the first two and the last as one kernel
+for decode-sized steps (kernels_cu/gemv.cu, gemv_rope.cu), and in the third can put rotary and the
 cache write into the tensor-core decode attention kernel (attention_decode_tc.cu's rope builds, an
 experiment setting: cuda_attention.DECODE_ROPE); as written here otherwise.
 """
@@ -49,6 +50,16 @@ def qkv_rotary_attention(ops, x, residual, norm_weight, eps: float, weight, bias
     q, residual = ops.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
                                           k_cache, v_cache, meta.slot_mapping, neox)
     return ops.paged_attention(q, k_cache, v_cache, meta, scale), residual
+
+
+def add_norm_logits(ops, x, residual, norm_weight, eps: float, lm_head, out=None):
+    """rms_norm(x + residual) @ lm_head.T as float32 logits [T, V] (into `out` when given).
+    residual None: x is the residual stream itself."""
+    if residual is None:
+        normed = ops.rms_norm(x, norm_weight, eps)
+    else:
+        normed, _ = ops.fused_add_rms_norm(x, residual, norm_weight, eps)
+    return ops.logits(normed, lm_head, out=out)
 
 
 def split_qkv(qkv, heads):

@@ -67,7 +67,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu"))
-                + ("add_norm_gemv_silu_u3_m1", "add_norm_gemv_silu_u3_m2"), False),
+                + ("add_norm_gemv_silu_u3_m1", "add_norm_gemv_silu_u3_m2", "add_norm_logits_m1", "add_norm_logits_u6_m1"),
+                False),
     "gemv_rope.cu": (tuple(f"add_norm_gemv_rope{u}_m{m}" for u in ("", "_u3") for m in (1, 2)), False),
     "gemv_tc.cu": (("gemv_tc", "add_norm_gemv_tc", "add_norm_gemv_silu_tc"), False),
     "gemm_reduce.cu": (("k_slices_reduce_kernel",), False),

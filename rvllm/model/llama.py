@@ -43,6 +43,20 @@ class LlamaModel:
     def forward(self, input_ids, positions, kv_caches, meta, num_layers: int | None = None):
         """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache) -> hidden [T, H].
         num_layers: run only the first ones (a warm-up: every layer has the same shapes)."""
+        hidden, residual = self._layers(input_ids, positions, kv_caches, meta, num_layers)
+        x, _ = self.ops.fused_add_rms_norm(hidden, residual, self.w.final_norm, self.spec.rms_norm_eps)
+        return x
+
+    def forward_logits(self, input_ids, positions, kv_caches, meta, out=None, num_layers: int | None = None):
+        """forward, then compute_logits of every row (a decode step: each row is a request's one new
+        token) -> logits [T, V] float32, into `out` when given. The final norm runs inside the
+        logits op (one kernel for 1-row steps on CUDA)."""
+        hidden, residual = self._layers(input_ids, positions, kv_caches, meta, num_layers)
+        return self.ops.add_norm_logits(hidden, residual, self.w.final_norm, self.spec.rms_norm_eps, self.w.lm_head,
+                                        out=out)
+
+    def _layers(self, input_ids, positions, kv_caches, meta, num_layers: int | None):
+        """The embedding and the layers -> (the last sublayer's output, the residual stream before it)."""
         s, ops = self.spec, self.ops
         # `hidden` is each sublayer's output before it joins the residual stream: add_norm_linear
         # adds it, normalizes and projects in one op (one kernel for decode-sized steps on CUDA).
@@ -54,8 +68,7 @@ class LlamaModel:
             act, residual = ops.add_norm_linear(hidden, residual, layer.post_norm, s.rms_norm_eps,
                                                 layer.gate_up, act="silu_and_mul")  # [T, I]
             hidden = ops.linear(act, layer.down)  # [T, H]
-        x, _ = ops.fused_add_rms_norm(hidden, residual, self.w.final_norm, s.rms_norm_eps)
-        return x
+        return hidden, residual
 
     def _attention(self, hidden, residual, positions, layer: LayerWeights, k_cache, v_cache, meta):
         """The attention half up to the output projection: (attention output [T, nh, hd], the

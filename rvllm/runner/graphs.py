@@ -155,9 +155,7 @@ class CudaGraphs:
         return ids, positions, meta, self.logits[:bucket]
 
     def _forward(self, ids, positions, meta, out, num_layers: int | None = None) -> None:
-        model = self.model
-        hidden = model.forward(ids, positions, self.kv_caches, meta, num_layers)  # [B, H]
-        self.ops.logits(hidden, model.w.lm_head, out=out)  # [B, V], one row per request
+        self.model.forward_logits(ids, positions, self.kv_caches, meta, out, num_layers)  # [B, V], a row a request
 
     def replay(self, bucket: int, max_seq_len: int | None = None):
         """Runs the bucket's graph on backend.stream (inputs already uploaded there): its short-context

@@ -252,11 +252,13 @@ class ModelRunner:
         meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=max(batch.query_lens),
                             max_seq_len=batch.max_seq_len, query_lens_host=batch.query_lens,
                             seq_lens_host=batch.seq_lens)
+        num_sample = len(batch.logits_indices) if batch.sample_rows else 0
+        if num_sample == batch.num_tokens and not batch.prompt_logprob_rows:  # a decode step: every row samples
+            return None, self.model.forward_logits(ids, positions, self.kv_caches, meta)  # [T, V]
         hidden = self.model.forward(ids, positions, self.kv_caches, meta)  # [T, H]
-        if not batch.sample_rows:
+        if not num_sample:
             return hidden, None
-        num_sample = len(batch.logits_indices)
-        if num_sample == batch.num_tokens:  # every row samples (a decode step): no gather
+        if num_sample == batch.num_tokens:  # every row samples: no gather
             rows = hidden
         else:
             rows = self.ops.embedding(logits_idx[:num_sample], hidden)  # a row gather (no CuPy kernel)
