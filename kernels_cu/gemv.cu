@@ -51,9 +51,10 @@ struct FinishPlain {
   }
 };
 
-// The SiLU form with stretches of U chunks a lane (entry point add_norm_gemv_silu<SUFFIX>_m<M>).
-#define SILU_ENTRY_POINT(M, U, SUFFIX)                                                                \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, 2) add_norm_gemv_silu##SUFFIX##_m##M( \
+// The SiLU form with stretches of U chunks a lane (entry point add_norm_gemv_silu<SUFFIX>_m<M>), in
+// blocks resident at least B to an SM.
+#define SILU_ENTRY_POINT(M, U, B, SUFFIX)                                                             \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV_MAX_WARPS, B) add_norm_gemv_silu##SUFFIX##_m##M( \
       scalar_t* __restrict__ out, scalar_t* __restrict__ s_out, const scalar_t* __restrict__ a,       \
       const scalar_t* __restrict__ b, const scalar_t* __restrict__ norm_w, float eps,                 \
       const scalar_t* __restrict__ W, int rows, int inter, int K, int ks, int seg_chunks) {           \
@@ -97,7 +98,7 @@ struct FinishPlain {
     const float inv_rms = stage_add_norm<M>(xs, s_out, a, b, nw, eps, rows, K);                       \
     gemv_stream<M, 1, 8>(first, w, W, RowsStrided{0}, xs, K, FinishPlain<M, 1, false>{out, bias, rows, inv_rms}, rows); \
   }                                                                                                   \
-  SILU_ENTRY_POINT(M, 4, )
+  SILU_ENTRY_POINT(M, 4, 2, )
 
 // The final norm and the logits (float32, as cuBLAS writes them on the general path) of a 1-row
 // decode step: the gemv form's add_norm prologue without s_out (nothing reads the residual after
@@ -131,8 +132,17 @@ GEMV_ENTRY_POINTS(2)
 GEMV_ENTRY_POINTS(4)
 GEMV_ENTRY_POINTS(8)
 // 3-chunk stretches for the steps the backend runs here by default (1-2 rows; at 4 and 8 rows this
-// form would spill registers).
-SILU_ENTRY_POINT(1, 3, _u3)
-SILU_ENTRY_POINT(2, 3, _u3)
+// form would spill registers). One row in bf16: 3 blocks of 8 warps an SM in 80 registers (96 let
+// 2 of 8 or 3 of 6), so more of the weight stream is in flight. H200, qwen2.5-1.5b's gate_up
+// (17920 x 1536) graph-timed: 14.83-14.86 -> 14.04-14.08 us a call, 32 bytes spilled (bench/NOTES.md
+// #94). fp16, whose prologue norms the rows before staging them, would spill 140 bytes at 80
+// registers and keeps 2 (not measured).
+#if NORM_DEFERRED
+#define SILU_U3_M1_BLOCKS 3
+#else
+#define SILU_U3_M1_BLOCKS 2
+#endif
+SILU_ENTRY_POINT(1, 3, SILU_U3_M1_BLOCKS, _u3)
+SILU_ENTRY_POINT(2, 3, 2, _u3)
 LOGITS_ENTRY_POINT(8, 2, )
 LOGITS_ENTRY_POINT(6, 3, _u6)

@@ -188,13 +188,15 @@ def test_gemv_split_k_covers_k_with_short_segments():
 def test_silu_block_warps_fills_the_last_pass():
     """The SiLU form's block size (host side): 8 warps unless another size wastes at least 3% less
     warp-slot time on a last pass shared by few warps. Resident blocks as cuda_gemv._resident_blocks
-    counts them by registers (qwen2.5-1.5b's 3-chunk form 88 a thread, the 4-chunk form 112)."""
+    counts them by registers (qwen2.5-1.5b's 3-chunk form 88 a thread, 80 in its bf16 1-row build, the
+    4-chunk form 112)."""
     from rvllm.backend.cuda_gemv import silu_block_warps
 
     def resident(regs):
         return lambda warps: min(2048 // (32 * warps), 65536 // (regs * 32 * warps))
 
     assert silu_block_warps(8960, 1536, 132, resident(88)) == 6  # qwen2.5-1.5b: 4.24 passes -> 3.77
+    assert silu_block_warps(8960, 1536, 132, resident(80)) == 8  # its bf16 1-row build: 3 blocks of 8, 2.83 passes
     assert silu_block_warps(18944, 3584, 132, resident(112)) == 8  # qwen2.5-7b: 6 warps only tie
     assert silu_block_warps(14336, 4096, 132, resident(112)) == 8  # llama-3.1-8b
     assert silu_block_warps(1536, 576, 132, resident(88)) == 8  # smollm2-135m: one pass

@@ -313,12 +313,12 @@ def test_add_norm_logits(gpu, rng, num_tokens, d, vocab, form):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2])
-@pytest.mark.parametrize("warps", [4, 5, 6, 7])
+@pytest.mark.parametrize("warps", [4, 5, 6, 7, 8])
 @pytest.mark.parametrize("d,inter", [(1536, 8960), (3584, 2100)])
 def test_add_norm_silu_block_sizes(gpu, rng, monkeypatch, num_tokens, warps, d, inter):
-    """The SiLU form at every block size cuda_gemv.silu_block_warps may pick (the 8-warp default is
-    test_add_norm_linear's), with more units than one pass of the grid holds (qwen2.5-1.5b's
-    gate_up: 8,960 units; the 3-chunk and 4-chunk stretch forms), against the CPU."""
+    """The SiLU form at every block size cuda_gemv.silu_block_warps may pick, with more units than
+    one pass of the grid holds (qwen2.5-1.5b's gate_up: 8,960 units; the 3-chunk and 4-chunk
+    stretch forms; 8 warps at 3 blocks an SM in bf16's 1-row 3-chunk build), against the CPU."""
     from rvllm.backend import cuda_gemv
 
     monkeypatch.setattr(cuda_gemv, "silu_block_warps", lambda *a: warps)

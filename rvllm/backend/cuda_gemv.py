@@ -120,7 +120,9 @@ def silu_block_warps(units: int, k: int, num_sms: int, resident) -> int:
     stay unless another size saves at least _SILU_BLOCK_MIN_GAIN: qwen2.5-7b's 18,944 units tie at 6
     warps and ran 274 -> 252 tok/s there (bench/NOTES.md #88). Only sizes whose threads hold a row
     in the norm prologue (K <= 8 * NORM_CHUNKS * threads) count. The same count did not pick
-    better sizes for the gemv form (NOTES #89), so split_k alone decides those."""
+    better sizes for the gemv form (NOTES #89), so split_k alone decides those. In bf16 the 1-row
+    3-chunk build now fits 3 blocks of 8 warps an SM (80 registers, gemv.cu): 2.83 passes, which 6
+    warps at 4 blocks only tie, so 8 stay (NOTES #94)."""
     def cost(warps: int) -> int:
         slots = num_sms * max(1, resident(warps)) * warps
         return -(-units // slots) * slots
