@@ -5,7 +5,8 @@ parameter records of rows new to their slots, the sparse edit lists (logit bias,
 allowed-token masks) and the penalty-state diffs are packed on the host into one buffer
 (gpu_sampler_inputs.py) and copied to the device once; `process_logits_kernel` applies the edits to
 a copy of the logits (only when a row has any), `sample_kernel` samples every row and computes
-logprobs; one device-to-host copy brings back the token ids (and the logprob rows when a row asked).
+logprobs; one device-to-host copy, on a stream of its own, brings back the token ids (and the
+logprob rows when a row asked).
 All-greedy steps with no edits and no logprobs run `argmax_kernel` only. Small batches without
 logprobs race in `race_kernel`, each row split over blocks, after the rows' thresholds (when a row
 has a top-k, top-p or min-p cut) were found split over blocks too (`select_*_kernel`). The kernels are in
@@ -91,6 +92,9 @@ class GpuSampler:
         # never read (no row has a slot).
         self._counts = self._seen = None
         self._no_state = cp.zeros(1, np.int32)
+        # The sampled ids go to the host on a stream of their own, so the next step's input copy
+        # and kernels, queued behind the sampler on the compute stream, need not wait for it.
+        self._copy_stream = cp.cuda.Stream(non_blocking=True)
         self.num_sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
 
     def _kernel(self, name: str):
@@ -119,7 +123,7 @@ class GpuSampler:
             self._kernel("argmax_kernel")((num_rows, splits), (THREADS,),
                                           (out, logits, np.int32(vocab), self._argmax_keys, self._argmax_done,
                                            np.uint64(0)))
-            return PendingSample(meta, num_rows, vocab, out)
+            return PendingSample(meta, num_rows, vocab, out, copy_stream=self._copy_stream)
 
         staged, dev, args = self._upload(meta, vocab, step, sampling=True)
         x = self._process(logits, dev, args, step) if meta.needs_logit_processing else logits
@@ -143,7 +147,8 @@ class GpuSampler:
         big = [i for i, k in enumerate(meta.num_logprobs) if k is not None and k > MAX_TOP_LOGPROBS] \
             if want_lp and vocab > MAX_TOP_LOGPROBS else []
         big_logits = x[cp.asarray(big, dtype=np.int32)] if big else None
-        return PendingSample(meta, num_rows, vocab, out, (big, big_logits), keep=(staged, dev))
+        return PendingSample(meta, num_rows, vocab, out, (big, big_logits), keep=(staged, dev),
+                             copy_stream=self._copy_stream)
 
     def kept_thresholds(self, logits, meta: SamplingMetadata) -> np.ndarray:
         """Per row, the threshold on (x - max) / T above which a sampling call keeps tokens (the top-k,
@@ -282,8 +287,12 @@ def _pinned(n: int, dtype) -> np.ndarray:
 class PendingSample:
     """A launched sampling step: device results, their copy to pinned host memory, an event after it."""
 
-    def __init__(self, meta: SamplingMetadata, num_rows: int, vocab: int, out=None, big=([], None), keep=None):
-        """big: (rows that asked more than MAX_TOP_LOGPROBS logprobs, a device copy of their logits)."""
+    def __init__(self, meta: SamplingMetadata, num_rows: int, vocab: int, out=None, big=([], None), keep=None,
+                 copy_stream=None):
+        """big: (rows that asked more than MAX_TOP_LOGPROBS logprobs, a device copy of their logits).
+        copy_stream: where the copy of `out` to the host runs, after the current stream's work so far
+        (an event), so that work queued later on the current stream does not wait for the copy; the
+        current stream itself when None. `out` stays referenced until result() has waited for it."""
         self.meta, self.num_rows, self.vocab = meta, num_rows, vocab
         self.token_ids = out[:num_rows] if out is not None else None  # device int32 [num_rows]
         self._big, self._big_logits = big
@@ -292,6 +301,11 @@ class PendingSample:
         if out is not None:
             self._host = _pinned(out.size, np.int32)
             stream = cp.cuda.get_current_stream()
+            if copy_stream is not None:
+                sampled = cp.cuda.Event(disable_timing=True)
+                sampled.record(stream)
+                copy_stream.wait_event(sampled)
+                stream = copy_stream
             out.data.copy_to_host_async(self._host.ctypes.data, out.nbytes, stream)
             self._event = cp.cuda.Event(disable_timing=True)
             self._event.record(stream)
