@@ -213,8 +213,9 @@ class ModelRunner:
         return pending
 
     def forward_step(self, sched, use_graphs: bool = True):
-        """Packs and uploads the step, runs the forward -> (StepBatch, hidden [T, H] or None after a
-        graph replay, logits [S, V] of the rows that sample or None, graph bucket or None). Runs on
+        """Packs and uploads the step, runs the forward -> (StepBatch, hidden [T, H] or None for a
+        decode step (a graph replay, or model.forward_logits eagerly), logits [S, V] of the rows that
+        sample or None, graph bucket or None). Runs on
         the current stream (execute makes backend.stream current); tests call it directly."""
         t0 = time.perf_counter()
         try:
@@ -247,7 +248,9 @@ class ModelRunner:
         return batch, hidden, logits, None
 
     def _forward_eager(self, batch, lay: StepLayout):
-        """(hidden [T, H], logits of the sampled rows [S, V] or None)."""
+        """(hidden [T, H], logits of the sampled rows [S, V] or None); a decode step (every row samples,
+        no prompt logprobs) runs forward_logits, whose final norm is inside the logits op, and has no
+        hidden."""
         ids, positions, slots, qsl, seq_lens, logits_idx, tables = self.inputs.views(lay)
         meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=max(batch.query_lens),
                             max_seq_len=batch.max_seq_len, query_lens_host=batch.query_lens,
