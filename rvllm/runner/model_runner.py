@@ -215,8 +215,8 @@ class ModelRunner:
     def forward_step(self, sched, use_graphs: bool = True):
         """Packs and uploads the step, runs the forward -> (StepBatch, hidden [T, H] or None for a
         decode step (a graph replay, or model.forward_logits eagerly), logits [S, V] of the rows that
-        sample or None, graph bucket or None). Runs on
-        the current stream (execute makes backend.stream current); tests call it directly."""
+        sample or None, graph bucket or None). Runs on the current stream (execute makes
+        backend.stream current); tests call it directly."""
         t0 = time.perf_counter()
         try:
             batch = collect(sched, self.block_size, self._prev_rows, self.inputs.table_slots)
