@@ -9,8 +9,9 @@ semantics). Differences a caller can see:
 - Integer inputs (token ids, positions, slot mapping, attention metadata) must be int32.
 - Ops launch on the current CuPy stream; the model runner makes `self.stream` current for its
   steps and captures CUDA graphs on it (graph_capture, and DecodeWorkspace in cuda_attention.py).
-The attention wrappers live in cuda_attention.py, the cuBLAS calls in cuda_blas.py, the host <->
-device transfers and weight uploads in cuda_upload.py and the kernel launches in cuda_launch.py.
+The composite ops (fused.py's) live in cuda_fused.py, the attention wrappers in cuda_attention.py,
+the cuBLAS calls in cuda_blas.py, the host <-> device transfers and weight uploads in
+cuda_upload.py and the kernel launches in cuda_launch.py.
 """
 from __future__ import annotations
 
@@ -19,13 +20,12 @@ import os
 import numpy as np
 
 from rvllm.backend import cuda_attention, cuda_blas, nvrtc
+from rvllm.backend.cuda_fused import FusedOps
 from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
 from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
 from rvllm.backend.cuda_ksplit import KSliceGemm
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.cuda_wgmma import make_wgmma
-from rvllm.backend.fused import add_norm_linear as _add_norm_linear, add_norm_logits as _add_norm_logits
-from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary, split_qkv as _split_qkv
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
 
@@ -53,7 +53,7 @@ def _chunk_threads(d: int) -> int:
     return min(1024, max(32, ((d + 7) // 8 + 31) // 32 * 32))
 
 
-class CudaBackend(DeviceTransfers):
+class CudaBackend(DeviceTransfers, FusedOps):
     name = "cuda"
 
     def __init__(self, dtype: str = "bfloat16", attention: str | None = None, gemv_max_rows: int | None = None,
@@ -341,83 +341,6 @@ class CudaBackend(DeviceTransfers):
             out.fill(0)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
-    def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
-        """(act(rms_norm(x + residual) @ weight.T + bias), x + residual); see backend/fused.py.
-        One kernel (gemv.cu) for steps of up to gemv.max_rows rows, the separate ops otherwise."""
-        self._check_add_norm(x, residual, norm_weight, weight, bias, act)
-        if x.shape[0] and x.shape[1]:
-            fused = self.gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias, act)
-            if fused is not None:
-                return fused
-            if bias is not None and residual is not None and not (self.wgmma is not None and self.wgmma.fits(x, weight)):
-                # cuBLAS with a bias: the norm kernel writes the bias rows that the product adds to.
-                y = cp.empty((x.shape[0], weight.shape[0]), dtype=self.compute_dtype)
-                normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps, fill=(y, bias))
-                self._gemm(normed, weight, y, self._gemm_type, self._beta1)
-                return (self.silu_and_mul(y) if act == "silu_and_mul" else y), residual
-        return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
-
-    def _check_add_norm(self, x, residual, norm_weight, weight, bias, act, op: str = "add_norm_linear") -> None:
-        """add_norm_linear's (or `op`'s) argument checks (ValueError)."""
-        self._check(f"{op} x", x, ndim=2)
-        self._check(f"{op} weight", weight, ndim=2)
-        self._check(f"{op} norm weight", norm_weight, ndim=1)
-        if residual is not None:
-            self._check(f"{op} residual", residual, ndim=2)
-            if residual.shape != x.shape:
-                raise ValueError(f"{op}: x {x.shape} and residual {residual.shape} differ")
-        if weight.shape[1] != x.shape[1] or norm_weight.shape[0] != x.shape[1]:
-            raise ValueError(f"{op}: x {x.shape}, norm weight {norm_weight.shape}, weight {weight.shape}")
-        if bias is not None:
-            self._check(f"{op} bias", bias, ndim=1)
-            if bias.shape[0] != weight.shape[0]:
-                raise ValueError(f"{op}: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
-        if act == "silu_and_mul" and weight.shape[0] % 2:
-            raise ValueError(f"{op}: silu_and_mul needs an even number of weight rows, got {weight.shape[0]}")
-
-    def add_norm_qkv_rotary(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
-                            k_cache, v_cache, slot_mapping, neox: bool):
-        """(rotated q [T, nh, hd], x + residual), rotated k and v into the paged cache; see
-        backend/fused.py. One kernel (gemv_rope.cu) for steps of 1-2 rows, the separate ops otherwise."""
-        fused = self._qkv_rotary_gemv(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
-                                      k_cache, v_cache, slot_mapping, neox)
-        if fused is not None:
-            return fused
-        return _add_norm_qkv_rotary(self, x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
-                                    k_cache, v_cache, slot_mapping, neox)
-
-    def qkv_rotary_attention(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
-                             k_cache, v_cache, meta, neox: bool, scale: float):
-        """(attention output [T, nh, hd], x + residual), rotated k and v into the paged cache; see
-        backend/fused.py. Rotary and the cache write run inside the qkv product's kernel where it
-        takes them (gemv_rope.cu, 1-2 rows), else inside decode attention where
-        cuda_attention.decode_rope takes the step (off by default), else as their own kernel."""
-        q_res = self._qkv_rotary_gemv(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
-                                      k_cache, v_cache, meta.slot_mapping, neox)
-        if q_res is None:
-            qkv, residual = self.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
-            out = cuda_attention.decode_rope(self, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale, neox)
-            if out is not None:
-                return out, residual
-            q, k, v = _split_qkv(qkv, heads)
-            q_res = self.rotary_and_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
-                                                neox), residual
-        return self.paged_attention(q_res[0], k_cache, v_cache, meta, scale), q_res[1]
-
-    def _qkv_rotary_gemv(self, x, residual, norm_weight, eps: float, weight, bias, heads, positions, cos_sin,
-                         k_cache, v_cache, slot_mapping, neox: bool):
-        """Checks add_norm_qkv_rotary's inputs; its result from gemv_rope.cu's one kernel, or None
-        where that kernel does not take the step."""
-        self._check_add_norm(x, residual, norm_weight, weight, bias, None)
-        nh, nkv, hd = heads
-        if weight.shape[0] != (nh + 2 * nkv) * hd:
-            raise ValueError(f"add_norm_qkv_rotary: weight {weight.shape} is not {(nh + 2 * nkv) * hd} rows of q, k, v")
-        cuda_attention.check_rotary_inputs(self, positions, cos_sin, k_cache, v_cache, slot_mapping, x.shape[0], nkv, hd)
-        if not (x.shape[0] and x.shape[1]):
-            return None
-        return self.gemv.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions,
-                                             cos_sin, k_cache, v_cache, slot_mapping, neox)
-
     def logits(self, x, lm_head, out=None):
         """[B, H] x [V, H] -> [B, V] float32 logits (cuBLAS writes float32 directly), into `out`
         (a C-contiguous float32 [B, V] array) when given."""
@@ -429,15 +352,6 @@ class CudaBackend(DeviceTransfers):
         if out.size:
             self._gemm(x2, lm_head, out, _CUDA_R_32F, self._beta0)
         return out
-
-    def add_norm_logits(self, x, residual, norm_weight, eps: float, lm_head, out=None):
-        """rms_norm(x + residual) @ lm_head.T, float32 [T, V] (into `out` when given); see
-        backend/fused.py. One kernel (gemv.cu) for 1-row steps, the norm and cuBLAS otherwise."""
-        self._check_add_norm(x, residual, norm_weight, lm_head, None, None, "add_norm_logits")
-        out = self._logits_out("add_norm_logits", x, lm_head, out)
-        if x.size and self.gemv.add_norm_logits(x, residual, norm_weight, eps, lm_head, out) is not None:
-            return out
-        return _add_norm_logits(self, x, residual, norm_weight, eps, lm_head, out)
 
     def _logits_out(self, op: str, x, lm_head, out):
         """`out` checked as the [T, V] float32 result of `op`, or a new one."""
