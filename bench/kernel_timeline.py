@@ -3,10 +3,12 @@
 Runs N prompts (as bench/throughput.py does) under PyTorch's profiler, which records every kernel
 the process launches through CUPTI, CuPy's and cuBLAS's included, graph replays too. On the GPU
 machine PyTorch is there for reference checks; rvllm itself never imports it. Steps are cut at the
-device-to-host copies of the sampled ids (one a step, in stream order); a step with the prefill
-attention kernel is a prompt step, the others are decode steps. For the decode steps (or, with
---prompt-steps, the prompt steps) it prints each kernel's device time a step, the step's period
-(copy to copy) and how much of it no kernel ran (launch gaps, waits on the host).
+device-to-host copies of the sampled ids (one a step; they run on a stream of their own, so the
+next step's first small kernels may fall before the cut: a step's kernels are a step's worth, not
+always its own); a step with the prefill attention kernel is a prompt step, the others are decode
+steps. For the decode steps (or, with --prompt-steps, the prompt steps) it prints each kernel's
+device time a step, the step's period (copy to copy) and how much of it no kernel ran (launch gaps,
+waits on the host).
 
     python bench/kernel_timeline.py --model qwen2.5-1.5b --num-prompts 256 --input-len 128 --output-len 32
 """
