@@ -95,15 +95,14 @@ for dtype in os.environ.get("SMOKE_DTYPES", "bfloat16,float16").split(","):
                 fused_qkv, res2 = b.add_norm_linear(x, res, norm_w, 1e-5, w_qkv, b_qkv)
                 fused_act, _ = b.add_norm_linear(x, None, norm_w, 1e-5, w_gu, act="silu_and_mul")
                 down = b.linear(fused_act, w_down)
-                ids = b.from_host(np.array([-1, 3, -2], np.int32))
-                b.fill_placeholders(ids, b.from_host(np.array([5, 6], np.int32)))
+                # a step's inputs: ids -1 and -2 read from the sampled ids [5, 6]; block tables by
+                # diffs: slot 1 gets ids 4, 9 from column 2; a padding row (slot -1)
+                src = b.from_host(np.array([-1, 3, -2, 1, -1, 2, 0, 0, 2, 2, 4, 9, 40, 0], np.int32))
+                dst, out_t, slot_t = b.zeros((14,), np.int32), b.zeros((2, 4), np.int32), b.zeros((3, 5), np.int32)
+                b.unpack_step_inputs(dst, src, 0, 3, b.from_host(np.array([5, 6], np.int32)), out_t, slot_t,
+                                     src[3:5], src[5:7], src[7:10], src[10:12], src[12:14], bs)
                 b.synchronize()
-                assert b.to_host(ids).tolist() == [5, 3, 6]
-                # block tables by diffs: slot 1 gets ids 4, 9 from column 2; a padding row (slot -1)
-                out_t, slot_t = b.zeros((2, 4), np.int32), b.zeros((3, 5), np.int32)
-                b.update_block_tables(out_t, slot_t, *(b.from_host(np.asarray(a, np.int32)) for a in
-                                                       ([1, -1], [2, 0], [0, 2, 2], [4, 9], [40, 0])), bs)
-                b.synchronize()
+                assert b.to_host(dst).tolist()[:3] == [5, 3, 6]
                 assert b.to_host(out_t).tolist() == [[0, 0, 4, 0], [0, 0, 0, 0]]
                 for name, arr in (("attention", o), ("mlp", act), ("logits", logits), ("fused qkv", fused_qkv),
                                   ("fused residual", res2), ("down", down)):

@@ -45,16 +45,17 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 // PDL attribute, so a kernel may start once every block of the kernel before it in the stream has
 // called pdl_launch_dependents() (or exited): its blocks fill SMs as the previous kernel's leave,
 // and load what does not depend on earlier kernels meanwhile. The contract, for every kernel here:
-//  - before pdl_wait(), read only what no kernel of the step writes: weights and the step's
-//    metadata (copied before the first kernel; the token ids are not: fill_placeholders_kernel
-//    writes them). backend/cuda.py's weight() waits for the kernels
-//    that convert weights, since a test may call a kernel right after. The block tables are
-//    written by the step's first kernel (update_block_tables_kernel): a kernel may read them
+//  - before pdl_wait(), read only what no kernel of the step writes (weights: backend/cuda.py's
+//    weight() waits for the kernels that convert weights, since a test may call a kernel right
+//    after), or the step's inputs: its metadata, token ids and block tables, all written by the
+//    step's first kernel (unpack_step_inputs_kernel, step_inputs.cu). A kernel may read those
 //    before its own wait only if, going back along the kernels before it that trigger before
 //    their wait, one comes to a kernel that triggers after its wait, for every kernel before that
-//    one has finished by then. The decode attention kernels read them so: before them come rotary
-//    and the products, which trigger first, then the previous layer's attention or, in the first
-//    layer, the embedding (and at larger steps cuBLAS, whose kernels do not trigger at all);
+//    one has finished by then, or to the start of a CUDA graph, whose first kernels start after
+//    all earlier work. The decode attention and rope kernels read them so: before them come
+//    rotary and the products, which trigger first, then the previous layer's attention or, in the
+//    first layer, the embedding or the graph's start (and at larger steps cuBLAS, whose kernels do
+//    not trigger at all);
 //  - write nothing before pdl_wait() (an earlier kernel may still read it);
 //  - call pdl_wait() in every block. It returns once the previous kernel has finished and its
 //    writes are visible; since that kernel waited too, so had every kernel before it.
@@ -114,6 +115,29 @@ __device__ __forceinline__ float block_max(float v) {
   __syncthreads();
   const int num_warps = blockDim.x >> 5;
   return warp_max(lane < num_warps ? s_part[lane] : RVLLM_NEG_INF);
+}
+
+// dst[0, n) = src[0, n) by the block: 16 bytes a thread when both are 16-byte aligned and n is a
+// multiple of 8, else an element a thread.
+__device__ __forceinline__ void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int n) {
+  if (((n & 7) == 0) && ((((size_t)src) | ((size_t)dst)) & 15) == 0) {
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+    uint4* d4 = reinterpret_cast<uint4*>(dst);
+    for (int i = threadIdx.x; i < (n >> 3); i += blockDim.x) d4[i] = s4[i];
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+// dst[0, hidden) = row `id` of the embedding table [vocab, hidden] by the block; a zero row for an
+// out-of-range id rather than a stray read.
+__device__ __forceinline__ void embedding_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ table,
+                                              int id, int hidden, int vocab) {
+  if (id < 0 || id >= vocab) {
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = 0;
+    return;
+  }
+  copy_row(dst, table + (i64)id * hidden, hidden);
 }
 
 // ---- ragged-batch metadata (backend AttentionMetadata) ----------------------------------------

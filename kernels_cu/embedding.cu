@@ -1,18 +1,7 @@
 // Embedding gather: out[t, :] = table[ids[t], :]. One block per token. Also the other copies of
-// rows the engine makes (the step's placeholders, a bias under a product) and dummy weights.
+// rows the engine makes (a bias under a product) and dummy weights. (Decode steps that replay a
+// CUDA graph gather their rows in step_inputs.cu instead.)
 #include "common.cuh"
-
-// dst[0, n) = src[0, n) by the block: 16 bytes a thread when both are 16-byte aligned and n is a
-// multiple of 8, else an element a thread.
-__device__ __forceinline__ void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int n) {
-  if (((n & 7) == 0) && ((((size_t)src) | ((size_t)dst)) & 15) == 0) {
-    const uint4* s4 = reinterpret_cast<const uint4*>(src);
-    uint4* d4 = reinterpret_cast<uint4*>(dst);
-    for (int i = threadIdx.x; i < (n >> 3); i += blockDim.x) d4[i] = s4[i];
-  } else {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
-  }
-}
 
 extern "C" __global__ void __launch_bounds__(256) embedding_kernel(
     scalar_t* __restrict__ out,          // [num_tokens, hidden]
@@ -21,24 +10,7 @@ extern "C" __global__ void __launch_bounds__(256) embedding_kernel(
     int hidden, int vocab) {
   pdl_enter();
   const i64 t = blockIdx.x;
-  const int id = ids[t];
-  scalar_t* dst = out + t * hidden;
-  if (id < 0 || id >= vocab) {  // out-of-range id: a zero row rather than a stray read
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = 0;
-    return;
-  }
-  copy_row(dst, table + (i64)id * hidden, hidden);
-}
-
-// Async scheduling: an input id -1 - k stands for row k of the previous step's sampled ids, which
-// the host has not read yet (runner/step_inputs.py packs them so). Runs before the forward.
-extern "C" __global__ void fill_placeholders_kernel(int* __restrict__ ids, const int* __restrict__ prev, int n) {
-  pdl_enter();
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) {
-    const int v = ids[i];
-    if (v < 0) ids[i] = prev[-1 - v];
-  }
+  embedding_row(out + t * hidden, table, ids[t], hidden, vocab);
 }
 
 // out[r, :] = row[:] for r < gridDim.x: a linear layer's bias laid under the cuBLAS product that then

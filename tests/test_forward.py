@@ -62,6 +62,12 @@ def test_ragged_paged_forward_matches_reference(tmp_path, name):
         out = np.full_like(logits, np.nan)
         assert model.forward_logits(np.array(ids, np.int32), positions, kv, meta, out=out) is out
         np.testing.assert_allclose(out, logits, rtol=1e-5, atol=1e-6)
+        # with the embedding rows gathered by the caller (as CUDA graphs' steps have them); other ids
+        # show that the rows, not the ids, are what the forward then reads
+        embedded = model.ops.embedding(np.array(ids, np.int32), model.w.embed)
+        other = np.zeros(len(ids), np.int32)
+        np.testing.assert_allclose(model.forward_logits(other, positions, kv, meta, embedded=embedded), logits,
+                                   rtol=1e-5, atol=1e-6)
         row = 0
         for k, s, n in step:
             got, want = logits[row:row + n], ref_logits[k][s:s + n]

@@ -551,16 +551,25 @@ def test_add_norm_qkv_rotary(gpu, rng, num_tokens, neox, d, nh, nkv, head_dim, f
         assert (fused is not None) == fits
 
 
+@pytest.mark.parametrize("placeholders", [True, False])
 @pytest.mark.parametrize("rows,width", [(1, 1), (3, 5), (37, 64), (300, 130)])
-def test_update_block_tables(gpu, rng, rows, width):
-    """The step's block tables from the per-slot table: new ids written from each row's first new
-    column (some rows none, some whole), the rows gathered with zeros past each context, padding
-    rows (slot -1) zero; the per-slot table updated as on the CPU. Twice, the second time on the
-    table the first left."""
+def test_unpack_step_inputs(gpu, rng, rows, width, placeholders):
+    """A step's staged inputs into the forward's buffer: copied (past them, the buffer keeps what it
+    held), the token ids packed as -1 - k read from the previous sampled ids (some ids not), and the
+    block tables from the per-slot table: new ids written from each row's first new column (some
+    rows none, some whole), the rows gathered with zeros past each context, padding rows (slot -1)
+    zero; the per-slot table updated as on the CPU. Twice, the second time on the table the first
+    left; the index arrays are views of the staged buffer, as the runner passes them. The second
+    time, with placeholders (every id then valid), the ids' embedding rows are gathered too (as
+    CUDA-graph steps do)."""
     num_slots, W, bs = rows + 2, width + 3, 16
     table = rng.integers(0, 1000, (num_slots, W)).astype(np.int32)
     table_d = gpu.from_host(table)
-    for _ in range(2):
+    vocab, hidden = 60000, 128 if rows % 2 == 0 else 76  # 76: not 8-column chunks, the element-wise copy
+    emb_d = gpu.weight(rng.standard_normal((vocab, hidden)).astype(np.float32))
+    emb = gpu.to_host(emb_d)
+    for it in range(2):
+        gather = it == 1 and placeholders
         slots = rng.permutation(num_slots)[:rows].astype(np.int32)
         slots[rng.random(rows) < 0.1] = -1
         col0 = rng.integers(0, W, rows).astype(np.int32)
@@ -569,12 +578,64 @@ def test_update_block_tables(gpu, rng, rows, width):
         off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         new_ids = rng.integers(0, 1000, int(off[-1])).astype(np.int32)
         seq_lens = rng.integers(0, width * bs + 1, rows).astype(np.int32)
+        prev = rng.integers(0, 50000, 2 * rows + 1).astype(np.int32)
+        ids = rng.integers(0, 50000, 2 * rows).astype(np.int32)
+        marked = rng.random(ids.size) < 0.5
+        ids[marked] = -1 - rng.integers(0, prev.size, int(marked.sum()))
+        head = rng.integers(-100, 100, 3).astype(np.int32)  # negative values outside the ids stay
+        parts = [head, ids, slots, col0, off, new_ids, seq_lens]
+        starts = np.cumsum([0] + [p.size for p in parts])
+        src = np.concatenate(parts).astype(np.int32)
+        views = [slice(int(starts[i]), int(starts[i + 1])) for i in range(2, 7)]
+        dst = np.full(src.size + 5, -7, np.int32)
         out = np.full((rows, width), -9, np.int32)
-        CPU.update_block_tables(out, table, slots, col0, off, new_ids, seq_lens, bs)
+        prev_arg = prev if placeholders else None
+        rows_out = np.full((ids.size + 1, hidden), np.nan, np.float32)
+        CPU.unpack_step_inputs(dst, src, int(starts[1]), ids.size, prev_arg, out, table,
+                               *(src[v] for v in views), bs, (emb, rows_out) if gather else None)
+        src_d = gpu.from_host(src)
+        dst_d = gpu.from_host(np.full(src.size + 5, -7, np.int32))
         out_d = gpu.from_host(np.full((rows, width), -9, np.int32))
-        gpu.update_block_tables(out_d, table_d, *(gpu.from_host(a) for a in (slots, col0, off, new_ids, seq_lens)), bs)
+        rows_d = gpu.from_host(np.full((ids.size + 1, hidden), np.nan, np.float32), gpu.compute_dtype)
+        gpu.unpack_step_inputs(dst_d, src_d, int(starts[1]), ids.size, gpu.from_host(prev) if placeholders else None,
+                               out_d, table_d, *(src_d[v] for v in views), bs, (emb_d, rows_d) if gather else None)
+        if gather:  # the rows gathered, the one past them untouched
+            got = gpu.to_host(rows_d)
+            assert np.array_equal(got[:-1], rows_out[:-1]) and np.isnan(got[-1]).all()
+        assert (gpu.to_host(dst_d) == dst).all()
         assert (gpu.to_host(out_d) == out).all()
         assert (gpu.to_host(table_d) == table).all()
+        assert (dst[starts[1]: starts[2]][marked] == (prev[-1 - ids[marked]] if placeholders else ids[marked])).all()
+
+
+def test_step_buffers_in_turns(gpu, rng):
+    """StepBuffers on the GPU, steps loaded back to back with no host wait, each behind a slow
+    kernel on the current stream (so the upload stream runs ahead of the kernels that read its
+    buffers): every step's unpacked inputs, read by a copy queued after its load, are its own."""
+    import cupy as cp
+    from array import array
+
+    from rvllm.runner.step_inputs import StepBuffers, StepLayout
+
+    lay = StepLayout(8, 8, 4, 32)
+    buffers = StepBuffers(gpu, lay.size, num_slots=8, max_width=4)
+    busy = cp.ones((4096, 4096), np.float32)
+    seen, sent = [], []
+    with gpu.stream:
+        for step in range(12):
+            data = rng.integers(0, 1000, lay.size).astype(np.int32)
+            data[lay.row_slots: lay.row_slots + 8] = np.arange(8)
+            data[lay.col0: lay.col0 + 8] = 0
+            data[lay.diff_off: lay.diff_off + 9] = np.arange(0, 36, 4)
+            data[lay.seq_lens: lay.seq_lens + 8] = 64
+            busy @ busy  # ~1 ms on the current stream before this step's unpack kernel
+            buffers.load(array("i", data.tobytes()), lay, 16)
+            seen.append((buffers.device[: lay.size].copy(), buffers.views(lay)[-1].copy()))
+            sent.append(data)
+        gpu.synchronize()
+    for data, (flat, tables) in zip(sent, seen):
+        assert (cp.asnumpy(flat) == data).all()
+        assert (cp.asnumpy(tables) == data[lay.new_ids:].reshape(8, 4)).all()
 
 
 # ---- paged attention -----------------------------------------------------------------------------

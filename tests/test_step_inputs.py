@@ -1,6 +1,8 @@
 """Step packing (one flat int32 buffer per step) and CUDA-graph bucket choice, without a GPU."""
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 import pytest
 
@@ -129,8 +131,7 @@ def test_cpu_buffers_give_views():
     buffers = StepBuffers(CpuBackend(), 0, num_slots=4, max_width=8)
     r = _request("x", list(range(7)), [3, 8])
     data, lay = serialize(collect(_sched((r, 0, 7, True)), BS, table_slots=buffers.table_slots))
-    buffers.upload(data)
-    buffers.update_tables(lay, BS)
+    buffers.load(data, lay, BS)
     ids, positions, slots, qsl, seq_lens, logits_idx, tables = buffers.views(lay)
     assert ids.tolist() == list(range(7)) and positions.tolist() == list(range(7))
     assert slots.tolist() == [12, 13, 14, 15, 32, 33, 34]
@@ -186,6 +187,27 @@ def test_block_table_slots_are_released_and_evicted_least_recently_used():
         step_rows(slots, [("c", [3]), ("d", [9, 8]), ("e", [1])])
 
 
+def test_load_fills_placeholders_from_the_previous_sampled_ids():
+    """Async scheduling's placeholders (-1 - k) become row k of the sampled ids passed; ids that are
+    not placeholders, and every other field, stay as packed; without sampled ids nothing changes."""
+    buffers = StepBuffers(CpuBackend(), 0, num_slots=4, max_width=8)
+    a, b = _request("a", [1, 2, 3], [5]), _request("b", [4, 5, 6, 7], [6, 2])
+    batch = collect(_sched((a, 2, 1, True), (b, 3, 1, True)), BS, table_slots=buffers.table_slots)
+    data, lay = serialize(batch)
+    packed = np.frombuffer(data, np.int32).copy()
+    packed_ids = packed[lay.ids: lay.ids + lay.n].tolist()
+    buffers.load(data, lay, BS, prev_sampled=None)
+    assert buffers.views(lay)[0].tolist() == packed_ids
+    placeholders = array("i", data)
+    placeholders[lay.ids] = -2  # row 1 of the previous step's sampled ids
+    buffers.table_slots.forget_all()
+    buffers.load(placeholders, lay, BS, prev_sampled=np.array([40, 41], np.int32))
+    assert buffers.views(lay)[0].tolist() == [41] + packed_ids[1:]
+    rest = np.frombuffer(placeholders, np.int32)
+    assert (rest[lay.positions:] == packed[lay.positions:]).all()
+    assert buffers.views(lay)[-1].tolist() == [[5], [6]]
+
+
 def test_tables_across_steps_match_the_block_lists():
     """Many steps of requests that grow, get preempted (a new list) and finish, through collect,
     serialize and the CPU update op on one persistent table: every step's rows are the lists."""
@@ -213,8 +235,7 @@ def test_tables_across_steps_match_the_block_lists():
         items = [(r, len(r.block_ids) * BS - 1, 1, True) for r in live]
         batch = collect(_sched(*items), BS, table_slots=buffers.table_slots)
         data, lay = serialize(batch, 0, len(live) + 1)  # a padding row too
-        buffers.upload(data)
-        buffers.update_tables(lay, BS)
+        buffers.load(data, lay, BS)
         tables = buffers.views(lay)[-1]
         for i, r in enumerate(live):
             assert tables[i, : len(r.block_ids)].tolist() == r.block_ids

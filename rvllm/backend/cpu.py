@@ -74,6 +74,28 @@ class CpuBackend:
         pass
 
     # ---- ops ----------------------------------------------------------------------------------
+    def unpack_step_inputs(self, dst, src, ids_at: int, num_ids: int, prev_sampled, tables, table, row_slots,
+                           col0, diff_off, new_ids, seq_lens, block_size: int, embed=None) -> None:
+        """A step's inputs from the buffer they were copied into (runner/step_inputs.py) to the one
+        the forward reads: dst[:src.size] = src, the token ids src[ids_at: ids_at + num_ids] packed as
+        -1 - k (async scheduling's placeholders) replaced by prev_sampled[k] (None: there are none);
+        then update_block_tables(tables, table, row_slots, ...), whose index arrays may be views of
+        src. dst may be src itself. embed: (table [V, H], out [>= num_ids, H]) to also gather the
+        ids' embedding rows into out (what embedding() returns)."""
+        n = src.shape[0]
+        if n > dst.shape[0] or ids_at < 0 or ids_at + num_ids > n:
+            raise ValueError(f"unpack_step_inputs: {n} values into {dst.shape[0]}, ids at {ids_at}..{ids_at + num_ids}")
+        if dst is not src:
+            dst[:n] = src
+        if prev_sampled is not None:
+            ids = dst[ids_at: ids_at + num_ids]
+            neg = ids < 0
+            ids[neg] = np.asarray(prev_sampled)[-1 - ids[neg]]
+        self.update_block_tables(tables, table, row_slots, col0, diff_off, new_ids, seq_lens, block_size)
+        if embed is not None:
+            emb_table, out = embed
+            out[:num_ids] = self.embedding(dst[ids_at: ids_at + num_ids], emb_table)
+
     def update_block_tables(self, out, table, row_slots, col0, diff_off, new_ids, seq_lens, block_size: int) -> None:
         """A step's block tables from the per-slot table (runner/block_tables.py). Row i's new ids
         new_ids[diff_off[i]:diff_off[i + 1]] are written into table[row_slots[i]] from column

@@ -92,6 +92,7 @@ class CudaBackend(DeviceTransfers, FusedOps):
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._capture_workspace = None  # cuBLAS workspace of captured graphs (graph_capture)
         self._uploader = StagedUploader()  # checkpoint tensors -> device (weight, weight_concat)
+        self._upload_stream = None  # the step inputs' copies (upload_copy), made on first use
         if gemv_max_rows is None:
             gemv_max_rows = int(os.environ.get("RVLLM_GEMV_MAX_ROWS", _GEMV_MAX_ROWS))
         if gemv_tc_max_rows is None:
@@ -126,25 +127,6 @@ class CudaBackend(DeviceTransfers, FusedOps):
     def synchronize_device(self) -> None:
         """Wait for all work on every stream of the device."""
         cp.cuda.Device().synchronize()
-
-    def pinned_empty(self, n: int, dtype=np.int32) -> np.ndarray:
-        """A page-locked host array of n elements (asynchronous copies need one); it keeps its memory."""
-        dt = np.dtype(dtype)
-        return np.frombuffer(cp.cuda.alloc_pinned_memory(max(n, 1) * dt.itemsize), dt, n)
-
-    def copy_from_pinned_async(self, dst, src: np.ndarray, n: int) -> None:
-        """dst[:n] = src[:n] on the current stream without waiting; src must be pinned (pinned_empty)
-        and stay unchanged until the copy has run (an event recorded after it, then synchronized)."""
-        if dst.dtype != src.dtype or not dst.flags.c_contiguous or n > min(dst.size, src.size):
-            raise ValueError(f"copy_from_pinned_async: {n} elements from {src.dtype} {src.shape} to {dst.dtype} {dst.shape}")
-        if n:
-            dst.data.copy_from_host_async(src.ctypes.data, n * src.itemsize, cp.cuda.get_current_stream())
-
-    def record_event(self, event=None):
-        """Records an event on the current stream (a new one when None) and returns it."""
-        event = event if event is not None else cp.cuda.Event(disable_timing=True)
-        event.record(cp.cuda.get_current_stream())
-        return event
 
     def release_cached_memory(self) -> None:
         """Return the pool's unused blocks to the driver, so the next measurement sees live arrays only."""
@@ -197,34 +179,47 @@ class CudaBackend(DeviceTransfers, FusedOps):
                 (num_tokens,), (256,), (out, ids, table, np.int32(hidden), np.int32(vocab)))
         return out
 
-    def update_block_tables(self, out, table, row_slots, col0, diff_off, new_ids, seq_lens, block_size: int) -> None:
-        """CpuBackend.update_block_tables (the spec) in one kernel: out [r, w] (contiguous),
-        table [num_slots, W]; the other arguments int32 vectors on the device."""
-        self._check("block tables out", out, np.int32, ndim=2)
+    def unpack_step_inputs(self, dst, src, ids_at: int, num_ids: int, prev_sampled, tables, table, row_slots,
+                           col0, diff_off, new_ids, seq_lens, block_size: int, embed=None) -> None:
+        """CpuBackend.unpack_step_inputs (the spec) in one kernel (step_inputs.cu); dst and src are
+        distinct int32 device vectors, tables [r, w] (contiguous), table [num_slots, W]; the index
+        arrays int32 vectors on the device (views of src); embed's out contiguous."""
+        for name, a in (("dst", dst), ("src", src)):
+            self._check(f"step inputs {name}", a, np.int32, ndim=1)
+        n = src.shape[0]
+        if n > dst.shape[0] or ids_at < 0 or ids_at + num_ids > n:
+            raise ValueError(f"unpack_step_inputs: {n} values into {dst.shape[0]}, ids at {ids_at}..{ids_at + num_ids}")
+        if prev_sampled is not None:
+            self._check("step inputs prev_sampled", prev_sampled, np.int32, ndim=1)
+        self._check("block tables out", tables, np.int32, ndim=2)
         self._check("block tables table", table, np.int32, ndim=2)
-        r, w = out.shape
-        for name, a, n in (("row_slots", row_slots, r), ("col0", col0, r), ("diff_off", diff_off, r + 1),
+        r, w = tables.shape
+        for name, a, k in (("row_slots", row_slots, r), ("col0", col0, r), ("diff_off", diff_off, r + 1),
                            ("seq_lens", seq_lens, r)):
             self._check(f"block tables {name}", a, np.int32, ndim=1)
-            if a.shape[0] != n:
+            if a.shape[0] != k:
                 raise ValueError(f"block tables: {name} has {a.shape[0]} entries for {r} rows")
         self._check("block tables new_ids", new_ids, np.int32, ndim=1)
         if w > table.shape[1]:
             raise ValueError(f"block tables: {w} columns from a table of {table.shape[1]}")
-        if r:
-            self._kernel("block_tables.cu", "update_block_tables_kernel")(
-                (min(r, 4 * self.num_sms),), (128,),
-                (out, table, row_slots, col0, diff_off, new_ids, seq_lens, np.int32(r), np.int32(w),
-                 np.int32(table.shape[1]), np.int32(block_size)))
-
-    def fill_placeholders(self, ids, prev_sampled) -> None:
-        """In place: ids[i] = prev_sampled[-1 - ids[i]] where ids[i] < 0 (async scheduling's
-        placeholders for tokens the previous step sampled on the device)."""
-        self._check("fill_placeholders ids", ids, np.int32, ndim=1)
-        self._check("fill_placeholders prev_sampled", prev_sampled, np.int32, ndim=1)
-        n = ids.shape[0]
-        if n:
-            self._kernel("embedding.cu", "fill_placeholders_kernel")((-(-n // 256),), (256,), (ids, prev_sampled, np.int32(n)))
+        emb_out = emb_table = np.uint64(0)  # null pointers: no gather
+        hidden = vocab = 0
+        if embed is not None:
+            emb_table, emb_out = embed
+            self._check("step inputs embedding table", emb_table, ndim=2)
+            self._check("step inputs embedding out", emb_out, ndim=2)
+            vocab, hidden = emb_table.shape
+            if emb_out.shape[0] < num_ids or emb_out.shape[1] != hidden:
+                raise ValueError(f"unpack_step_inputs: {num_ids} embedding rows of {hidden} into {emb_out.shape}")
+        # A block per table row and per embedding row, and enough blocks that the copy is a few
+        # values a thread.
+        blocks = max(1, min(max(r, num_ids if embed is not None else 0, -(-n // 1024)), 4 * self.num_sms))
+        self._kernel("step_inputs.cu", "unpack_step_inputs_kernel")(
+            (blocks,), (128,),
+            (dst, src, np.int32(n), np.int32(ids_at), np.int32(num_ids),
+             np.uint64(0) if prev_sampled is None else prev_sampled,
+             tables, table, row_slots, col0, diff_off, new_ids, seq_lens, np.int32(r), np.int32(w),
+             np.int32(table.shape[1]), np.int32(block_size), emb_out, emb_table, np.int32(hidden), np.int32(vocab)))
 
     def rms_norm(self, x, weight, eps: float):
         """RMSNorm over the last dim. x may be a strided 2-D or 3-D view whose last dim is

@@ -70,7 +70,8 @@ class StagedUploader:
 
 class DeviceTransfers:
     """CudaBackend's host <-> device transfers and weight uploads. Uses the backend's `dtype`,
-    `compute_dtype`, `_uploader` (a StagedUploader) and `_kernel` (dummy weights)."""
+    `compute_dtype`, `_uploader` (a StagedUploader), `_upload_stream` (None until upload_copy makes
+    it) and `_kernel` (dummy weights)."""
 
     def _storage(self, dtype) -> np.dtype:
         if dtype is None:
@@ -85,6 +86,37 @@ class DeviceTransfers:
         if dtype == np.uint16 and (self.dtype == "bfloat16" and a.dtype != np.uint16):
             return f32_to_bf16_bits(a)
         return np.ascontiguousarray(a, dtype=dtype)
+
+    def pinned_empty(self, n: int, dtype=np.int32) -> np.ndarray:
+        """A page-locked host array of n elements (asynchronous copies need one); it keeps its memory."""
+        dt = np.dtype(dtype)
+        return np.frombuffer(cp.cuda.alloc_pinned_memory(max(n, 1) * dt.itemsize), dt, n)
+
+    def record_event(self, event=None):
+        """Records an event on the current stream (a new one when None) and returns it."""
+        event = event if event is not None else cp.cuda.Event(disable_timing=True)
+        event.record(cp.cuda.get_current_stream())
+        return event
+
+    def upload_copy(self, dst, src: np.ndarray, n: int, reusable=None, event=None):
+        """dst[:n] = src[:n] by a copy on the upload stream (a stream of the backend's own), after
+        `reusable` (an event recorded where dst's last reader was queued) when given; the current
+        stream's later work waits for the copy, other work on it does not. src must be pinned and
+        stay unchanged until the event returned (`event` recorded again, or a new one) has passed.
+        So the next step's inputs travel while the current stream still runs the step before."""
+        if dst.dtype != src.dtype or not dst.flags.c_contiguous or n > min(dst.size, src.size):
+            raise ValueError(f"upload_copy: {n} elements from {src.dtype} {src.shape} to {dst.dtype} {dst.shape}")
+        if self._upload_stream is None:
+            self._upload_stream = cp.cuda.Stream(non_blocking=True)
+        stream = self._upload_stream
+        if reusable is not None:
+            stream.wait_event(reusable)
+        if n:
+            dst.data.copy_from_host_async(src.ctypes.data, n * src.itemsize, stream)
+        event = event if event is not None else cp.cuda.Event(disable_timing=True)
+        event.record(stream)
+        cp.cuda.get_current_stream().wait_event(event)
+        return event
 
     def from_host(self, arr, dtype=None):
         """A host array on the device, converted to `dtype` when given (numpy semantics; "bfloat16"

@@ -47,20 +47,23 @@ class LlamaModel:
         x, _ = self.ops.fused_add_rms_norm(hidden, residual, self.w.final_norm, self.spec.rms_norm_eps)
         return x
 
-    def forward_logits(self, input_ids, positions, kv_caches, meta, out=None, num_layers: int | None = None):
+    def forward_logits(self, input_ids, positions, kv_caches, meta, out=None, num_layers: int | None = None,
+                       embedded=None):
         """forward, then compute_logits of every row (a decode step: each row is a request's one new
         token) -> logits [T, V] float32, into `out` when given. The final norm runs inside the
-        logits op (one kernel for 1-row steps on CUDA)."""
-        hidden, residual = self._layers(input_ids, positions, kv_caches, meta, num_layers)
+        logits op (one kernel for 1-row steps on CUDA). embedded: the ids' embedding rows [T, H]
+        when the caller gathered them (CUDA graphs: runner/graphs.py), else the forward does."""
+        hidden, residual = self._layers(input_ids, positions, kv_caches, meta, num_layers, embedded)
         return self.ops.add_norm_logits(hidden, residual, self.w.final_norm, self.spec.rms_norm_eps, self.w.lm_head,
                                         out=out)
 
-    def _layers(self, input_ids, positions, kv_caches, meta, num_layers: int | None):
-        """The embedding and the layers -> (the last sublayer's output, the residual stream before it)."""
+    def _layers(self, input_ids, positions, kv_caches, meta, num_layers: int | None, embedded=None):
+        """The embedding (unless `embedded` holds it) and the layers -> (the last sublayer's output,
+        the residual stream before it)."""
         s, ops = self.spec, self.ops
         # `hidden` is each sublayer's output before it joins the residual stream: add_norm_linear
         # adds it, normalizes and projects in one op (one kernel for decode-sized steps on CUDA).
-        hidden = ops.embedding(input_ids, self.w.embed)  # [T, H]
+        hidden = ops.embedding(input_ids, self.w.embed) if embedded is None else embedded  # [T, H]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.w.layers[:num_layers], kv_caches):
             o, residual = self._attention(hidden, residual, positions, layer, k_cache, v_cache, meta)  # [T, nh, hd]

@@ -72,6 +72,9 @@ class CudaGraphs:
         spec = runner.spec
         top = self.buckets[-1]
         self.logits = self.ops.zeros((top, spec.vocab_size), "float32")  # [max bucket, V]: every graph's output
+        # Every graph's input rows: the runner gathers a step's embeddings into them as it unpacks the
+        # step's inputs (StepBuffers.load), so the graphs start at the first layer's kernel.
+        self.embedded = self.ops.zeros((top, spec.hidden_size))  # [max bucket, H]
         self.workspace = self.ops.decode_workspace(top, spec.num_heads, spec.head_dim, self.max_context,
                                                    self.inputs.row_stride)
         self.capture_seconds = 0.0
@@ -146,8 +149,7 @@ class CudaGraphs:
         lay = self.layout(bucket)
         data, padding = serialize(StepBatch(), bucket, bucket)
         inputs = self.inputs
-        inputs.upload(data)
-        inputs.update_tables(padding, 1)  # every row padding: zeros
+        inputs.load(data, padding, 1)  # every row padding: zeros in the block tables
         ids, positions, slots, qsl, seq_lens, _, tables = inputs.views(lay, self.max_blocks)
         meta = StepMetadata(qsl, seq_lens, tables, slots, max_query_len=1, max_seq_len=max_context,
                             query_lens_host=[1] * bucket, seq_lens_host=[0] * bucket,
@@ -155,10 +157,12 @@ class CudaGraphs:
         return ids, positions, meta, self.logits[:bucket]
 
     def _forward(self, ids, positions, meta, out, num_layers: int | None = None) -> None:
-        self.model.forward_logits(ids, positions, self.kv_caches, meta, out, num_layers)  # [B, V], a row a request
+        self.model.forward_logits(ids, positions, self.kv_caches, meta, out, num_layers,
+                                  self.embedded[: ids.shape[0]])  # [B, V], a row a request
 
     def replay(self, bucket: int, max_seq_len: int | None = None):
-        """Runs the bucket's graph on backend.stream (inputs already uploaded there): its short-context
+        """Runs the bucket's graph on backend.stream (inputs already uploaded there, the embedding rows
+        gathered into `embedded` by StepBuffers.load): its short-context
         graph when it has one and no context of the step (max_seq_len) is longer. Returns the logits
         [bucket, V], valid until the next replay."""
         short = self.short_graphs.get(bucket)

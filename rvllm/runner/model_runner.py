@@ -231,14 +231,15 @@ class ModelRunner:
                     data, lay = serialize(batch)
                 self.inputs.grow(lay.size)
             self._pack_seconds = time.perf_counter() - t0
-            self.inputs.upload(data)
-            self.inputs.update_tables(lay, self.block_size)
+            # Placeholder ids (-1 - k) become row k of the previous launch's sampled ids, on the device;
+            # a graph's step gathers its embedding rows here too (the graph starts at the first layer).
+            embed = (self.model.w.embed, self.graphs.embedded[: lay.n]) if bucket is not None else None
+            self.inputs.load(data, lay, self.block_size, self._prev_sampled if batch.num_placeholders else None,
+                             embed)
         except BaseException:
             self.inputs.table_slots.forget_all()  # collect() counted block ids the device did not get
             raise
-        if batch.num_placeholders:
-            self._fill_placeholders(lay.n)
-            self.num_placeholder_tokens += batch.num_placeholders
+        self.num_placeholder_tokens += batch.num_placeholders
         if self.profiler:
             self._uploaded_mark = self.profiler.mark()
         if bucket is not None:
@@ -266,16 +267,6 @@ class ModelRunner:
         else:
             rows = self.ops.embedding(logits_idx[:num_sample], hidden)  # a row gather (no CuPy kernel)
         return hidden, self.model.compute_logits(rows)  # [S, V]
-
-    def _fill_placeholders(self, num_rows: int) -> None:
-        """Token ids packed as -1 - k (collect's placeholders) become row k of the previous step's
-        sampled ids, on the device, before the forward reads them."""
-        ids = self.inputs.views(StepLayout(num_rows, 0, 0))[0]
-        if self.ops.name == "cpu":
-            neg = ids < 0
-            ids[neg] = np.asarray(self._prev_sampled)[-1 - ids[neg]]
-        else:
-            self.ops.fill_placeholders(ids, self._prev_sampled)
 
     def _launch_sample(self, logits, batch):
         meta = SamplingMetadata.from_requests(batch.sample_rows, batch.sample_ids)

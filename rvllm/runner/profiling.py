@@ -4,9 +4,10 @@ Host phases (time.perf_counter, in the engine process): schedule, pack (collect 
 step's inputs), launch (everything the runner does before returning, pack, H2D enqueue and
 sampler included), sampler (its part of launch: sampling metadata, parameter packing and upload,
 kernel launches), wait (blocked on the step's sampled ids), update (scheduler update + output deltas).
-Device phases (CUDA events on the runner's stream): h2d (the step-input copy, and the placeholder
-fill under async scheduling), forward (graph replay or eager forward, logits included), sample
-(sampler kernels and the copy of the ids to the host), gap (the stream idle between the end of the
+Device phases (CUDA events on the runner's stream): h2d (the wait for the step-input copy, which
+runs on the backend's upload stream, and the kernel that unpacks it: placeholders, block tables,
+a graph's embedding rows), forward (graph replay or eager forward, logits included), sample
+(sampler kernels; the copy of the ids to the host runs on a stream of its own), gap (the stream idle between the end of the
 previous step and the start of this one: the GPU waiting on Python).
 On the CPU backend only the host phases exist.
 """

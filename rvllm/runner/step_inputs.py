@@ -1,10 +1,11 @@
 """A step's inputs as one flat int32 buffer: built from Python ints and lists, one copy to the device.
 
 `collect` walks the SchedulerOutput once and gathers Python lists; `serialize` lays them out, padded
-to a CUDA-graph bucket when asked, in one `array('i')`; `StepBuffers.upload` puts that in a pinned
-host buffer and copies it with one asynchronous host-to-device copy into a persistent device buffer
-(on the CPU backend the array itself is the "device" buffer), and the AttentionMetadata arrays are
-views into it. Layout, in int32 elements, for n token rows, r request rows and k new block ids:
+to a CUDA-graph bucket when asked, in one `array('i')`; `StepBuffers.load` puts that in a pinned
+host buffer, copies it with one asynchronous host-to-device copy, and one kernel moves it into a
+persistent device buffer (on the CPU backend the array itself is the "device" buffer), and the
+AttentionMetadata arrays are views into it. Layout, in int32 elements, for n token rows, r request
+rows and k new block ids:
 
     [0]                         w, the block tables' row stride (graph-replayed decode attention
                                 reads it on the device: a fixed address for every bucket)
@@ -20,9 +21,9 @@ views into it. Layout, in int32 elements, for n token rows, r request rows and k
     new_ids    [k]              at 3 + 3n + 6r
 
 The block tables themselves ([r, w], w = the most blocks a row's context needs) are not sent:
-`StepBuffers.update_tables` writes the new ids into the persistent per-slot table and gathers the
-step's rows from it into `StepBuffers.step_tables`, on the device, before the forward; columns past
-a row's context are zero.
+`StepBuffers.load` writes the new ids into the persistent per-slot table and gathers the step's
+rows from it into `StepBuffers.step_tables`, on the device, before the forward; columns past a row's
+context are zero.
 
 Padding (a decode step padded to bucket B: n = r = B): padding rows have id 0, position 0 and slot
 -1 (nothing written to the cache); padding request k owns the k-th padding row with seq_len 0 and
@@ -240,11 +241,15 @@ def serialize(b: StepBatch, pad_tokens: int = 0, pad_reqs: int = 0) -> tuple[arr
 
 
 class StepBuffers:
-    """The persistent step-input buffers: on CUDA a pinned host buffer and a device buffer of the
-    same capacity (int32 elements), one asynchronous copy per step on the current stream; on the
-    CPU the serialized array is used as it is. Also the block tables: the per-slot table
-    (`slot_tables` [num_slots, max_width], mirrored on the host by `table_slots`) and the step's
-    rows gathered from it (`step_tables`, at a fixed address for CUDA graphs)."""
+    """The persistent step-input buffers. On CUDA: the device buffer the forward and the CUDA graphs
+    read (`device`, at a fixed address), and two pinned host buffers with two device buffers that a
+    step's serialized inputs take turns in. A step's copy runs on the backend's upload stream as
+    soon as the host has packed it (backend.upload_copy), so with async scheduling it travels
+    while the step before still runs; one kernel on the current stream (backend.unpack_step_inputs)
+    then fills `device` from it, placeholders and block tables included. On the CPU the serialized
+    array is used in place. Also the block tables: the per-slot table (`slot_tables` [num_slots,
+    max_width], mirrored on the host by `table_slots`) and the step's rows gathered from it
+    (`step_tables`, at a fixed address for CUDA graphs)."""
 
     def __init__(self, backend, capacity: int, num_slots: int = 1, max_width: int = 1):
         """num_slots: requests a step has at most (max_num_seqs); max_width: blocks a request has
@@ -252,8 +257,7 @@ class StepBuffers:
         self.ops = backend
         self.on_device = backend.name != "cpu"
         self.capacity = 0
-        self.host = self.device = None
-        self._copied = None  # event after the last copy out of the pinned buffer
+        self.device = None
         if self.on_device:
             self._allocate(capacity)
         self.table_slots = BlockTableSlots(num_slots)
@@ -263,49 +267,57 @@ class StepBuffers:
 
     def _allocate(self, capacity: int) -> None:
         self.capacity = capacity
-        self.host = self.ops.pinned_empty(capacity, np.int32)
         self.device = self.ops.zeros((capacity,), np.int32)
-        self._copied = None
+        # Two of each, in turns: a step's copy may run while the previous step's kernel reads its own.
+        self._host = [self.ops.pinned_empty(capacity, np.int32) for _ in range(2)]
+        self._staged = [self.ops.zeros((capacity,), np.int32) for _ in range(2)]
+        self._copied = [None, None]  # event after the copy out of each pinned buffer
+        self._read = [None, None]  # event after the kernel that last read each staged buffer
+        self._turn = 0
 
     def fits(self, size: int) -> bool:
         return not self.on_device or size <= self.capacity
 
     def grow(self, size: int) -> None:
-        """Reallocates both buffers (views made earlier, CUDA graphs included, go stale)."""
-        self.ops.synchronize()
+        """Reallocates the buffers (views made earlier, CUDA graphs included, go stale)."""
+        self.ops.synchronize_device()  # the copies on the upload stream too
         self._allocate(max(size, 2 * self.capacity))
 
-    def upload(self, data: array) -> None:
-        """data (serialize's output) -> the device buffer, asynchronously on the current stream."""
-        if not self.on_device:
-            self.device = np.frombuffer(data, np.int32)
-            return
-        n = len(data)
-        if n > self.capacity:
-            raise ValueError(f"step inputs: {n} int32 values exceed the buffer's {self.capacity}")
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous copy has read the pinned buffer
-        self.host[:n] = np.frombuffer(data, np.int32)
-        self.ops.copy_from_pinned_async(self.device, self.host, n)
-        self._copied = self.ops.record_event(self._copied)
-
-    def update_tables(self, lay: StepLayout, block_size: int) -> None:
-        """The uploaded step's block tables: its new ids into slot_tables, then its [lay.r, lay.w]
-        rows into step_tables (backend.update_block_tables), on the current stream."""
+    def load(self, data: array, lay: StepLayout, block_size: int, prev_sampled=None, embed=None) -> None:
+        """data (serialize's output, laid out as `lay`) -> the device buffer, asynchronously: its token
+        ids packed as placeholders read from prev_sampled (the previous step's sampled ids on the
+        device; None when the step has none), its block tables written into slot_tables and its
+        [lay.r, lay.w] rows gathered into step_tables; with embed (table, out), the ids' embedding
+        rows gathered into out too. Work queued next on the current stream sees it."""
         if lay.w > self.max_width or lay.r * lay.w > self.step_tables.shape[0]:
             raise ValueError(f"step inputs: block tables of {lay.r} rows x {lay.w} blocks exceed the "
                              f"{self.slot_tables.shape[0]} x {self.max_width} the runner holds")
-        d = self.device
+        n = len(data)
+        if not self.on_device:
+            self.device = src = np.frombuffer(data, np.int32)
+        else:
+            if n > self.capacity:
+                raise ValueError(f"step inputs: {n} int32 values exceed the buffer's {self.capacity}")
+            i = self._turn
+            self._turn ^= 1
+            if self._copied[i] is not None:
+                self._copied[i].synchronize()  # the copy two steps ago has read this pinned buffer
+            self._host[i][:n] = np.frombuffer(data, np.int32)
+            src = self._staged[i][:n]
+            self._copied[i] = self.ops.upload_copy(src, self._host[i], n, reusable=self._read[i], event=self._copied[i])
         r = lay.r
-        self.ops.update_block_tables(
-            self.step_tables[: r * lay.w].reshape(r, lay.w), self.slot_tables, d[lay.row_slots: lay.row_slots + r],
-            d[lay.col0: lay.col0 + r], d[lay.diff_off: lay.diff_off + r + 1], d[lay.new_ids: lay.new_ids + lay.k],
-            d[lay.seq_lens: lay.seq_lens + r], block_size)
+        self.ops.unpack_step_inputs(
+            self.device, src, lay.ids, lay.n, prev_sampled, self.step_tables[: r * lay.w].reshape(r, lay.w),
+            self.slot_tables, src[lay.row_slots: lay.row_slots + r], src[lay.col0: lay.col0 + r],
+            src[lay.diff_off: lay.diff_off + r + 1], src[lay.new_ids: lay.new_ids + lay.k],
+            src[lay.seq_lens: lay.seq_lens + r], block_size, embed)
+        if self.on_device:
+            self._read[i] = self.ops.record_event(self._read[i])
 
     def views(self, lay: StepLayout, table_width: int | None = None):
         """(input_ids, positions, slot_mapping, query_start_loc, seq_lens, logits_idx, block_tables)
         views of the device buffers in layout `lay`; block_tables is [r, table_width or lay.w] of
-        step_tables (update_tables fills it)."""
+        step_tables (load fills it)."""
         d = self.device
         n, r = lay.n, lay.r
         w = table_width or lay.w
