@@ -7,8 +7,9 @@ device-to-host copies of the sampled ids (one a step; they run on a stream of th
 next step's first small kernels may fall before the cut: a step's kernels are a step's worth, not
 always its own); a step with the prefill attention kernel is a prompt step, the others are decode
 steps. For the decode steps (or, with --prompt-steps, the prompt steps) it prints each kernel's
-device time a step, the step's period (copy to copy) and how much of it no kernel ran (launch gaps,
-waits on the host).
+device time a step, what it adds to the step's chain (its end minus the latest end before it: under
+PDL a kernel's duration also counts the time it waits for the one before), the step's period (copy
+to copy) and how much of it no kernel ran (launch gaps, waits on the host).
 
     python bench/kernel_timeline.py --model qwen2.5-1.5b --num-prompts 256 --input-len 128 --output-len 32
 """
@@ -71,21 +72,27 @@ def report(steps, top: int, kind: str = "decode") -> str:
     n = len(steps)
     periods = [hi - lo for lo, hi, _ in steps]
     busy = [union_length([(k["ts"], k["ts"] + k["dur"]) for k in ks]) for _, _, ks in steps]
-    per = defaultdict(lambda: [0.0, 0])
+    per = defaultdict(lambda: [0.0, 0, 0.0])  # name -> [duration, launches, added to the chain]
     for _, _, ks in steps:
-        for k in ks:
+        end = None
+        for k in sorted(ks, key=lambda k: k["ts"]):
             p = per[short_name(k["name"])]
             p[0] += k["dur"]
             p[1] += 1
+            k_end = k["ts"] + k["dur"]
+            p[2] += max(0.0, k_end - (k["ts"] if end is None else end))  # the step's first: its duration
+            end = k_end if end is None else max(end, k_end)
     lines = [f"{n} {kind} steps: period median {np.median(periods):.1f} us, kernels busy median {np.median(busy):.1f} us, "
              f"idle median {np.median(np.subtract(periods, busy)):.1f} us",
-             "", "| kernel | us a step | launches a step | us a launch |", "|---|---|---|---|"]
+             "", "| kernel | us a step | launches a step | us a launch | us it adds to the chain a launch |",
+             "|---|---|---|---|---|"]
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])
-    for name, (dur, count) in rows[:top]:
-        lines.append(f"| {name} | {dur / n:.1f} | {count / n:.1f} | {dur / count:.2f} |")
-    rest = sum(d for _, (d, _) in rows[top:])
-    lines.append(f"| (others, {max(0, len(rows) - top)} names) | {rest / n:.1f} | | |")
-    lines.append(f"| sum of kernel times | {sum(d for _, (d, _) in rows) / n:.1f} | {sum(c for _, (_, c) in rows) / n:.1f} | |")
+    for name, (dur, count, adds) in rows[:top]:
+        lines.append(f"| {name} | {dur / n:.1f} | {count / n:.1f} | {dur / count:.2f} | {adds / count:.2f} |")
+    rest = sum(d for _, (d, _, _) in rows[top:])
+    lines.append(f"| (others, {max(0, len(rows) - top)} names) | {rest / n:.1f} | | | |")
+    lines.append(f"| sum of kernel times | {sum(d for _, (d, _, _) in rows) / n:.1f} | "
+                 f"{sum(c for _, (_, c, _) in rows) / n:.1f} | | |")
     return "\n".join(lines)
 
 

@@ -43,9 +43,11 @@ def test_report_per_step_numbers():
     # periods 30 and 30; busy 15 and 15 (the first step's two kernels overlap by 5)
     assert first == "2 decode steps: period median 30.0 us, kernels busy median 15.0 us, idle median 15.0 us"
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert rows["gemv_m1"] == "| gemv_m1 | 10.0 | 1.0 | 10.00 |"
-    assert rows["attn"] == "| attn | 7.5 | 1.0 | 7.50 |"
-    assert rows["sum of kernel times"] == "| sum of kernel times | 17.5 | 2.0 | |"
+    # what each adds to the chain: the gemv its duration (the step's first kernel); attn 5 in both
+    # steps (30-40 after the gemv's end at 35; 65-70 after 65)
+    assert rows["gemv_m1"] == "| gemv_m1 | 10.0 | 1.0 | 10.00 | 10.00 |"
+    assert rows["attn"] == "| attn | 7.5 | 1.0 | 7.50 | 5.00 |"
+    assert rows["sum of kernel times"] == "| sum of kernel times | 17.5 | 2.0 | | |"
 
 
 def test_short_names_drop_templates_and_parameters():
