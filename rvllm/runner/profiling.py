@@ -7,8 +7,8 @@ kernel launches), wait (blocked on the step's sampled ids), update (scheduler up
 Device phases (CUDA events on the runner's stream): h2d (the wait for the step-input copy, which
 runs on the backend's upload stream, and the kernel that unpacks it: placeholders, block tables,
 a graph's embedding rows), forward (graph replay or eager forward, logits included), sample
-(sampler kernels; the copy of the ids to the host runs on a stream of its own), gap (the stream idle between the end of the
-previous step and the start of this one: the GPU waiting on Python).
+(sampler kernels; the copy of the ids to the host runs on a stream of its own), gap (the stream
+idle between the end of the previous step and the start of this one: the GPU waiting on Python).
 On the CPU backend only the host phases exist.
 """
 from __future__ import annotations
