@@ -41,15 +41,58 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_kernel(
 // element-wise loop it replaced (2-byte loads, the row re-read for the second pass) took 5.7 us a
 // call at 256 x 1536 on an H200, twice a layer (bench/kernel_timeline.py, session 11); the
 // backend launches d / 8 threads for it (CudaBackend.fused_add_rms_norm).
+//
+// fused_add_rms_norm_sums_kernel is the same with x given as `slices` float32 partial products
+// [slices, rows, d] of a product split over K (backend/cuda_ksplit.py's KSliceSums), added in
+// order of slice and rounded as gemm_reduce.cu's reduce kernel does: the result is the same as
+// that kernel's output passed as x, and the reduce kernel leaves the chain.
 #define NORM_VEC 8
 #define NORM_MAX_CHUNKS 4
+#define NORM_MAX_SLICES 8  // cuda_ksplit.SLICES
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15) == 0;
 }
 
+// x: the array, or (parts not null) the partial products, each slice `slice_elems` floats.
+struct NormInput {
+  const scalar_t* __restrict__ x;
+  const float* __restrict__ parts;
+  int slices;
+  i64 slice_elems;
+
+  // Elements [at, at + 8) as 16-bit values; every slice's loads are issued before the sums.
+  __device__ __forceinline__ uint4 load8(i64 at) const {
+    if (parts == nullptr) return *reinterpret_cast<const uint4*>(x + at);
+    float4 lo[NORM_MAX_SLICES], hi[NORM_MAX_SLICES];
+#pragma unroll
+    for (int s = 0; s < NORM_MAX_SLICES; ++s)
+      if (s < slices) {
+        const float4* p = reinterpret_cast<const float4*>(parts + s * slice_elems + at);
+        lo[s] = p[0];
+        hi[s] = p[1];
+      }
+#pragma unroll
+    for (int s = 1; s < NORM_MAX_SLICES; ++s)
+      if (s < slices) {
+        lo[0].x += lo[s].x; lo[0].y += lo[s].y; lo[0].z += lo[s].z; lo[0].w += lo[s].w;
+        hi[0].x += hi[s].x; hi[0].y += hi[s].y; hi[0].z += hi[s].z; hi[0].w += hi[s].w;
+      }
+    return make_uint4(pack2(lo[0].x, lo[0].y), pack2(lo[0].z, lo[0].w), pack2(hi[0].x, hi[0].y), pack2(hi[0].z, hi[0].w));
+  }
+
+  __device__ __forceinline__ scalar_t at(i64 i) const {
+    if (parts == nullptr) return x[i];
+    float acc = parts[i];
+    for (int s = 1; s < slices; ++s) acc += parts[s * slice_elems + i];
+    return from_f32(acc);
+  }
+
+  __device__ __forceinline__ bool aligned() const { return aligned16(parts == nullptr ? (const void*)x : parts); }
+};
+
 __device__ __forceinline__ void fused_add_rms_norm_vec(
-    scalar_t* __restrict__ out, scalar_t* residual_out, const scalar_t* __restrict__ x,
+    scalar_t* __restrict__ out, scalar_t* residual_out, const NormInput& x,
     const scalar_t* residual, const scalar_t* __restrict__ weight, int d, float eps,
     scalar_t* __restrict__ fill, const scalar_t* __restrict__ fill_row, int fill_n) {
   const i64 base = (i64)blockIdx.x * d;
@@ -64,7 +107,7 @@ __device__ __forceinline__ void fused_add_rms_norm_vec(
   for (int c = 0; c < NORM_MAX_CHUNKS; ++c) {
     const int j = (threadIdx.x + c * blockDim.x) * NORM_VEC;
     if (j < d) {
-      xv[c] = *reinterpret_cast<const uint4*>(x + base + j);
+      xv[c] = x.load8(base + j);
       rv[c] = *reinterpret_cast<const uint4*>(residual + base + j);
     }
   }
@@ -111,16 +154,12 @@ __device__ __forceinline__ void fused_add_rms_norm_vec(
   }
 }
 
-extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_kernel(
-    scalar_t* __restrict__ out,
-    scalar_t* residual_out,
-    const scalar_t* __restrict__ x,
-    const scalar_t* residual,
-    const scalar_t* __restrict__ weight,
-    int d, float eps,
+__device__ __forceinline__ void fused_add_rms_norm(
+    scalar_t* __restrict__ out, scalar_t* residual_out, const NormInput& x, const scalar_t* residual,
+    const scalar_t* __restrict__ weight, int d, float eps,
     scalar_t* __restrict__ fill, const scalar_t* __restrict__ fill_row, int fill_n) {
   const bool vec = d % NORM_VEC == 0 && d <= NORM_MAX_CHUNKS * NORM_VEC * (int)blockDim.x &&
-                   aligned16(out) && aligned16(residual_out) && aligned16(x) && aligned16(residual) &&
+                   aligned16(out) && aligned16(residual_out) && x.aligned() && aligned16(residual) &&
                    aligned16(weight) && (fill == nullptr || (fill_n % NORM_VEC == 0 && aligned16(fill) && aligned16(fill_row)));
   if (vec) {
     fused_add_rms_norm_vec(out, residual_out, x, residual, weight, d, eps, fill, fill_row, fill_n);
@@ -134,7 +173,7 @@ extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_kernel(
   }
   float ss = 0.f;
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    const scalar_t s = from_f32(to_f32(x[base + j]) + to_f32(residual[base + j]));
+    const scalar_t s = from_f32(to_f32(x.at(base + j)) + to_f32(residual[base + j]));
     residual_out[base + j] = s;
     const float v = to_f32(s);
     ss += v * v;
@@ -145,4 +184,29 @@ extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_kernel(
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
     out[base + j] = from_f32(to_f32(residual_out[base + j]) * inv_rms * to_f32(weight[j]));
   }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_kernel(
+    scalar_t* __restrict__ out,
+    scalar_t* residual_out,
+    const scalar_t* __restrict__ x,
+    const scalar_t* residual,
+    const scalar_t* __restrict__ weight,
+    int d, float eps,
+    scalar_t* __restrict__ fill, const scalar_t* __restrict__ fill_row, int fill_n) {
+  fused_add_rms_norm(out, residual_out, NormInput{x, nullptr, 1, 0}, residual, weight, d, eps, fill, fill_row, fill_n);
+}
+
+// At most 256 threads (CudaBackend.fused_add_rms_norm): the registers for every slice's loads
+// (a 1024-thread bound caps a thread at 64).
+extern "C" __global__ void __launch_bounds__(256) fused_add_rms_norm_sums_kernel(
+    scalar_t* __restrict__ out,
+    scalar_t* residual_out,
+    const float* __restrict__ parts, int slices,
+    const scalar_t* residual,
+    const scalar_t* __restrict__ weight,
+    int d, float eps,
+    scalar_t* __restrict__ fill, const scalar_t* __restrict__ fill_row, int fill_n) {
+  fused_add_rms_norm(out, residual_out, NormInput{nullptr, parts, slices, (i64)gridDim.x * d}, residual, weight, d,
+                     eps, fill, fill_row, fill_n);
 }

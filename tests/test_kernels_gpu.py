@@ -227,6 +227,71 @@ def test_linear_k_slices(gpu, rng, monkeypatch, num_tokens, k, n, slices):
     check(gpu, gpu.linear(strided, wd), ref, f"backend linear, {slices} K-slices, strided x")
 
 
+@pytest.mark.parametrize("num_tokens,d", [(3, 1536), (33, 96), (256, 1536), (5, 100)])  # 100: element-wise path
+@pytest.mark.parametrize("slices", [2, 4, 8])
+def test_fused_add_rms_norm_of_k_slice_sums(gpu, rng, num_tokens, d, slices):
+    """fused_add_rms_norm given a product's K-slice partial sums (cuda_ksplit.KSliceSums) instead of
+    x: the same bits as the reduce kernel's output passed as x, and the CPU's result on the sum
+    (float32, in order of slice, rounded)."""
+    import functools
+
+    import cupy as cp
+
+    from rvllm.backend.cuda_ksplit import KSliceSums
+
+    parts = rng.standard_normal((slices, num_tokens, d)).astype(np.float32)
+    res = rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
+    w = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    parts_dev, res_dev, w_dev = cp.asarray(parts), gpu.weight(res), gpu.weight(w)
+    out, new_res = gpu.fused_add_rms_norm(KSliceSums(parts_dev, gpu.compute_dtype), res_dev, w_dev, 1e-5)
+    x = rounded(gpu, functools.reduce(np.add, parts))  # float32 adds in order, then 16 bits
+    ref_out, ref_res = CPU.fused_add_rms_norm(x, res, w, 1e-5)
+    check(gpu, out, ref_out, "normed")
+    check(gpu, new_res, ref_res, "residual")
+    check(gpu, res_dev, res, "input residual untouched", tol=1e-7)
+    if num_tokens * d % 8 == 0:  # what the reduce kernel takes
+        two = gpu.fused_add_rms_norm(gpu.ksplit.reduce(parts_dev), res_dev, w_dev, 1e-5)
+        for got, want in zip((out, new_res), two):
+            np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(want))
+    with pytest.raises(ValueError, match="shapes"):
+        gpu.fused_add_rms_norm(KSliceSums(parts_dev, gpu.compute_dtype), res_dev[:-1], w_dev, 1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [2, 9, 33])  # 2: a gemv kernel's step, so the sums are reduced first
+def test_ops_take_the_down_projection_as_k_slice_sums(gpu, rng, monkeypatch, num_tokens):
+    """linear(..., feeds_add_norm=True) in K-slices returns the partial sums past the gemv kernels'
+    rows, and the ops after the MLP (add_norm_linear, add_norm_qkv_rotary's product, add_norm_logits)
+    give the same bits from them as from the reduced output."""
+    import cupy as cp
+
+    from rvllm.backend import cuda_ksplit
+
+    monkeypatch.setattr(cuda_ksplit, "k_slices", lambda *a: 4)
+    k, h, n, vocab = 2048, 256, 384, 1000
+    dev = lambda a: gpu.weight(np.asarray(a, np.float32))  # noqa: E731
+    act = dev(rng.standard_normal((num_tokens, k)))
+    down = dev(rng.standard_normal((h, k)) / np.sqrt(k))
+    res = dev(rng.standard_normal((num_tokens, h)))
+    norm_w = dev(1 + 0.1 * rng.standard_normal(h))
+    w = dev(rng.standard_normal((n, h)) / np.sqrt(h))
+    bias = dev(rng.standard_normal(n))
+    lm_head = dev(rng.standard_normal((vocab, h)) / np.sqrt(h))
+    sums = gpu.linear(act, down, feeds_add_norm=True)
+    reduced = gpu.linear(act, down)
+    assert isinstance(sums, cuda_ksplit.KSliceSums) == (num_tokens > gpu.gemv.fused_rows)
+    bits = lambda a: cp.asnumpy(a).view(np.uint8)  # noqa: E731
+
+    for b, act_ in ((None, None), (bias, None), (None, "silu_and_mul")):
+        got = gpu.add_norm_linear(sums, res, norm_w, 1e-6, w, b, act_)
+        want = gpu.add_norm_linear(reduced, res, norm_w, 1e-6, w, b, act_)
+        for g, x in zip(got, want):
+            np.testing.assert_array_equal(bits(g), bits(x))
+    got = gpu.add_norm_logits(sums, res, norm_w, 1e-6, lm_head)
+    np.testing.assert_array_equal(bits(got), bits(gpu.add_norm_logits(reduced, res, norm_w, 1e-6, lm_head)))
+    normed, _ = gpu.fused_add_rms_norm(sums if num_tokens > gpu.gemv.fused_rows else reduced, res, norm_w, 1e-6)
+    np.testing.assert_array_equal(bits(normed), bits(gpu.fused_add_rms_norm(reduced, res, norm_w, 1e-6)[0]))
+
+
 def test_linear_k_slices_in_a_graph(gpu, rng, monkeypatch):
     """The K-slice product captured in a CUDA graph (the batched cuBLAS call through ctypes while
     capturing, cuda_blas) and replayed on new inputs, as the decode graphs do."""

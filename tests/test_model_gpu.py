@@ -114,19 +114,28 @@ def test_gpu_greedy_with_tensor_core_decode(tiny, monkeypatch, enforce_eager):
 def test_gpu_greedy_with_k_slice_products(tiny, monkeypatch, enforce_eager):
     """Every cuBLAS product (steps of 3 or more rows: the prompts, and decode steps of the 4 requests)
     in two K-slices and the reduce kernel (backend/cuda_ksplit.py, which the rule gives only long-K
-    products, none of this model's): the greedy tokens are the float64 reference's, in eager steps
-    and in graph replays."""
+    products, none of this model's), the MLP's down projection as partial sums that the next add +
+    norm kernel sums: the greedy tokens are the float64 reference's, in eager steps and in graph
+    replays."""
     from rvllm.backend import cuda_ksplit
+    from rvllm.backend.cuda import CudaBackend
 
-    split = []
+    split, summed = [], []
 
     def two_slices(rows, n, k, num_sms):
         split.append(k % 16 == 0)
         return 2 if split[-1] else 1
 
+    def add_norm(self, x, *args, **kw):
+        summed.append(isinstance(x, cuda_ksplit.KSliceSums))
+        return plain_add_norm(self, x, *args, **kw)
+
+    plain_add_norm = CudaBackend.fused_add_rms_norm
     monkeypatch.setattr(cuda_ksplit, "k_slices", two_slices)
+    monkeypatch.setattr(CudaBackend, "fused_add_rms_norm", add_norm)
     _assert_16_greedy_steps_are_reference_argmax(tiny, 3, enforce_eager)
     assert any(split), "no product took the K-slice path"
+    assert any(summed), "no add + norm took the down projection's partial sums"
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=7), dict(num_gpu_blocks_override=6),

@@ -126,8 +126,9 @@ class CpuBackend:
         residual = x + residual
         return self.rms_norm(residual, weight, eps), residual
 
-    def linear(self, x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
-        """x @ weight.T (+ bias); weight is [out, in] as in HF checkpoints."""
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias=None, feeds_add_norm: bool = False) -> np.ndarray:
+        """x @ weight.T (+ bias); weight is [out, in] as in HF checkpoints. feeds_add_norm: see
+        CudaBackend.linear (the result here is always the array)."""
         out = self._matmul_t(x, weight)
         if bias is not None:
             out += bias

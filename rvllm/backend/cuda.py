@@ -23,7 +23,7 @@ from rvllm.backend import cuda_attention, cuda_blas, nvrtc
 from rvllm.backend.cuda_fused import FusedOps
 from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
 from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
-from rvllm.backend.cuda_ksplit import KSliceGemm
+from rvllm.backend.cuda_ksplit import SLICES, KSliceGemm, KSliceSums
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.cuda_wgmma import make_wgmma
 from rvllm.backend.cuda_probe import cuda_available
@@ -45,6 +45,10 @@ def is_cuda_available() -> bool:
 def _launch_threads(d: int) -> int:
     """Threads for a row kernel: about 4 elements a thread, a multiple of 32, at most 1024."""
     return min(1024, max(32, ((d + 3) // 4 + 31) // 32 * 32))
+
+
+MAX_SLICES = max(SLICES)  # norm.cu's NORM_MAX_SLICES
+_SUMS_THREADS = 256  # fused_add_rms_norm_sums_kernel's launch bound
 
 
 def _chunk_threads(d: int) -> int:
@@ -252,14 +256,22 @@ class CudaBackend(DeviceTransfers, FusedOps):
 
     def fused_add_rms_norm(self, x, residual, weight, eps: float, fill=None):
         """(rms_norm(x + residual), x + residual): the next layer's input and the residual stream.
+        x may be a KSliceSums (linear's feeds_add_norm), which the kernel sums as it reads.
         fill: (out [rows, n], row [n]), both C-contiguous in the compute dtype: the same kernel also
         writes `row` into every row of `out` (add_norm_linear's bias, before cuBLAS adds to it)."""
-        self._check("fused_add_rms_norm x", x, ndim=2)
+        sums = isinstance(x, KSliceSums)
+        if sums:
+            self._check("fused_add_rms_norm partial sums", x.parts, dtype=np.float32, ndim=3)
+            if x.parts.shape[0] > MAX_SLICES:
+                raise ValueError(f"fused_add_rms_norm: {x.parts.shape[0]} partial sums, at most {MAX_SLICES}")
+        else:
+            self._check("fused_add_rms_norm x", x, ndim=2)
+        rows_d = x.shape
         self._check("fused_add_rms_norm residual", residual, ndim=2)
         self._check("fused_add_rms_norm weight", weight, ndim=1)
-        if x.shape != residual.shape or weight.shape[0] != x.shape[1]:
-            raise ValueError(f"fused_add_rms_norm: shapes x {x.shape}, residual {residual.shape}, weight {weight.shape}")
-        rows, d = x.shape
+        if rows_d != residual.shape or weight.shape[0] != rows_d[1]:
+            raise ValueError(f"fused_add_rms_norm: shapes x {rows_d}, residual {residual.shape}, weight {weight.shape}")
+        rows, d = rows_d
         fill_out, fill_row, fill_n = np.uint64(0), np.uint64(0), 0  # null pointers: no fill
         if fill is not None:
             fill_out, fill_row = fill
@@ -268,13 +280,15 @@ class CudaBackend(DeviceTransfers, FusedOps):
             fill_n = fill_row.shape[0]
             if fill_out.shape != (rows, fill_n):
                 raise ValueError(f"fused_add_rms_norm: fill is {fill_out.shape}, expected {(rows, fill_n)}")
-        out = cp.empty_like(x)
-        new_residual = cp.empty_like(x)
-        if rows and d:
-            self._kernel("norm.cu", "fused_add_rms_norm_kernel")(
-                (rows,), (_chunk_threads(d),),
-                (out, new_residual, x, residual, weight, np.int32(d), np.float32(eps), fill_out, fill_row,
-                 np.int32(fill_n)))
+        out = cp.empty_like(residual)
+        new_residual = cp.empty_like(residual)
+        tail = (residual, weight, np.int32(d), np.float32(eps), fill_out, fill_row, np.int32(fill_n))
+        if rows and d and sums:
+            self._kernel("norm.cu", "fused_add_rms_norm_sums_kernel")(
+                (rows,), (min(_SUMS_THREADS, _chunk_threads(d)),),
+                (out, new_residual, x.parts, np.int32(x.parts.shape[0])) + tail)
+        elif rows and d:
+            self._kernel("norm.cu", "fused_add_rms_norm_kernel")((rows,), (_chunk_threads(d),), (out, new_residual, x) + tail)
         return out, new_residual
 
     def _gemm(self, x, weight, out, out_type: int, beta) -> None:
@@ -306,8 +320,10 @@ class CudaBackend(DeviceTransfers, FusedOps):
             raise ValueError(f"{name}: rows must be contiguous (shape {x.shape}, strides {x.strides})")
         return x
 
-    def linear(self, x, weight, bias=None):
-        """x @ weight.T (+ bias); weight is [out, in] as in HF checkpoints. x [T, in] -> [T, out]."""
+    def linear(self, x, weight, bias=None, feeds_add_norm: bool = False):
+        """x @ weight.T (+ bias); weight is [out, in] as in HF checkpoints. x [T, in] -> [T, out].
+        feeds_add_norm: the caller passes the result only to an add + norm op (a sublayer's output,
+        model/llama.py), so a product in K-slices may return its partial sums (KSliceSums)."""
         x2 = self._gemm_input("linear x", x)
         self._check("linear weight", weight, ndim=2)
         if weight.shape[1] != x2.shape[1]:
@@ -321,6 +337,11 @@ class CudaBackend(DeviceTransfers, FusedOps):
             small = self.wgmma.linear(x2, weight, bias)
         if small is not None:
             return small.reshape(*x.shape[:-1], weight.shape[0])
+        if feeds_add_norm and bias is None and self.ksplit is not None and x.ndim == 2 \
+                and x2.shape[0] > self.gemv.fused_rows and x2.shape[1]:
+            parts = self.ksplit.partials(x2, weight)
+            if parts is not None:
+                return KSliceSums(parts, self.compute_dtype)
         out = cp.empty((x2.shape[0], weight.shape[0]), dtype=self.compute_dtype)
         beta = self._beta0
         if bias is not None:

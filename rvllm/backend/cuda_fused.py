@@ -7,6 +7,7 @@ FusedOps is a part of CudaBackend (as cuda_upload.DeviceTransfers is): it uses t
 from __future__ import annotations
 
 from rvllm.backend import cuda_attention
+from rvllm.backend.cuda_ksplit import KSliceSums
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear, add_norm_logits as _add_norm_logits
 from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary, split_qkv as _split_qkv
 
@@ -20,9 +21,11 @@ class FusedOps:
     def add_norm_linear(self, x, residual, norm_weight, eps: float, weight, bias=None, act=None):
         """(act(rms_norm(x + residual) @ weight.T + bias), x + residual); see backend/fused.py.
         One kernel (gemv.cu) for steps of up to gemv.max_rows rows, the separate ops otherwise."""
+        x = self._norm_input(x, residual)
         self._check_add_norm(x, residual, norm_weight, weight, bias, act)
         if x.shape[0] and x.shape[1]:
-            fused = self.gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias, act)
+            fused = None if isinstance(x, KSliceSums) else self.gemv.add_norm_linear(x, residual, norm_weight, eps,
+                                                                                    weight, bias, act)
             if fused is not None:
                 return fused
             if bias is not None and residual is not None and not (self.wgmma is not None and self.wgmma.fits(x, weight)):
@@ -33,9 +36,21 @@ class FusedOps:
                 return (self.silu_and_mul(y) if act == "silu_and_mul" else y), residual
         return _add_norm_linear(self, x, residual, norm_weight, eps, weight, bias, act)
 
+    def _norm_input(self, x, residual):
+        """x for the composite ops: a KSliceSums (linear's feeds_add_norm) stays one where the add +
+        norm runs as fused_add_rms_norm, which sums it as it reads; where a gemv kernel would take
+        the step (or wgmma, or there is no residual to add) it is reduced first."""
+        if isinstance(x, KSliceSums) and (residual is None or self.wgmma is not None
+                                          or x.shape[0] <= self.gemv.fused_rows):
+            return self.ksplit.reduce(x.parts)
+        return x
+
     def _check_add_norm(self, x, residual, norm_weight, weight, bias, act, op: str = "add_norm_linear") -> None:
         """add_norm_linear's (or `op`'s) argument checks (ValueError)."""
-        self._check(f"{op} x", x, ndim=2)
+        if isinstance(x, KSliceSums):
+            self._check(f"{op} partial sums", x.parts, dtype="float32", ndim=3)
+        else:
+            self._check(f"{op} x", x, ndim=2)
         self._check(f"{op} weight", weight, ndim=2)
         self._check(f"{op} norm weight", norm_weight, ndim=1)
         if residual is not None:
@@ -55,6 +70,7 @@ class FusedOps:
                             k_cache, v_cache, slot_mapping, neox: bool):
         """(rotated q [T, nh, hd], x + residual), rotated k and v into the paged cache; see
         backend/fused.py. One kernel (gemv_rope.cu) for steps of 1-2 rows, the separate ops otherwise."""
+        x = self._norm_input(x, residual)
         fused = self._qkv_rotary_gemv(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
                                       k_cache, v_cache, slot_mapping, neox)
         if fused is not None:
@@ -68,6 +84,7 @@ class FusedOps:
         backend/fused.py. Rotary and the cache write run inside the qkv product's kernel where it
         takes them (gemv_rope.cu, 1-2 rows), else inside decode attention where
         cuda_attention.decode_rope takes the step (off by default), else as their own kernel."""
+        x = self._norm_input(x, residual)
         q_res = self._qkv_rotary_gemv(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
                                       k_cache, v_cache, meta.slot_mapping, neox)
         if q_res is None:
@@ -89,7 +106,7 @@ class FusedOps:
         if weight.shape[0] != (nh + 2 * nkv) * hd:
             raise ValueError(f"add_norm_qkv_rotary: weight {weight.shape} is not {(nh + 2 * nkv) * hd} rows of q, k, v")
         cuda_attention.check_rotary_inputs(self, positions, cos_sin, k_cache, v_cache, slot_mapping, x.shape[0], nkv, hd)
-        if not (x.shape[0] and x.shape[1]):
+        if not (x.shape[0] and x.shape[1]) or isinstance(x, KSliceSums):
             return None
         return self.gemv.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions,
                                              cos_sin, k_cache, v_cache, slot_mapping, neox)
@@ -97,8 +114,10 @@ class FusedOps:
     def add_norm_logits(self, x, residual, norm_weight, eps: float, lm_head, out=None):
         """rms_norm(x + residual) @ lm_head.T, float32 [T, V] (into `out` when given); see
         backend/fused.py. One kernel (gemv.cu) for 1-row steps, the norm and cuBLAS otherwise."""
+        x = self._norm_input(x, residual)
         self._check_add_norm(x, residual, norm_weight, lm_head, None, None, "add_norm_logits")
         out = self._logits_out("add_norm_logits", x, lm_head, out)
-        if x.size and self.gemv.add_norm_logits(x, residual, norm_weight, eps, lm_head, out) is not None:
+        if x.size and not isinstance(x, KSliceSums) and \
+                self.gemv.add_norm_logits(x, residual, norm_weight, eps, lm_head, out) is not None:
             return out
         return _add_norm_logits(self, x, residual, norm_weight, eps, lm_head, out)

@@ -152,6 +152,11 @@ class SmallBatchGemv:
         self._resident: dict = {}  # (kernel, threads, shared memory) -> blocks an SM holds at once
         self.rope_one_pass = True  # gemv_rope.cu only where one pass of the grid holds every unit (below)
 
+    @property
+    def fused_rows(self) -> int:
+        """The most token rows a step may have for these kernels' add + norm forms to take it."""
+        return max(self.max_rows, self.tc_max_rows)
+
     def _bucket(self, rows: int) -> int | None:
         if rows < 1 or rows > self.max_rows:
             return None

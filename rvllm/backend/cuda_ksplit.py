@@ -48,6 +48,22 @@ def k_slices(rows: int, n: int, k: int, num_sms: int) -> int:
     return 1
 
 
+class KSliceSums:
+    """A product's output left as its K-slices' float32 partial sums (`parts`, [S, rows, N]), for an
+    add + RMSNorm to sum as it reads them (CudaBackend.fused_add_rms_norm): the reduce kernel and its
+    launch gap leave the chain. CudaBackend.linear returns one only when asked (feeds_add_norm) and
+    only for steps that the add + norm ops run as their own kernel (more rows than the gemv kernels
+    take); every op that receives one either passes it to that kernel or reduces it first."""
+
+    ndim = 2
+
+    def __init__(self, parts, dtype):
+        self.parts = parts
+        self.shape = tuple(parts.shape[1:])
+        self.dtype = dtype
+        self.size = self.shape[0] * self.shape[1]
+
+
 class KSliceGemm:
     """out = x @ weight.T as k_slices() cuBLAS products of K-slices and the reduce kernel."""
 
@@ -55,16 +71,16 @@ class KSliceGemm:
         self.ops = ops
         self.num_sms = num_sms
 
-    def __call__(self, x, weight, out) -> bool:
-        """Runs the product into `out` ([rows, N], C-contiguous, the compute dtype) when the rule
-        splits it; returns False (nothing launched) otherwise. x: [rows, K] with contiguous rows,
-        16-byte aligned; weight [N, K] C-contiguous."""
+    def partials(self, x, weight):
+        """The K-slices' float32 partial products [S, rows, N] when the rule splits the product, else
+        None (nothing launched). x: [rows, K] with contiguous rows, 16-byte aligned; weight [N, K]
+        C-contiguous."""
         rows, k = x.shape
         n = weight.shape[0]
         s = k_slices(rows, n, k, self.num_sms)
         if s < 2 or n % 8 or x.strides[0] % 16 or x.data.ptr % 16 or weight.data.ptr % 16 \
-                or not weight.flags.c_contiguous or not out.flags.c_contiguous:
-            return False
+                or not weight.flags.c_contiguous:
+            return None
         ks = k // s  # a multiple of 8: every slice starts 16-byte aligned
         parts = cp.empty((s, rows, n), dtype=np.float32)
         ops = self.ops
@@ -72,9 +88,28 @@ class KSliceGemm:
             n, rows, ks, ops._alpha.ctypes.data, weight.data.ptr, ops._gemm_type, k, ks,
             x.data.ptr, ops._gemm_type, x.strides[0] // x.itemsize, ks,
             ops._beta0.ctypes.data, parts.data.ptr, cuda_blas.CUDA_R_32F, n, rows * n, s)
+        return parts
+
+    def __call__(self, x, weight, out) -> bool:
+        """Runs the product into `out` ([rows, N], C-contiguous, the compute dtype) when the rule
+        splits it; returns False (nothing launched) otherwise."""
+        if not out.flags.c_contiguous:
+            return False
+        parts = self.partials(x, weight)
+        if parts is None:
+            return False
+        self.reduce(parts, out)
+        return True
+
+    def reduce(self, parts, out=None):
+        """The partial products [S, rows, N] added in order of slice -> out [rows, N] (the compute dtype)."""
+        s, rows, n = parts.shape
+        if out is None:
+            out = cp.empty((rows, n), dtype=self.ops.compute_dtype)
         elems = rows * n
         threads = 256
         blocks = min(-(-(elems // 8) // threads), 8 * self.num_sms)
-        ops._kernel("gemm_reduce.cu", "k_slices_reduce_kernel")(
-            (blocks,), (threads,), (out, parts, np.int64(elems), np.int32(s)))
-        return True
+        if elems:
+            self.ops._kernel("gemm_reduce.cu", "k_slices_reduce_kernel")(
+                (blocks,), (threads,), (out, parts, np.int64(elems), np.int32(s)))
+        return out

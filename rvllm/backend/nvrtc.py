@@ -57,7 +57,7 @@ MIN_COMPUTE_CAPABILITY = 80  # cvt.rn.bf16.f32 and mma.m16n8k16 need sm_80
 KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "embedding.cu": (("embedding_kernel", "broadcast_rows_kernel", "dummy_normal_kernel"), False),
     "step_inputs.cu": (("unpack_step_inputs_kernel",), False),
-    "norm.cu": (("rms_norm_kernel", "fused_add_rms_norm_kernel"), False),
+    "norm.cu": (("rms_norm_kernel", "fused_add_rms_norm_kernel", "fused_add_rms_norm_sums_kernel"), False),
     "activation.cu": (("silu_and_mul_kernel",), False),
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",

@@ -63,6 +63,8 @@ class LlamaModel:
         s, ops = self.spec, self.ops
         # `hidden` is each sublayer's output before it joins the residual stream: add_norm_linear
         # adds it, normalizes and projects in one op (one kernel for decode-sized steps on CUDA).
+        # Only add + norm ops read it, so the MLP's may stay a backend's unreduced partial sums
+        # (linear's feeds_add_norm: CUDA's K-slices, which the add + norm kernel sums as it reads).
         hidden = ops.embedding(input_ids, self.w.embed) if embedded is None else embedded  # [T, H]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.w.layers[:num_layers], kv_caches):
@@ -70,7 +72,7 @@ class LlamaModel:
             hidden = ops.linear(o.reshape(o.shape[0], s.q_size), layer.o_proj)  # [T, H]
             act, residual = ops.add_norm_linear(hidden, residual, layer.post_norm, s.rms_norm_eps,
                                                 layer.gate_up, act="silu_and_mul")  # [T, I]
-            hidden = ops.linear(act, layer.down)  # [T, H]
+            hidden = ops.linear(act, layer.down, feeds_add_norm=True)  # [T, H], only ever added to the residual
         return hidden, residual
 
     def _attention(self, hidden, residual, positions, layer: LayerWeights, k_cache, v_cache, meta):
