@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from rvllm.backend import cuda_attention, cuda_gemv
+from rvllm.backend import cuda_attention, cuda_gemv, cuda_rotary
 from rvllm.backend.cpu import AttentionMetadata, CpuBackend
 from rvllm.backend.fused import split_qkv
 from rvllm.backend.cuda import is_cuda_available
@@ -948,8 +948,8 @@ def test_qkv_rotary_attention_routes(gpu, rng, monkeypatch, case):
             "one_per_sm": [(1, int(n)) for n in rng.integers(1, 300, 40)],
             "split": [(1, 1000), (1, 5), (1, 77)], "prefill": [(7, 7), (1, 40), (20, 300)]}[case]
     rotary_calls = []
-    real_rotary = cuda_attention.rotary_and_cache_write
-    monkeypatch.setattr(cuda_attention, "rotary_and_cache_write", lambda *a: rotary_calls.append(1) or real_rotary(*a))
+    real_rotary = cuda_rotary.rotary_and_cache_write
+    monkeypatch.setattr(cuda_rotary, "rotary_and_cache_write", lambda *a: rotary_calls.append(1) or real_rotary(*a))
     monkeypatch.setattr(gpu.gemv, "rope_one_pass", False)  # 1 row on gemv_rope.cu whatever the SM count
     monkeypatch.setattr(cuda_attention, "DECODE_ROPE", True)  # off by default
     host, dev = _decode_rope_case(gpu, rng, reqs, nkv, group, head_dim, pad_rows=0)

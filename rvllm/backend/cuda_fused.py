@@ -6,7 +6,7 @@ FusedOps is a part of CudaBackend (as cuda_upload.DeviceTransfers is): it uses t
 """
 from __future__ import annotations
 
-from rvllm.backend import cuda_attention
+from rvllm.backend import cuda_attention, cuda_rotary
 from rvllm.backend.cuda_ksplit import KSliceSums
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear, add_norm_logits as _add_norm_logits
 from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary, split_qkv as _split_qkv
@@ -105,7 +105,7 @@ class FusedOps:
         nh, nkv, hd = heads
         if weight.shape[0] != (nh + 2 * nkv) * hd:
             raise ValueError(f"add_norm_qkv_rotary: weight {weight.shape} is not {(nh + 2 * nkv) * hd} rows of q, k, v")
-        cuda_attention.check_rotary_inputs(self, positions, cos_sin, k_cache, v_cache, slot_mapping, x.shape[0], nkv, hd)
+        cuda_rotary.check_rotary_inputs(self, positions, cos_sin, k_cache, v_cache, slot_mapping, x.shape[0], nkv, hd)
         if not (x.shape[0] and x.shape[1]) or isinstance(x, KSliceSums):
             return None
         return self.gemv.add_norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, heads, positions,

@@ -1,5 +1,6 @@
 """Checkpoint tensors to the GPU through a pinned staging ring: no host copy of the model; and
-CudaBackend's transfers between host and device (DeviceTransfers).
+CudaBackend's transfers between host and device, with the kernel that unpacks a step's uploaded
+inputs (DeviceTransfers).
 
 A memory-mapped safetensors tensor is read in chunks into one of two page-locked buffers and each
 chunk is sent with an asynchronous copy on the current stream; while one buffer's copy runs, the
@@ -69,9 +70,9 @@ class StagedUploader:
 
 
 class DeviceTransfers:
-    """CudaBackend's host <-> device transfers and weight uploads. Uses the backend's `dtype`,
-    `compute_dtype`, `_uploader` (a StagedUploader), `_upload_stream` (None until upload_copy makes
-    it) and `_kernel` (dummy weights)."""
+    """CudaBackend's host <-> device transfers, weight uploads and the unpacking of a step's uploaded
+    inputs. Uses the backend's `dtype`, `compute_dtype`, `num_sms`, `_uploader` (a StagedUploader),
+    `_upload_stream` (None until upload_copy makes it), `_check` and `_kernel`."""
 
     def _storage(self, dtype) -> np.dtype:
         if dtype is None:
@@ -117,6 +118,48 @@ class DeviceTransfers:
         event.record(stream)
         cp.cuda.get_current_stream().wait_event(event)
         return event
+
+    def unpack_step_inputs(self, dst, src, ids_at: int, num_ids: int, prev_sampled, tables, table, row_slots,
+                           col0, diff_off, new_ids, seq_lens, block_size: int, embed=None) -> None:
+        """CpuBackend.unpack_step_inputs (the spec) in one kernel (step_inputs.cu); dst and src are
+        distinct int32 device vectors, tables [r, w] (contiguous), table [num_slots, W]; the index
+        arrays int32 vectors on the device (views of src); embed's out contiguous."""
+        for name, a in (("dst", dst), ("src", src)):
+            self._check(f"step inputs {name}", a, np.int32, ndim=1)
+        n = src.shape[0]
+        if n > dst.shape[0] or ids_at < 0 or ids_at + num_ids > n:
+            raise ValueError(f"unpack_step_inputs: {n} values into {dst.shape[0]}, ids at {ids_at}..{ids_at + num_ids}")
+        if prev_sampled is not None:
+            self._check("step inputs prev_sampled", prev_sampled, np.int32, ndim=1)
+        self._check("block tables out", tables, np.int32, ndim=2)
+        self._check("block tables table", table, np.int32, ndim=2)
+        r, w = tables.shape
+        for name, a, k in (("row_slots", row_slots, r), ("col0", col0, r), ("diff_off", diff_off, r + 1),
+                           ("seq_lens", seq_lens, r)):
+            self._check(f"block tables {name}", a, np.int32, ndim=1)
+            if a.shape[0] != k:
+                raise ValueError(f"block tables: {name} has {a.shape[0]} entries for {r} rows")
+        self._check("block tables new_ids", new_ids, np.int32, ndim=1)
+        if w > table.shape[1]:
+            raise ValueError(f"block tables: {w} columns from a table of {table.shape[1]}")
+        emb_out = emb_table = np.uint64(0)  # null pointers: no gather
+        hidden = vocab = 0
+        if embed is not None:
+            emb_table, emb_out = embed
+            self._check("step inputs embedding table", emb_table, ndim=2)
+            self._check("step inputs embedding out", emb_out, ndim=2)
+            vocab, hidden = emb_table.shape
+            if emb_out.shape[0] < num_ids or emb_out.shape[1] != hidden:
+                raise ValueError(f"unpack_step_inputs: {num_ids} embedding rows of {hidden} into {emb_out.shape}")
+        # A block per table row and per embedding row, and enough blocks that the copy is a few
+        # values a thread.
+        blocks = max(1, min(max(r, num_ids if embed is not None else 0, -(-n // 1024)), 4 * self.num_sms))
+        self._kernel("step_inputs.cu", "unpack_step_inputs_kernel")(
+            (blocks,), (128,),
+            (dst, src, np.int32(n), np.int32(ids_at), np.int32(num_ids),
+             np.uint64(0) if prev_sampled is None else prev_sampled,
+             tables, table, row_slots, col0, diff_off, new_ids, seq_lens, np.int32(r), np.int32(w),
+             np.int32(table.shape[1]), np.int32(block_size), emb_out, emb_table, np.int32(hidden), np.int32(vocab)))
 
     def from_host(self, arr, dtype=None):
         """A host array on the device, converted to `dtype` when given (numpy semantics; "bfloat16"
