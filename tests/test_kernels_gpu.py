@@ -243,7 +243,7 @@ def test_fused_add_rms_norm_of_k_slice_sums(gpu, rng, num_tokens, d, slices):
     res = rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
     w = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
     parts_dev, res_dev, w_dev = cp.asarray(parts), gpu.weight(res), gpu.weight(w)
-    out, new_res = gpu.fused_add_rms_norm(KSliceSums(parts_dev, gpu.compute_dtype), res_dev, w_dev, 1e-5)
+    out, new_res = gpu.fused_add_rms_norm(KSliceSums(parts_dev), res_dev, w_dev, 1e-5)
     x = rounded(gpu, functools.reduce(np.add, parts))  # float32 adds in order, then 16 bits
     ref_out, ref_res = CPU.fused_add_rms_norm(x, res, w, 1e-5)
     check(gpu, out, ref_out, "normed")
@@ -254,14 +254,14 @@ def test_fused_add_rms_norm_of_k_slice_sums(gpu, rng, num_tokens, d, slices):
         for got, want in zip((out, new_res), two):
             np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(want))
     with pytest.raises(ValueError, match="shapes"):
-        gpu.fused_add_rms_norm(KSliceSums(parts_dev, gpu.compute_dtype), res_dev[:-1], w_dev, 1e-5)
+        gpu.fused_add_rms_norm(KSliceSums(parts_dev), res_dev[:-1], w_dev, 1e-5)
 
 
 @pytest.mark.parametrize("num_tokens", [2, 9, 33])  # 2: a gemv kernel's step, so the sums are reduced first
 def test_ops_take_the_down_projection_as_k_slice_sums(gpu, rng, monkeypatch, num_tokens):
     """linear(..., feeds_add_norm=True) in K-slices returns the partial sums past the gemv kernels'
-    rows, and the ops after the MLP (add_norm_linear, add_norm_qkv_rotary's product, add_norm_logits)
-    give the same bits from them as from the reduced output."""
+    rows, and the ops after the MLP (add_norm_linear, add_norm_logits, fused_add_rms_norm) give the
+    same bits from partial sums as from the reduced output."""
     import cupy as cp
 
     from rvllm.backend import cuda_ksplit
@@ -276,9 +276,10 @@ def test_ops_take_the_down_projection_as_k_slice_sums(gpu, rng, monkeypatch, num
     w = dev(rng.standard_normal((n, h)) / np.sqrt(h))
     bias = dev(rng.standard_normal(n))
     lm_head = dev(rng.standard_normal((vocab, h)) / np.sqrt(h))
-    sums = gpu.linear(act, down, feeds_add_norm=True)
+    returned = gpu.linear(act, down, feeds_add_norm=True)
+    assert isinstance(returned, cuda_ksplit.KSliceSums) == (num_tokens > gpu.gemv.fused_rows)
+    sums = cuda_ksplit.KSliceSums(gpu.ksplit.partials(act, down))  # at 2 rows too: those ops reduce it first
     reduced = gpu.linear(act, down)
-    assert isinstance(sums, cuda_ksplit.KSliceSums) == (num_tokens > gpu.gemv.fused_rows)
     bits = lambda a: cp.asnumpy(a).view(np.uint8)  # noqa: E731
 
     for b, act_ in ((None, None), (bias, None), (None, "silu_and_mul")):
@@ -288,7 +289,7 @@ def test_ops_take_the_down_projection_as_k_slice_sums(gpu, rng, monkeypatch, num
             np.testing.assert_array_equal(bits(g), bits(x))
     got = gpu.add_norm_logits(sums, res, norm_w, 1e-6, lm_head)
     np.testing.assert_array_equal(bits(got), bits(gpu.add_norm_logits(reduced, res, norm_w, 1e-6, lm_head)))
-    normed, _ = gpu.fused_add_rms_norm(sums if num_tokens > gpu.gemv.fused_rows else reduced, res, norm_w, 1e-6)
+    normed, _ = gpu.fused_add_rms_norm(sums, res, norm_w, 1e-6)
     np.testing.assert_array_equal(bits(normed), bits(gpu.fused_add_rms_norm(reduced, res, norm_w, 1e-6)[0]))
 
 

@@ -299,7 +299,7 @@ class CudaBackend(DeviceTransfers, FusedOps):
                 and x2.shape[0] > self.gemv.fused_rows and x2.shape[1]:
             parts = self.ksplit.partials(x2, weight)
             if parts is not None:
-                return KSliceSums(parts, self.compute_dtype)
+                return KSliceSums(parts)
         out = cp.empty((x2.shape[0], weight.shape[0]), dtype=self.compute_dtype)
         beta = self._beta0
         if bias is not None:
@@ -357,7 +357,7 @@ class CudaBackend(DeviceTransfers, FusedOps):
         q [T, nh, hd], k and v [T, nkv, hd] (strided views of the qkv output are fine).
         Returns the rotated q, contiguous [T, nh, hd]."""
         return cuda_rotary.rotary_and_cache_write(self, q, k, v, positions, cos_sin, k_cache, v_cache,
-                                                     slot_mapping, neox)
+                                                  slot_mapping, neox)
 
     def paged_attention(self, q, k_cache, v_cache, meta, scale: float):
         """Causal attention of q [T, nh, hd] over each request's cached K/V -> [T, nh, hd].

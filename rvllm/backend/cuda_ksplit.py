@@ -55,12 +55,9 @@ class KSliceSums:
     only for steps that the add + norm ops run as their own kernel (more rows than the gemv kernels
     take); every op that receives one either passes it to that kernel or reduces it first."""
 
-    ndim = 2
-
-    def __init__(self, parts, dtype):
+    def __init__(self, parts):
         self.parts = parts
-        self.shape = tuple(parts.shape[1:])
-        self.dtype = dtype
+        self.shape = tuple(parts.shape[1:])  # [rows, N], as the reduced output's
         self.size = self.shape[0] * self.shape[1]
 
 
