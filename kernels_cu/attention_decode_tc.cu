@@ -12,11 +12,15 @@
 // takes tiles w, w + WARPS, ... of TILE keys and streams them through its own shared memory, STAGES
 // tiles in flight (cp.async: no registers held by loads in flight), with the online softmax of the
 // prefill kernel; with several warps their partial results meet in shared memory at the end, and
-// one warp writes its result itself. No split over
-// blocks: the backend uses it where the pairs alone fill the GPU (cuda_attention.decode_build),
-// and picks the entry point (warps, tile, stages) by how many pairs each SM gets. Any context length;
-// nothing depends on host values that change between steps except through the metadata arrays,
-// so it is graph-safe as it stands. Rows that no request owns get zeros.
+// one warp writes its result itself. The backend uses these where the pairs alone fill the GPU or
+// the contexts are short (cuda_attention.decode_build), and picks the entry point (warps, tile,
+// stages) by how many pairs each SM gets. Any context length; nothing depends on host values that
+// change between steps except through the metadata arrays, so it is graph-safe as it stands. Rows
+// that no request owns get zeros.
+//
+// The split build (`_split_`) adds a third grid dimension: block z takes the z-th partition of
+// part_size keys of its row (DecodeSplit, below), for small steps with long contexts, where a block
+// per pair left most SMs idle; the last block of a pair to finish combines the partitions.
 //
 // The rope builds (`_rope_` in the name) also do rotary.cu's work, so that the decode steps they
 // take (cuda_attention.decode_rope, off by default) need no rotary kernel: q is the qkv product ([T, qkv_stride],
@@ -68,6 +72,32 @@ struct DecodeRope {
   int max_pos;
   int neox;
 };
+
+// The split build's scratch (a context split over blocks, flash-decoding): block z takes keys
+// [z * part_size, (z + 1) * part_size) of its row; with more than one partition it writes its
+// normalized output, max (log2 units) and sum to the float32 scratch, and the last block of the
+// (row, KV head) to finish (an atomic counter, reset by that block) combines them. part_size 0:
+// no split (the other builds).
+struct DecodeSplit {
+  int* counters;   // [num_tokens * num_kv_heads], zero before and after the kernel
+  float* tmp_out;  // [num_tokens, num_heads, max_parts, HEAD_DIM]
+  float* tmp_max;  // [num_tokens, num_heads, max_parts]
+  float* tmp_sum;
+  int max_parts;
+  int part_size;   // a multiple of TILE * WARPS
+};
+
+// A float another block wrote during this kernel: read through L2, never a stale L1 line.
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float2 ld_cg2(const float* p) {
+  float2 v;
+  asm volatile("ld.global.cg.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
+  return v;
+}
 
 // Rotates x1, x2 (16-bit pairs, element e of each with cos c[e], sin s[e]) into r1, r2.
 __device__ __forceinline__ void rotate_pairs2(unsigned int x1, unsigned int x2, const float* c, const float* s,
@@ -129,8 +159,65 @@ __device__ __forceinline__ void new_kv(const scalar_t* k_src, const scalar_t* v_
   }
 }
 
-template <int WARPS, int TILE, int STAGES, bool ROPE>
-__device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rope) {
+// The split build's end: the last block of a (row, KV head) to finish combines the partitions'
+// shares (in L2) into the output, weighting partition p by sum_p * 2^(max_p - max) (s_w: the
+// weights, [group][num_parts]), and resets the counter for the next launch.
+template <int WARPS>
+__device__ __forceinline__ void split_combine(scalar_t* __restrict__ out, const DecodeSplit& split, i64 head0, int group,
+                                              int num_parts, int pair, float* s_w) {
+  __shared__ int s_last;
+  __syncthreads();  // every thread's share is written
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's shares before its count
+    const int done = atomicAdd(&split.counters[pair], 1) + 1;
+    s_last = done == num_parts;
+    if (s_last) split.counters[pair] = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int g = warp; g < group; g += WARPS) {  // a warp a head: the weights, normalized
+    const i64 row0 = (head0 + g) * split.max_parts;
+    float mx = RVLLM_NEG_INF;
+    for (int q = lane; q < num_parts; q += 32) mx = fmaxf(mx, ld_cg(split.tmp_max + row0 + q));
+    mx = warp_max(mx);
+    float l = 0.f;
+    for (int q = lane; q < num_parts; q += 32) {
+      const float w = ld_cg(split.tmp_sum + row0 + q) * exp2f(ld_cg(split.tmp_max + row0 + q) - mx);
+      s_w[g * num_parts + q] = w;
+      l += w;
+    }
+    l = warp_sum(l);
+    __syncwarp();
+    for (int q = lane; q < num_parts; q += 32) s_w[g * num_parts + q] /= l;
+  }
+  __syncthreads();
+  // A thread takes (head g, columns 2p, 2p + 1), the partitions' values 8 at a time, all 8 loads
+  // issued before their sums: one at a time, each an L2 round trip waited on in turn, the combine of
+  // a 3,840-key context (30 partitions) took longer than the partitions themselves.
+  constexpr int BATCH = 8;
+  for (int idx = threadIdx.x; idx < group * (HEAD_DIM / 2); idx += 32 * WARPS) {
+    const int g = idx / (HEAD_DIM / 2), p = idx - g * (HEAD_DIM / 2);
+    const float* src = split.tmp_out + (head0 + g) * split.max_parts * HEAD_DIM + 2 * p;
+    float o0 = 0.f, o1 = 0.f;
+    for (int q0 = 0; q0 < num_parts; q0 += BATCH) {
+      float2 v[BATCH];
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) v[u] = q0 + u < num_parts ? ld_cg2(src + (i64)(q0 + u) * HEAD_DIM) : make_float2(0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < BATCH; ++u) {
+        const float w = q0 + u < num_parts ? s_w[g * num_parts + q0 + u] : 0.f;
+        o0 += w * v[u].x;
+        o1 += w * v[u].y;
+      }
+    }
+    *reinterpret_cast<unsigned int*>(out + (head0 + g) * HEAD_DIM + 2 * p) = pack2(o0, o1);
+  }
+}
+
+template <int WARPS, int TILE, int STAGES, bool ROPE, bool SPLIT = false>
+__device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rope, const DecodeSplit split = DecodeSplit{}) {
   static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (slot_of)");
   static_assert(2 * STAGES * TILE * DTC_LD * 2 >= (16 * DTC_OLD + 32) * 4, "a warp's partials fit in its stages");
   extern __shared__ __align__(16) unsigned char dtc_smem[];
@@ -145,6 +232,10 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
   const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
   int req, cached;
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req, &cached);
+  // The split build: this block's keys start at key0; its row has num_parts partitions.
+  const int key0 = SPLIT ? (int)blockIdx.z * split.part_size : 0;
+  const int num_parts = SPLIT ? min((max(ctx, 0) + split.part_size - 1) / split.part_size, split.max_parts) : 1;
+  const int key_end = SPLIT ? min(ctx, key0 + split.part_size) : ctx;  // this block's keys: [key0, key_end)
   const int* btab = block_tables + (req >= 0 ? (i64)req * row_stride : 0);
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
@@ -176,7 +267,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
   }
 
   // This warp's tiles: warp, warp + WARPS, ...; the i-th of them goes to stage i % STAGES.
-  const int num_tiles = req >= 0 ? (ctx + TILE - 1) / TILE : 0;
+  const int num_tiles = req >= 0 && key_end > key0 ? (key_end - key0 + TILE - 1) / TILE : 0;
   const int my_tiles = num_tiles > warp ? (num_tiles - warp + WARPS - 1) / WARPS : 0;
 
   // The keys' cache blocks, read from the block table a window of this warp's tiles at a time: lane
@@ -190,7 +281,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
   const int w_shift = 5 - e_shift;                                                           // tiles a window: 1 << w_shift
   auto window_blocks = [&](int win) -> int {
     const int i = (win << w_shift) + (lane >> e_shift);
-    const int key = (warp + i * WARPS) * TILE + ((lane & ((1 << e_shift) - 1)) << bs_shift);
+    const int key = key0 + (warp + i * WARPS) * TILE + ((lane & ((1 << e_shift) - 1)) << bs_shift);
     return i < my_tiles && key < ctx ? btab[key >> bs_shift] : 0;
   };
   int win = 0, blk_cur = window_blocks(0), blk_next = window_blocks(1);
@@ -204,11 +295,11 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
       blk_cur = blk_next;
       blk_next = window_blocks(win + 1);
     }
-    const int r = lane % TILE, t = (warp + i * WARPS) * TILE + r;
+    const int r = lane % TILE, t = key0 + (warp + i * WARPS) * TILE + r;
     const int src = ((i & ((1 << w_shift) - 1)) << e_shift) + (r >> bs_shift);
     const int blk = __shfl_sync(0xffffffffu, blk_cur, src);
     if (ROPE && t == new_key) return -1;  // the rope builds put the new key into the stage themselves
-    return t < ctx ? blk * block_size + (t & (block_size - 1)) : -1;
+    return t < key_end ? blk * block_size + (t & (block_size - 1)) : -1;
   };
   // A tile of K and V into stage `stage`: lane takes 16-byte chunks lane, lane + 32, ... (a
   // warp-wide copy is 512 contiguous bytes of a row pair at head size 128). The keys' cache slots
@@ -240,7 +331,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
     else cp_async_commit();  // an empty group keeps the wait counts uniform
   };
   int early = 0;  // such tiles are whole tiles inside the context, so s < my_tiles for each
-  while (early < STAGES - 1 && (warp + early * WARPS + 1) * TILE <= cached) ++early;
+  while (early < STAGES - 1 && key0 + (warp + early * WARPS + 1) * TILE <= cached) ++early;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s)
     if (s < early) prologue_tile(s);
@@ -265,7 +356,12 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
   if (req < 0 || ctx <= 0) {  // a padding row: zeros (and its slot written, as rotary.cu would)
     write_new_kv(false);
     cp_async_wait<0>();
-    for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
+    if (!SPLIT || blockIdx.z == 0)
+      for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
+    return;
+  }
+  if (SPLIT && (int)blockIdx.z >= num_parts) {  // past the row's context: no keys, no count
+    cp_async_wait<0>();
     return;
   }
 #pragma unroll
@@ -349,8 +445,8 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
       for (int nt = 0; nt < TILE / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int key = tile * TILE + nt * 8 + 2 * c + e;
-          s[nt][2 * h + e] = key < ctx ? s[nt][2 * h + e] * qk_scale : RVLLM_NEG_INF;
+          const int key = key0 + tile * TILE + nt * 8 + 2 * c + e;
+          s[nt][2 * h + e] = key < key_end ? s[nt][2 * h + e] * qk_scale : RVLLM_NEG_INF;
         }
     online_softmax_tile(s, row_max, row_sum, o_acc);
 
@@ -417,7 +513,20 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
       o1 += wgt * v.y;
       l += wgt * ow[16 * DTC_OLD + 16 + m];
     }
-    *reinterpret_cast<unsigned int*>(out + (head0 + m) * HEAD_DIM + 2 * p) = pack2(o0 / l, o1 / l);
+    if (!SPLIT || num_parts == 1) {
+      *reinterpret_cast<unsigned int*>(out + (head0 + m) * HEAD_DIM + 2 * p) = pack2(o0 / l, o1 / l);
+    } else {  // this partition's share: normalized output, max (log2 units), sum
+      const i64 row = (head0 + m) * split.max_parts + blockIdx.z;
+      *reinterpret_cast<float2*>(split.tmp_out + row * HEAD_DIM + 2 * p) = make_float2(o0 / l, o1 / l);
+      if (p == 0) {
+        split.tmp_max[row] = mx;
+        split.tmp_sum[row] = l;
+      }
+    }
+  }
+  if constexpr (SPLIT) {
+    if (num_parts > 1) split_combine<WARPS>(out, split, head0, group, num_parts, tok * num_kv_heads + kvh,
+                                            reinterpret_cast<float*>(dtc_smem));
   }
 }
 
@@ -445,6 +554,16 @@ DECODE_TC_ENTRY(4, 16, 3)
 // when empty, so every switch drained the SMs and undid the PDL overlap on both sides (NOTES #50).
 extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_w4_t16_s3_one_per_sm_kernel(DECODE_TC_PARAMS) {
   decode_tc<4, 16, 3, false>(DECODE_TC_ARGS, DecodeRope{});
+}
+// The 4-warp build split over the context (flash-decoding): grid (num_kv_heads, num_tokens,
+// partitions) for small steps with long contexts (cuda_attention.decode_build), where a block per
+// (row, KV head) left most SMs idle and each block one long chain of tiles. Each block's tiles of
+// keys from earlier steps are copied before the PDL wait, as in the other builds.
+extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_split_w4_t16_s3_kernel(
+    DECODE_TC_PARAMS, int* __restrict__ counters, float* __restrict__ tmp_out, float* __restrict__ tmp_max,
+    float* __restrict__ tmp_sum, int max_parts, int part_size) {
+  decode_tc<4, 16, 3, false, true>(DECODE_TC_ARGS, DecodeRope{},
+                                   DecodeSplit{counters, tmp_out, tmp_max, tmp_sum, max_parts, part_size});
 }
 extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_rope_w4_t16_s3_one_per_sm_kernel(
     DECODE_TC_ROPE_PARAMS) {

@@ -229,6 +229,46 @@ def test_fixed_grid_decode_attention_tensor_cores(gpu, monkeypatch, build):
     check(gpu, out, ref, "fixed-grid tensor-core decode")
 
 
+@pytest.mark.parametrize("num_sms", [1000, 56], ids=["64-key-partitions", "512-key-partitions"])
+def test_fixed_grid_decode_attention_tensor_core_split(gpu, monkeypatch, num_sms):
+    """The tensor-core build split over the context in a fixed (graph) step: partitions for the
+    workspace's longest context (not the step's), the block table's row stride read on the device,
+    padding requests, the scratch and counters from the workspace; launched twice (the counters
+    return to zero)."""
+    from rvllm.backend.cuda import cp
+    from rvllm.backend.cuda_attention import DecodeWorkspace
+    from rvllm.runner.step_inputs import StepMetadata
+    from tests.test_kernels_gpu import _attention_case, check
+
+    name = cuda_attention.DECODE_TC_SPLIT
+    monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, 128))
+    monkeypatch.setattr(gpu, "num_sms", num_sms)
+    rng = np.random.default_rng(zlib.crc32(f"fixed-tc-split-{gpu.dtype}-{num_sms}".encode()))
+    lens = [1, 33, 200, 1500, 2048]
+    pad, nkv, group, hd, bs = 2, 2, 6, 128, 16
+    (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
+                                                              block_size=bs, pad_rows=pad)
+    scale = hd ** -0.5
+    ref = CPU.paged_attention(q, kc, vc, meta, scale)
+    r, w = len(lens) + pad, meta.block_tables.shape[1]
+    wide = w + 37
+    flat = np.full(r * wide, -7, np.int32)
+    flat[: len(lens) * w] = meta.block_tables.ravel()
+    flat[len(lens) * w: r * w] = 0
+    tables = cp.asarray(flat).reshape(r, wide)
+    qsl = cp.asarray(np.arange(r + 1, dtype=np.int32))
+    seq_lens = cp.asarray(np.asarray(lens + [0] * pad, np.int32))
+    ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)), num_sms=num_sms)
+    m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,  # the workspace's 2048 counts
+                     query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
+    assert cuda_attention.tc_split_partition(r, nkv, 2048, num_sms) == (64 if num_sms == 1000 else 512)
+    for _ in range(2):
+        ws.tmp_out.fill(np.nan)
+        out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
+        check(gpu, out, ref, "fixed-grid tensor-core split decode")
+        assert not cp.asnumpy(ws.counters).any()
+
+
 def test_async_scheduling_matches_in_order_steps(tiny):
     """Graph replays with inputs filled from the previous step's sampled ids on the device give the
     tokens and logprobs of in-order steps; requests end at different steps while one is in flight."""

@@ -153,10 +153,37 @@ def test_decode_build_names_a_compiled_entry_point():
                         if name in cuda_attention.DECODE_TC_BUILDS:
                             assert threads == 32 * cuda_attention.DECODE_TC_BUILDS[name][0]
                             assert hd % 16 == 0 and hd <= 128 and group <= 16
-                            # one block an SM at most for the build with the small carveout
-                            assert (name == cuda_attention.DECODE_TC_ONE_PER_SM) == (t * nkv <= num_sms)
+                            if name == cuda_attention.DECODE_TC_SPLIT:  # long contexts, few pairs an SM
+                                assert t * nkv < cuda_attention._TC_MIN_PAIRS_PER_SM * num_sms
+                            else:  # one block an SM at most for the build with the small carveout
+                                assert (name == cuda_attention.DECODE_TC_ONE_PER_SM) == (t * nkv <= num_sms)
                         else:
                             assert threads in (nvrtc.DECODE_NUM_THREADS, nvrtc.DECODE_WIDE_THREADS)
+
+
+def test_tc_split_partition_spreads_the_longest_context_over_the_sms():
+    """cuda_attention.tc_split_partition (host side): whole 64-key rounds of the 4-warp build; the
+    step's (row, KV head) pairs times the partitions of the longest context stay within about one
+    block an SM; contexts up to the graphs' longest fit the partitions the decode workspace
+    reserves; RVLLM_DECODE_TC_SPLIT's build takes the small steps with long contexts."""
+    from rvllm.backend import cuda_attention
+    from rvllm.backend.cuda_attention import tc_split_partition
+
+    assert tc_split_partition(1, 2, 1024, 132) == 64  # qwen2.5-1.5b batch 1: 16 blocks a KV head
+    assert tc_split_partition(1, 2, 8192, 132) == 128  # 64 partitions a KV head
+    assert tc_split_partition(32, 2, 8192, 132) == 4096
+    for t in (1, 2, 3, 8, 16, 32):
+        for nkv in (1, 2, 4, 8):
+            for ctx in (1, 63, 64, 65, 193, 1000, 4096, 8192):
+                size = tc_split_partition(t, nkv, ctx, 132)
+                parts = -(-ctx // size)
+                assert size % 64 == 0 and t * nkv * parts <= max(132, t * nkv)
+                assert parts <= 512  # the scratch's bound (nvrtc.DECODE_PARTITION_SIZE partitions)
+    ws = cuda_attention.DecodeWorkspace(None, None, None, None, None, 32, 12, 128, 8192, 132)
+    for t in range(1, 33):
+        assert t * 12 * -(-8192 // tc_split_partition(t, 2, 8192, 132)) <= ws.reserved_rows()
+    assert cuda_attention.decode_build(1, 2, 128, 132, 6, 1024)[0] == cuda_attention.DECODE_TC_SPLIT
+    assert cuda_attention.decode_build(1, 2, 128, 132, 6, 100)[0] == cuda_attention.DECODE_TC_ONE_PER_SM
 
 
 def test_gemv_split_k_covers_k_with_short_segments():

@@ -773,12 +773,13 @@ def test_decode_attention_context_lengths(gpu, rng, monkeypatch, build, head_dim
 
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_decode_attention_batches(gpu, rng, monkeypatch, batch):
-    """attention_decode.cu's builds (the tensor-core kernel, which such steps would get, is held
+    """attention_decode.cu's builds (the tensor-core kernels, which such steps would get, are held
     back): 64 rows x 8 KV heads run the lean build (cuda_attention.split_build)."""
     from rvllm.backend import cuda_attention
 
     monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", float("inf"))
     monkeypatch.setattr(cuda_attention, "TC_SHORT_CONTEXT", 0)
+    monkeypatch.setattr(cuda_attention, "TC_SPLIT", False)
     lens = rng.integers(1, 2100, batch).tolist()
     _run_attention([gpu], rng, [(1, n) for n in lens], nkv=8, group=4, head_dim=128)
 
@@ -787,11 +788,12 @@ def test_decode_attention_batches(gpu, rng, monkeypatch, batch):
 @pytest.mark.parametrize("group", [1, 3, 7, 16])
 def test_decode_attention_wide_build(gpu, rng, monkeypatch, head_dim, group):
     """Steps of <= 8 (row, KV head) pairs run the 512-thread build (cuda_attention.decode_build; the
-    tensor-core kernel, which short contexts get, held back): contexts inside one 128-key partition,
+    tensor-core kernels, which these steps get, held back): contexts inside one 128-key partition,
     across its boundary, and long enough to combine; and a padding row."""
     from rvllm.backend import cuda_attention
 
     monkeypatch.setattr(cuda_attention, "TC_SHORT_CONTEXT", 0)
+    monkeypatch.setattr(cuda_attention, "TC_SPLIT", False)
     assert cuda_attention.decode_build(1, 2, head_dim, gpu.num_sms, group, 129)[0] == "paged_attention_split_wide_kernel"
     _run_attention([gpu], rng, [(1, 1), (1, 128), (1, 129)], nkv=2, group=group, head_dim=head_dim, pad_rows=1)
     _run_attention([gpu], rng, [(1, 2000)], nkv=2, group=group, head_dim=head_dim)
@@ -837,14 +839,15 @@ def test_decode_attention_tensor_cores(gpu, rng, tensor_core_decode, head_dim, g
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_decode_attention_tensor_cores_chosen_for_short_contexts(gpu, rng, monkeypatch, rows):
     """Small steps whose contexts are all at most TC_SHORT_CONTEXT tokens run the tensor-core kernel
-    (against the CPU reference); one longer context sends the step back to the split kernel. CUDA
-    graphs capture a second graph for exactly the step sizes where the two differ."""
+    (against the CPU reference); one longer context sends the step to the tensor-core build split
+    over the context. CUDA graphs capture a second graph for exactly the step sizes where the two
+    differ."""
     from rvllm.backend import cuda_attention
 
     limit, sms = 192, gpu.num_sms
     monkeypatch.setattr(cuda_attention, "TC_SHORT_CONTEXT", limit)  # the default
     assert cuda_attention.decode_build(rows, 2, 128, sms, 6, limit)[0] in cuda_attention.DECODE_TC_BUILDS
-    assert cuda_attention.decode_build(rows, 2, 128, sms, 6, limit + 1)[0] not in cuda_attention.DECODE_TC_BUILDS
+    assert cuda_attention.decode_build(rows, 2, 128, sms, 6, limit + 1)[0] == cuda_attention.DECODE_TC_SPLIT
     assert cuda_attention.decode_build(rows, 2, 128, sms, 17, limit)[0] not in cuda_attention.DECODE_TC_BUILDS
     assert cuda_attention.short_context_limit(rows, 2, 128, sms, 6, 8192) == limit
     assert cuda_attention.short_context_limit(rows, 2, 128, sms, 6, limit) is None  # nothing longer to split off
@@ -858,6 +861,26 @@ def test_decode_attention_tensor_cores_chosen_for_short_contexts(gpu, rng, monke
         assert name == cuda_attention.DECODE_TC_ONE_PER_SM
         kernel = gpu._kernel("attention_decode_tc.cu", name, 128)
         assert kernel.preferred_shared_memory_carveout == 0
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("group", [1, 3, 7, 16])
+@pytest.mark.parametrize("partition", ["chosen", 64], ids=["chosen-partitions", "64-key-partitions"])
+def test_decode_attention_tensor_core_split(gpu, rng, monkeypatch, head_dim, group, partition):
+    """The tensor-core decode kernel split over the context (flash-decoding; the last block of a
+    row's pairs combines): contexts inside one partition (written directly), across tile, block and
+    partition boundaries, and long; a request with no query row; padding rows (zeros); at the
+    partition size the backend picks and at 64 keys (the smallest: many partitions to combine).
+    Twice in a row: the counters come back to zero."""
+    from rvllm.backend import cuda_attention
+
+    name = cuda_attention.DECODE_TC_SPLIT
+    monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, 128))
+    if partition != "chosen":
+        monkeypatch.setattr(cuda_attention, "tc_split_partition", lambda *a: partition)
+    reqs = [(1, n) for n in DECODE_LENS + [31, 32, 33, 64, 65, 128, 129, 2000]] + [(0, 30)]
+    _run_attention([gpu], rng, reqs, nkv=2, group=group, head_dim=head_dim, pad_rows=2)
+    _run_attention([gpu], rng, [(1, 1000)], nkv=2, group=group, head_dim=head_dim)
 
 
 def test_decode_attention_tensor_cores_chosen_for_large_steps(gpu, rng):

@@ -64,8 +64,19 @@ DECODE_ROPE_ONE_PER_SM = False
 DECODE_TC_BUILDS = {nvrtc.decode_tc_kernel(*b): b for b in nvrtc.DECODE_TC_BUILDS}
 DECODE_TC_ONE_PER_SM = nvrtc.DECODE_TC_ONE_PER_SM  # the 4-warp build for steps of <= 1 pair per SM
 DECODE_TC_BUILDS[DECODE_TC_ONE_PER_SM] = (4, 16, 3)
+# ... and split over the context (a block per partition of keys, the last block of a row's pairs
+# combining them), for the steps that would otherwise run attention_decode.cu: few (row, KV head)
+# pairs with contexts past TC_SHORT_CONTEXT. RVLLM_DECODE_TC_SPLIT=0 leaves those to the
+# split-context CUDA-core builds. H200, qwen2.5-1.5b batch 1 (bench/NOTES.md #100): the wide CUDA-core
+# build added 12.9 us a layer at 1,024 keys and 15.9 at 3,840.
+DECODE_TC_SPLIT = nvrtc.DECODE_TC_SPLIT
+DECODE_TC_BUILDS[DECODE_TC_SPLIT] = (4, 16, 3)
+TC_SPLIT = os.environ.get("RVLLM_DECODE_TC_SPLIT", "1") != "0"
 # Its preferred carveout (percent): the smallest configuration that holds one block.
 _ONE_PER_SM_CARVEOUT = 0
+# ... and the split build's, for the same reason: left to the driver, qwen2.5-1.5b's batch 1 at 1,024
+# keys ran 773 tok/s against 838 (H200, bench/NOTES.md #100), the GEMVs around it slower.
+_SPLIT_CARVEOUT = 0
 # attention_decode.cu's entry points (split_build chooses among them): name -> threads per block
 DECODE_SPLIT_BUILDS = {"paged_attention_split_kernel": nvrtc.DECODE_NUM_THREADS,
                        "paged_attention_split_lean_kernel": nvrtc.DECODE_NUM_THREADS,
@@ -90,17 +101,21 @@ def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int
                  max_context: int | None = None) -> tuple[str, int]:
     """(kernel name, threads) of the decode kernel for a step of num_tokens query rows, `group` query
     heads per KV head, no context longer than max_context tokens (None: unknown).
-    - tensor cores (attention_decode_tc.cu, a block of 2 or 4 warps per (row, KV head) pair, see
+    - tensor cores (attention_decode_tc.cu, a block of 1 or 4 warps per (row, KV head) pair, see
       tc_build): steps of at least _TC_MIN_PAIRS_PER_SM pairs per SM, or with contexts of at most
       TC_SHORT_CONTEXT tokens, for head sizes that are multiples of 16 up to 128 and GQA groups of
       at most 16 query heads;
+    - the other steps of such shapes: the tensor-core build split over the context (DECODE_TC_SPLIT,
+      tc_split_partition), unless TC_SPLIT is off;
     - otherwise split_build's choice."""
     pairs = num_tokens * num_kv_heads
     short = max_context is not None and max_context <= TC_SHORT_CONTEXT
-    if (short or pairs >= _TC_MIN_PAIRS_PER_SM * num_sms) and head_dim % 16 == 0 and head_dim <= 128 \
-            and group <= nvrtc.DECODE_TC_MAX_GROUP:
+    tc_ok = head_dim % 16 == 0 and head_dim <= 128 and group <= nvrtc.DECODE_TC_MAX_GROUP
+    if tc_ok and (short or pairs >= _TC_MIN_PAIRS_PER_SM * num_sms):
         name = tc_build(pairs, num_sms)
         return name, 32 * DECODE_TC_BUILDS[name][0]
+    if tc_ok and TC_SPLIT:
+        return DECODE_TC_SPLIT, 32 * DECODE_TC_BUILDS[DECODE_TC_SPLIT][0]
     return split_build(num_tokens, num_kv_heads, head_dim, num_sms)
 
 
@@ -113,6 +128,15 @@ def short_context_limit(num_tokens: int, num_kv_heads: int, head_dim: int, num_s
         return None
     short = decode_build(num_tokens, num_kv_heads, head_dim, num_sms, group, limit)
     return limit if short != decode_build(num_tokens, num_kv_heads, head_dim, num_sms, group, max_context) else None
+
+
+def tc_split_partition(num_tokens: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Keys per block of DECODE_TC_SPLIT for a step with contexts up to max_context: the longest
+    context spread over about one block per SM (the step's (row, KV head) pairs share them), in
+    whole rounds of the block's 4 warps x 16-key tiles, at least one round."""
+    round_keys = 64
+    blocks_per_pair = max(1, num_sms // max(1, num_tokens * num_kv_heads))
+    return max(round_keys, -(-max(max_context, 1) // (blocks_per_pair * round_keys)) * round_keys)
 
 
 def split_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int) -> tuple[str, int]:
@@ -318,17 +342,50 @@ def _attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, bl
         stride_arg, stride_dev = np.int32(0), workspace.row_stride
     out = cp.empty((num_tokens, nh, hd), dtype=q.dtype)
     warps, tile, stages = DECODE_TC_BUILDS[name]
+    grid = (nkv, num_tokens)
+    split_args = ()
+    if name == DECODE_TC_SPLIT:
+        grid, split_args = _tc_split_launch(b, num_tokens, nh, nkv, hd, meta, workspace)
     kernel = b._kernel("attention_decode_tc.cu", name if rope is None else nvrtc.decode_tc_rope_kernel(name), hd)
     smem = nvrtc.decode_tc_smem_bytes(hd, warps, tile, stages)
     b._ensure_smem(kernel, smem)
     if name == DECODE_TC_ONE_PER_SM and kernel.preferred_shared_memory_carveout != _ONE_PER_SM_CARVEOUT:
         kernel.preferred_shared_memory_carveout = _ONE_PER_SM_CARVEOUT
+    if name == DECODE_TC_SPLIT and kernel.preferred_shared_memory_carveout != _SPLIT_CARVEOUT:
+        kernel.preferred_shared_memory_carveout = _SPLIT_CARVEOUT
     args = (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
             np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale))
     if rope is not None:
         args += (k_cache, v_cache) + rope[1]
-    kernel((nkv, num_tokens), (32 * warps,), args, shared_mem=smem)
+    kernel(grid, (32 * warps,), args + split_args, shared_mem=smem)
     return out
+
+
+def _tc_split_launch(b, num_tokens: int, nh: int, nkv: int, hd: int, meta, workspace):
+    """(grid, the extra arguments) of DECODE_TC_SPLIT: a block per partition of the longest context
+    the step may hold (an eager step's own, the workspace's in a fixed step), the scratch and the
+    counters from the workspace in a fixed (graph) step, allocated here in an eager one."""
+    # a fixed step: every context its graph may replay (as the CUDA-core builds' layout)
+    max_context = workspace.max_context if workspace is not None else int(meta.max_seq_len)
+    size = tc_split_partition(num_tokens, nkv, max_context, b.num_sms)
+    parts = max(1, -(-max_context // size))
+    # the combine's weights ([group][parts] floats) reuse the stages' shared memory
+    if (nh // nkv) * parts * 4 > nvrtc.decode_tc_smem_bytes(hd, *DECODE_TC_BUILDS[DECODE_TC_SPLIT]):
+        raise ValueError(f"paged_attention (tensor-core split): {parts} partitions exceed the combine's shared memory")
+    if num_tokens > MAX_GRID_YZ or parts > MAX_GRID_YZ:
+        raise ValueError(f"paged_attention (tensor-core split): {num_tokens} rows or {parts} partitions exceed {MAX_GRID_YZ}")
+    rows = num_tokens * nh * parts
+    if workspace is None:
+        tmp_out = cp.empty(rows * hd, dtype=np.float32)
+        tmp_max, tmp_sum = cp.empty(rows, dtype=np.float32), cp.empty(rows, dtype=np.float32)
+        counters = _eager_counters(b, num_tokens * nkv)
+    else:
+        if rows > workspace.tmp_max.size or num_tokens * nkv > workspace.counters.size:
+            raise ValueError(f"paged_attention: the workspace holds {workspace.tmp_max.size} partition rows, "
+                             f"this step needs {rows}")
+        tmp_out, tmp_max, tmp_sum = workspace.tmp_out[: rows * hd], workspace.tmp_max[:rows], workspace.tmp_sum[:rows]
+        counters = workspace.counters
+    return (nkv, num_tokens, parts), (counters, tmp_out, tmp_max, tmp_sum, np.int32(parts), np.int32(size))
 
 
 def decode_rope(b, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale: float, neox: bool):

@@ -33,6 +33,8 @@ DECODE_TC_BUILDS = ((1, 32, 3), (4, 16, 3))
 # The 4-warp build again, as its own entry point for steps of at most one (row, KV head) pair per
 # SM, so that it can carry its own shared-memory carveout (cuda_attention.DECODE_TC_ONE_PER_SM).
 DECODE_TC_ONE_PER_SM = "paged_attention_decode_tc_w4_t16_s3_one_per_sm_kernel"
+# The 4-warp build split over the context with a combine (small steps, long contexts).
+DECODE_TC_SPLIT = "paged_attention_decode_tc_split_w4_t16_s3_kernel"
 
 
 def decode_tc_kernel(warps: int, tile: int, stages: int) -> str:
@@ -62,7 +64,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "rotary.cu": (("rotary_cache_kernel",), False),
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
                              "paged_attention_split_wide_kernel"), True),
-    "attention_decode_tc.cu": (_DECODE_TC_NAMES + tuple(decode_tc_rope_kernel(n) for n in _DECODE_TC_NAMES), True),
+    "attention_decode_tc.cu": (_DECODE_TC_NAMES + tuple(decode_tc_rope_kernel(n) for n in _DECODE_TC_NAMES)
+                               + (DECODE_TC_SPLIT,), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu"))
