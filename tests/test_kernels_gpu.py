@@ -923,7 +923,7 @@ def _decode_rope_case(gpu, rng, reqs, nkv, group, head_dim, pad_rows, block_size
             (gpu.weight(qkv), kc_d, vc_d, meta_d, gpu.from_host(positions), gpu.from_host(cos_sin)))
 
 
-DECODE_TC_NAMES = sorted(cuda_attention.DECODE_TC_BUILDS)
+DECODE_TC_NAMES = sorted(set(cuda_attention.DECODE_TC_BUILDS) - {cuda_attention.DECODE_TC_SPLIT})  # with rope builds
 
 
 @pytest.mark.parametrize("build", DECODE_TC_NAMES)
@@ -964,8 +964,9 @@ def test_qkv_rotary_attention_routes(gpu, rng, monkeypatch, case):
     """CudaBackend.qkv_rotary_attention against the CPU on the steps that take each of its paths,
     and whether the rotary kernel ran: 1 row (rotary inside the qkv product, gemv_rope.cu), a row
     an SM at 2 KV heads (inside the tensor-core decode kernel), 40 rows (the one-pair-per-SM build:
-    the rotary kernel), 3 rows with a 1000-token context (the split decode kernel: the rotary
-    kernel), a prefill step (the rotary kernel, then the prefill kernel)."""
+    the rotary kernel), 3 rows with a 1000-token context (the tensor-core decode kernel split over
+    the context, which has no rope build: the rotary kernel), a prefill step (the rotary kernel,
+    then the prefill kernel; decode_build would give its rows the split build)."""
     nkv, group, head_dim, d = 2, 6, 128, 1536  # qwen2.5-1.5b's attention
     nh = nkv * group
     reqs = {"gemv_rope": [(1, 20)], "attention": [(1, int(n)) for n in rng.integers(1, 300, gpu.num_sms)],
@@ -1001,7 +1002,9 @@ def test_qkv_rotary_attention_routes(gpu, rng, monkeypatch, case):
     check(gpu, kc_d, kc, "k_cache")
     check(gpu, vc_d, vc, "v_cache")
     name = cuda_attention.decode_build(rows, nkv, head_dim, gpu.num_sms, group, meta.max_seq_len)[0]
-    assert (name in cuda_attention.DECODE_TC_BUILDS) == (case in ("gemv_rope", "attention", "one_per_sm")), name
+    unsplit_tc = name in cuda_attention.DECODE_TC_BUILDS and name != cuda_attention.DECODE_TC_SPLIT
+    assert unsplit_tc == (case in ("gemv_rope", "attention", "one_per_sm")), name
+    assert (name == cuda_attention.DECODE_TC_SPLIT) == (case in ("split", "prefill")), name
     assert len(rotary_calls) == (0 if case in ("gemv_rope", "attention") else 1), case
 
 

@@ -407,7 +407,8 @@ def decode_rope(b, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale
     if num_tokens == 0 or num_reqs == 0 or cos_sin.data.ptr % 16:
         return None
     name, _ = decode_build(num_tokens, nkv, hd, b.num_sms, nh // nkv, int(meta.max_seq_len))
-    if name not in DECODE_TC_BUILDS or (name == DECODE_TC_ONE_PER_SM and not DECODE_ROPE_ONE_PER_SM):
+    if name not in DECODE_TC_BUILDS or name == DECODE_TC_SPLIT or \
+            (name == DECODE_TC_ONE_PER_SM and not DECODE_ROPE_ONE_PER_SM):  # the split build has no rope build
         return None
     workspace = getattr(meta, "decode_workspace", None)
     rope = ((nh, hd), (np.int64(qkv.strides[0] // isz), positions, meta.slot_mapping, cos_sin,
