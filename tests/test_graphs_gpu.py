@@ -154,24 +154,19 @@ def gpu(request):
     return CudaBackend(request.param)
 
 
-@pytest.mark.parametrize("build", list(cuda_attention.DECODE_SPLIT_BUILDS))
-@pytest.mark.parametrize("lens", [[1, 511, 512, 513, 1500, 2048], [129, 2048]], ids=["6-requests", "2-requests"])
-@pytest.mark.parametrize("num_sms", [1, 1000], ids=["blocks-loop-over-partitions", "a-block-per-partition"])
-def test_fixed_grid_decode_attention(gpu, monkeypatch, build, num_sms, lens):
-    """Each build of the split kernel in a fixed (graph) step: contexts across partition boundaries
-    (with 1000 SMs: a warp's 8 keys per partition, 32 in the 128-thread builds and 128 in the wide
-    one; 512 with one SM), two padding requests (seq_len 0), and a block table whose row stride is
-    read on the device and differs from the view's width."""
+def _fixed_step(gpu, seed: str, lens, group: int, num_sms: int | None = None):
+    """A fixed (graph) decode step of one row per context in `lens` and two padding requests (seq_len
+    0), 2 KV heads of `group` query heads of size 128, 16-token blocks: a block table whose row stride
+    is read on the device and differs from the view's width, and a decode workspace for contexts up to
+    2048 (for num_sms SMs). Returns (the CPU's attention output, q, k and v caches on the device, the
+    step's metadata, the workspace, the scale)."""
     from rvllm.backend.cuda import cp
     from rvllm.backend.cuda_attention import DecodeWorkspace
     from rvllm.runner.step_inputs import StepMetadata
-    from tests.test_kernels_gpu import _attention_case, _force_decode_build, check
+    from tests.test_kernels_gpu import _attention_case
 
-    _force_decode_build(monkeypatch, build)
-    threads = cuda_attention.DECODE_SPLIT_BUILDS[build]
-
-    rng = np.random.default_rng(zlib.crc32(f"fixed-{gpu.dtype}-{num_sms}-{len(lens)}".encode()))
-    pad, nkv, group, hd, bs = 2, 2, 4, 128, 16
+    rng = np.random.default_rng(zlib.crc32(seed.encode()))
+    pad, nkv, hd, bs = 2, 2, 128, 16
     (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
                                                               block_size=bs, pad_rows=pad)
     scale = hd ** -0.5
@@ -185,8 +180,25 @@ def test_fixed_grid_decode_attention(gpu, monkeypatch, build, num_sms, lens):
     qsl = cp.asarray(np.arange(r + 1, dtype=np.int32))  # every request, padding ones too, owns one row
     seq_lens = cp.asarray(np.asarray(lens + [0] * pad, np.int32))
     ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)), num_sms=num_sms)
-    m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,  # max_seq_len unused here
+    m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,  # the workspace's 2048 counts
                      query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
+    return ref, q_d, kc_d, vc_d, m, ws, scale
+
+
+@pytest.mark.parametrize("build", list(cuda_attention.DECODE_SPLIT_BUILDS))
+@pytest.mark.parametrize("lens", [[1, 511, 512, 513, 1500, 2048], [129, 2048]], ids=["6-requests", "2-requests"])
+@pytest.mark.parametrize("num_sms", [1, 1000], ids=["blocks-loop-over-partitions", "a-block-per-partition"])
+def test_fixed_grid_decode_attention(gpu, monkeypatch, build, num_sms, lens):
+    """Each build of the split kernel in a fixed (graph) step: contexts across partition boundaries
+    (with 1000 SMs: a warp's 8 keys per partition, 32 in the 128-thread builds and 128 in the wide
+    one; 512 with one SM), two padding requests (seq_len 0), and a block table whose row stride is
+    read on the device and differs from the view's width."""
+    from tests.test_kernels_gpu import _force_decode_build, check
+
+    _force_decode_build(monkeypatch, build)
+    threads = cuda_attention.DECODE_SPLIT_BUILDS[build]
+    ref, q_d, kc_d, vc_d, m, ws, scale = _fixed_step(gpu, f"fixed-{gpu.dtype}-{num_sms}-{len(lens)}", lens, 4, num_sms)
+    r, nkv = len(lens) + 2, 2
     ws.tmp_out.fill(np.nan)
     out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
     size, parts, grid_parts = ws.layout(r, nkv, threads)
@@ -198,33 +210,12 @@ def test_fixed_grid_decode_attention(gpu, monkeypatch, build, num_sms, lens):
 def test_fixed_grid_decode_attention_tensor_cores(gpu, monkeypatch, build):
     """The tensor-core decode kernel in a fixed (graph) step: the block table's row stride read on
     the device, a view wider than the rows, padding requests; every context from one graph grid."""
-    from rvllm.backend import cuda_attention
-    from rvllm.backend.cuda import cp
-    from rvllm.backend.cuda_attention import DecodeWorkspace
-    from rvllm.runner.step_inputs import StepMetadata
-    from tests.test_kernels_gpu import _attention_case, check
+    from tests.test_kernels_gpu import check
 
     name = f"paged_attention_decode_tc_{build}_kernel"
     monkeypatch.setattr(cuda_attention, "_TC_MIN_PAIRS_PER_SM", 0)
     monkeypatch.setattr(cuda_attention, "tc_build", lambda pairs, num_sms: name)
-    rng = np.random.default_rng(zlib.crc32(f"fixed-tc-{gpu.dtype}-{build}".encode()))
-    lens = [1, 33, 200, 1500]
-    pad, nkv, group, hd, bs = 2, 2, 7, 128, 16
-    (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
-                                                              block_size=bs, pad_rows=pad)
-    scale = hd ** -0.5
-    ref = CPU.paged_attention(q, kc, vc, meta, scale)
-    r, w = len(lens) + pad, meta.block_tables.shape[1]
-    wide = w + 37
-    flat = np.full(r * wide, -7, np.int32)
-    flat[: len(lens) * w] = meta.block_tables.ravel()
-    flat[len(lens) * w: r * w] = 0
-    tables = cp.asarray(flat).reshape(r, wide)
-    qsl = cp.asarray(np.arange(r + 1, dtype=np.int32))
-    seq_lens = cp.asarray(np.asarray(lens + [0] * pad, np.int32))
-    ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)))
-    m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,
-                     query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
+    ref, q_d, kc_d, vc_d, m, _, scale = _fixed_step(gpu, f"fixed-tc-{gpu.dtype}-{build}", [1, 33, 200, 1500], 7)
     out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
     check(gpu, out, ref, "fixed-grid tensor-core decode")
 
@@ -236,32 +227,14 @@ def test_fixed_grid_decode_attention_tensor_core_split(gpu, monkeypatch, num_sms
     padding requests, the scratch and counters from the workspace; launched twice (the counters
     return to zero)."""
     from rvllm.backend.cuda import cp
-    from rvllm.backend.cuda_attention import DecodeWorkspace
-    from rvllm.runner.step_inputs import StepMetadata
-    from tests.test_kernels_gpu import _attention_case, check
+    from tests.test_kernels_gpu import check
 
     name = cuda_attention.DECODE_TC_SPLIT
     monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, 128))
     monkeypatch.setattr(gpu, "num_sms", num_sms)
-    rng = np.random.default_rng(zlib.crc32(f"fixed-tc-split-{gpu.dtype}-{num_sms}".encode()))
     lens = [1, 33, 200, 1500, 2048]
-    pad, nkv, group, hd, bs = 2, 2, 6, 128, 16
-    (q, kc, vc, meta), (q_d, kc_d, vc_d, _) = _attention_case(gpu, rng, [(1, n) for n in lens], nkv, group, hd,
-                                                              block_size=bs, pad_rows=pad)
-    scale = hd ** -0.5
-    ref = CPU.paged_attention(q, kc, vc, meta, scale)
-    r, w = len(lens) + pad, meta.block_tables.shape[1]
-    wide = w + 37
-    flat = np.full(r * wide, -7, np.int32)
-    flat[: len(lens) * w] = meta.block_tables.ravel()
-    flat[len(lens) * w: r * w] = 0
-    tables = cp.asarray(flat).reshape(r, wide)
-    qsl = cp.asarray(np.arange(r + 1, dtype=np.int32))
-    seq_lens = cp.asarray(np.asarray(lens + [0] * pad, np.int32))
-    ws = DecodeWorkspace.allocate(r, nkv * group, hd, 2048, cp.asarray(np.array([w], np.int32)), num_sms=num_sms)
-    m = StepMetadata(qsl, seq_lens, tables, None, max_query_len=1, max_seq_len=1,  # the workspace's 2048 counts
-                     query_lens_host=[1] * r, seq_lens_host=lens + [0] * pad, decode_workspace=ws)
-    assert cuda_attention.tc_split_partition(r, nkv, 2048, num_sms) == (64 if num_sms == 1000 else 512)
+    ref, q_d, kc_d, vc_d, m, ws, scale = _fixed_step(gpu, f"fixed-tc-split-{gpu.dtype}-{num_sms}", lens, 6, num_sms)
+    assert cuda_attention.tc_split_partition(len(lens) + 2, 2, 2048, num_sms) == (64 if num_sms == 1000 else 512)
     for _ in range(2):
         ws.tmp_out.fill(np.nan)
         out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)

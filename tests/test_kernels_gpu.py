@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from rvllm.backend import cuda_attention, cuda_gemv, cuda_rotary
+from rvllm.backend import cuda_attention, cuda_decode_tc, cuda_gemv, cuda_rotary
 from rvllm.backend.cpu import AttentionMetadata, CpuBackend
 from rvllm.backend.fused import split_qkv
 from rvllm.backend.cuda import is_cuda_available
@@ -931,7 +931,7 @@ DECODE_TC_NAMES = sorted(set(cuda_attention.DECODE_TC_BUILDS) - {cuda_attention.
 @pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: an odd number of k-steps (interleaved pairs only)
 @pytest.mark.parametrize("group", [1, 7, 16])
 def test_decode_attention_with_rotary(gpu, rng, monkeypatch, build, neox, head_dim, group):
-    """The tensor-core decode kernel's rope builds (cuda_attention.decode_rope): rotary of the raw
+    """The tensor-core decode kernel's rope builds (cuda_decode_tc.decode_rope): rotary of the raw
     qkv product, the new k and v into the cache, and attention over it, against the CPU's rotary
     then attention. New keys on both sides of 16-key tile edges (contexts 16, 17, 32, 33, 48, 49)
     and in tiles 0-3 of a row, so each warp of a build puts a row's key into its stage; a request with
@@ -950,7 +950,7 @@ def test_decode_attention_with_rotary(gpu, rng, monkeypatch, build, neox, head_d
     monkeypatch.setattr(cuda_attention, "DECODE_ROPE", True)  # both off by default
     monkeypatch.setattr(cuda_attention, "DECODE_ROPE_ONE_PER_SM", True)
     qkv_d, kc_d, vc_d, meta_d, pos_d, cs_d = dev
-    out = cuda_attention.decode_rope(gpu, qkv_d, heads, pos_d, cs_d, kc_d, vc_d, meta_d, scale, neox)
+    out = cuda_decode_tc.decode_rope(gpu, qkv_d, heads, pos_d, cs_d, kc_d, vc_d, meta_d, scale, neox)
     if neox and head_dim % 32:
         assert out is None
         return

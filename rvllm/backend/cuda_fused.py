@@ -6,7 +6,7 @@ FusedOps is a part of CudaBackend (as cuda_upload.DeviceTransfers is): it uses t
 """
 from __future__ import annotations
 
-from rvllm.backend import cuda_attention, cuda_rotary
+from rvllm.backend import cuda_decode_tc, cuda_rotary
 from rvllm.backend.cuda_ksplit import KSliceSums
 from rvllm.backend.fused import add_norm_linear as _add_norm_linear, add_norm_logits as _add_norm_logits
 from rvllm.backend.fused import add_norm_qkv_rotary as _add_norm_qkv_rotary, split_qkv as _split_qkv
@@ -83,13 +83,13 @@ class FusedOps:
         """(attention output [T, nh, hd], x + residual), rotated k and v into the paged cache; see
         backend/fused.py. Rotary and the cache write run inside the qkv product's kernel where it
         takes them (gemv_rope.cu, 1-2 rows), else inside decode attention where
-        cuda_attention.decode_rope takes the step (off by default), else as their own kernel."""
+        cuda_decode_tc.decode_rope takes the step (off by default), else as their own kernel."""
         x = self._norm_input(x, residual)
         q_res = self._qkv_rotary_gemv(x, residual, norm_weight, eps, weight, bias, heads, positions, cos_sin,
                                       k_cache, v_cache, meta.slot_mapping, neox)
         if q_res is None:
             qkv, residual = self.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
-            out = cuda_attention.decode_rope(self, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale, neox)
+            out = cuda_decode_tc.decode_rope(self, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale, neox)
             if out is not None:
                 return out, residual
             q, k, v = _split_qkv(qkv, heads)
