@@ -235,7 +235,7 @@ class DecodeWorkspace:
         return size, parts, max(1, min(parts, want))
 
 
-def _check_attention(b, nh: int, hd: int, k_cache, v_cache, meta) -> int:
+def check_attention(b, nh: int, hd: int, k_cache, v_cache, meta) -> int:
     """What every attention kernel reads besides the queries (ValueError); returns num_reqs."""
     b._check("k_cache", k_cache, ndim=4)
     nkv = k_cache.shape[2]
@@ -261,7 +261,7 @@ def paged_attention(b, q, k_cache, v_cache, meta, scale: float):
     come back as zeros."""
     b._check("paged_attention q", q, ndim=3)
     num_tokens, nh, hd = q.shape
-    num_reqs = _check_attention(b, nh, hd, k_cache, v_cache, meta)
+    num_reqs = check_attention(b, nh, hd, k_cache, v_cache, meta)
     block_size = k_cache.shape[1]
     workspace = getattr(meta, "decode_workspace", None)
     if num_tokens == 0 or num_reqs == 0:

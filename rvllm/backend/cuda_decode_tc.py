@@ -99,7 +99,7 @@ def decode_rope(b, qkv, heads, positions, cos_sin, k_cache, v_cache, meta, scale
     isz = qkv.itemsize
     if qkv.shape[1] != (nh + 2 * nkv) * hd or qkv.strides[1] != isz or qkv.strides[0] % 16 or qkv.data.ptr % 16:
         return None
-    num_reqs = _check_attention(b, nh, hd, k_cache, v_cache, meta)
+    num_reqs = ca.check_attention(b, nh, hd, k_cache, v_cache, meta)
     if num_tokens == 0 or num_reqs == 0 or cos_sin.data.ptr % 16:
         return None
     name, _ = ca.decode_build(num_tokens, nkv, hd, b.num_sms, nh // nkv, int(meta.max_seq_len))
