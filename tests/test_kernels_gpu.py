@@ -871,7 +871,8 @@ def test_decode_attention_tensor_core_split(gpu, rng, monkeypatch, head_dim, gro
     row's pairs combines): contexts inside one partition (written directly), across tile, block and
     partition boundaries, and long; a request with no query row; padding rows (zeros); at the
     partition size the backend picks and at 64 keys (the smallest: many partitions to combine).
-    Twice in a row: the counters come back to zero."""
+    Then a second step: had the first left a counter above zero, no block of a pair would find
+    itself last, and the poisoned output would show."""
     from rvllm.backend import cuda_attention
 
     name = cuda_attention.DECODE_TC_SPLIT
