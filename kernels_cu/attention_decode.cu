@@ -69,13 +69,6 @@ struct WarpReduceScatter<N, 0> {
   static __device__ __forceinline__ void run(float*, int) {}
 };
 
-// A float another block wrote during this kernel: read through L2, never a stale L1 line.
-__device__ __forceinline__ float load_cg(const float* p) {
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-  return v;
-}
-
 // Dynamic shared memory (floats): s_logits [group][PARTITION_SIZE], s_red [warps][GCHUNK]
 // [HEAD_DIM], s_stats [2][group]. The backend computes the same size (nvrtc.py / cuda.py).
 // The kernel's parameters, shared by its two builds (below).
@@ -293,27 +286,21 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
 
   // 4. The last block of this (row, KV head) combines the partitions (all blocks' scratch is in L2).
   __shared__ int s_last;
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's scratch before its count
-    const int participants = min((int)gridDim.z, num_parts);
-    const int done = atomicAdd(&counters[tok * num_kv_heads + kvh], 1) + 1;
-    s_last = done == participants;
-    if (s_last) counters[tok * num_kv_heads + kvh] = 0;  // ready for the next launch
-  }
+  __syncthreads();  // every thread's scratch is written
+  if (threadIdx.x == 0) s_last = split_arrive(&counters[tok * num_kv_heads + kvh], min((int)gridDim.z, num_parts));
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
   // Per head: the weight of partition p is sum_p * exp(max_p - max), stored in s_logits[g][p].
   for (int g = warp; g < group; g += WARPS) {
     const i64 row0 = (head0 + g) * max_parts;
     float* w = s_logits + g * PARTITION_SIZE;
     float m = RVLLM_NEG_INF;
-    for (int p = lane; p < num_parts; p += 32) m = fmaxf(m, load_cg(tmp_max + row0 + p));
+    for (int p = lane; p < num_parts; p += 32) m = fmaxf(m, ld_cg(tmp_max + row0 + p));
     m = warp_max(m);
     float l = 0.f;
     for (int p = lane; p < num_parts; p += 32) {
-      const float wp = load_cg(tmp_sum + row0 + p) * expf(load_cg(tmp_max + row0 + p) - m);
+      const float wp = ld_cg(tmp_sum + row0 + p) * expf(ld_cg(tmp_max + row0 + p) - m);
       w[p] = wp;
       l += wp;
     }
@@ -326,7 +313,7 @@ __device__ __forceinline__ void split_attention(SPLIT_ATTENTION_PARAMS) {
     const i64 row0 = (head0 + g) * max_parts;
     const float* w = s_logits + g * PARTITION_SIZE;
     float acc = 0.f;
-    for (int p = 0; p < num_parts; ++p) acc += w[p] * load_cg(tmp_out + (row0 + p) * HEAD_DIM + d);
+    for (int p = 0; p < num_parts; ++p) acc += w[p] * ld_cg(tmp_out + (row0 + p) * HEAD_DIM + d);
     out[(head0 + g) * HEAD_DIM + d] = from_f32(acc * s_stats[g]);
   }
 }

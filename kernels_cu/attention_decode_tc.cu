@@ -87,18 +87,6 @@ struct DecodeSplit {
   int part_size;   // a multiple of TILE * WARPS
 };
 
-// A float another block wrote during this kernel: read through L2, never a stale L1 line.
-__device__ __forceinline__ float ld_cg(const float* p) {
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ float2 ld_cg2(const float* p) {
-  float2 v;
-  asm volatile("ld.global.cg.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
-  return v;
-}
-
 // Rotates x1, x2 (16-bit pairs, element e of each with cos c[e], sin s[e]) into r1, r2.
 __device__ __forceinline__ void rotate_pairs2(unsigned int x1, unsigned int x2, const float* c, const float* s,
                                               unsigned int& r1, unsigned int& r2) {
@@ -160,59 +148,83 @@ __device__ __forceinline__ void new_kv(const scalar_t* k_src, const scalar_t* v_
 }
 
 // The split build's end: the last block of a (row, KV head) to finish combines the partitions'
-// shares (in L2) into the output, weighting partition p by sum_p * 2^(max_p - max) (s_w: the
-// weights, [group][num_parts]), and resets the counter for the next launch.
+// shares (in L2) into the output, weighting partition q by sum_q * 2^(max_q - max), and resets the
+// counter for the next launch.
+//
+// Its time is a chain of L2 round trips after the count, so it makes as few as it can: a thread
+// takes (head, 4 columns) items, ITEMS of them together, and loads their partitions' values, maxima
+// and sums BATCH partitions at a time, all of a batch's loads issued before any is used, combining
+// online (a larger maximum rescales what is summed so far). With the weights first, in a phase of
+// their own, then the values a column pair and a batch at a time, the combining block took 5.5 us at
+// 9 partitions and 10.2 at 31 from its shares to its end; this way 3.5 and 7.5 (H200, qwen2.5-1.5b
+// batch 1 in a real run; every L2 round trip there takes over 1 us, queued behind the next
+// kernels' early weight loads; bench/NOTES.md #101).
 template <int WARPS>
 __device__ __forceinline__ void split_combine(scalar_t* __restrict__ out, const DecodeSplit& split, i64 head0, int group,
-                                              int num_parts, int pair, float* s_w) {
+                                              int num_parts, int pair) {
+  constexpr int THREADS = 32 * WARPS, ITEMS = 2, BATCH = 8, QUADS = HEAD_DIM / 4;
   __shared__ int s_last;
   __syncthreads();  // every thread's share is written
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's shares before its count
-    const int done = atomicAdd(&split.counters[pair], 1) + 1;
-    s_last = done == num_parts;
-    if (s_last) split.counters[pair] = 0;  // ready for the next launch
-  }
+  if (threadIdx.x == 0) s_last = split_arrive(&split.counters[pair], num_parts);
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int g = warp; g < group; g += WARPS) {  // a warp a head: the weights, normalized
-    const i64 row0 = (head0 + g) * split.max_parts;
-    float mx = RVLLM_NEG_INF;
-    for (int q = lane; q < num_parts; q += 32) mx = fmaxf(mx, ld_cg(split.tmp_max + row0 + q));
-    mx = warp_max(mx);
-    float l = 0.f;
-    for (int q = lane; q < num_parts; q += 32) {
-      const float w = ld_cg(split.tmp_sum + row0 + q) * exp2f(ld_cg(split.tmp_max + row0 + q) - mx);
-      s_w[g * num_parts + q] = w;
-      l += w;
+  for (int i0 = 0; i0 < group * QUADS; i0 += ITEMS * THREADS) {
+    i64 row[ITEMS];  // the item's head's partition 0 in tmp_max / tmp_sum
+    int col[ITEMS], live[ITEMS];  // live: partitions to load, 0 for an item past the end
+    float4 acc[ITEMS];
+    float mx[ITEMS], l[ITEMS];
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int idx = i0 + (int)threadIdx.x + it * THREADS, g = min(idx / QUADS, group - 1);
+      row[it] = (head0 + g) * split.max_parts;
+      col[it] = 4 * (idx % QUADS);
+      live[it] = idx < group * QUADS ? num_parts : 0;
+      acc[it] = make_float4(0.f, 0.f, 0.f, 0.f);
+      mx[it] = RVLLM_NEG_INF;
+      l[it] = 0.f;
     }
-    l = warp_sum(l);
-    __syncwarp();
-    for (int q = lane; q < num_parts; q += 32) s_w[g * num_parts + q] /= l;
-  }
-  __syncthreads();
-  // A thread takes (head g, columns 2p, 2p + 1), the partitions' values 8 at a time, all 8 loads
-  // issued before their sums: one at a time, each an L2 round trip waited on in turn, the combine of
-  // a 3,840-key context (30 partitions) took longer than the partitions themselves.
-  constexpr int BATCH = 8;
-  for (int idx = threadIdx.x; idx < group * (HEAD_DIM / 2); idx += 32 * WARPS) {
-    const int g = idx / (HEAD_DIM / 2), p = idx - g * (HEAD_DIM / 2);
-    const float* src = split.tmp_out + (head0 + g) * split.max_parts * HEAD_DIM + 2 * p;
-    float o0 = 0.f, o1 = 0.f;
     for (int q0 = 0; q0 < num_parts; q0 += BATCH) {
-      float2 v[BATCH];
+      float4 v[ITEMS][BATCH];
+      float m[ITEMS][BATCH], s[ITEMS][BATCH];
 #pragma unroll
-      for (int u = 0; u < BATCH; ++u) v[u] = q0 + u < num_parts ? ld_cg2(src + (i64)(q0 + u) * HEAD_DIM) : make_float2(0.f, 0.f);
+      for (int it = 0; it < ITEMS; ++it)
 #pragma unroll
-      for (int u = 0; u < BATCH; ++u) {
-        const float w = q0 + u < num_parts ? s_w[g * num_parts + q0 + u] : 0.f;
-        o0 += w * v[u].x;
-        o1 += w * v[u].y;
+        for (int u = 0; u < BATCH; ++u) {
+          const bool ok = q0 + u < live[it];
+          const i64 r = row[it] + q0 + u;
+          v[it][u] = ok ? ld_cg4(split.tmp_out + r * HEAD_DIM + col[it]) : make_float4(0.f, 0.f, 0.f, 0.f);
+          m[it][u] = ok ? ld_cg(split.tmp_max + r) : RVLLM_NEG_INF;
+          s[it][u] = ok ? ld_cg(split.tmp_sum + r) : 0.f;
+        }
+#pragma unroll
+      for (int it = 0; it < ITEMS; ++it) {
+        if (live[it] == 0) continue;
+        float bm = mx[it];  // finite: partition q0 has keys
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) bm = fmaxf(bm, m[it][u]);
+        const float r = exp2f(mx[it] - bm);  // 0 for the first batch
+        l[it] *= r;
+        acc[it].x *= r, acc[it].y *= r, acc[it].z *= r, acc[it].w *= r;
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          const float w = s[it][u] * exp2f(m[it][u] - bm);  // 0 past the last partition
+          l[it] += w;
+          acc[it].x += w * v[it][u].x;
+          acc[it].y += w * v[it][u].y;
+          acc[it].z += w * v[it][u].z;
+          acc[it].w += w * v[it][u].w;
+        }
+        mx[it] = bm;
       }
     }
-    *reinterpret_cast<unsigned int*>(out + (head0 + g) * HEAD_DIM + 2 * p) = pack2(o0, o1);
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int idx = i0 + (int)threadIdx.x + it * THREADS;
+      if (idx >= group * QUADS) continue;
+      const float inv = 1.f / l[it];
+      *reinterpret_cast<uint2*>(out + (head0 + idx / QUADS) * HEAD_DIM + col[it]) =
+          make_uint2(pack2(acc[it].x * inv, acc[it].y * inv), pack2(acc[it].z * inv, acc[it].w * inv));
+    }
   }
 }
 
@@ -525,8 +537,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
     }
   }
   if constexpr (SPLIT) {
-    if (num_parts > 1) split_combine<WARPS>(out, split, head0, group, num_parts, tok * num_kv_heads + kvh,
-                                            reinterpret_cast<float*>(dtc_smem));
+    if (num_parts > 1) split_combine<WARPS>(out, split, head0, group, num_parts, tok * num_kv_heads + kvh);
   }
 }
 

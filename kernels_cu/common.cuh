@@ -73,6 +73,35 @@ __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// Floats another block wrote during this kernel (the split decode kernels' partitions, read by the
+// block that combines them): through L2, never a stale L1 line.
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float4 ld_cg4(const float* p) {  // 16-byte aligned
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+  return v;
+}
+
+// The split decode kernels' hand-off to the block that combines the partitions: thread 0 of each
+// block that took part, after a barrier that follows all of the block's writes, counts the block in
+// *counter. The last of `participants` gets true, and after its next barrier its threads see every
+// other block's writes; it resets the counter for the next launch. A release fence before the count
+// and an acquire fence after it, both acq_rel (CUTLASS's GenericBarrier does the same): __threadfence()
+// is fence.sc.gpu, sequentially consistent and slower, and the combining block ran one in each of its
+// threads.
+__device__ __forceinline__ bool split_arrive(int* counter, int participants) {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  const int done = atomicAdd(counter, 1) + 1;
+  if (done != participants) return false;
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  *counter = 0;
+  return true;
+}
+
 // Both, for kernels with nothing to do before the wait.
 __device__ __forceinline__ void pdl_enter() {
   pdl_wait();

@@ -869,8 +869,10 @@ def test_decode_attention_tensor_cores_chosen_for_short_contexts(gpu, rng, monke
 def test_decode_attention_tensor_core_split(gpu, rng, monkeypatch, head_dim, group, partition):
     """The tensor-core decode kernel split over the context (flash-decoding; the last block of a
     row's pairs combines): contexts inside one partition (written directly), across tile, block and
-    partition boundaries, and long; a request with no query row; padding rows (zeros); at the
-    partition size the backend picks and at 64 keys (the smallest: many partitions to combine).
+    partition boundaries, and long (4,100 keys at 64-key partitions: 65 partitions, more (head,
+    partition) entries than the combine's threads load in one round); a request with no query row;
+    padding rows (zeros); at the partition size the backend picks and at 64 keys (the smallest: many
+    partitions to combine).
     Then a second step: had the first left a counter above zero, no block of a pair would find
     itself last, and the poisoned output would show."""
     from rvllm.backend import cuda_attention
@@ -879,7 +881,7 @@ def test_decode_attention_tensor_core_split(gpu, rng, monkeypatch, head_dim, gro
     monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, 128))
     if partition != "chosen":
         monkeypatch.setattr(cuda_attention, "tc_split_partition", lambda *a: partition)
-    reqs = [(1, n) for n in DECODE_LENS + [31, 32, 33, 64, 65, 128, 129, 2000]] + [(0, 30)]
+    reqs = [(1, n) for n in DECODE_LENS + [31, 32, 33, 64, 65, 128, 129, 2000, 4100]] + [(0, 30)]
     _run_attention([gpu], rng, reqs, nkv=2, group=group, head_dim=head_dim, pad_rows=2)
     _run_attention([gpu], rng, [(1, 1000)], nkv=2, group=group, head_dim=head_dim)
 

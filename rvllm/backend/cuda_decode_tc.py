@@ -65,9 +65,6 @@ def _tc_split_launch(b, num_tokens: int, nh: int, nkv: int, hd: int, meta, works
     max_context = workspace.max_context if workspace is not None else int(meta.max_seq_len)
     size = ca.tc_split_partition(num_tokens, nkv, max_context, b.num_sms)
     parts = max(1, -(-max_context // size))
-    # the combine's weights ([group][parts] floats) reuse the stages' shared memory
-    if (nh // nkv) * parts * 4 > nvrtc.decode_tc_smem_bytes(hd, *ca.DECODE_TC_BUILDS[ca.DECODE_TC_SPLIT]):
-        raise ValueError(f"paged_attention (tensor-core split): {parts} partitions exceed the combine's shared memory")
     if num_tokens > ca.MAX_GRID_YZ or parts > ca.MAX_GRID_YZ:
         raise ValueError(f"paged_attention (tensor-core split): {num_tokens} rows or {parts} partitions exceed {ca.MAX_GRID_YZ}")
     rows = num_tokens * nh * parts
