@@ -20,7 +20,12 @@
 //
 // The split build (`_split_`) adds a third grid dimension: block z takes the z-th partition of
 // part_size keys of its row (DecodeSplit, below), for small steps with long contexts, where a block
-// per pair left most SMs idle; the last block of a pair to finish combines the partitions.
+// per pair left most SMs idle; the last block of a pair to finish combines the partitions. The
+// cluster build (`_cluster_`, sm_90) splits the same way over a thread block cluster of the grid's
+// z blocks per pair, with partitions sized on the device from the row's context: each block stores
+// its partition's share of every output item into the shared memory of the cluster's block that
+// combines that item (distributed shared memory), and after one cluster barrier each block combines
+// its items: no scratch, no counter, no L2 round trips after the last partition (cluster_combine).
 //
 // The rope builds (`_rope_` in the name) also do rotary.cu's work, so that the decode steps they
 // take (cuda_attention.decode_rope, off by default) need no rotary kernel: q is the qkv product ([T, qkv_stride],
@@ -86,6 +91,53 @@ struct DecodeSplit {
   int max_parts;
   int part_size;   // a multiple of TILE * WARPS
 };
+
+// decode_tc's split modes: none, over blocks combined through L2 (DecodeSplit), over a cluster.
+#define DTC_WHOLE 0
+#define DTC_SPLIT_L2 1
+#define DTC_SPLIT_CLUSTER 2
+#define DTC_CLUSTER_MAX 16  // blocks a cluster (16: the non-portable size the backend opts into)
+
+// Thread block clusters (sm_90; only the cluster build calls these, and it traps below sm_90).
+// The barrier in two halves: arrive (release: this thread's shared-memory writes, local or remote,
+// are visible to the cluster once every thread has arrived) and wait (acquire).
+__device__ __forceinline__ void cluster_arrive(bool release) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (release) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+  else asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+// Stores v at `p` (an address in this block's shared memory) in the cluster's block `rank`.
+__device__ __forceinline__ void cluster_store2(float* p, unsigned int rank, float2 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned int remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(remote) : "r"((unsigned int)__cvta_generic_to_shared(p)), "r"(rank));
+  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(remote), "f"(v.x), "f"(v.y) : "memory");
+#endif
+}
+// The cluster build's receiving buffer, in static shared memory: block r combines the (head, 4
+// columns) items i with i % blocks == r, its j-th being i = j * blocks + r, and every block with keys
+// stores its partition q's share of each item into the block that combines it: the 4 normalized
+// outputs at [(q * per_rank + j) * 4], then (max (log2 units), sum) at [DTC_CLUSTER_VALUES + (q *
+// per_rank + j) * 2], per_rank = ceil(items / blocks) (so q * per_rank + j < items + blocks). Other
+// builds get no such array.
+#define DTC_CLUSTER_ITEMS (16 * HEAD_DIM / 4 + DTC_CLUSTER_MAX)
+#define DTC_CLUSTER_VALUES (4 * DTC_CLUSTER_ITEMS)
+template <int SPLIT>
+__device__ __forceinline__ float* cluster_share() {
+  if constexpr (SPLIT == DTC_SPLIT_CLUSTER) {
+    __shared__ __align__(16) float share[6 * DTC_CLUSTER_ITEMS];
+    return share;
+  } else {
+    return nullptr;
+  }
+}
 
 // Rotates x1, x2 (16-bit pairs, element e of each with cos c[e], sin s[e]) into r1, r2.
 __device__ __forceinline__ void rotate_pairs2(unsigned int x1, unsigned int x2, const float* c, const float* s,
@@ -228,7 +280,44 @@ __device__ __forceinline__ void split_combine(scalar_t* __restrict__ out, const 
   }
 }
 
-template <int WARPS, int TILE, int STAGES, bool ROPE, bool SPLIT = false>
+// The cluster build's end, after every block has stored its shares (decode_tc): the barrier, then
+// this block's items from its own shared memory, a thread an item, all partitions at once. No block
+// reads another's shared memory, so none needs to wait for the others before it leaves. (Reading
+// the shares remotely after the barrier instead, each block having left them in its own memory,
+// took 1.6-2 us after the barrier at batch 1 on an H200, bench/NOTES.md #102.)
+template <int WARPS>
+__device__ __forceinline__ void cluster_combine(scalar_t* __restrict__ out, const float* share, i64 head0, int group,
+                                                int num_parts) {
+  constexpr int THREADS = 32 * WARPS, QUADS = HEAD_DIM / 4;
+  const int blocks = gridDim.z, rank = blockIdx.z, items = group * QUADS, per_rank = (items + blocks - 1) / blocks;
+  cluster_arrive(true);
+  cluster_wait();
+  for (int j = threadIdx.x; j < per_rank && j * blocks + rank < items; j += THREADS) {
+    // Online over the partitions, in a loop not unrolled: this tail runs once a launch, its code
+    // fetched as it runs, and unrolled over every partition it took 1.3-1.4 us after the barrier at
+    // 1,024 keys against 0.7 (H200, bench/NOTES.md #102).
+    float mx = RVLLM_NEG_INF, sum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
+    for (int q = 0; q < num_parts; ++q) {
+      const float4 v = *reinterpret_cast<const float4*>(share + (q * per_rank + j) * 4);
+      const float2 ml = *reinterpret_cast<const float2*>(share + DTC_CLUSTER_VALUES + (q * per_rank + j) * 2);
+      const float top = fmaxf(mx, ml.x), r = exp2f(mx - top), w = ml.y * exp2f(ml.x - top);  // r: 0 at q = 0
+      sum = sum * r + w;
+      acc.x = acc.x * r + w * v.x;
+      acc.y = acc.y * r + w * v.y;
+      acc.z = acc.z * r + w * v.z;
+      acc.w = acc.w * r + w * v.w;
+      mx = top;
+    }
+    const float inv = 1.f / sum;
+    const int i = j * blocks + rank;
+    *reinterpret_cast<uint2*>(out + (head0 + i / QUADS) * HEAD_DIM + 4 * (i % QUADS)) =
+        make_uint2(pack2(acc.x * inv, acc.y * inv), pack2(acc.z * inv, acc.w * inv));
+  }
+}
+
+template <int WARPS, int TILE, int STAGES, bool ROPE, int SPLIT = DTC_WHOLE>
 __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rope, const DecodeSplit split = DecodeSplit{}) {
   static_assert(TILE == 16 || TILE == 32, "whole 16-key k-steps of P @ V, at most a lane per key (slot_of)");
   static_assert(2 * STAGES * TILE * DTC_LD * 2 >= (16 * DTC_OLD + 32) * 4, "a warp's partials fit in its stages");
@@ -239,15 +328,26 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
   scalar_t* s_v = s_k + STAGES * TILE * DTC_LD;
   const int kvh = blockIdx.x, tok = blockIdx.y;
   const int group = num_heads / num_kv_heads;  // <= 16 (the backend checks)
+  float* share = cluster_share<SPLIT>();
+  // The cluster build stores into other blocks' shared memory, which it may do only once they have
+  // started: each block arrives as it starts and waits just before its first such store.
+  if constexpr (SPLIT == DTC_SPLIT_CLUSTER) cluster_arrive(false);
 
   // The metadata chain reads only the step's inputs: before the wait (common.cuh).
   const int row_stride = row_stride_dev != nullptr ? *row_stride_dev : max_blocks_per_seq;
   int req, cached;
   const int ctx = query_context_len(query_start_loc, seq_lens, num_reqs, tok, &req, &cached);
-  // The split build: this block's keys start at key0; its row has num_parts partitions.
-  const int key0 = SPLIT ? (int)blockIdx.z * split.part_size : 0;
-  const int num_parts = SPLIT ? min((max(ctx, 0) + split.part_size - 1) / split.part_size, split.max_parts) : 1;
-  const int key_end = SPLIT ? min(ctx, key0 + split.part_size) : ctx;  // this block's keys: [key0, key_end)
+  // The split builds: this block's keys start at key0; its row has num_parts partitions. The cluster
+  // build sizes them from the row's context, in whole rounds of the warps' tiles, over the
+  // cluster's gridDim.z blocks (so a graph's fixed grid spreads every context over all of them).
+  constexpr int ROUND = WARPS * TILE;
+  const int part_size = SPLIT == DTC_SPLIT_CLUSTER
+                            ? max(1, (max(ctx, 0) + ROUND * (int)gridDim.z - 1) / (ROUND * (int)gridDim.z)) * ROUND
+                            : split.part_size;
+  const int key0 = SPLIT ? (int)blockIdx.z * part_size : 0;
+  const int num_parts = SPLIT == DTC_SPLIT_L2 ? min((max(ctx, 0) + part_size - 1) / part_size, split.max_parts)
+                        : SPLIT == DTC_SPLIT_CLUSTER ? (max(ctx, 0) + part_size - 1) / part_size : 1;
+  const int key_end = SPLIT ? min(ctx, key0 + part_size) : ctx;  // this block's keys: [key0, key_end)
   const int* btab = block_tables + (req >= 0 ? (i64)req * row_stride : 0);
   const i64 slot_stride = (i64)num_kv_heads * HEAD_DIM;
   const i64 head0 = (i64)tok * num_heads + (i64)kvh * group;
@@ -372,7 +472,9 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
       for (int i = threadIdx.x; i < group * HEAD_DIM; i += 32 * WARPS) out[head0 * HEAD_DIM + i] = 0;
     return;
   }
-  if (SPLIT && (int)blockIdx.z >= num_parts) {  // past the row's context: no keys, no count
+  // Past the row's context: no keys, no count. (A cluster's block stays for the cluster's barriers,
+  // with no tiles; the combine reads only the first num_parts shares.)
+  if (SPLIT == DTC_SPLIT_L2 && (int)blockIdx.z >= num_parts) {
     cp_async_wait<0>();
     return;
   }
@@ -505,6 +607,7 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
   // chain after another, this took ~1.7 us of a 256-row launch (session 20's clock probe, NOTES #85).
   const int per_warp = 2 * STAGES * TILE * DTC_LD;  // elements of scalar_t
   constexpr int PAIRS = HEAD_DIM / 2, MAX_ITERS = (16 * PAIRS + 32 * WARPS - 1) / (32 * WARPS);
+  if (SPLIT == DTC_SPLIT_CLUSTER && num_parts > 1) cluster_wait();  // every block of the cluster has started
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it) {
     const int idx = threadIdx.x + it * 32 * WARPS, m = idx / PAIRS, p = idx - m * PAIRS;
@@ -525,8 +628,15 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
       o1 += wgt * v.y;
       l += wgt * ow[16 * DTC_OLD + 16 + m];
     }
-    if (!SPLIT || num_parts == 1) {
+    if (SPLIT == DTC_SPLIT_CLUSTER && (int)blockIdx.z >= num_parts) {
+      // no keys: no share
+    } else if (!SPLIT || num_parts == 1) {
       *reinterpret_cast<unsigned int*>(out + (head0 + m) * HEAD_DIM + 2 * p) = pack2(o0 / l, o1 / l);
+    } else if (SPLIT == DTC_SPLIT_CLUSTER) {  // this partition's share, into the block that combines the item
+      const int blocks = gridDim.z, i = m * (HEAD_DIM / 4) + (p >> 1);
+      const int per_rank = (group * (HEAD_DIM / 4) + blocks - 1) / blocks, at = (int)blockIdx.z * per_rank + i / blocks;
+      cluster_store2(share + at * 4 + (p & 1) * 2, i % blocks, make_float2(o0 / l, o1 / l));
+      if ((p & 1) == 0) cluster_store2(share + DTC_CLUSTER_VALUES + at * 2, i % blocks, make_float2(mx, l));
     } else {  // this partition's share: normalized output, max (log2 units), sum
       const i64 row = (head0 + m) * split.max_parts + blockIdx.z;
       *reinterpret_cast<float2*>(split.tmp_out + row * HEAD_DIM + 2 * p) = make_float2(o0 / l, o1 / l);
@@ -536,8 +646,10 @@ __device__ __forceinline__ void decode_tc(DECODE_TC_PARAMS, const DecodeRope rop
       }
     }
   }
-  if constexpr (SPLIT) {
+  if constexpr (SPLIT == DTC_SPLIT_L2) {
     if (num_parts > 1) split_combine<WARPS>(out, split, head0, group, num_parts, tok * num_kv_heads + kvh);
+  } else if constexpr (SPLIT == DTC_SPLIT_CLUSTER) {
+    if (num_parts > 1) cluster_combine<WARPS>(out, share, head0, group, num_parts);  // num_parts: one value a cluster
   }
 }
 
@@ -573,8 +685,17 @@ extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_w4_t
 extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_split_w4_t16_s3_kernel(
     DECODE_TC_PARAMS, int* __restrict__ counters, float* __restrict__ tmp_out, float* __restrict__ tmp_max,
     float* __restrict__ tmp_sum, int max_parts, int part_size) {
-  decode_tc<4, 16, 3, false, true>(DECODE_TC_ARGS, DecodeRope{},
-                                   DecodeSplit{counters, tmp_out, tmp_max, tmp_sum, max_parts, part_size});
+  decode_tc<4, 16, 3, false, DTC_SPLIT_L2>(DECODE_TC_ARGS, DecodeRope{},
+                                           DecodeSplit{counters, tmp_out, tmp_max, tmp_sum, max_parts, part_size});
+}
+// ... over a thread block cluster instead (sm_90): grid (num_kv_heads, num_tokens, blocks) in
+// clusters of (1, 1, blocks), blocks <= DTC_CLUSTER_MAX (cuda_decode_tc.cluster_blocks).
+extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_cluster_w4_t16_s3_kernel(DECODE_TC_PARAMS) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  decode_tc<4, 16, 3, false, DTC_SPLIT_CLUSTER>(DECODE_TC_ARGS, DecodeRope{});
+#else
+  asm volatile("trap;");  // no clusters: the backend never launches it here
+#endif
 }
 extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_tc_rope_w4_t16_s3_one_per_sm_kernel(
     DECODE_TC_ROPE_PARAMS) {

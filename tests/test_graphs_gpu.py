@@ -220,25 +220,35 @@ def test_fixed_grid_decode_attention_tensor_cores(gpu, monkeypatch, build):
     check(gpu, out, ref, "fixed-grid tensor-core decode")
 
 
+@pytest.mark.parametrize("form", ["l2", "cluster"])
 @pytest.mark.parametrize("num_sms", [1000, 56], ids=["64-key-partitions", "512-key-partitions"])
-def test_fixed_grid_decode_attention_tensor_core_split(gpu, monkeypatch, num_sms):
-    """The tensor-core build split over the context in a fixed (graph) step: partitions for the
-    workspace's longest context (not the step's), the block table's row stride read on the device,
-    padding requests, the scratch and counters from the workspace; launched twice (the counters
-    return to zero)."""
+def test_fixed_grid_decode_attention_tensor_core_split(gpu, monkeypatch, num_sms, form):
+    """The tensor-core build split over the context in a fixed (graph) step: the block table's row
+    stride read on the device, padding requests; launched twice.
+    - l2: partitions for the workspace's longest context (not the step's), the scratch and counters
+      from the workspace (the counters return to zero);
+    - cluster (sm_90): every context over the grid's blocks a cluster (16 or 8 with 1000 SMs, 4 or
+      fewer with 56), sized on the device; the form combined in L2 must not run."""
+    from rvllm.backend import cuda_decode_tc, cuda_launch
     from rvllm.backend.cuda import cp
     from tests.test_kernels_gpu import check
 
     name = cuda_attention.DECODE_TC_SPLIT
     monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, 128))
     monkeypatch.setattr(gpu, "num_sms", num_sms)
+    if form == "cluster":
+        if not cuda_launch.clusters_available():
+            pytest.skip("thread block clusters need sm_90")
+        monkeypatch.setattr(cuda_decode_tc, "_tc_split_launch", lambda *a: pytest.fail("the form combined in L2 ran"))
+    else:
+        monkeypatch.setattr(cuda_attention, "TC_CLUSTER", False)
     lens = [1, 33, 200, 1500, 2048]
     ref, q_d, kc_d, vc_d, m, ws, scale = _fixed_step(gpu, f"fixed-tc-split-{gpu.dtype}-{num_sms}", lens, 6, num_sms)
     assert cuda_attention.tc_split_partition(len(lens) + 2, 2, 2048, num_sms) == (64 if num_sms == 1000 else 512)
     for _ in range(2):
         ws.tmp_out.fill(np.nan)
         out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
-        check(gpu, out, ref, "fixed-grid tensor-core split decode")
+        check(gpu, out, ref, f"fixed-grid tensor-core split decode ({form})")
         assert not cp.asnumpy(ws.counters).any()
 
 

@@ -186,6 +186,21 @@ def test_tc_split_partition_spreads_the_longest_context_over_the_sms():
     assert cuda_attention.decode_build(1, 2, 128, 132, 6, 100)[0] == cuda_attention.DECODE_TC_ONE_PER_SM
 
 
+def test_cluster_blocks_spread_few_pairs_over_the_sms():
+    """cuda_decode_tc.cluster_blocks (host side): the split build's cluster form takes a power of two
+    blocks a cluster, at most 16, with the step's (row, KV head) pairs times the blocks within the
+    SMs; none (1: the form combined in L2) when a cluster of 2 would pass them."""
+    from rvllm.backend.cuda_decode_tc import cluster_blocks
+
+    assert [cluster_blocks(p, 132) for p in (1, 2, 8, 9, 16, 33, 34, 66, 67)] == [16, 16, 16, 8, 8, 4, 2, 2, 1]
+    assert cluster_blocks(2, 132, max_blocks=8) == 8 and cluster_blocks(2, 1) == 1
+    for pairs in range(1, 200):
+        blocks = cluster_blocks(pairs, 132)
+        assert blocks & (blocks - 1) == 0 and blocks <= 16
+        assert blocks == 1 or pairs * blocks <= 132
+        assert blocks == 16 or pairs * blocks * 2 > 132
+
+
 def test_gemv_split_k_covers_k_with_short_segments():
     """gemv.cu's work split (host side): in the gemv form ks warps per output unit cover K in
     segments of about one stretch each (of whole stretches past 8 warps); the SiLU form takes a

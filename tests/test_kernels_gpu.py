@@ -865,25 +865,56 @@ def test_decode_attention_tensor_cores_chosen_for_short_contexts(gpu, rng, monke
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("group", [1, 3, 7, 16])
-@pytest.mark.parametrize("partition", ["chosen", 64], ids=["chosen-partitions", "64-key-partitions"])
-def test_decode_attention_tensor_core_split(gpu, rng, monkeypatch, head_dim, group, partition):
-    """The tensor-core decode kernel split over the context (flash-decoding; the last block of a
-    row's pairs combines): contexts inside one partition (written directly), across tile, block and
-    partition boundaries, and long (4,100 keys at 64-key partitions: 65 partitions, more (head,
-    partition) entries than the combine's threads load in one round); a request with no query row;
-    padding rows (zeros); at the partition size the backend picks and at 64 keys (the smallest: many
-    partitions to combine).
-    Then a second step: had the first left a counter above zero, no block of a pair would find
-    itself last, and the poisoned output would show."""
-    from rvllm.backend import cuda_attention
+@pytest.mark.parametrize("form", ["l2-chosen", "l2-64-keys", "cluster-chosen", "cluster-2", "cluster-16"])
+def test_decode_attention_tensor_core_split(gpu, rng, monkeypatch, head_dim, group, form):
+    """The tensor-core decode kernel split over the context (flash-decoding): contexts inside one
+    partition (written directly), across tile, block and partition boundaries, and long (4,100 keys:
+    with 64-key partitions, 65 partitions, more (head, partition) entries than the combine's threads
+    load in one round); a request with no query row; padding rows (zeros).
+    - l2: the last block of a row's pairs combines the partitions from L2; at the partition size the
+      backend picks and at 64 keys (the smallest: many partitions to combine). Then a second step:
+      had the first left a counter above zero, no block of a pair would find itself last, and the
+      poisoned output would show.
+    - cluster (sm_90): a pair's blocks in a thread block cluster, combined through its shared
+      memory, at the size the backend picks (2 blocks for the many-row step, 16 for one row) and at 2
+      and 16 blocks a cluster; the form combined in L2 must not run."""
+    from rvllm.backend import cuda_launch
 
     name = cuda_attention.DECODE_TC_SPLIT
     monkeypatch.setattr(cuda_attention, "decode_build", lambda *a: (name, 128))
-    if partition != "chosen":
-        monkeypatch.setattr(cuda_attention, "tc_split_partition", lambda *a: partition)
+    if form.startswith("cluster"):
+        if not cuda_launch.clusters_available():
+            pytest.skip("thread block clusters need sm_90")
+        monkeypatch.setattr(cuda_decode_tc, "_tc_split_launch", lambda *a: pytest.fail("the form combined in L2 ran"))
+        if form != "cluster-chosen":
+            monkeypatch.setattr(cuda_decode_tc, "_cluster_form", lambda *a, n=int(form.split("-")[1]): n)
+    else:
+        monkeypatch.setattr(cuda_attention, "TC_CLUSTER", False)
+        if form == "l2-64-keys":
+            monkeypatch.setattr(cuda_attention, "tc_split_partition", lambda *a: 64)
     reqs = [(1, n) for n in DECODE_LENS + [31, 32, 33, 64, 65, 128, 129, 2000, 4100]] + [(0, 30)]
     _run_attention([gpu], rng, reqs, nkv=2, group=group, head_dim=head_dim, pad_rows=2)
     _run_attention([gpu], rng, [(1, 1000)], nkv=2, group=group, head_dim=head_dim)
+
+
+def test_cluster_form_spreads_few_pairs_over_the_sms(gpu):
+    """cuda_decode_tc's choice of blocks a cluster on this GPU: at least 8 (16 on an H200) for batch 1
+    at 2 KV heads, fewer as the pairs grow (every pair's cluster resident at once), none (the form
+    combined in L2) when a cluster of 2 no longer fits the rule."""
+    from rvllm.backend import cuda_launch, nvrtc
+
+    if not cuda_launch.clusters_available():
+        pytest.skip("thread block clusters need sm_90")
+    kernel = gpu._kernel("attention_decode_tc.cu", cuda_attention.DECODE_TC_CLUSTER, 128)
+    smem = nvrtc.decode_tc_smem_bytes(128, 4, 16, 3)
+    gpu._ensure_smem(kernel, smem)
+    sizes = {pairs: cuda_decode_tc._cluster_form(gpu, kernel, pairs, smem) for pairs in (1, 2, 8, 16, 32, 64, gpu.num_sms // 2, 100)}
+    assert sizes[1] == sizes[2] >= 8, sizes
+    assert all(sizes[p] >= sizes[q] for p, q in zip((1, 2, 8, 16, 32), (2, 8, 16, 32, 64))), sizes
+    assert sizes[100] == 1 and sizes[gpu.num_sms // 2] == 2, sizes  # a cluster of 2 a pair fills the SMs
+    for pairs, blocks in sizes.items():
+        if blocks > 1:
+            assert kernel.max_active_clusters((1, 1, blocks), (128,), smem, blocks) >= pairs
 
 
 def test_decode_attention_tensor_cores_chosen_for_large_steps(gpu, rng):

@@ -74,6 +74,13 @@ DECODE_TC_BUILDS[DECODE_TC_ONE_PER_SM] = (4, 16, 3)
 DECODE_TC_SPLIT = nvrtc.DECODE_TC_SPLIT
 DECODE_TC_BUILDS[DECODE_TC_SPLIT] = (4, 16, 3)
 TC_SPLIT = os.environ.get("RVLLM_DECODE_TC_SPLIT", "1") != "0"
+# ... launched where the GPU has thread block clusters (sm_90) as its cluster form, DECODE_TC_CLUSTER
+# (the same warps, tiles and stages; cuda_decode_tc.attention_decode_tc): a pair's partitions in one
+# cluster, sized on the device from each row's context, combined through distributed shared memory
+# (cuda_decode_tc.cluster_blocks). RVLLM_DECODE_TC_CLUSTER=0 keeps the form combined through L2.
+# H200, qwen2.5-1.5b batch 1 (bench/NOTES.md #102): 1,024 keys 899 -> 920 tok/s, 3,840 805 -> 868.
+DECODE_TC_CLUSTER = nvrtc.DECODE_TC_CLUSTER
+TC_CLUSTER = os.environ.get("RVLLM_DECODE_TC_CLUSTER", "1") != "0"
 # attention_decode.cu's entry points (split_build chooses among them): name -> threads per block
 DECODE_SPLIT_BUILDS = {"paged_attention_split_kernel": nvrtc.DECODE_NUM_THREADS,
                        "paged_attention_split_lean_kernel": nvrtc.DECODE_NUM_THREADS,

@@ -1,14 +1,15 @@
 """The launches of kernels_cu/attention_decode_tc.cu, decode attention on tensor cores: its builds a
 block per (row, KV head) pair (cuda_attention.tc_build), the build split over the context with a
-combine (cuda_attention.DECODE_TC_SPLIT), and the rope builds (decode_rope). cuda_attention.py
-chooses the kernel (decode_build) and calls attention_decode_tc; the choosers and settings are read
-from there at each call, so that tests and bench/op_times.py can swap them.
+combine (cuda_attention.DECODE_TC_SPLIT; on sm_90 its cluster form, DECODE_TC_CLUSTER), and the rope
+builds (decode_rope). cuda_attention.py chooses the kernel (decode_build) and calls
+attention_decode_tc; the choosers and settings are read from there at each call, so that tests and
+bench/op_times.py can swap them.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from rvllm.backend import cuda_attention as ca, nvrtc
+from rvllm.backend import cuda_attention as ca, cuda_launch, nvrtc
 
 try:
     import cupy as cp
@@ -21,6 +22,37 @@ _ONE_PER_SM_CARVEOUT = 0
 # ... and the split build's, for the same reason: left to the driver, qwen2.5-1.5b's batch 1 at 1,024
 # keys ran 773 tok/s against 838 (H200, bench/NOTES.md #100), the GEMVs around it slower.
 _SPLIT_CARVEOUT = 0
+# (kernel, blocks a cluster, dynamic shared memory) -> clusters resident at once (cuOccupancyMaxActiveClusters)
+_cluster_capacity: dict[tuple[int, int, int], int] = {}
+
+
+def cluster_blocks(pairs: int, num_sms: int, max_blocks: int = nvrtc.DECODE_TC_CLUSTER_MAX) -> int:
+    """Blocks a cluster of DECODE_TC_CLUSTER for a step of `pairs` (row, KV head) pairs: the largest
+    power of two up to max_blocks whose clusters of every pair stay within the SMs (so a long context
+    spreads over about one block an SM, as tc_split_partition does for the form combined in L2).
+    1: too many pairs for a cluster of 2."""
+    blocks = 1
+    while blocks * 2 <= max_blocks and pairs * blocks * 2 <= num_sms:
+        blocks *= 2
+    return blocks
+
+
+def _cluster_form(b, kernel, pairs: int, smem: int) -> int:
+    """Blocks a cluster for DECODE_TC_SPLIT's step of `pairs` pairs in its cluster form, or 1 (the form
+    combined in L2): cluster_blocks, halved until every pair's cluster is resident at once."""
+    if not ca.TC_CLUSTER or not cuda_launch.clusters_available():
+        return 1
+    blocks = cluster_blocks(pairs, b.num_sms)
+    if kernel.preferred_shared_memory_carveout != _SPLIT_CARVEOUT:  # before the occupancy query: it depends on it
+        kernel.preferred_shared_memory_carveout = _SPLIT_CARVEOUT
+    while blocks > 1:
+        key = (id(kernel), blocks, smem)
+        if key not in _cluster_capacity:
+            _cluster_capacity[key] = kernel.max_active_clusters((1, 1, blocks), (128,), smem, blocks)
+        if _cluster_capacity[key] >= pairs:
+            return blocks
+        blocks //= 2
+    return 1
 
 
 def attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace, rope=None):
@@ -38,22 +70,27 @@ def attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, blo
         stride_arg, stride_dev = np.int32(0), workspace.row_stride
     out = cp.empty((num_tokens, nh, hd), dtype=q.dtype)
     warps, tile, stages = ca.DECODE_TC_BUILDS[name]
-    grid = (nkv, num_tokens)
-    split_args = ()
-    if name == ca.DECODE_TC_SPLIT:
-        grid, split_args = _tc_split_launch(b, num_tokens, nh, nkv, hd, meta, workspace)
-    kernel = b._kernel("attention_decode_tc.cu", name if rope is None else nvrtc.decode_tc_rope_kernel(name), hd)
     smem = nvrtc.decode_tc_smem_bytes(hd, warps, tile, stages)
+    grid, split_args, cluster = (nkv, num_tokens), (), 1
+    if name == ca.DECODE_TC_SPLIT:
+        kernel = b._kernel("attention_decode_tc.cu", ca.DECODE_TC_CLUSTER, hd)
+        b._ensure_smem(kernel, smem)
+        cluster = _cluster_form(b, kernel, num_tokens * nkv, smem)
+        if cluster > 1:  # no scratch: the partitions are sized on the device
+            name, grid = ca.DECODE_TC_CLUSTER, (nkv, num_tokens, cluster)
+        else:
+            grid, split_args = _tc_split_launch(b, num_tokens, nh, nkv, hd, meta, workspace)
+    kernel = b._kernel("attention_decode_tc.cu", name if rope is None else nvrtc.decode_tc_rope_kernel(name), hd)
     b._ensure_smem(kernel, smem)
     if name == ca.DECODE_TC_ONE_PER_SM and kernel.preferred_shared_memory_carveout != _ONE_PER_SM_CARVEOUT:
         kernel.preferred_shared_memory_carveout = _ONE_PER_SM_CARVEOUT
-    if name == ca.DECODE_TC_SPLIT and kernel.preferred_shared_memory_carveout != _SPLIT_CARVEOUT:
+    if name in (ca.DECODE_TC_SPLIT, ca.DECODE_TC_CLUSTER) and kernel.preferred_shared_memory_carveout != _SPLIT_CARVEOUT:
         kernel.preferred_shared_memory_carveout = _SPLIT_CARVEOUT
     args = (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
             np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale))
     if rope is not None:
         args += (k_cache, v_cache) + rope[1]
-    kernel(grid, (32 * warps,), args + split_args, shared_mem=smem)
+    kernel(grid, (32 * warps,), args + split_args, shared_mem=smem, cluster=cluster)
     return out
 
 

@@ -10,7 +10,8 @@ launches into programmatic edges of the CUDA graph, so the graphs replay the ove
 CuPy's RawKernel launch takes no launch attributes, so this calls the driver's cuLaunchKernelEx
 through ctypes with the CUfunction CuPy loaded. Where PDL is off (RVLLM_PDL=0, a GPU older than
 sm_90, a driver without cuLaunchKernelEx) the kernel is launched by CuPy as before; the kernels'
-wait is then a no-op.
+wait is then a no-op. The same call launches thread block clusters (sm_90; the cluster dimension
+attribute), for the kernels built for them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ except Exception:  # ImportError, or a broken CUDA install (cuda.py says the sam
     cp = None
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CLUSTER_DIMENSION = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+_PORTABLE_CLUSTER = 8  # blocks: more needs the attribute above (16 at most on sm_90)
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
@@ -53,8 +57,10 @@ class _Driver:
         self.launch.restype = ctypes.c_int
         self.error_name = lib.cuGetErrorName
         self.error_name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        self.attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-        self.attr.value[0] = 1
+        self.set_attribute = lib.cuFuncSetAttribute
+        self.set_attribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self.max_active_clusters = lib.cuOccupancyMaxActiveClusters
+        self.max_active_clusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(_LaunchConfig)]
         self.local = threading.local()  # per thread: the config and the argument slots it fills
 
     def slots(self, fmt: str, sizes: tuple[int, ...]):
@@ -67,10 +73,30 @@ class _Driver:
             cache[fmt] = (buf, ptrs)
         return cache[fmt]
 
-    def config(self) -> _LaunchConfig:
-        cfg = self.local.__dict__.get("config")
-        if cfg is None:
-            cfg = self.local.config = _LaunchConfig(attrs=ctypes.pointer(self.attr), num_attrs=1)
+    def config(self, grid: tuple, block: tuple, shared_mem: int, pdl: bool, cluster: int) -> _LaunchConfig:
+        """This thread's launch config for one launch: PDL when `pdl`, clusters of `cluster` blocks along
+        the grid's z when cluster > 1 (its attributes: [cluster dimension, PDL], passed from the first
+        or from the second)."""
+        local = self.local.__dict__
+        if "config" not in local:
+            attrs = (_LaunchAttribute * 2)(_LaunchAttribute(id=_CLUSTER_DIMENSION),
+                                           _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION))
+            attrs[1].value[0] = 1
+            local["attrs"] = attrs
+            local["from_first"] = ctypes.cast(attrs, ctypes.POINTER(_LaunchAttribute))
+            local["from_second"] = ctypes.cast(ctypes.addressof(attrs) + ctypes.sizeof(_LaunchAttribute),
+                                               ctypes.POINTER(_LaunchAttribute))
+            local["config"] = _LaunchConfig()
+        cfg, attrs = local["config"], local["attrs"]
+        if cluster > 1:
+            attrs[0].value[0], attrs[0].value[1], attrs[0].value[2] = 1, 1, cluster
+            cfg.attrs, cfg.num_attrs = local["from_first"], 2 if pdl else 1
+        else:
+            cfg.attrs, cfg.num_attrs = local["from_second"], 1 if pdl else 0
+        cfg.grid[:] = [int(g) for g in (tuple(grid) + (1, 1))[:3]]
+        cfg.block[:] = [int(b) for b in (tuple(block) + (1, 1))[:3]]
+        cfg.shared_mem = int(shared_mem)
+        cfg.stream = cp.cuda.get_current_stream().ptr
         return cfg
 
     def check(self, status: int, name: str) -> None:
@@ -129,6 +155,18 @@ def pdl_enabled() -> bool:
     return on
 
 
+def clusters_available() -> bool:
+    """Thread block clusters on the current device: sm_90 or newer and a driver with cuLaunchKernelEx
+    (whatever RVLLM_PDL says)."""
+    if int(cp.cuda.Device().compute_capability) < 90:
+        return False
+    try:
+        _get_driver()
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def _pack(args: tuple) -> tuple[list[str], list]:
     codes, values = [], []
     for a in args:
@@ -155,6 +193,7 @@ class Kernel:
         self.name = name
         self._function = None  # the CUfunction, once loaded
         self._carveout = None
+        self._non_portable = False  # opted into clusters past the portable size
 
     @property
     def attributes(self):
@@ -178,9 +217,35 @@ class Kernel:
     def max_dynamic_shared_size_bytes(self, nbytes: int) -> None:
         self.raw.max_dynamic_shared_size_bytes = nbytes  # an attribute of the CUfunction both launches use
 
-    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+    @property
+    def function(self) -> int:
+        """The CUfunction."""
+        if self._function is None:
+            self._function = self.raw.kernel.ptr
+        return self._function
+
+    def _allow_cluster(self, driver: _Driver, cluster: int) -> None:
+        """Opts this kernel into clusters past the portable size (once) when `cluster` needs it."""
+        if cluster > _PORTABLE_CLUSTER and not self._non_portable:
+            driver.check(driver.set_attribute(self.function, _NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1),
+                         f"{self.name}: cuFuncSetAttribute(non-portable cluster size)")
+            self._non_portable = True
+
+    def max_active_clusters(self, grid: tuple, block: tuple, shared_mem: int, cluster: int) -> int:
+        """How many clusters of `cluster` blocks (along z) of this launch shape the GPU holds at once
+        (cuOccupancyMaxActiveClusters; 0: none fits)."""
+        driver = _get_driver()
+        self._allow_cluster(driver, cluster)
+        n = ctypes.c_int(0)
+        cfg = driver.config(grid, block, shared_mem, False, cluster)
+        status = driver.max_active_clusters(ctypes.byref(n), self.function, ctypes.byref(cfg))
+        return n.value if status == 0 else 0
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, cluster: int = 1) -> None:
+        """cluster > 1: thread block clusters of that many blocks along z (sm_90; grid[2] a multiple
+        of it)."""
         pdl = pdl_enabled()
-        if not pdl and not any(isinstance(a, bytes) for a in args):  # CuPy passes no structs
+        if not pdl and cluster == 1 and not any(isinstance(a, bytes) for a in args):  # CuPy passes no structs
             self.raw(grid, block, args, shared_mem=shared_mem)
             return
         driver = _get_driver()
@@ -192,12 +257,6 @@ class Kernel:
         packer, sizes = known
         buf, ptrs = driver.slots(fmt, sizes)
         packer.pack_into(buf, 0, *values)
-        cfg = driver.config()
-        cfg.num_attrs = 1 if pdl else 0
-        cfg.grid[:] = [int(g) for g in (tuple(grid) + (1, 1))[:3]]
-        cfg.block[:] = [int(b) for b in (tuple(block) + (1, 1))[:3]]
-        cfg.shared_mem = int(shared_mem)
-        cfg.stream = cp.cuda.get_current_stream().ptr
-        if self._function is None:
-            self._function = self.raw.kernel.ptr
-        driver.check(driver.launch(ctypes.byref(cfg), self._function, ptrs, None), self.name)
+        self._allow_cluster(driver, cluster)
+        cfg = driver.config(grid, block, shared_mem, pdl, cluster)
+        driver.check(driver.launch(ctypes.byref(cfg), self.function, ptrs, None), self.name)

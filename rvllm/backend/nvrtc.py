@@ -35,6 +35,10 @@ DECODE_TC_BUILDS = ((1, 32, 3), (4, 16, 3))
 DECODE_TC_ONE_PER_SM = "paged_attention_decode_tc_w4_t16_s3_one_per_sm_kernel"
 # The 4-warp build split over the context with a combine (small steps, long contexts).
 DECODE_TC_SPLIT = "paged_attention_decode_tc_split_w4_t16_s3_kernel"
+# ... and combined through a thread block cluster's shared memory instead (sm_90), at most this many blocks a
+# cluster (DTC_CLUSTER_MAX).
+DECODE_TC_CLUSTER = "paged_attention_decode_tc_cluster_w4_t16_s3_kernel"
+DECODE_TC_CLUSTER_MAX = 16
 
 
 def decode_tc_kernel(warps: int, tile: int, stages: int) -> str:
@@ -65,7 +69,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "attention_decode.cu": (("paged_attention_split_kernel", "paged_attention_split_lean_kernel",
                              "paged_attention_split_wide_kernel"), True),
     "attention_decode_tc.cu": (_DECODE_TC_NAMES + tuple(decode_tc_rope_kernel(n) for n in _DECODE_TC_NAMES)
-                               + (DECODE_TC_SPLIT,), True),
+                               + (DECODE_TC_SPLIT, DECODE_TC_CLUSTER), True),
     "attention_prefill.cu": (("paged_attention_prefill_kernel",), True),
     "gemv.cu": (tuple(f"{kind}_m{m}" for m in (1, 2, 4, 8)
                       for kind in ("gemv", "add_norm_gemv", "add_norm_gemv_silu"))
