@@ -78,7 +78,8 @@ TC_SPLIT = os.environ.get("RVLLM_DECODE_TC_SPLIT", "1") != "0"
 # (the same warps, tiles and stages; cuda_decode_tc.attention_decode_tc): a pair's partitions in one
 # cluster, sized on the device from each row's context, combined through distributed shared memory
 # (cuda_decode_tc.cluster_blocks). RVLLM_DECODE_TC_CLUSTER=0 keeps the form combined through L2.
-# H200, qwen2.5-1.5b batch 1 (bench/NOTES.md #102): 1,024 keys 899 -> 920 tok/s, 3,840 805 -> 868.
+# H200, qwen2.5-1.5b batch 1, one call (bench/NOTES.md #102): 1,024-token prompts 906 -> 928 tok/s against
+# the L2 form, 3,840 815 -> 873.
 DECODE_TC_CLUSTER = nvrtc.DECODE_TC_CLUSTER
 TC_CLUSTER = os.environ.get("RVLLM_DECODE_TC_CLUSTER", "1") != "0"
 # attention_decode.cu's entry points (split_build chooses among them): name -> threads per block
