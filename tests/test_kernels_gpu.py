@@ -908,7 +908,8 @@ def test_cluster_form_spreads_few_pairs_over_the_sms(gpu):
     kernel = gpu._kernel("attention_decode_tc.cu", cuda_attention.DECODE_TC_CLUSTER, 128)
     smem = nvrtc.decode_tc_smem_bytes(128, 4, 16, 3)
     gpu._ensure_smem(kernel, smem)
-    sizes = {pairs: cuda_decode_tc._cluster_form(gpu, kernel, pairs, smem) for pairs in (1, 2, 8, 16, 32, 64, gpu.num_sms // 2, 100)}
+    sizes = {pairs: cuda_decode_tc._cluster_form(gpu, kernel, pairs, smem)
+             for pairs in (1, 2, 8, 16, 32, 64, gpu.num_sms // 2, 100)}
     assert sizes[1] == sizes[2] >= 8, sizes
     assert all(sizes[p] >= sizes[q] for p, q in zip((1, 2, 8, 16, 32), (2, 8, 16, 32, 64))), sizes
     assert sizes[100] == 1 and sizes[gpu.num_sms // 2] == 2, sizes  # a cluster of 2 a pair fills the SMs

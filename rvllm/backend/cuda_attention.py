@@ -13,7 +13,8 @@ Two ways to run the decode kernel:
   replayed for any context up to `DecodeWorkspace.max_context`.
 The tensor-core decode kernel needs no scratch (in a fixed step it takes only the row stride from
 the workspace) except its build split over the context, which takes the workspace's scratch and
-counters as the split kernel does. decode_build says which kernel a step gets.
+counters as the split kernel does (its cluster form, on sm_90, needs neither). decode_build says which
+kernel a step gets.
 """
 from __future__ import annotations
 

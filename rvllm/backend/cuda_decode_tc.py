@@ -84,7 +84,8 @@ def attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, blo
     b._ensure_smem(kernel, smem)
     if name == ca.DECODE_TC_ONE_PER_SM and kernel.preferred_shared_memory_carveout != _ONE_PER_SM_CARVEOUT:
         kernel.preferred_shared_memory_carveout = _ONE_PER_SM_CARVEOUT
-    if name in (ca.DECODE_TC_SPLIT, ca.DECODE_TC_CLUSTER) and kernel.preferred_shared_memory_carveout != _SPLIT_CARVEOUT:
+    split = name in (ca.DECODE_TC_SPLIT, ca.DECODE_TC_CLUSTER)
+    if split and kernel.preferred_shared_memory_carveout != _SPLIT_CARVEOUT:
         kernel.preferred_shared_memory_carveout = _SPLIT_CARVEOUT
     args = (out, q, k_cache, v_cache, meta.block_tables, stride_arg, stride_dev, meta.query_start_loc, meta.seq_lens,
             np.int32(num_reqs), np.int32(nh), np.int32(nkv), np.int32(block_size), np.float32(scale))

@@ -60,7 +60,8 @@ class _Driver:
         self.set_attribute = lib.cuFuncSetAttribute
         self.set_attribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self.max_active_clusters = lib.cuOccupancyMaxActiveClusters
-        self.max_active_clusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(_LaunchConfig)]
+        self.max_active_clusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                             ctypes.POINTER(_LaunchConfig)]
         self.local = threading.local()  # per thread: the config and the argument slots it fills
 
     def slots(self, fmt: str, sizes: tuple[int, ...]):
@@ -155,16 +156,23 @@ def pdl_enabled() -> bool:
     return on
 
 
+_clusters: dict[int, bool] = {}  # device id -> thread block clusters launchable
+
+
 def clusters_available() -> bool:
     """Thread block clusters on the current device: sm_90 or newer and a driver with cuLaunchKernelEx
     (whatever RVLLM_PDL says)."""
-    if int(cp.cuda.Device().compute_capability) < 90:
-        return False
-    try:
-        _get_driver()
-    except (OSError, AttributeError):
-        return False
-    return True
+    dev = cp.cuda.runtime.getDevice()
+    on = _clusters.get(dev)
+    if on is None:
+        on = int(cp.cuda.Device(dev).compute_capability) >= 90
+        if on:
+            try:
+                _get_driver()
+            except (OSError, AttributeError):
+                on = False
+        _clusters[dev] = on
+    return on
 
 
 def _pack(args: tuple) -> tuple[list[str], list]:
