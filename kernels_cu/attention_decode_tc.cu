@@ -281,7 +281,7 @@ __device__ __forceinline__ void split_combine(scalar_t* __restrict__ out, const 
 }
 
 // The cluster build's end, after every block has stored its shares (decode_tc): the barrier, then
-// this block's items from its own shared memory, a thread an item, all partitions at once. No block
+// this block's items from its own shared memory, a thread an item, its partitions in turn. No block
 // reads another's shared memory, so none needs to wait for the others before it leaves. (Reading
 // the shares remotely after the barrier instead, each block having left them in its own memory,
 // took 1.6-2 us after the barrier at batch 1 on an H200, bench/NOTES.md #102.)
