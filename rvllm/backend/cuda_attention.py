@@ -112,7 +112,8 @@ def decode_build(num_tokens: int, num_kv_heads: int, head_dim: int, num_sms: int
       TC_SHORT_CONTEXT tokens, for head sizes that are multiples of 16 up to 128 and GQA groups of
       at most 16 query heads;
     - the other steps of such shapes: the tensor-core build split over the context (DECODE_TC_SPLIT,
-      tc_split_partition), unless TC_SPLIT is off;
+      tc_split_partition; on sm_90 cuda_decode_tc launches it as its cluster form, DECODE_TC_CLUSTER,
+      unless TC_CLUSTER is off), unless TC_SPLIT is off;
     - otherwise split_build's choice."""
     pairs = num_tokens * num_kv_heads
     short = max_context is not None and max_context <= TC_SHORT_CONTEXT
