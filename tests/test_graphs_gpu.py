@@ -246,10 +246,12 @@ def test_fixed_grid_decode_attention_tensor_core_split(gpu, monkeypatch, num_sms
     ref, q_d, kc_d, vc_d, m, ws, scale = _fixed_step(gpu, f"fixed-tc-split-{gpu.dtype}-{num_sms}", lens, 6, num_sms)
     assert cuda_attention.tc_split_partition(len(lens) + 2, 2, 2048, num_sms) == (64 if num_sms == 1000 else 512)
     for _ in range(2):
-        ws.tmp_out.fill(np.nan)
+        if form == "l2":  # the cluster form uses neither the scratch nor the counters
+            ws.tmp_out.fill(np.nan)
         out = gpu.paged_attention(q_d, kc_d, vc_d, m, scale)
         check(gpu, out, ref, f"fixed-grid tensor-core split decode ({form})")
-        assert not cp.asnumpy(ws.counters).any()
+        if form == "l2":
+            assert not cp.asnumpy(ws.counters).any()
 
 
 def test_async_scheduling_matches_in_order_steps(tiny):
