@@ -199,6 +199,42 @@ __device__ __forceinline__ void new_kv(const scalar_t* k_src, const scalar_t* v_
   }
 }
 
+// The online combine of partitions' shares of one (head, 4 columns) item, shared by the split
+// build's two ends: a share is a partition's normalized output v, its max m (log2 units) and its sum
+// s; shares are added N at a time, and a larger maximum rescales what is summed so far (exp2(mx -
+// top) is 0 before the first share, whose mx is -inf). A share with m = -inf and s = 0 (a partition
+// past the last) adds nothing.
+struct ShareCombine {
+  float mx = RVLLM_NEG_INF, sum = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+
+  template <int N>
+  __device__ __forceinline__ void add(const float (&m)[N], const float (&s)[N], const float4 (&v)[N]) {
+    float top = mx;  // finite once a share with keys is in
+#pragma unroll
+    for (int u = 0; u < N; ++u) top = fmaxf(top, m[u]);
+    const float r = exp2f(mx - top);
+    sum *= r;
+    acc.x *= r, acc.y *= r, acc.z *= r, acc.w *= r;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      const float w = s[u] * exp2f(m[u] - top);
+      sum += w;
+      acc.x += w * v[u].x;
+      acc.y += w * v[u].y;
+      acc.z += w * v[u].z;
+      acc.w += w * v[u].w;
+    }
+    mx = top;
+  }
+  // The item's output: 4 columns from `col` of head `head`.
+  __device__ __forceinline__ void store(scalar_t* __restrict__ out, i64 head, int col) const {
+    const float inv = 1.f / sum;
+    *reinterpret_cast<uint2*>(out + head * HEAD_DIM + col) =
+        make_uint2(pack2(acc.x * inv, acc.y * inv), pack2(acc.z * inv, acc.w * inv));
+  }
+};
+
 // The split build's end: the last block of a (row, KV head) to finish combines the partitions'
 // shares (in L2) into the output, weighting partition q by sum_q * 2^(max_q - max), and resets the
 // counter for the next launch.
@@ -223,17 +259,13 @@ __device__ __forceinline__ void split_combine(scalar_t* __restrict__ out, const 
   for (int i0 = 0; i0 < group * QUADS; i0 += ITEMS * THREADS) {
     i64 row[ITEMS];  // the item's head's partition 0 in tmp_max / tmp_sum
     int col[ITEMS], live[ITEMS];  // live: partitions to load, 0 for an item past the end
-    float4 acc[ITEMS];
-    float mx[ITEMS], l[ITEMS];
+    ShareCombine comb[ITEMS];
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int idx = i0 + (int)threadIdx.x + it * THREADS, g = min(idx / QUADS, group - 1);
       row[it] = (head0 + g) * split.max_parts;
       col[it] = 4 * (idx % QUADS);
       live[it] = idx < group * QUADS ? num_parts : 0;
-      acc[it] = make_float4(0.f, 0.f, 0.f, 0.f);
-      mx[it] = RVLLM_NEG_INF;
-      l[it] = 0.f;
     }
     for (int q0 = 0; q0 < num_parts; q0 += BATCH) {
       float4 v[ITEMS][BATCH];
@@ -249,33 +281,13 @@ __device__ __forceinline__ void split_combine(scalar_t* __restrict__ out, const 
           s[it][u] = ok ? ld_cg(split.tmp_sum + r) : 0.f;
         }
 #pragma unroll
-      for (int it = 0; it < ITEMS; ++it) {
-        if (live[it] == 0) continue;
-        float bm = mx[it];  // finite: partition q0 has keys
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) bm = fmaxf(bm, m[it][u]);
-        const float r = exp2f(mx[it] - bm);  // 0 for the first batch
-        l[it] *= r;
-        acc[it].x *= r, acc[it].y *= r, acc[it].z *= r, acc[it].w *= r;
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) {
-          const float w = s[it][u] * exp2f(m[it][u] - bm);  // 0 past the last partition
-          l[it] += w;
-          acc[it].x += w * v[it][u].x;
-          acc[it].y += w * v[it][u].y;
-          acc[it].z += w * v[it][u].z;
-          acc[it].w += w * v[it][u].w;
-        }
-        mx[it] = bm;
-      }
+      for (int it = 0; it < ITEMS; ++it)
+        if (live[it] > 0) comb[it].add(m[it], s[it], v[it]);  // partition q0 has keys
     }
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int idx = i0 + (int)threadIdx.x + it * THREADS;
-      if (idx >= group * QUADS) continue;
-      const float inv = 1.f / l[it];
-      *reinterpret_cast<uint2*>(out + (head0 + idx / QUADS) * HEAD_DIM + col[it]) =
-          make_uint2(pack2(acc[it].x * inv, acc[it].y * inv), pack2(acc[it].z * inv, acc[it].w * inv));
+      if (idx < group * QUADS) comb[it].store(out, head0 + idx / QUADS, col[it]);
     }
   }
 }
@@ -296,24 +308,16 @@ __device__ __forceinline__ void cluster_combine(scalar_t* __restrict__ out, cons
     // Online over the partitions, in a loop not unrolled: this tail runs once a launch, its code
     // fetched as it runs, and unrolled over every partition it took 1.3-1.4 us after the barrier at
     // 1,024 keys against 0.7 (H200, bench/NOTES.md #102).
-    float mx = RVLLM_NEG_INF, sum = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    ShareCombine comb;
 #pragma unroll 1
     for (int q = 0; q < num_parts; ++q) {
-      const float4 v = *reinterpret_cast<const float4*>(share + (q * per_rank + j) * 4);
+      const float4 v[1] = {*reinterpret_cast<const float4*>(share + (q * per_rank + j) * 4)};
       const float2 ml = *reinterpret_cast<const float2*>(share + DTC_CLUSTER_VALUES + (q * per_rank + j) * 2);
-      const float top = fmaxf(mx, ml.x), r = exp2f(mx - top), w = ml.y * exp2f(ml.x - top);  // r: 0 at q = 0
-      sum = sum * r + w;
-      acc.x = acc.x * r + w * v.x;
-      acc.y = acc.y * r + w * v.y;
-      acc.z = acc.z * r + w * v.z;
-      acc.w = acc.w * r + w * v.w;
-      mx = top;
+      const float m[1] = {ml.x}, s[1] = {ml.y};
+      comb.add(m, s, v);
     }
-    const float inv = 1.f / sum;
     const int i = j * blocks + rank;
-    *reinterpret_cast<uint2*>(out + (head0 + i / QUADS) * HEAD_DIM + 4 * (i % QUADS)) =
-        make_uint2(pack2(acc.x * inv, acc.y * inv), pack2(acc.z * inv, acc.w * inv));
+    comb.store(out, head0 + i / QUADS, 4 * (i % QUADS));
   }
 }
 
