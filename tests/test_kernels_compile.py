@@ -296,6 +296,26 @@ def test_logits_stretch_chunks_takes_6_only_with_no_more_stretches():
     assert [logits_stretch_chunks(k) for k in (1536, 576, 3584, 4096)] == [6, 6, 8, 8]
 
 
+def test_square_products_of_3_to_8_rows_go_to_gemv_tc_by_default():
+    """The default routing of plain products past the CUDA-core kernels' rows (cuda_gemv's
+    DEFAULT_TC_SQUARE_MAX_ROWS): o_proj's shape (N <= K < 2N) at 3-8 rows on gemv_tc.cu, every other
+    shape and row count elsewhere (cuBLAS, its K-slices, or gemv.cu)."""
+    from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS, DEFAULT_TC_SQUARE_MAX_ROWS, SmallBatchGemv
+    from rvllm.model.config import preset_spec
+
+    gemv = SmallBatchGemv(None, DEFAULT_MAX_ROWS, 132, 0, DEFAULT_TC_SQUARE_MAX_ROWS)
+    for name in ("qwen2.5-1.5b", "qwen2.5-7b", "llama-3.1-8b"):
+        s = preset_spec(name)
+        o_proj, qkv = (s.hidden_size, s.q_size), (s.q_size + 2 * s.kv_size, s.hidden_size)
+        gate_up, down = (2 * s.intermediate_size, s.hidden_size), (s.hidden_size, s.intermediate_size)
+        for rows in range(1, 10):
+            assert gemv._tc_square(rows, o_proj[1], o_proj[0]) == (3 <= rows <= 8), (name, rows)
+            for n, k in (qkv, gate_up, down):
+                assert not gemv._tc_square(rows, k, n), (name, rows, n, k)
+    assert not gemv._tc_square(4, 1544, 1544)  # K not a multiple of 32: not the tensor-core kernel's
+    assert not SmallBatchGemv(None, DEFAULT_MAX_ROWS, 132, 0, 0)._tc_square(4, 1536, 1536)  # off
+
+
 def test_gemv_tc_split_covers_k_in_segments_of_two_stretches_or_more():
     """gemv_tc.cu's work split: ks warps per tile cover the 32-column steps of K, in segments of at
     least two 4-step stretches unless 8 warps are needed; a block holds whole tiles."""

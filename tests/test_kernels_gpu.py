@@ -416,6 +416,34 @@ def test_linear_tensor_cores(gpu_tc, rng, num_tokens, k, n, bias):
     check(gpu_tc, gpu_tc.gemv.linear(strided, dev(w), dev(b)), CPU.linear(x, w, b), "linear (tensor cores, strided x)")
 
 
+@pytest.fixture(scope="module")
+def gpu_default(gpu):
+    """The same dtype with the default small-batch routing (gemv.cu to 2 rows, o_proj-shaped products
+    on gemv_tc.cu from 3 to 8 rows)."""
+    from rvllm.backend.cuda import CudaBackend
+
+    return CudaBackend(gpu.dtype)
+
+
+@pytest.mark.parametrize("num_tokens", [3, 5, 8])
+# N <= K < 2N: o_proj of qwen2.5-1.5b (and a partial 16-row tile at 1528 outputs), a small one
+@pytest.mark.parametrize("k,n", [(1536, 1536), (1536, 1528), (96, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_square_products_run_on_tensor_cores_by_default(gpu_default, rng, num_tokens, k, n, bias):
+    """With the default settings, an o_proj-shaped product of 3-8 rows is gemv_tc.cu's (the small-batch
+    path takes it) and matches the CPU; a down-shaped one (K >= 2N) is left to cuBLAS."""
+    x = rounded(gpu_default, rng.standard_normal((num_tokens, k)))
+    w = rounded(gpu_default, rng.standard_normal((n, k)) / np.sqrt(k))
+    b = rounded(gpu_default, rng.standard_normal(n)) if bias else None
+    dev = lambda a: None if a is None else gpu_default.weight(a)  # noqa: E731
+    out = gpu_default.gemv.linear(dev(x), dev(w), dev(b))
+    assert out is not None  # the tensor-core kernel took it
+    check(gpu_default, out, CPU.linear(x, w, b), "o_proj-shaped linear (tensor cores, default routing)")
+    check(gpu_default, gpu_default.linear(dev(x), dev(w), dev(b)), CPU.linear(x, w, b), "the backend's linear")
+    down = rounded(gpu_default, rng.standard_normal((n // 2, k)) / np.sqrt(k))  # K >= 2N
+    assert gpu_default.gemv.linear(dev(x), dev(down)) is None
+
+
 @pytest.mark.parametrize("num_tokens", [1, 3, 4, 6, 8])
 @pytest.mark.parametrize("d,n", [(64, 96), (1536, 2048), (3584, 520), (4096, 48)])
 @pytest.mark.parametrize("form", ["first_layer", "residual", "bias", "silu"])
@@ -443,7 +471,7 @@ def gpu_wgmma(gpu):
     """The same dtype with every product of 1-1024 rows on gemm_wgmma.cu (sm_90 only)."""
     from rvllm.backend.cuda import CudaBackend
 
-    b = CudaBackend(gpu.dtype, gemv_max_rows=0, wgmma_rows=(1, 1024))
+    b = CudaBackend(gpu.dtype, gemv_max_rows=0, wgmma_rows=(1, 1024), gemv_tc_square_max_rows=0)
     if b.wgmma is None:
         pytest.skip("gemm_wgmma.cu runs on compute capability 9.0 only")
     return b

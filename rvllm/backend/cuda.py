@@ -23,6 +23,7 @@ from rvllm.backend import cuda_attention, cuda_blas, cuda_rotary, nvrtc
 from rvllm.backend.cuda_fused import FusedOps
 from rvllm.backend.cuda_gemv import DEFAULT_MAX_ROWS as _GEMV_MAX_ROWS, SmallBatchGemv
 from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
+from rvllm.backend.cuda_gemv import DEFAULT_TC_SQUARE_MAX_ROWS as _GEMV_TC_SQUARE_MAX_ROWS
 from rvllm.backend.cuda_ksplit import SLICES, KSliceGemm, KSliceSums
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
 from rvllm.backend.cuda_wgmma import make_wgmma
@@ -61,7 +62,8 @@ class CudaBackend(DeviceTransfers, FusedOps):
     name = "cuda"
 
     def __init__(self, dtype: str = "bfloat16", attention: str | None = None, gemv_max_rows: int | None = None,
-                 gemv_tc_max_rows: int | None = None, wgmma_rows: tuple[int, int] | None = None):
+                 gemv_tc_max_rows: int | None = None, wgmma_rows: tuple[int, int] | None = None,
+                 gemv_tc_square_max_rows: int | None = None):
         """dtype: "bfloat16" or "float16". attention: "auto" (decode kernel for decode-only
         steps, tensor-core prefill kernel otherwise) or "split" (the decode kernel for every
         step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto".
@@ -70,6 +72,9 @@ class CudaBackend(DeviceTransfers, FusedOps):
         gemv_tc_max_rows: larger steps of at most this many rows (up to 8) run gemv_tc.cu's
         tensor-core kernels; default from $RVLLM_GEMV_TC_MAX_ROWS, else 0 (off: slower than cuBLAS
         so far, cuda_gemv.DEFAULT_TC_MAX_ROWS).
+        gemv_tc_square_max_rows: with those off, plain products with N <= K < 2N (o_proj) of more
+        than gemv_max_rows rows and at most this many (up to 8) still run gemv_tc.cu; default from
+        $RVLLM_GEMV_TC_SQUARE_MAX_ROWS, else 8 (cuda_gemv.DEFAULT_TC_SQUARE_MAX_ROWS); 0 is off.
         wgmma_rows: (lo, hi): on sm_90, steps of lo..hi rows run their products on gemm_wgmma.cu
         instead of cuBLAS where the shapes fit; default from $RVLLM_WGMMA_ROWS ("lo-hi"), else
         cuda_wgmma.DEFAULT_ROWS; (0, 0) is off."""
@@ -101,9 +106,11 @@ class CudaBackend(DeviceTransfers, FusedOps):
             gemv_max_rows = int(os.environ.get("RVLLM_GEMV_MAX_ROWS", _GEMV_MAX_ROWS))
         if gemv_tc_max_rows is None:
             gemv_tc_max_rows = int(os.environ.get("RVLLM_GEMV_TC_MAX_ROWS", _GEMV_TC_MAX_ROWS))
+        if gemv_tc_square_max_rows is None:
+            gemv_tc_square_max_rows = int(os.environ.get("RVLLM_GEMV_TC_SQUARE_MAX_ROWS", _GEMV_TC_SQUARE_MAX_ROWS))
         num_sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
         self.num_sms = int(num_sms)
-        self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms, gemv_tc_max_rows)
+        self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms, gemv_tc_max_rows, gemv_tc_square_max_rows)
         self.wgmma = make_wgmma(self, self.num_sms, wgmma_rows)  # None: off, or not an sm_90 GPU
         # Long-K products over few output tiles as cuBLAS products of K-slices (cuda_ksplit);
         # $RVLLM_GEMM_K_SLICES=0 leaves them to cublasGemmEx's own split, for comparison.

@@ -4,7 +4,8 @@ CudaBackend.linear, add_norm_linear, add_norm_qkv_rotary and add_norm_logits rou
 most `max_rows` token rows here (decode steps of 1 or 2 requests by default, DEFAULT_MAX_ROWS);
 gemv.cu's kernels are compiled for 1, 2, 4 and 8 rows (the logits form for 1) and a step runs
 the smallest that holds it. Steps past max_rows and up to `tc_max_rows` (off by default) run
-gemv_tc.cu's tensor-core kernels; larger steps go to cuBLAS. A call the kernels cannot take (K not
+gemv_tc.cu's tensor-core kernels, and up to `tc_square_max_rows` (8 by default) so do the plain
+products with N <= K < 2N (o_proj); larger steps go to cuBLAS. A call the kernels cannot take (K not
 a multiple of 8, or of 32 on tensor cores; unaligned rows, a bias with the SiLU form, too much
 shared memory) returns None and the caller uses the general path.
 """
@@ -34,6 +35,20 @@ DEFAULT_MAX_ROWS = 2
 # requests (bench/NOTES.md #57, #59).
 TC_MAX_ROWS = 8
 DEFAULT_TC_MAX_ROWS = 0
+# With those forms off, plain products (no norm prologue) whose K is at least N and under 2N --
+# the presets' attention output projection -- still run gemv_tc.cu from 3 rows (and past max_rows)
+# to tc_square_max_rows: $RVLLM_GEMV_TC_SQUARE_MAX_ROWS / CudaBackend(gemv_tc_square_max_rows=...),
+# 0 turns it off.
+# cuBLAS reads such a small matrix slowly (4.7 MB in 4.9-6.1 us at qwen2.5-1.5b's size, where a
+# plain read of it takes 3.1), and gemv_tc.cu is ahead of it there. H200, us a product
+# (bench/NOTES.md #104): qwen2.5-1.5b's o_proj 3.9 against 6.1 at 4 rows, 4.1 against 4.9 at
+# 8; qwen2.5-7b's 9.2 against 10.8 at 8. Not the others: down (K >= 2N) took 13.0 against 11.2 at 8
+# rows (cuda_ksplit's K-slices take it), and qkv and gate_up keep the norm kernel and cuBLAS, which
+# gemv_tc.cu's add_norm forms do not beat (qwen2.5-1.5b at 8 rows: 7.3-7.6 against 6.8-6.9 us for
+# qkv, 20.4-22.3 against 19.4-20.0 for gate_up). End to end, 128/128 requests (medians of 3 runs):
+# qwen2.5-1.5b 4 requests 2,298 -> 2,458 and 2,303 -> 2,400 output tok/s, 8 requests 4,568 -> 4,747
+# and 4,607 -> 4,793; qwen2.5-7b 4 requests 890 -> 922; llama-3.1-8b 865 -> 881.
+DEFAULT_TC_SQUARE_MAX_ROWS = TC_MAX_ROWS
 _TC_STEPS_PER_STRETCH = 4  # GTC_U in gemv_tc.cu: 32-column K steps per lane per stretch
 _MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
 _GEMV_STRETCH = 8  # U of gemv.cu's gemv forms: 16-byte chunks per lane per stretch (the SiLU form's ks is 1)
@@ -144,10 +159,11 @@ def split_k_tc(k: int) -> tuple[int, int, int]:
 
 
 class SmallBatchGemv:
-    def __init__(self, backend, max_rows: int, num_sms: int, tc_max_rows: int = 0):
+    def __init__(self, backend, max_rows: int, num_sms: int, tc_max_rows: int = 0, tc_square_max_rows: int = 0):
         self.ops = backend
         self.max_rows = min(max_rows, MAX_ROWS)
         self.tc_max_rows = min(tc_max_rows, TC_MAX_ROWS)
+        self.tc_square_max_rows = min(tc_square_max_rows, TC_MAX_ROWS)
         self.num_sms = num_sms
         self._resident: dict = {}  # (kernel, threads, shared memory) -> blocks an SM holds at once
         self.rope_one_pass = True  # gemv_rope.cu only where one pass of the grid holds every unit (below)
@@ -165,6 +181,13 @@ class SmallBatchGemv:
     def _tc(self, rows: int, k: int) -> bool:
         """Whether a step of `rows` rows goes to gemv_tc.cu: past the CUDA-core kernels' rows."""
         return self.max_rows < rows <= self.tc_max_rows and k % 32 == 0
+
+    def _tc_square(self, rows: int, k: int, n: int) -> bool:
+        """Whether a plain product of `rows` rows, K = k and N = n goes to gemv_tc.cu with its other
+        forms off (DEFAULT_TC_SQUARE_MAX_ROWS): N <= K < 2N, past the CUDA-core kernels' rows and
+        past 2 (the rows measured; with gemv_max_rows 0, 1-2 rows stay on cuBLAS, as that promises)."""
+        return (max(self.max_rows, 2) < rows <= self.tc_square_max_rows and k % 32 == 0
+                and n <= k < 2 * n)
 
     def _resident_blocks(self, kernel, threads: int, smem: int) -> int:
         """Blocks of `threads` threads an SM holds at once, by registers, threads and shared memory."""
@@ -198,11 +221,11 @@ class SmallBatchGemv:
     def linear(self, x, weight, bias=None):
         """x [rows, K] (rows contiguous) @ weight[N, K].T (+ bias) -> [rows, N], or None."""
         rows, k = x.shape
+        n = weight.shape[0]
         m = self._bucket(rows)
-        tc = m is None and self._tc(rows, k)
+        tc = m is None and (self._tc(rows, k) or self._tc_square(rows, k, n))
         if (m is None and not tc) or k % 8 or not _aligned(x) or not _aligned(weight) or not weight.flags.c_contiguous:
             return None
-        n = weight.shape[0]
         out = cp.empty((rows, n), dtype=weight.dtype)
         args = (out, x, np.int64(x.strides[0] // x.itemsize), weight, _ptr(bias), np.int32(rows), np.int32(n),
                 np.int32(k))
