@@ -72,9 +72,10 @@ class CudaBackend(DeviceTransfers, FusedOps):
         gemv_tc_max_rows: larger steps of at most this many rows (up to 8) run gemv_tc.cu's
         tensor-core kernels; default from $RVLLM_GEMV_TC_MAX_ROWS, else 0 (off: slower than cuBLAS
         so far, cuda_gemv.DEFAULT_TC_MAX_ROWS).
-        gemv_tc_square_max_rows: with those off, plain products with N <= K < 2N (o_proj) of more
-        than gemv_max_rows rows and at most this many (up to 8) still run gemv_tc.cu; default from
-        $RVLLM_GEMV_TC_SQUARE_MAX_ROWS, else 8 (cuda_gemv.DEFAULT_TC_SQUARE_MAX_ROWS); 0 is off.
+        gemv_tc_square_max_rows: with those off, plain products with N <= K < 2N (o_proj) of 3 rows
+        or more (and more than gemv_max_rows) up to this many (at most 8) still run gemv_tc.cu;
+        default from $RVLLM_GEMV_TC_SQUARE_MAX_ROWS, else 8 (cuda_gemv.DEFAULT_TC_SQUARE_MAX_ROWS);
+        0 is off.
         wgmma_rows: (lo, hi): on sm_90, steps of lo..hi rows run their products on gemm_wgmma.cu
         instead of cuBLAS where the shapes fit; default from $RVLLM_WGMMA_ROWS ("lo-hi"), else
         cuda_wgmma.DEFAULT_ROWS; (0, 0) is off."""
