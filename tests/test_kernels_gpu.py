@@ -399,16 +399,21 @@ def test_add_norm_silu_block_sizes(gpu, rng, monkeypatch, num_tokens, warps, d, 
     check(gpu, out[1], ref_res, "new residual", tol=1e-2)
 
 
+def _linear_case(gpu, rng, num_tokens, k, n, bias):
+    """(x, w, b) of a product, rounded to the dtype (b None without bias), and a device copier."""
+    x = rounded(gpu, rng.standard_normal((num_tokens, k)))
+    w = rounded(gpu, rng.standard_normal((n, k)) / np.sqrt(k))
+    b = rounded(gpu, rng.standard_normal(n)) if bias else None
+    return x, w, b, lambda a: None if a is None else gpu.weight(a)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 8])
 # N not a multiple of 16 (a partial tile); K of 2 steps (one warp), 48 (6 warps), 592 (8 warps, 74 steps each)
 @pytest.mark.parametrize("k,n", [(64, 96), (1536, 40), (1536, 2048), (18944, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_tensor_cores(gpu_tc, rng, num_tokens, k, n, bias):
     """gemv_tc.cu's product (tokens are the mma's n, K permuted within 32-column steps) against the CPU."""
-    x = rounded(gpu_tc, rng.standard_normal((num_tokens, k)))
-    w = rounded(gpu_tc, rng.standard_normal((n, k)) / np.sqrt(k))
-    b = rounded(gpu_tc, rng.standard_normal(n)) if bias else None
-    dev = lambda a: None if a is None else gpu_tc.weight(a)  # noqa: E731
+    x, w, b, dev = _linear_case(gpu_tc, rng, num_tokens, k, n, bias)
     out = gpu_tc.gemv.linear(dev(x), dev(w), dev(b))
     assert out is not None  # the tensor-core kernel took it
     check(gpu_tc, out, CPU.linear(x, w, b), "linear (tensor cores)")
@@ -432,10 +437,7 @@ def gpu_default(gpu):
 def test_square_products_run_on_tensor_cores_by_default(gpu_default, rng, num_tokens, k, n, bias):
     """With the default settings, an o_proj-shaped product of 3-8 rows is gemv_tc.cu's (the small-batch
     path takes it) and matches the CPU; a down-shaped one (K >= 2N) is left to cuBLAS."""
-    x = rounded(gpu_default, rng.standard_normal((num_tokens, k)))
-    w = rounded(gpu_default, rng.standard_normal((n, k)) / np.sqrt(k))
-    b = rounded(gpu_default, rng.standard_normal(n)) if bias else None
-    dev = lambda a: None if a is None else gpu_default.weight(a)  # noqa: E731
+    x, w, b, dev = _linear_case(gpu_default, rng, num_tokens, k, n, bias)
     out = gpu_default.gemv.linear(dev(x), dev(w), dev(b))
     assert out is not None  # the tensor-core kernel took it
     check(gpu_default, out, CPU.linear(x, w, b), "o_proj-shaped linear (tensor cores, default routing)")
