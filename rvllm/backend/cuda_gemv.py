@@ -42,12 +42,14 @@ DEFAULT_TC_MAX_ROWS = 0
 # cuBLAS reads such a small matrix slowly (4.7 MB in 4.9-6.1 us at qwen2.5-1.5b's size, where a
 # plain read of it takes 3.1), and gemv_tc.cu is ahead of it there. H200, us a product
 # (bench/NOTES.md #104): qwen2.5-1.5b's o_proj 3.9 against 6.1 at 4 rows, 4.1 against 4.9 at
-# 8; qwen2.5-7b's 9.2 against 10.8 at 8. Not the others: down (K >= 2N) took 13.0 against 11.2 at 8
-# rows (cuda_ksplit's K-slices take it), and qkv and gate_up keep the norm kernel and cuBLAS, which
-# gemv_tc.cu's add_norm forms do not beat (qwen2.5-1.5b at 8 rows: 7.3-7.6 against 6.8-6.9 us for
-# qkv, 20.4-22.3 against 19.4-20.0 for gate_up). End to end, 128/128 requests (medians of 3 runs):
-# qwen2.5-1.5b 4 requests 2,298 -> 2,458 and 2,303 -> 2,400 output tok/s, 8 requests 4,568 -> 4,747
-# and 4,607 -> 4,793; qwen2.5-7b 4 requests 890 -> 922; llama-3.1-8b 865 -> 881.
+# 8; qwen2.5-7b's 9.2 against 10.8 at 8. Not the others (qwen2.5-1.5b, 8 rows): down (K >= 2N) took
+# 13.0 against 11.2 (cuda_ksplit's K-slices take it); gate_up's SiLU form 19.5-20.6 against
+# 19.4-20.1 for the norm kernel and cuBLAS; qkv's add_norm form 7.3-7.4 against 6.8-6.9 at its
+# split (6.2 at 8 warps a tile), but taking qkv's add + norm would end the down projection's K-slice
+# sums at those rows (fused_rows), which only the separate norm kernel reads. End to end, 128/128
+# requests (medians of 3 runs): qwen2.5-1.5b 4 requests 2,298 -> 2,458 and 2,303 -> 2,400 output
+# tok/s, 8 requests 4,568 -> 4,747 and 4,607 -> 4,793; qwen2.5-7b 4 requests 890 -> 922;
+# llama-3.1-8b 865 -> 881.
 DEFAULT_TC_SQUARE_MAX_ROWS = TC_MAX_ROWS
 _TC_STEPS_PER_STRETCH = 4  # GTC_U in gemv_tc.cu: 32-column K steps per lane per stretch
 _MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
