@@ -141,7 +141,8 @@ def tc_split_partition(num_tokens: int, num_kv_heads: int, max_context: int, num
     """Keys per block of DECODE_TC_SPLIT for a step with contexts up to max_context: the longest
     context spread over about one block per SM (the step's (row, KV head) pairs share them), in
     whole rounds of the block's 4 warps x 16-key tiles, at least one round."""
-    round_keys = 64
+    warps, tile, _ = DECODE_TC_BUILDS[DECODE_TC_SPLIT]
+    round_keys = warps * tile  # one tile for each warp: 64 keys
     blocks_per_pair = max(1, num_sms // max(1, num_tokens * num_kv_heads))
     return max(round_keys, -(-max(max_context, 1) // (blocks_per_pair * round_keys)) * round_keys)
 

@@ -56,8 +56,9 @@ def _cluster_form(b, kernel, pairs: int, smem: int) -> int:
 
 
 def attention_decode_tc(b, name, q, k_cache, v_cache, meta, scale, num_reqs, block_size, workspace, rope=None):
-    """The tensor-core decode kernel: no scratch, and a grid of the step's shape, so eager and
-    graph steps differ only in where the block table's row stride comes from. rope: (qkv row
+    """The tensor-core decode kernel on a grid of the step's shape, so eager and graph steps differ
+    only in where the block table's row stride comes from (and, for DECODE_TC_SPLIT's form combined
+    in L2, its scratch: _tc_split_launch; the other builds and the cluster form need none). rope: (qkv row
     stride, its other arguments) for the rope build, whose q is the qkv product [T, qkv stride]
     (decode_rope); None: q is [T, nh, hd]."""
     num_tokens, nh, hd = q.shape if rope is None else (q.shape[0], *rope[0])
