@@ -30,7 +30,7 @@ def main() -> None:
     from rvllm.model.config import preset_spec
 
     s = preset_spec(args.model)
-    b = CudaBackend("bfloat16", gemv_max_rows=0, gemv_tc_square_max_rows=0)
+    b = CudaBackend("bfloat16", gemv_max_rows=0, gemv_tc_square_max_rows=0, skinny_rows=(0, 0))
     h, inter = s.hidden_size, s.intermediate_size
     seed = iter(range(1, 10_000))
     ws_bytes = 32 << 20

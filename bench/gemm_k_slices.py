@@ -33,7 +33,7 @@ def main() -> None:
 
     s = preset_spec(args.model)
     # every row count on cuBLAS
-    b = CudaBackend("bfloat16", gemv_max_rows=0, wgmma_rows=(0, 0), gemv_tc_square_max_rows=0)
+    b = CudaBackend("bfloat16", gemv_max_rows=0, wgmma_rows=(0, 0), gemv_tc_square_max_rows=0, skinny_rows=(0, 0))
     rule = cuda_ksplit.k_slices
     seed = iter(range(1, 10_000))
     shapes = {"qkv": (s.q_size + 2 * s.kv_size, s.hidden_size), "o": (s.hidden_size, s.q_size),

@@ -36,8 +36,10 @@ def main() -> None:
     from rvllm.model.config import preset_spec
 
     s = preset_spec(args.model)
-    wg = CudaBackend("bfloat16", gemv_max_rows=0, wgmma_rows=(1, 4096), gemv_tc_square_max_rows=0)
-    blas = CudaBackend("bfloat16", gemv_max_rows=0, wgmma_rows=(0, 0), gemv_tc_square_max_rows=0)
+    wg = CudaBackend("bfloat16", gemv_max_rows=0, wgmma_rows=(1, 4096), gemv_tc_square_max_rows=0,
+                    skinny_rows=(0, 0))
+    blas = CudaBackend("bfloat16", gemv_max_rows=0, wgmma_rows=(0, 0), gemv_tc_square_max_rows=0,
+                      skinny_rows=(0, 0))
     blas.stream = wg.stream
     if wg.wgmma is None:
         sys.exit("gemm_wgmma.cu needs a GPU of compute capability 9.0")

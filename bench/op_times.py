@@ -87,7 +87,8 @@ def main() -> None:
     s, B, ctx, bs = preset_spec(args.model), args.batch, args.context, 16
     b = CudaBackend("bfloat16", gemv_tc_max_rows=args.gemv_tc_max_rows)
     # The same ops on cuBLAS (and separate norm / SiLU kernels), whatever $RVLLM_GEMV_*MAX_ROWS say.
-    blas = CudaBackend("bfloat16", gemv_max_rows=0, gemv_tc_max_rows=0, gemv_tc_square_max_rows=0)
+    blas = CudaBackend("bfloat16", gemv_max_rows=0, gemv_tc_max_rows=0, gemv_tc_square_max_rows=0,
+                       skinny_rows=(0, 0))
     blas.stream = b.stream
     h, qkv_out, inter = s.hidden_size, s.q_size + 2 * s.kv_size, s.intermediate_size
     seed = iter(range(1, 10_000))

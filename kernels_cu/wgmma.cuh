@@ -1,7 +1,7 @@
-// wgmma.mma_async (sm_90a) for gemm_wgmma.cu: D[64 x N] += A[64 x 16] B[16 x N], fp32 accumulators,
+// wgmma.mma_async (sm_90a) for gemm_wgmma.cu and skinny_gemm.cu: D[64 x N] += A[64 x 16] B[16 x N], fp32 accumulators,
 // A and B both K-major in shared memory (their 64-bit matrix descriptors), fp16 or bf16 operands.
 // asm takes no loops, so each N has its operand list written out; regenerate with:
-//   for n in (64, 128, 256): "{" + ", ".join(f"%{i}" for i in range(n // 2)) + "}" and
+//   for n in (8, 16, 64, 128, 256): "{" + ", ".join(f"%{i}" for i in range(n // 2)) + "}" and
 //   n // 2 '"+f"(d[i])' operands, then the descriptors at %(n/2) and %(n/2 + 1).
 // The accumulator layout (PTX ISA, "wgmma .m64nNk16 register fragment layout for D"): warp w of the
 // warpgroup, lane l; d[4j + e] is row 16w + l / 4 + 8 (e / 2), column 8j + 2 (l % 4) + (e % 2).
@@ -20,6 +20,26 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 
 template <int N>
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], unsigned long long desc_a, unsigned long long desc_b);
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<8>(float (&d)[4], unsigned long long desc_a, unsigned long long desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32" WGMMA_AB " "
+      "{%0, %1, %2, %3}, "
+      "%4, %5, 1, 1, 1, 0, 0;"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<16>(float (&d)[8], unsigned long long desc_a, unsigned long long desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32" WGMMA_AB " "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "%8, %9, 1, 1, 1, 0, 0;"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b));
+}
 
 template <>
 __device__ __forceinline__ void wgmma_m64k16<64>(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b) {

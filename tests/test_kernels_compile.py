@@ -87,6 +87,23 @@ def test_wgmma_wrapper_choices():
             w.parse_rows(bad)
 
 
+def test_skinny_wrapper_choices():
+    """cuda_skinny's host side: the token tile (wgmma's n) that holds a step, two blocks of each
+    build fit an SM's shared memory, the grid never has more blocks than K steps (an empty block
+    would take part in no tile), the opt-in setting's parsing, which is off by default."""
+    from rvllm.backend import cuda_skinny as s
+
+    assert [s.token_tile(r) for r in (1, 3, 8, 9, 16)] == [8, 8, 8, 16, 16]
+    for bn in s.SKINNY_TOKENS:
+        assert s.BLOCKS_PER_SM * (s.smem_bytes(bn) + 5 * 1024) <= 228 * 1024  # + the static sums and barriers
+    assert s.grid_blocks(24 * 24, 132) == 264 and s.grid_blocks(3, 132) == 3 and s.grid_blocks(0, 132) == 1
+    assert s.parse_rows("3-16") == (3, 16) and s.parse_rows("0-0") == (0, 0)
+    assert s.DEFAULT_ROWS == (0, 0)
+    for bad in ("16", "16-3", "a-b", "3-32"):
+        with pytest.raises(ValueError, match="RVLLM_SKINNY_ROWS"):
+            s.parse_rows(bad)
+
+
 def test_source_has_no_includes_left():
     """nvrtc.kernel_source pastes common.cuh in; NVRTC gets one self-contained program."""
     for file in nvrtc.KERNELS:

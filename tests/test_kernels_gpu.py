@@ -41,7 +41,7 @@ def gpu_tc(gpu):
     """The same dtype with every step of 1-8 rows on gemv_tc.cu's tensor-core products."""
     from rvllm.backend.cuda import CudaBackend
 
-    return CudaBackend(gpu.dtype, gemv_max_rows=0, gemv_tc_max_rows=cuda_gemv.TC_MAX_ROWS)
+    return CudaBackend(gpu.dtype, gemv_max_rows=0, gemv_tc_max_rows=cuda_gemv.TC_MAX_ROWS, skinny_rows=(0, 0))
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +473,8 @@ def gpu_wgmma(gpu):
     """The same dtype with every product of 1-1024 rows on gemm_wgmma.cu (sm_90 only)."""
     from rvllm.backend.cuda import CudaBackend
 
-    b = CudaBackend(gpu.dtype, gemv_max_rows=0, wgmma_rows=(1, 1024), gemv_tc_square_max_rows=0)
+    b = CudaBackend(gpu.dtype, gemv_max_rows=0, wgmma_rows=(1, 1024), gemv_tc_square_max_rows=0,
+                    skinny_rows=(0, 0))
     if b.wgmma is None:
         pytest.skip("gemm_wgmma.cu runs on compute capability 9.0 only")
     return b
@@ -521,6 +522,77 @@ def test_add_norm_linear_wgmma(gpu_wgmma, rng, num_tokens, form):
     ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, b, act)
     check(gpu_wgmma, out, ref_out, f"add_norm_linear {form} (wgmma)")
     check(gpu_wgmma, new_res, ref_res, "new residual", tol=1e-2 if res is not None else 1e-7)
+
+
+@pytest.fixture(scope="module")
+def gpu_skinny(gpu):
+    """The same dtype with steps of 3-16 rows on skinny_gemm.cu (sm_90 only; off by default)."""
+    from rvllm.backend.cuda import CudaBackend
+
+    b = CudaBackend(gpu.dtype, skinny_rows=(3, 16))
+    if b.skinny is None:
+        pytest.skip("skinny_gemm.cu runs on compute capability 9.0 only")
+    return b
+
+
+# N: partial 64-row tiles (40, 96), qkv-shaped (2048), o_proj / down-shaped outputs (1536); K: one
+# 64-column step, a partial last step (1000), down's K (8960). Blocks: one (every tile whole), 7
+# (tiles shared unevenly between blocks), the default grid (two an SM).
+@pytest.mark.parametrize("num_tokens", [3, 5, 8, 9, 16])
+@pytest.mark.parametrize("k,n", [(64, 96), (1000, 40), (1536, 2048), (8960, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("blocks", [1, 7, None])
+def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, blocks):
+    """skinny_gemm.cu (the copy engine streams the weights, tokens are wgmma's n, K steps shared
+    evenly over the grid, split tiles summed in block order) against the CPU, launched twice: the
+    second launch finds the counters the first one's combining blocks reset."""
+    x, w, b, dev = _linear_case(gpu_skinny, rng, num_tokens, k, n, bias)
+    ref = CPU.linear(x, w, b)
+    gpu_skinny.skinny.blocks_override = blocks
+    try:
+        for launch in range(2):
+            out = gpu_skinny.skinny.linear(dev(x), dev(w), dev(b))
+            assert out is not None  # the skinny kernel took it
+            check(gpu_skinny, out, ref, f"linear (skinny, launch {launch})", tol=5e-3)
+        strided = gpu_skinny.weight(np.concatenate([x, x[:, :8]], axis=1))[:, :k]  # rows 16-byte aligned, not contiguous
+        check(gpu_skinny, gpu_skinny.skinny.linear(strided, dev(w), dev(b)), ref, "linear (skinny, strided x)", tol=5e-3)
+        check(gpu_skinny, gpu_skinny.linear(dev(x), dev(w), dev(b)), ref, "the backend's linear", tol=5e-3)
+    finally:
+        gpu_skinny.skinny.blocks_override = None
+
+
+@pytest.mark.parametrize("num_tokens", [3, 8, 12, 16])
+@pytest.mark.parametrize("form", ["first_layer", "residual", "bias", "silu"])
+@pytest.mark.parametrize("d,n", [(1536, 2048), (1536, 17920), (1000, 136)])
+def test_add_norm_linear_skinny(gpu_skinny, rng, num_tokens, form, d, n):
+    """The norm kernel, then skinny_gemm.cu with the bias, or SiLU-and-mul over the tile's gate and up
+    rows, in its epilogue (136 rows: an intermediate size of 68, a partial 32-row gate tile)."""
+    x = rounded(gpu_skinny, rng.standard_normal((num_tokens, d)))
+    res = None if form == "first_layer" else rounded(gpu_skinny, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu_skinny, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu_skinny, rng.standard_normal((n, d)) / np.sqrt(d))
+    b = rounded(gpu_skinny, rng.standard_normal(n)) if form == "bias" else None
+    act = "silu_and_mul" if form == "silu" else None
+    dev = lambda a: None if a is None else gpu_skinny.weight(a)  # noqa: E731
+    assert gpu_skinny.skinny.fits(num_tokens, d, dev(w), act, dev(b))
+    calls = []
+    real = gpu_skinny.skinny.linear
+    gpu_skinny.skinny.linear = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
+    try:
+        out, new_res = gpu_skinny.add_norm_linear(dev(x), dev(res), dev(nw), 1e-6, dev(w), dev(b), act)
+    finally:
+        del gpu_skinny.skinny.linear
+    assert calls  # the skinny kernel ran the product
+    ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, b, act)
+    check(gpu_skinny, out, ref_out, f"add_norm_linear {form} (skinny)")
+    check(gpu_skinny, new_res, ref_res, "new residual", tol=1e-2 if res is not None else 1e-7)
+
+
+def test_skinny_leaves_other_rows(gpu_skinny, rng):
+    """1-2 rows stay on gemv.cu and 17 on cuBLAS: the skinny kernel refuses them."""
+    for rows in (1, 2, 17):
+        x, w, _, dev = _linear_case(gpu_skinny, rng, rows, 256, 128, False)
+        assert gpu_skinny.skinny.linear(dev(x), dev(w)) is None
 
 
 def test_linear_on_row_strided_input(gpu, rng):

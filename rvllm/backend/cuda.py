@@ -26,6 +26,7 @@ from rvllm.backend.cuda_gemv import DEFAULT_TC_MAX_ROWS as _GEMV_TC_MAX_ROWS
 from rvllm.backend.cuda_gemv import DEFAULT_TC_SQUARE_MAX_ROWS as _GEMV_TC_SQUARE_MAX_ROWS
 from rvllm.backend.cuda_ksplit import SLICES, KSliceGemm, KSliceSums
 from rvllm.backend.cuda_upload import DeviceTransfers, StagedUploader
+from rvllm.backend.cuda_skinny import make_skinny
 from rvllm.backend.cuda_wgmma import make_wgmma
 from rvllm.backend.cuda_probe import cuda_available
 from rvllm.backend.cuda_blas import CUDA_R_16BF as _CUDA_R_16BF, CUDA_R_16F as _CUDA_R_16F, CUDA_R_32F as _CUDA_R_32F
@@ -63,7 +64,7 @@ class CudaBackend(DeviceTransfers, FusedOps):
 
     def __init__(self, dtype: str = "bfloat16", attention: str | None = None, gemv_max_rows: int | None = None,
                  gemv_tc_max_rows: int | None = None, wgmma_rows: tuple[int, int] | None = None,
-                 gemv_tc_square_max_rows: int | None = None):
+                 gemv_tc_square_max_rows: int | None = None, skinny_rows: tuple[int, int] | None = None):
         """dtype: "bfloat16" or "float16". attention: "auto" (decode kernel for decode-only
         steps, tensor-core prefill kernel otherwise) or "split" (the decode kernel for every
         step: slower, a cross-check); default from $RVLLM_ATTENTION, else "auto".
@@ -78,7 +79,10 @@ class CudaBackend(DeviceTransfers, FusedOps):
         0 is off.
         wgmma_rows: (lo, hi): on sm_90, steps of lo..hi rows run their products on gemm_wgmma.cu
         instead of cuBLAS where the shapes fit; default from $RVLLM_WGMMA_ROWS ("lo-hi"), else
-        cuda_wgmma.DEFAULT_ROWS; (0, 0) is off."""
+        cuda_wgmma.DEFAULT_ROWS; (0, 0) is off.
+        skinny_rows: (lo, hi): on sm_90, steps of lo..hi rows (at most 16) run their products on
+        skinny_gemm.cu, ahead of every path above; default from $RVLLM_SKINNY_ROWS ("lo-hi"), else
+        cuda_skinny.DEFAULT_ROWS; (0, 0) is off."""
         if cp is None:
             raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         if dtype not in nvrtc.DTYPES:
@@ -113,6 +117,7 @@ class CudaBackend(DeviceTransfers, FusedOps):
         self.num_sms = int(num_sms)
         self.gemv = SmallBatchGemv(self, gemv_max_rows, self.num_sms, gemv_tc_max_rows, gemv_tc_square_max_rows)
         self.wgmma = make_wgmma(self, self.num_sms, wgmma_rows)  # None: off, or not an sm_90 GPU
+        self.skinny = make_skinny(self, self.num_sms, skinny_rows)  # the same
         # Long-K products over few output tiles as cuBLAS products of K-slices (cuda_ksplit);
         # $RVLLM_GEMM_K_SLICES=0 leaves them to cublasGemmEx's own split, for comparison.
         self.ksplit = KSliceGemm(self, self.num_sms) if os.environ.get("RVLLM_GEMM_K_SLICES", "1") != "0" else None
@@ -120,7 +125,8 @@ class CudaBackend(DeviceTransfers, FusedOps):
     def prepare_kernels(self, head_dim: int) -> None:
         """Starts compiling the kernels a model of this head size needs (those the disk cache
         lacks) in background threads, so that a cold start compiles while the weights load."""
-        nvrtc.precompile(self.dtype, head_dim, skip=() if self.wgmma else ("gemm_wgmma.cu",))
+        skip = (() if self.wgmma else ("gemm_wgmma.cu",)) + (() if self.skinny else ("skinny_gemm.cu",))
+        nvrtc.precompile(self.dtype, head_dim, skip=skip)
 
     # ---- memory (host <-> device transfers and weights: cuda_upload.DeviceTransfers) ------------
     @property
@@ -298,7 +304,11 @@ class CudaBackend(DeviceTransfers, FusedOps):
             self._check("linear bias", bias, ndim=1)
             if bias.shape[0] != weight.shape[0]:
                 raise ValueError(f"linear: bias has {bias.shape[0]} elements, weight has {weight.shape[0]} rows")
-        small = self.gemv.linear(x2, weight, bias) if x2.shape[0] and x2.shape[1] else None
+        small = None
+        if self.skinny is not None and x2.shape[0] > self.gemv.max_rows and x2.shape[1]:
+            small = self.skinny.linear(x2, weight, bias)  # past gemv.cu's rows, ahead of gemv_tc.cu
+        if small is None and x2.shape[0] and x2.shape[1]:
+            small = self.gemv.linear(x2, weight, bias)
         if small is None and self.wgmma is not None:
             small = self.wgmma.linear(x2, weight, bias)
         if small is not None:

@@ -28,6 +28,15 @@ class FusedOps:
                                                                                     weight, bias, act)
             if fused is not None:
                 return fused
+            if residual is not None and self.skinny is not None and self.skinny.fits(*x.shape, weight, act, bias):
+                # The norm kernel (it also sums K-slice partials), then skinny_gemm.cu with the bias
+                # or SiLU-and-mul in its epilogue.
+                normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps)
+                out = self.skinny.linear(normed, weight, bias, act)
+                if out is None:  # normed's rows not as the copy engine needs them: the general path
+                    out = self.linear(normed, weight, bias)
+                    out = self.silu_and_mul(out) if act == "silu_and_mul" else out
+                return out, residual
             if bias is not None and residual is not None and not (self.wgmma is not None and self.wgmma.fits(x, weight)):
                 # cuBLAS with a bias: the norm kernel writes the bias rows that the product adds to.
                 y = cp.empty((x.shape[0], weight.shape[0]), dtype=self.compute_dtype)

@@ -79,13 +79,14 @@ KERNELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "gemv_tc.cu": (("gemv_tc", "add_norm_gemv_tc", "add_norm_gemv_silu_tc"), False),
     "gemm_reduce.cu": (("k_slices_reduce_kernel",), False),
     "gemm_wgmma.cu": (("gemm_wgmma_n64", "gemm_wgmma_n128", "gemm_wgmma_n256", "gemm_wgmma_reduce"), False),
+    "skinny_gemm.cu": (("skinny_gemm_n8", "skinny_gemm_n16", "skinny_gemm_silu_n8", "skinny_gemm_silu_n16"), False),
     "sampling.cu": (("process_logits_kernel", "sample_kernel", "argmax_kernel", "race_kernel", "select_count_kernel",
                      "select_gather_kernel", "select_kernel", "philox_kernel"), False),
 }
 
 # Files written for one architecture's own instructions (wgmma needs sm_90a, which no other GPU
 # runs): compiled only for it, and used by the backend only on that compute capability.
-ARCH_SPECIFIC = {"gemm_wgmma.cu": 90}
+ARCH_SPECIFIC = {"gemm_wgmma.cu": 90, "skinny_gemm.cu": 90}
 
 
 def compiles_for(file: str, arch: int | str) -> bool:

@@ -1,0 +1,73 @@
+"""skinny_gemm.cu (off by default) per product of a preset's decode layer, by grid size, against cuBLAS
+with its norm and SiLU kernels, us a call: each op captured 40 times into a CUDA graph and timed as
+bench/op_times.py does (median of 10 replays), the weights rotating through ~200 MB of copies so that
+every call reads DRAM. sm_90 only.
+
+    python bench/skinny_gemm.py --model qwen2.5-1.5b --rows 8 --blocks 132 264
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bench.op_times import _time_graph  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-1.5b")
+    ap.add_argument("--rows", type=int, default=8, help="token rows of the step (3-16)")
+    ap.add_argument("--blocks", type=int, nargs="*", default=[], help="grid sizes to time (default: the wrapper's)")
+    args = ap.parse_args()
+
+    import cupy as cp
+
+    from rvllm.backend.cuda import CudaBackend
+    from rvllm.model.config import preset_spec
+
+    s, rows = preset_spec(args.model), args.rows
+    b = CudaBackend("bfloat16", skinny_rows=(3, 16))
+    if b.skinny is None:
+        sys.exit("skinny_gemm.cu runs on compute capability 9.0 only")
+    blas = CudaBackend("bfloat16", gemv_max_rows=0, gemv_tc_square_max_rows=0, skinny_rows=(0, 0))
+    blas.stream = b.stream
+    h, qkv_out, inter = s.hidden_size, s.q_size + 2 * s.kv_size, s.intermediate_size
+    seed = iter(range(1, 10_000))
+    w = lambda *shape: b.dummy_weight(shape, 0.02, next(seed))  # noqa: E731
+
+    def copies(*shape):
+        return [w(*shape) for _ in range(max(1, min(32, -(-(200 << 20) // (2 * int(np.prod(shape)))))))]
+
+    bias = w(qkv_out) if s.attention_bias else None
+    x, res, norm_w = w(rows, h), w(rows, h), w(h)
+    xq, xi = w(rows, s.q_size), w(rows, inter)
+    eps = 1e-6
+    products = (  # (name, weight copies, op of a backend and a weight)
+        ("add_norm + qkv", copies(qkv_out, h), lambda be, m: be.add_norm_linear(x, res, norm_w, eps, m, bias)),
+        ("o_proj", copies(h, s.q_size), lambda be, m: be.linear(xq, m)),
+        ("add_norm + gate_up + SiLU", copies(2 * inter, h),
+         lambda be, m: be.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul")),
+        ("down", copies(h, inter), lambda be, m: be.linear(xi, m)),
+    )
+    grids = args.blocks or [None]
+    print(f"{args.model}, {rows} rows, us a call")
+    print("| product | cuBLAS path | " + " | ".join(f"skinny, {g or 'default'} blocks" for g in grids) + " |")
+    print("|---|---|" + "---|" * len(grids))
+    for name, mats, op in products:
+        def timed(be):
+            return _time_graph(cp, b.stream, lambda i: op(be, mats[i % len(mats)]), 40, b.graph_capture)
+        cells = [timed(blas)]
+        for g in grids:
+            b.skinny.blocks_override = g
+            cells.append(timed(b))
+        b.skinny.blocks_override = None
+        print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
