@@ -320,6 +320,19 @@ def test_linear_k_slices_in_a_graph(gpu, rng, monkeypatch):
             check(gpu, out, CPU.linear(x, w, None), "linear in K-slices, graph replay")
 
 
+def _add_norm_case(gpu, rng, num_tokens, d, n, form):
+    """(x, residual, norm weight, w, bias, act) of an add_norm_linear case of `form` ("first_layer":
+    no residual; "residual"; "bias"; "silu": SiLU-and-mul of w's halves), rounded to the dtype, and a
+    device copier (None stays None)."""
+    x = rounded(gpu, rng.standard_normal((num_tokens, d)))
+    res = None if form == "first_layer" else rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
+    nw = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
+    w = rounded(gpu, rng.standard_normal((n, d)) / np.sqrt(d))
+    b = rounded(gpu, rng.standard_normal(n)) if form == "bias" else None
+    act = "silu_and_mul" if form == "silu" else None
+    return x, res, nw, w, b, act, lambda a: None if a is None else gpu.weight(a)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 8, 9, 40])
 # 3072 at 8 rows: 48 KiB of normed rows, which with the kernel's static shared memory needs the opt-in
 @pytest.mark.parametrize("d,n", [(64, 96), (1536, 2048), (3072, 64), (3584, 512), (4096, 512), (4100, 64)])
@@ -327,13 +340,7 @@ def test_linear_k_slices_in_a_graph(gpu, rng, monkeypatch):
 def test_add_norm_linear(gpu, rng, num_tokens, d, n, form):
     """rms_norm(x + residual) @ W.T (+ bias, or SiLU-and-mul of the halves): one gemv.cu kernel at
     <= 8 rows with K a multiple of 8, the separate kernels and cuBLAS otherwise; both against the CPU."""
-    x = rounded(gpu, rng.standard_normal((num_tokens, d)))
-    res = None if form == "first_layer" else rounded(gpu, rng.standard_normal((num_tokens, d)) * 4)
-    nw = rounded(gpu, 1 + 0.1 * rng.standard_normal(d))
-    w = rounded(gpu, rng.standard_normal((n, d)) / np.sqrt(d))
-    b = rounded(gpu, rng.standard_normal(n)) if form == "bias" else None
-    act = "silu_and_mul" if form == "silu" else None
-    dev = lambda a: None if a is None else gpu.weight(a)  # noqa: E731
+    x, res, nw, w, b, act, dev = _add_norm_case(gpu, rng, num_tokens, d, n, form)
     x_dev, res_dev = dev(x), dev(res)
     out, new_res = gpu.add_norm_linear(x_dev, res_dev, dev(nw), 1e-6, dev(w), dev(b), act)
     ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, b, act)
@@ -452,13 +459,7 @@ def test_square_products_run_on_tensor_cores_by_default(gpu_default, rng, num_to
 def test_add_norm_linear_tensor_cores(gpu_tc, rng, num_tokens, d, n, form):
     """gemv_tc.cu's fused forms (8 staged rows, SiLU tiles of 8 gate and 8 up rows; 520: 260
     outputs, a partial SiLU tile) against the CPU."""
-    x = rounded(gpu_tc, rng.standard_normal((num_tokens, d)))
-    res = None if form == "first_layer" else rounded(gpu_tc, rng.standard_normal((num_tokens, d)) * 4)
-    nw = rounded(gpu_tc, 1 + 0.1 * rng.standard_normal(d))
-    w = rounded(gpu_tc, rng.standard_normal((n, d)) / np.sqrt(d))
-    b = rounded(gpu_tc, rng.standard_normal(n)) if form == "bias" else None
-    act = "silu_and_mul" if form == "silu" else None
-    dev = lambda a: None if a is None else gpu_tc.weight(a)  # noqa: E731
+    x, res, nw, w, b, act, dev = _add_norm_case(gpu_tc, rng, num_tokens, d, n, form)
     x_dev, res_dev = dev(x), dev(res)
     fused = gpu_tc.gemv.add_norm_linear(x_dev, res_dev, dev(nw), 1e-6, dev(w), dev(b), act)
     assert fused is not None  # the tensor-core kernel took it
@@ -510,13 +511,7 @@ def test_linear_wgmma(gpu_wgmma, rng, num_tokens, k, n, bias, splits):
 def test_add_norm_linear_wgmma(gpu_wgmma, rng, num_tokens, form):
     """The norm kernel, then gemm_wgmma.cu (the bias in its epilogue, not prefilled for cuBLAS)."""
     d, n = 1536, 2048
-    x = rounded(gpu_wgmma, rng.standard_normal((num_tokens, d)))
-    res = None if form == "first_layer" else rounded(gpu_wgmma, rng.standard_normal((num_tokens, d)) * 4)
-    nw = rounded(gpu_wgmma, 1 + 0.1 * rng.standard_normal(d))
-    w = rounded(gpu_wgmma, rng.standard_normal((n, d)) / np.sqrt(d))
-    b = rounded(gpu_wgmma, rng.standard_normal(n)) if form == "bias" else None
-    act = "silu_and_mul" if form == "silu" else None
-    dev = lambda a: None if a is None else gpu_wgmma.weight(a)  # noqa: E731
+    x, res, nw, w, b, act, dev = _add_norm_case(gpu_wgmma, rng, num_tokens, d, n, form)
     assert gpu_wgmma.wgmma.fits(dev(x), dev(w))
     out, new_res = gpu_wgmma.add_norm_linear(dev(x), dev(res), dev(nw), 1e-6, dev(w), dev(b), act)
     ref_out, ref_res = CPU.add_norm_linear(x, res, nw, 1e-6, w, b, act)
@@ -567,13 +562,7 @@ def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, blocks):
 def test_add_norm_linear_skinny(gpu_skinny, rng, num_tokens, form, d, n):
     """The norm kernel, then skinny_gemm.cu with the bias, or SiLU-and-mul over the tile's gate and up
     rows, in its epilogue (136 rows: an intermediate size of 68, a partial 32-row gate tile)."""
-    x = rounded(gpu_skinny, rng.standard_normal((num_tokens, d)))
-    res = None if form == "first_layer" else rounded(gpu_skinny, rng.standard_normal((num_tokens, d)) * 4)
-    nw = rounded(gpu_skinny, 1 + 0.1 * rng.standard_normal(d))
-    w = rounded(gpu_skinny, rng.standard_normal((n, d)) / np.sqrt(d))
-    b = rounded(gpu_skinny, rng.standard_normal(n)) if form == "bias" else None
-    act = "silu_and_mul" if form == "silu" else None
-    dev = lambda a: None if a is None else gpu_skinny.weight(a)  # noqa: E731
+    x, res, nw, w, b, act, dev = _add_norm_case(gpu_skinny, rng, num_tokens, d, n, form)
     assert gpu_skinny.skinny.fits(num_tokens, d, dev(w), act, dev(b))
     calls = []
     real = gpu_skinny.skinny.linear
