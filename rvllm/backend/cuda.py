@@ -80,9 +80,9 @@ class CudaBackend(DeviceTransfers, FusedOps):
         wgmma_rows: (lo, hi): on sm_90, steps of lo..hi rows run their products on gemm_wgmma.cu
         instead of cuBLAS where the shapes fit; default from $RVLLM_WGMMA_ROWS ("lo-hi"), else
         cuda_wgmma.DEFAULT_ROWS; (0, 0) is off.
-        skinny_rows: (lo, hi): on sm_90, steps of lo..hi rows (at most 16) run their products on
-        skinny_gemm.cu, ahead of every path above; default from $RVLLM_SKINNY_ROWS ("lo-hi"), else
-        cuda_skinny.DEFAULT_ROWS; (0, 0) is off."""
+        skinny_rows: (lo, hi): on sm_90, steps of lo..hi rows (at most 16) past gemv_max_rows run
+        their products on skinny_gemm.cu, ahead of gemv_tc.cu, wgmma and cuBLAS; default from
+        $RVLLM_SKINNY_ROWS ("lo-hi"), else cuda_skinny.DEFAULT_ROWS, (0, 0): off."""
         if cp is None:
             raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         if dtype not in nvrtc.DTYPES:

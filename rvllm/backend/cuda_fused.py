@@ -28,7 +28,8 @@ class FusedOps:
                                                                                     weight, bias, act)
             if fused is not None:
                 return fused
-            if residual is not None and self.skinny is not None and self.skinny.fits(*x.shape, weight, act, bias):
+            if (residual is not None and self.skinny is not None and x.shape[0] > self.gemv.max_rows
+                    and self.skinny.fits(*x.shape, weight, act, bias)):
                 # The norm kernel (it also sums K-slice partials), then skinny_gemm.cu with the bias
                 # or SiLU-and-mul in its epilogue.
                 normed, residual = self.fused_add_rms_norm(x, residual, norm_weight, eps)

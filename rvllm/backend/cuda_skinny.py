@@ -1,7 +1,8 @@
 """Products of decode steps of 3-16 token rows on Hopper: the wrapper of kernels_cu/skinny_gemm.cu.
 
-CudaBackend.linear and add_norm_linear (after the norm kernel; the SiLU form too) route steps of
-`min_rows`..`max_rows` rows here on compute capability 9.0; other GPUs, and shapes the copy engine
+Off by default (DEFAULT_ROWS, below). Turned on, CudaBackend.linear and add_norm_linear (after the
+norm kernel; the SiLU form too) route steps of `min_rows`..`max_rows` rows past gemv.cu's here on
+compute capability 9.0; other GPUs, and shapes the copy engine
 cannot take (K not a multiple of 8, rows not 16-byte aligned), stay on the other paths. The weights
 stream through shared memory by the bulk tensor copy engine and the tokens are wgmma's n (8 or 16);
 the product's 64-column K steps are shared out evenly over about two blocks an SM, and tiles split
