@@ -3,7 +3,7 @@ with its norm and SiLU kernels, us a call: each op captured 40 times into a CUDA
 bench/op_times.py does (median of 10 replays), the weights rotating through ~200 MB of copies so that
 every call reads DRAM. sm_90 only.
 
-    python bench/skinny_gemm.py --model qwen2.5-1.5b --rows 8 --blocks 132 264
+    python bench/skinny_gemm.py --model qwen2.5-1.5b --rows 8 --clusters 16 33
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
     ap.add_argument("--rows", type=int, default=8, help="token rows of the step (3-16)")
-    ap.add_argument("--blocks", type=int, nargs="*", default=[], help="grid sizes to time (default: the wrapper's)")
+    ap.add_argument("--clusters", type=int, nargs="*", default=[], help="grid sizes to time, in clusters of 8 blocks "
+                    "(default: the wrapper's)")
     args = ap.parse_args()
 
     import cupy as cp
@@ -54,18 +55,18 @@ def main() -> None:
          lambda be, m: be.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul")),
         ("down", copies(h, inter), lambda be, m: be.linear(xi, m)),
     )
-    grids = args.blocks or [None]
+    grids = args.clusters or [None]
     print(f"{args.model}, {rows} rows, us a call")
-    print("| product | cuBLAS path | " + " | ".join(f"skinny, {g or 'default'} blocks" for g in grids) + " |")
+    print("| product | cuBLAS path | " + " | ".join(f"skinny, {g or 'default'} clusters" for g in grids) + " |")
     print("|---|---|" + "---|" * len(grids))
     for name, mats, op in products:
         def timed(be):
             return _time_graph(cp, b.stream, lambda i: op(be, mats[i % len(mats)]), 40, b.graph_capture)
         cells = [timed(blas)]
         for g in grids:
-            b.skinny.blocks_override = g
+            b.skinny.clusters_override = g
             cells.append(timed(b))
-        b.skinny.blocks_override = None
+        b.skinny.clusters_override = None
         print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 

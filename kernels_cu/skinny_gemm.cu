@@ -1,5 +1,5 @@
-// Matrix products of decode steps of 3-16 token rows on Hopper (sm_90a; backend/cuda_skinny.py
-// routes steps of $RVLLM_SKINNY_ROWS rows here on compute capability 9.0, none by default):
+// Matrix products of decode steps of 3-8 token rows on Hopper (sm_90a; backend/cuda_skinny.py routes
+// them here on compute capability 9.0; $RVLLM_SKINNY_ROWS=3-16 adds the n = 16 build, slower so far):
 //
 //   out[rows, N] = x[rows, K] @ W[N, K]^T (+ bias)                          skinny_gemm_n{8,16}
 //   out[rows, I] = silu(x @ Wg^T) * (x @ Wu^T), W = [Wg; Wu] ([2I, K])      skinny_gemm_silu_n{8,16}
@@ -9,21 +9,18 @@
 // its tiles so that only part of the SMs read (qwen2.5-1.5b's gate_up at 8 rows: 93 blocks of 192
 // weight rows on 132 SMs, ~3.2 TB/s), and gemv_tc.cu holds its loads in registers, 12 warps an SM,
 // latency-bound. Here the bulk tensor copy engine (TMA) streams the weights into shared memory,
-// SK_STAGES tiles of 8 KiB a block in flight and two blocks an SM, and the work is shared out evenly:
+// STAGES tiles of 8 KiB a block in flight, and the work is shared out evenly:
 //
 // A tile is 64 weight rows (SILU: 32 gate rows and the same 32 up rows, so that one tile has both
-// halves of its outputs) by all of K in 64-column steps. The tiles' K steps, laid end to end, are
-// `total` = tiles x k_steps iterations; block b of G takes iterations [b total / G, (b+1) total / G)
-// ("stream-K"), so every block reads the same bytes whatever the shape. A tile that one block
-// covers whole it finishes itself. A tile shared by several blocks: each writes its fp32 partial
-// sums to ws (slot 0 for its first tile, 1 for its last), and the last to arrive (split_arrive)
-// adds them in block order -- the sum does not depend on which block finished first -- and
-// finishes the tile.
-//
-// Off by default: that hand-over is what it loses. The stream itself runs at ~4.2 TB/s (a copy
-// without the hand-over, timing only, was ahead of every default path), but the partials, the
-// fence, the counter and the last block's reads come at the end of every block, on the launch's
-// critical path: ~3.5-4 us a launch (H200, NOTES #108).
+// halves of its outputs) by all of K in 64-column steps. The grid is thread block clusters of
+// SK_CLUSTER blocks; cluster c takes whole tiles [c tiles / C, (c+1) tiles / C), whose K steps laid
+// end to end its blocks share evenly ("stream-K" inside the cluster). A tile that one block covers
+// whole it finishes itself. A tile shared by several blocks is finished by the one holding its first
+// K steps, for which it is the last tile: the others store their fp32 shares into its shared memory
+// (distributed shared memory, recv[rank]), and after the cluster's barrier it adds them in rank
+// order -- the same sum every run -- and finishes the tile. (A first form shared all the tiles' K
+// steps over the whole grid and handed split tiles over through global memory -- partials, a fence,
+// a counter, the last block's reads: ~3.5-4 us at the end of every launch, slower than cuBLAS; #108.)
 //
 // Shared memory: per stage the weight tile (64 rows of 128 bytes) and the token tile (BN rows of
 // 128 bytes, zeros past `rows` from the copy engine), both in the 128-byte swizzle that wgmma's
@@ -33,7 +30,7 @@
 // flight, or 12 stages, measured slower; 4 and 6 stages level).
 //
 // PDL: the weights of the first stages are requested before pdl_wait (no kernel of a step writes
-// weights); the tokens, ws and the counters only after it.
+// weights); the tokens only after it.
 #include "common.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -43,39 +40,62 @@
 #define SK_CONSUMERS 128            // one warpgroup multiplies
 #define SK_THREADS (SK_CONSUMERS + 32)  // and one more warp issues the copies
 #define SK_STAGES_N8 8   // backend/cuda_skinny.py's SK_STAGES must match
-#define SK_STAGES_N16 8
+#define SK_STAGES_N16 6
+#define SK_CLUSTER 8     // blocks a cluster (the portable size); backend/cuda_skinny.py's CLUSTER
 
 __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
-// A barrier of the consumer warps only (the copy warp has its own loop, or has left).
+// A barrier of the consumer warps only (the copy warp has its own loop).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(SK_CONSUMERS) : "memory"); }
 
-// First iteration of block b (int arithmetic: the wrapper keeps total x blocks under 2^31; a 64-bit
-// division is a long emulated sequence, and thread 0 issuing the copies sits on every warp's path).
-__device__ __forceinline__ int sk_start(int b, int total, int blocks) { return b * total / blocks; }
-// The block whose iterations include iteration i: the largest b with sk_start(b) <= i.
-__device__ __forceinline__ int sk_block_of(int i, int total, int blocks) { return ((i + 1) * blocks + total - 1) / total - 1; }
+// The cluster's barrier, in two halves that every thread of every block executes in turn: arrive
+// (release: this thread's earlier stores, shared::cluster ones included, are visible to the cluster
+// once all have arrived) and wait (acquire).
+__device__ __forceinline__ void sk_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void sk_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+__device__ __forceinline__ unsigned int sk_cluster_rank() {
+  unsigned int r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+// Stores v at `p` (an address in this block's shared memory) in the cluster's block `rank`.
+__device__ __forceinline__ void sk_store_remote(float* p, unsigned int rank, float2 v) {
+  unsigned int remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
+  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(remote), "f"(v.x), "f"(v.y) : "memory");
+}
+
+// The first iteration of share s of n over `total` iterations (int arithmetic: the wrapper keeps the
+// products under 2^31).
+__device__ __forceinline__ int sk_start(int s, int total, int n) { return s * total / n; }
+// The share whose iterations include iteration i: the largest s with sk_start(s) <= i.
+__device__ __forceinline__ int sk_share_of(int i, int total, int n) { return ((i + 1) * n + total - 1) / total - 1; }
 
 template <int BN, int STAGES, bool SILU>
-__device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
-                                            const TensorMap& x_map, const TensorMap& w_map,
+__device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const TensorMap& x_map, const TensorMap& w_map,
                                             const scalar_t* __restrict__ bias, int rows, int n_out, int k_steps,
                                             int tiles, int up_row0) {
   extern __shared__ unsigned char sk_smem_raw[];
   __shared__ unsigned long long full[STAGES];   // the slot's iteration has landed (phase i / STAGES)
   __shared__ unsigned long long empty[STAGES];  // the consumer warps are done with the slot's iteration
-  __shared__ float sums[SK_BM][BN + 1];           // a finished tile's fp32 outputs (padded: no bank conflicts)
-  __shared__ int last_flag;
+  __shared__ float sums[SK_BM][BN + 1];         // a finished tile's fp32 outputs (padded: no bank conflicts)
+  __shared__ __align__(16) float recv[SK_CLUSTER][SK_BM * BN];  // the split tile this block finishes: rank r's share
   constexpr int A_BYTES = SK_BM * SK_BK * 2, B_BYTES = BN * SK_BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int HALF = SK_BM / 2;  // rows of one copy (the tensor map's box)
   // wgmma's swizzle is on address bits, so every tile starts 1024-byte aligned.
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<unsigned long long>(sk_smem_raw) + 1023) & ~1023ull);
-  const int b = blockIdx.x, blocks = gridDim.x, tid = threadIdx.x;
-  const int total = tiles * k_steps;
-  const int it0 = sk_start(b, total, blocks);
-  const int n_it = sk_start(b + 1, total, blocks) - it0;
+  const int tid = threadIdx.x;
+  // Cluster c of the grid's clusters takes whole tiles [t0, t1); its blocks share their K steps.
+  const int rank = (int)sk_cluster_rank(), clusters = gridDim.z / SK_CLUSTER, c = blockIdx.z / SK_CLUSTER;
+  const int t0 = sk_start(c, tiles, clusters), t1 = sk_start(c + 1, tiles, clusters);
+  const int base = t0 * k_steps, total = (t1 - t0) * k_steps;
+  const int it0 = base + sk_start(rank, total, SK_CLUSTER);
+  const int n_it = base + sk_start(rank + 1, total, SK_CLUSTER) - it0;
   const int first_tile = it0 / k_steps;
+  // Ranks holding tile t's first and last K steps (the first one finishes it).
+  auto first_rank = [&](int t) { return sk_share_of(t * k_steps - base, total, SK_CLUSTER); };
+  auto last_rank = [&](int t) { return sk_share_of((t + 1) * k_steps - 1 - base, total, SK_CLUSTER); };
   // Positions (tile, K step) move by one iteration at a time, without divisions.
   auto advance = [&](int& tile, int& ks) {
     if (++ks == k_steps) {
@@ -105,6 +125,7 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, float* _
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
   }
   __syncthreads();
+  sk_cluster_arrive();  // this block has started: the others may store into its recv (after their wait)
   if (tid >= SK_CONSUMERS) {  // the copy warp: its lane 0 keeps STAGES iterations requested
     if (tid == SK_CONSUMERS) {
       const int pre = min(STAGES, n_it);
@@ -131,12 +152,17 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, float* _
     } else {
       pdl_wait();
     }
+    __syncwarp();
+    pdl_launch_dependents();
+    sk_cluster_wait();  // the two cluster barriers, as the consumers pass them
+    sk_cluster_arrive();
+    sk_cluster_wait();
     return;
   }
   pdl_wait();
 
   const int lane = tid & 31, warp = tid >> 5;
-  // acc[4j + e]: tile row 16 warp + lane / 4 + 8 (e / 2), token 8j + 2 (lane % 4) + (e % 2).
+  const int r_lo = 16 * warp + (lane >> 2);  // acc[4j + e]: tile row r_lo + 8 (e / 2), token 8j + 2 (lane % 4) + (e % 2)
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -144,6 +170,7 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, float* _
   // The tile's outputs from `sums`: bias added (plain) or silu(gate) * up (SILU); consecutive
   // threads take consecutive columns of a token row.
   auto epilogue = [&](int tile) {
+    consumers_sync();
     if (SILU) {
       for (int idx = tid; idx < HALF * BN; idx += SK_CONSUMERS) {
         const int tok = idx / HALF, r = idx % HALF, n = tile * HALF + r;
@@ -157,45 +184,17 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, float* _
           out[(i64)tok * n_out + n] = from_f32(sums[r][tok] + (bias != nullptr ? to_f32(bias[n]) : 0.f));
       }
     }
+    consumers_sync();  // sums is free again
   };
-  // The accumulators hold this block's share of `tile`: finish it, or hand the share over.
-  auto finish_tile = [&](int tile) {
-    const int lo = tile * k_steps;
-    const int b_first = sk_block_of(lo, total, blocks), b_last = sk_block_of(lo + k_steps - 1, total, blocks);
-    const int r_lo = 16 * warp + (lane >> 2);
-    if (b_first == b_last) {
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sums[r_lo + 8 * (e >> 1)][8 * j + 2 * (lane & 3) + (e & 1)] = acc[4 * j + e];
-      consumers_sync();
-      epilogue(tile);
-      consumers_sync();  // sums is free again
-      return;
-    }
-    float* part = ws + ((i64)b * 2 + (tile == first_tile ? 0 : 1)) * SK_BM * BN;  // [row][token]
+  auto acc_to_sums = [&]() {
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<float2*>(part + (r_lo + 8 * h) * BN + 8 * j + 2 * (lane & 3)) =
-            make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-    consumers_sync();
-    if (tid == 0) last_flag = split_arrive(&counters[tile], b_last - b_first + 1);
-    consumers_sync();
-    if (!last_flag) return;
-    // Block b_first's share is in its slot 1 unless the tile is its first; the others start here.
-    const float* first = ws + ((i64)b_first * 2 + (sk_start(b_first, total, blocks) == lo ? 0 : 1)) * SK_BM * BN;
-    for (int idx = tid; idx < SK_BM * BN; idx += SK_CONSUMERS) {
-      float v = ld_cg(first + idx);
-      for (int c = b_first + 1; c <= b_last; ++c) v += ld_cg(ws + (i64)c * 2 * SK_BM * BN + idx);
-      sums[idx / BN][idx % BN] = v;
-    }
-    consumers_sync();
-    epilogue(tile);
-    consumers_sync();
+      for (int e = 0; e < 4; ++e) sums[r_lo + 8 * (e >> 1)][8 * j + 2 * (lane & 3) + (e & 1)] = acc[4 * j + e];
   };
 
+  bool started_seen = false;  // this thread has passed the wait of the cluster's first barrier
+  int owned = -1;             // the split tile this block finishes after the last barrier
   int c_tile = first_tile, c_ks = it0 % k_steps;  // the iteration the warpgroup multiplies
   for (int i = 0; i < n_it; ++i) {
     const int slot = i % STAGES;
@@ -207,24 +206,57 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, float* _
     wgmma_commit();
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(&empty[slot]);  // this warp is done with the slot
-    const bool tile_end = c_ks == k_steps - 1 || i + 1 == n_it;
     if (i + 1 == n_it) pdl_launch_dependents();  // the next kernel's weights may come in behind the last tile
-    if (tile_end) {
-      finish_tile(c_tile);
+    if (c_ks == k_steps - 1 || i + 1 == n_it) {
+      const int fr = first_rank(c_tile);
+      if (fr == rank && last_rank(c_tile) == rank) {  // whole: finish it now
+        acc_to_sums();
+        epilogue(c_tile);
+      } else if (fr == rank) {  // this block's last tile, begun here: finished after the last barrier
+        owned = c_tile;
+        break;  // acc stays as it is
+      } else {  // begun by rank fr: this share goes into its recv[rank]
+        if (!started_seen) sk_cluster_wait();
+        started_seen = true;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            sk_store_remote(&recv[rank][(r_lo + 8 * h) * BN + 8 * j + 2 * (lane & 3)], fr,
+                            make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
+      }
 #pragma unroll
       for (int q = 0; q < BN / 2; ++q) acc[q] = 0.f;
     }
     advance(c_tile, c_ks);
   }
   if (n_it == 0) pdl_launch_dependents();
+  if (!started_seen) sk_cluster_wait();
+  sk_cluster_arrive();  // every share stored into another block is visible after the wait
+  sk_cluster_wait();
+  if (owned >= 0) {  // own share first, then ranks fr + 1 .. last in order: the same sum every run
+    const int lr = last_rank(owned);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int idx = (r_lo + 8 * (e >> 1)) * BN + 8 * j + 2 * (lane & 3) + (e & 1);
+        float v = acc[4 * j + e];
+        for (int r = rank + 1; r <= lr; ++r)
+          if (sk_start(r + 1, total, SK_CLUSTER) > sk_start(r, total, SK_CLUSTER)) v += recv[r][idx];  // empty shares stored nothing
+        acc[4 * j + e] = v;
+      }
+    acc_to_sums();
+    epilogue(owned);
+  }
 }
 
 #define SKINNY_ENTRY(FORM, BN, STAGES, SILU)                                                              \
   extern "C" __global__ void __launch_bounds__(SK_THREADS, 2) skinny_gemm##FORM##_n##BN(                \
-      scalar_t* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,                     \
-      const __grid_constant__ TensorMap x_map, const __grid_constant__ TensorMap w_map,                   \
-      const scalar_t* __restrict__ bias, int rows, int n_out, int k_steps, int tiles, int up_row0) {       \
-    skinny_body<BN, STAGES, SILU>(out, ws, counters, x_map, w_map, bias, rows, n_out, k_steps, tiles, up_row0); \
+      scalar_t* __restrict__ out, const __grid_constant__ TensorMap x_map,                              \
+      const __grid_constant__ TensorMap w_map, const scalar_t* __restrict__ bias, int rows, int n_out,    \
+      int k_steps, int tiles, int up_row0) {                                                            \
+    skinny_body<BN, STAGES, SILU>(out, x_map, w_map, bias, rows, n_out, k_steps, tiles, up_row0);          \
   }
 
 // backend/cuda_skinny.py's SKINNY_TOKENS must match the token tiles here.

@@ -430,8 +430,8 @@ def test_linear_tensor_cores(gpu_tc, rng, num_tokens, k, n, bias):
 
 @pytest.fixture(scope="module")
 def gpu_default(gpu):
-    """The same dtype with the default small-batch routing (gemv.cu to 2 rows, o_proj-shaped products
-    on gemv_tc.cu from 3 to 8 rows)."""
+    """The same dtype with the default small-batch routing (gemv.cu to 2 rows; from 3 to 8 rows
+    skinny_gemm.cu on sm_90, else gemv_tc.cu for the o_proj-shaped products)."""
     from rvllm.backend.cuda import CudaBackend
 
     return CudaBackend(gpu.dtype)
@@ -521,7 +521,7 @@ def test_add_norm_linear_wgmma(gpu_wgmma, rng, num_tokens, form):
 
 @pytest.fixture(scope="module")
 def gpu_skinny(gpu):
-    """The same dtype with steps of 3-16 rows on skinny_gemm.cu (sm_90 only; off by default)."""
+    """The same dtype with steps of 3-16 rows on skinny_gemm.cu (sm_90 only; 3-8 by default)."""
     from rvllm.backend.cuda import CudaBackend
 
     b = CudaBackend(gpu.dtype, skinny_rows=(3, 16))
@@ -531,19 +531,19 @@ def gpu_skinny(gpu):
 
 
 # N: partial 64-row tiles (40, 96), qkv-shaped (2048), o_proj / down-shaped outputs (1536); K: one
-# 64-column step, a partial last step (1000), down's K (8960). Blocks: one (every tile whole), 7
-# (tiles shared unevenly between blocks), the default grid (two an SM).
+# 64-column step, a partial last step (1000), down's K (8960). Clusters of 8 blocks: one (every tile
+# shared by its blocks; at K = 64 most hold nothing), 3 (tiles dealt unevenly), the default grid.
 @pytest.mark.parametrize("num_tokens", [3, 5, 8, 9, 16])
 @pytest.mark.parametrize("k,n", [(64, 96), (1000, 40), (1536, 2048), (8960, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("blocks", [1, 7, None])
-def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, blocks):
-    """skinny_gemm.cu (the copy engine streams the weights, tokens are wgmma's n, K steps shared
-    evenly over the grid, split tiles summed in block order) against the CPU, launched twice: the
-    second launch finds the counters the first one's combining blocks reset."""
+@pytest.mark.parametrize("clusters", [1, 3, None])
+def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, clusters):
+    """skinny_gemm.cu (the copy engine streams the weights, tokens are wgmma's n, a cluster's blocks
+    share its tiles' K steps, split tiles summed through distributed shared memory in rank order)
+    against the CPU, launched twice."""
     x, w, b, dev = _linear_case(gpu_skinny, rng, num_tokens, k, n, bias)
     ref = CPU.linear(x, w, b)
-    gpu_skinny.skinny.blocks_override = blocks
+    gpu_skinny.skinny.clusters_override = clusters
     try:
         for launch in range(2):
             out = gpu_skinny.skinny.linear(dev(x), dev(w), dev(b))
@@ -553,7 +553,7 @@ def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, blocks):
         check(gpu_skinny, gpu_skinny.skinny.linear(strided, dev(w), dev(b)), ref, "linear (skinny, strided x)", tol=5e-3)
         check(gpu_skinny, gpu_skinny.linear(dev(x), dev(w), dev(b)), ref, "the backend's linear", tol=5e-3)
     finally:
-        gpu_skinny.skinny.blocks_override = None
+        gpu_skinny.skinny.clusters_override = None
 
 
 @pytest.mark.parametrize("num_tokens", [3, 8, 12, 16])

@@ -1,12 +1,13 @@
 """Products of decode steps of 3-16 token rows on Hopper: the wrapper of kernels_cu/skinny_gemm.cu.
 
-Off by default (DEFAULT_ROWS, below). Turned on, CudaBackend.linear and add_norm_linear (after the
-norm kernel; the SiLU form too) route steps of `min_rows`..`max_rows` rows past gemv.cu's here on
-compute capability 9.0; other GPUs, and shapes the copy engine
+CudaBackend.linear and add_norm_linear (after the norm kernel; the SiLU form too) route steps of
+`min_rows`..`max_rows` rows (DEFAULT_ROWS, below) past gemv.cu's here on compute capability 9.0;
+other GPUs, and shapes the copy engine
 cannot take (K not a multiple of 8, rows not 16-byte aligned), stay on the other paths. The weights
 stream through shared memory by the bulk tensor copy engine and the tokens are wgmma's n (8 or 16);
-the product's 64-column K steps are shared out evenly over about two blocks an SM, and tiles split
-between blocks are summed in block order (see the kernel file).
+each cluster of 8 blocks takes whole output tiles and shares their 64-column K steps evenly, and a
+tile split between a cluster's blocks is summed through distributed shared memory in rank order
+(see the kernel file).
 """
 from __future__ import annotations
 
@@ -26,21 +27,17 @@ FILE = "skinny_gemm.cu"
 SKINNY_TOKENS = (8, 16)  # token tiles of the kernel file's entry points
 SK_BM, SK_BK = 64, 64  # must match skinny_gemm.cu
 SK_THREADS = 128 + 32  # a warpgroup multiplies, a warp issues the copies
-SK_STAGES = {8: 8, 16: 8}  # by token tile: SK_STAGES_N8, SK_STAGES_N16
-MAX_TILES = 8192  # counters kept: output tiles of 64 rows (a 524,288-row product)
-BLOCKS_PER_SM = 2  # the kernel's launch bounds; ~77-87 KiB of shared memory a block
-# Steps of DEFAULT_ROWS[0]..DEFAULT_ROWS[1] rows take these kernels (CudaBackend(skinny_rows=...),
-# $RVLLM_SKINNY_ROWS="lo-hi", e.g. "3-16"); (0, 0), the default, leaves them off: correct
-# (tests/test_kernels_gpu.py) but slower than the paths they would replace. H200, qwen2.5-1.5b at 8
-# rows, us a call (bench/skinny_gemm.py: graphs of 40 calls; the norm kernel counted where named),
-# this kernel at 264 blocks against cuBLAS (and its norm and SiLU kernels): add_norm + qkv 8.7 / 7.2,
-# o_proj 7.5 / 4.8, add_norm + gate_up + SiLU 20.8 / 19.4, down 13.2 / 10.7. 128/128 requests, output
-# tok/s, on / off: 8 of them 4,354 / 4,858, 16 of them 7,124 / 8,895. A copy that skips the hand-over
-# of split tiles (wrong sums; timing only) took 5.1 / 3.3 / 16.9 / 8.7 us, ahead of every default
-# path: the weights stream at ~4.2 TB/s, and the ~3.5-4 us a launch is the hand-over (partials,
-# fence, counter, the last block's reads) at the end of every block. bench/NOTES.md #108 says what
-# was tried and what is next.
-DEFAULT_ROWS = (0, 0)
+SK_STAGES = {8: 8, 16: 6}  # by token tile: SK_STAGES_N8, SK_STAGES_N16
+CLUSTER = 8  # SK_CLUSTER: blocks a cluster, which share its tiles' K steps
+BLOCKS_PER_SM = 2  # the kernel's launch bounds
+# Steps of DEFAULT_ROWS[0]..DEFAULT_ROWS[1] rows take these kernels by default on sm_90
+# (CudaBackend(skinny_rows=...), $RVLLM_SKINNY_ROWS="lo-hi": "3-16" adds the n = 16 build, "0-0" is
+# off). H200, qwen2.5-1.5b, 128/128 requests, output tok/s (medians of 3 runs), off against on: 4 of
+# them 2,425 -> 2,711 (+12%), 8 of them 4,781 -> 5,175 (+8%); 16 of them (the n = 16 build) 9,073 ->
+# 7,975, so 9-16 rows stay off. At 8 rows, us a call (bench/skinny_gemm.py; the norm kernel counted
+# where named) against cuBLAS with its norm and SiLU kernels: add_norm + qkv 6.7 / 7.3, o_proj 4.1 /
+# 4.9, add_norm + gate_up + SiLU 19.5 / 19.2, down 9.9 / 10.7 (bench/NOTES.md #108-#109).
+DEFAULT_ROWS = (3, 8)
 
 
 def parse_rows(text: str) -> tuple[int, int]:
@@ -59,14 +56,21 @@ def smem_bytes(bn: int) -> int:
     return SK_STAGES[bn] * (SK_BM + bn) * SK_BK * 2 + 1024
 
 
+def static_smem_bytes(bn: int) -> int:
+    """The build's static shared memory, about: the receiving buffer of a cluster's shares (a share
+    of 64 rows x bn tokens from each rank), a tile's sums and the barriers."""
+    return CLUSTER * SK_BM * bn * 4 + SK_BM * (bn + 1) * 4 + 512
+
+
 def token_tile(rows: int) -> int:
     """The smallest token tile (wgmma's n) that holds `rows`."""
     return next(bn for bn in SKINNY_TOKENS if rows <= bn)
 
 
-def grid_blocks(iterations: int, num_sms: int) -> int:
-    """Blocks of a launch: two an SM, never more than the product has K steps (no empty block)."""
-    return max(1, min(iterations, BLOCKS_PER_SM * num_sms))
+def grid_clusters(tiles: int, resident: int) -> int:
+    """Clusters of a launch: as many as the GPU holds at once (`resident`), never more than the
+    product has tiles (each cluster takes whole tiles)."""
+    return max(1, min(tiles, resident))
 
 
 def make_skinny(backend, num_sms: int, rows: tuple[int, int] | None):
@@ -87,13 +91,9 @@ class SkinnyGemm:
         self.ops = backend
         self.num_sms = num_sms
         self.min_rows, self.max_rows = min_rows, max_rows
-        self.blocks_override: int | None = None  # bench/op sweeps and the tests' uneven splits
+        self.clusters_override: int | None = None  # bench/skinny_gemm.py's sweep and the tests' small grids
         self._weight_maps: dict[tuple, bytes] = {}  # the weights' tensor maps, made once each
-        # Partial sums of split tiles (two slots a block, 64 x 16 floats each) and a counter a tile,
-        # which the last block of a tile resets: made once, so CUDA graphs capture fixed addresses.
-        self.max_blocks = 4 * num_sms
-        self._ws = cp.empty(self.max_blocks * 2 * SK_BM * SKINNY_TOKENS[-1], dtype=np.float32)
-        self._counters = cp.zeros(MAX_TILES, dtype=np.int32)
+        self._resident: dict[tuple, int] = {}  # (kernel, shared memory) -> clusters the GPU holds at once
 
     def _weight_map(self, weight) -> bytes:
         key = (weight.data.ptr, weight.shape, weight.dtype.str)
@@ -102,13 +102,21 @@ class SkinnyGemm:
             found = self._weight_maps[key] = tensor_map_2d(weight, SK_BM // 2, SK_BK)
         return found
 
+    def _resident_clusters(self, kernel, smem: int) -> int:
+        key = (id(kernel), smem)
+        found = self._resident.get(key)
+        if found is None:
+            found = kernel.max_active_clusters((1, 1, CLUSTER), (SK_THREADS,), smem, CLUSTER)
+            found = self._resident[key] = max(1, found or self.num_sms * BLOCKS_PER_SM // CLUSTER)
+        return found
+
     def fits(self, rows: int, k: int, weight, act=None, bias=None) -> bool:
         """Whether a product of `rows` rows and K = k by `weight` (and act, bias) is this kernel's."""
         n = weight.shape[0] // (2 if act == "silu_and_mul" else 1)
         tiles = -(-n // (SK_BM // 2 if act == "silu_and_mul" else SK_BM))
-        total = tiles * -(-k // SK_BK)  # the kernel's iteration arithmetic is int: (total + 1) x (blocks + 1) < 2^31
-        return (self.min_rows <= rows <= self.max_rows and k % 8 == 0 and k > 0 and tiles <= MAX_TILES
-                and (total + 1) * (self.max_blocks + 1) < 2 ** 31
+        total = tiles * -(-k // SK_BK)  # the kernel's iteration arithmetic is int: (total + 1) x (CLUSTER + 1) < 2^31
+        return (self.min_rows <= rows <= self.max_rows and k % 8 == 0 and k > 0
+                and (total + 1) * (CLUSTER + 1) < 2 ** 31
                 and weight.flags.c_contiguous and weight.data.ptr % 16 == 0
                 and (act is None or (bias is None and weight.shape[0] % 2 == 0)))
 
@@ -123,18 +131,16 @@ class SkinnyGemm:
         silu = act == "silu_and_mul"
         n_out = weight.shape[0] // 2 if silu else weight.shape[0]
         tiles = -(-n_out // (SK_BM // 2 if silu else SK_BM))
-        k_steps = -(-k // SK_BK)
-        blocks = self.blocks_override or grid_blocks(tiles * k_steps, self.num_sms)
-        blocks = max(1, min(blocks, tiles * k_steps, self.max_blocks))
         bn = token_tile(rows)
         out = cp.empty((rows, n_out), dtype=weight.dtype)
         kernel = self.ops._kernel(FILE, f"skinny_gemm{'_silu' if silu else ''}_n{bn}")
         smem = smem_bytes(bn)
         self.ops._ensure_smem(kernel, smem)
+        clusters = min(tiles, self.clusters_override or grid_clusters(tiles, self._resident_clusters(kernel, smem)))
         # The token rows' map is made per call (a few us of host time); in a CUDA graph it is part of
         # the captured launch and costs nothing at replay.
-        kernel((blocks,), (SK_THREADS,),
-               (out, self._ws, self._counters, tensor_map_2d(x, bn, SK_BK), self._weight_map(weight),
-                bias if bias is not None else np.uint64(0), np.int32(rows), np.int32(n_out), np.int32(k_steps),
-                np.int32(tiles), np.int32(n_out if silu else 0)), shared_mem=smem)
+        kernel((1, 1, clusters * CLUSTER), (SK_THREADS,),
+               (out, tensor_map_2d(x, bn, SK_BK), self._weight_map(weight),
+                bias if bias is not None else np.uint64(0), np.int32(rows), np.int32(n_out), np.int32(-(-k // SK_BK)),
+                np.int32(tiles), np.int32(n_out if silu else 0)), shared_mem=smem, cluster=CLUSTER)
         return out
