@@ -42,6 +42,7 @@
 // * 2 bytes (nvrtc.decode_tc_smem_bytes); the combine reuses it.
 #include "common.cuh"
 #include "mma.cuh"
+#include "cluster.cuh"
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<head size>"
@@ -98,29 +99,6 @@ struct DecodeSplit {
 #define DTC_SPLIT_CLUSTER 2
 #define DTC_CLUSTER_MAX 16  // blocks a cluster (16: the non-portable size the backend opts into)
 
-// Thread block clusters (sm_90; only the cluster build calls these, and it traps below sm_90).
-// The barrier in two halves: arrive (release: this thread's shared-memory writes, local or remote,
-// are visible to the cluster once every thread has arrived) and wait (acquire).
-__device__ __forceinline__ void cluster_arrive(bool release) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (release) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-  else asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// Stores v at `p` (an address in this block's shared memory) in the cluster's block `rank`.
-__device__ __forceinline__ void cluster_store2(float* p, unsigned int rank, float2 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  unsigned int remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-               : "=r"(remote) : "r"((unsigned int)__cvta_generic_to_shared(p)), "r"(rank));
-  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(remote), "f"(v.x), "f"(v.y) : "memory");
-#endif
-}
 // The cluster build's receiving buffer, in static shared memory: block r combines the (head, 4
 // columns) items i with i % blocks == r, its j-th being i = j * blocks + r, and every block with keys
 // stores its partition q's share of each item into the block that combines it: the 4 normalized

@@ -32,6 +32,7 @@
 // PDL: the weights of the first stages are requested before pdl_wait (no kernel of a step writes
 // weights); the tokens only after it.
 #include "common.cuh"
+#include "cluster.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -48,23 +49,6 @@ __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
 }
 // A barrier of the consumer warps only (the copy warp has its own loop).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(SK_CONSUMERS) : "memory"); }
-
-// The cluster's barrier, in two halves that every thread of every block executes in turn: arrive
-// (release: this thread's earlier stores, shared::cluster ones included, are visible to the cluster
-// once all have arrived) and wait (acquire).
-__device__ __forceinline__ void sk_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
-__device__ __forceinline__ void sk_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-__device__ __forceinline__ unsigned int sk_cluster_rank() {
-  unsigned int r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-// Stores v at `p` (an address in this block's shared memory) in the cluster's block `rank`.
-__device__ __forceinline__ void sk_store_remote(float* p, unsigned int rank, float2 v) {
-  unsigned int remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
-  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(remote), "f"(v.x), "f"(v.y) : "memory");
-}
 
 // The first iteration of share s of n over `total` iterations (int arithmetic: the wrapper keeps the
 // products under 2^31).
@@ -87,7 +71,7 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<unsigned long long>(sk_smem_raw) + 1023) & ~1023ull);
   const int tid = threadIdx.x;
   // Cluster c of the grid's clusters takes whole tiles [t0, t1); its blocks share their K steps.
-  const int rank = (int)sk_cluster_rank(), clusters = gridDim.z / SK_CLUSTER, c = blockIdx.z / SK_CLUSTER;
+  const int rank = (int)cluster_rank(), clusters = gridDim.z / SK_CLUSTER, c = blockIdx.z / SK_CLUSTER;
   const int t0 = sk_start(c, tiles, clusters), t1 = sk_start(c + 1, tiles, clusters);
   const int base = t0 * k_steps, total = (t1 - t0) * k_steps;
   const int it0 = base + sk_start(rank, total, SK_CLUSTER);
@@ -125,7 +109,7 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
   }
   __syncthreads();
-  sk_cluster_arrive();  // this block has started: the others may store into its recv (after their wait)
+  cluster_arrive(true);  // this block has started: the others may store into its recv (after their wait)
   if (tid >= SK_CONSUMERS) {  // the copy warp: its lane 0 keeps STAGES iterations requested
     if (tid == SK_CONSUMERS) {
       const int pre = min(STAGES, n_it);
@@ -154,9 +138,9 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
     }
     __syncwarp();
     pdl_launch_dependents();
-    sk_cluster_wait();  // the two cluster barriers, as the consumers pass them
-    sk_cluster_arrive();
-    sk_cluster_wait();
+    cluster_wait();  // the two cluster barriers, as the consumers pass them
+    cluster_arrive(true);
+    cluster_wait();
     return;
   }
   pdl_wait();
@@ -216,13 +200,13 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
         owned = c_tile;
         break;  // acc stays as it is
       } else {  // begun by rank fr: this share goes into its recv[rank]
-        if (!started_seen) sk_cluster_wait();
+        if (!started_seen) cluster_wait();
         started_seen = true;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
-            sk_store_remote(&recv[rank][(r_lo + 8 * h) * BN + 8 * j + 2 * (lane & 3)], fr,
+            cluster_store2(&recv[rank][(r_lo + 8 * h) * BN + 8 * j + 2 * (lane & 3)], fr,
                             make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
       }
 #pragma unroll
@@ -231,9 +215,9 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
     advance(c_tile, c_ks);
   }
   if (n_it == 0) pdl_launch_dependents();
-  if (!started_seen) sk_cluster_wait();
-  sk_cluster_arrive();  // every share stored into another block is visible after the wait
-  sk_cluster_wait();
+  if (!started_seen) cluster_wait();
+  cluster_arrive(true);  // every share stored into another block is visible after the wait
+  cluster_wait();
   if (owned >= 0) {  // own share first, then ranks fr + 1 .. last in order: the same sum every run
     const int lr = last_rank(owned);
 #pragma unroll
