@@ -2,8 +2,8 @@
 
 CudaBackend.linear and add_norm_linear (after the norm kernel; the SiLU form too) route steps of
 `min_rows`..`max_rows` rows (DEFAULT_ROWS, below) past gemv.cu's here on compute capability 9.0;
-other GPUs, and shapes the copy engine
-cannot take (K not a multiple of 8, rows not 16-byte aligned), stay on the other paths. The weights
+other GPUs, and shapes the copy engine cannot take (K not a multiple of 8, rows not 16-byte
+aligned), stay on the other paths. The weights
 stream through shared memory by the bulk tensor copy engine and the tokens are wgmma's n (8 or 16);
 each cluster of 8 blocks takes whole output tiles and shares their 64-column K steps evenly, and a
 tile split between a cluster's blocks is summed through distributed shared memory in rank order
