@@ -1,7 +1,7 @@
-"""skinny_gemm.cu (off by default) per product of a preset's decode layer, by grid size, against cuBLAS
-with its norm and SiLU kernels, us a call: each op captured 40 times into a CUDA graph and timed as
-bench/op_times.py does (median of 10 replays), the weights rotating through ~200 MB of copies so that
-every call reads DRAM. sm_90 only.
+"""skinny_gemm.cu (3-8-row steps by default on sm_90) per product of a preset's decode layer, by the
+number of 8-block clusters in its grid, against cuBLAS with its norm and SiLU kernels, us a call:
+each op captured 40 times into a CUDA graph and timed as bench/op_times.py does (median of 10
+replays), the weights rotating through ~200 MB of copies so that every call reads DRAM. sm_90 only.
 
     python bench/skinny_gemm.py --model qwen2.5-1.5b --rows 8 --clusters 16 33
 """
