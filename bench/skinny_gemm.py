@@ -1,9 +1,10 @@
-"""skinny_gemm.cu (3-8-row steps by default on sm_90) per product of a preset's decode layer, by the
-number of 8-block clusters in its grid, against cuBLAS with its norm and SiLU kernels, us a call:
+"""skinny_gemm.cu (3-16-row steps by default on sm_90) per product of a preset's decode layer, with the
+wrapper's grid and by blocks a cluster or clusters a grid, against cuBLAS with its norm and SiLU
+kernels, us a call:
 each op captured 40 times into a CUDA graph and timed as bench/op_times.py does (median of 10
 replays), the weights rotating through ~200 MB of copies so that every call reads DRAM. sm_90 only.
 
-    python bench/skinny_gemm.py --model qwen2.5-1.5b --rows 8 --clusters 16 33
+    python bench/skinny_gemm.py --model qwen2.5-1.5b --rows 8 --sizes 2 4 8 --clusters 16
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
     ap.add_argument("--rows", type=int, default=8, help="token rows of the step (3-16)")
-    ap.add_argument("--clusters", type=int, nargs="*", default=[], help="grid sizes to time, in clusters of 8 blocks "
-                    "(default: the wrapper's)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[], help="blocks a cluster to time (2, 4, 8), each with "
+                    "as many clusters as the wrapper would launch of it")
+    ap.add_argument("--clusters", type=int, nargs="*", default=[], help="clusters a grid to time, of the wrapper's size")
     args = ap.parse_args()
 
     import cupy as cp
@@ -55,18 +57,20 @@ def main() -> None:
          lambda be, m: be.add_norm_linear(x, res, norm_w, eps, m, None, "silu_and_mul")),
         ("down", copies(h, inter), lambda be, m: be.linear(xi, m)),
     )
-    grids = args.clusters or [None]
+    grids = [(None, None)] + [(s, None) for s in args.sizes] + [(None, c) for c in args.clusters]
     print(f"{args.model}, {rows} rows, us a call")
-    print("| product | cuBLAS path | " + " | ".join(f"skinny, {g or 'default'} clusters" for g in grids) + " |")
+    print("| product | cuBLAS path | " + " | ".join(
+        "skinny, the wrapper's grid" if g == (None, None) else f"skinny, {g[0]}-block clusters" if g[0]
+        else f"skinny, {g[1]} clusters" for g in grids) + " |")
     print("|---|---|" + "---|" * len(grids))
     for name, mats, op in products:
         def timed(be):
             return _time_graph(cp, b.stream, lambda i: op(be, mats[i % len(mats)]), 40, b.graph_capture)
         cells = [timed(blas)]
-        for g in grids:
-            b.skinny.clusters_override = g
+        for size, clusters in grids:
+            b.skinny.cluster_size_override, b.skinny.clusters_override = size, clusters
             cells.append(timed(b))
-        b.skinny.clusters_override = None
+        b.skinny.cluster_size_override = b.skinny.clusters_override = None
         print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 

@@ -25,6 +25,14 @@ __device__ __forceinline__ void cluster_store2(float* p, unsigned int rank, floa
   asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(remote), "f"(v.x), "f"(v.y) : "memory");
 #endif
 }
+// Blocks of this block's cluster (1 outside a cluster launch).
+__device__ __forceinline__ unsigned int cluster_blocks() {
+  unsigned int n = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+#endif
+  return n;
+}
 // This block's rank in its cluster.
 __device__ __forceinline__ unsigned int cluster_rank() {
   unsigned int r = 0;

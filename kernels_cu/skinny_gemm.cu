@@ -1,5 +1,5 @@
-// Matrix products of decode steps of 3-8 token rows on Hopper (sm_90a; backend/cuda_skinny.py routes
-// them here on compute capability 9.0; $RVLLM_SKINNY_ROWS=3-16 adds the n = 16 build, slower so far):
+// Matrix products of decode steps of 3-16 token rows on Hopper (sm_90a; backend/cuda_skinny.py routes
+// them here on compute capability 9.0; $RVLLM_SKINNY_ROWS sets the rows):
 //
 //   out[rows, N] = x[rows, K] @ W[N, K]^T (+ bias)                          skinny_gemm_n{8,16}
 //   out[rows, I] = silu(x @ Wg^T) * (x @ Wu^T), W = [Wg; Wu] ([2I, K])      skinny_gemm_silu_n{8,16}
@@ -9,25 +9,29 @@
 // its tiles so that only part of the SMs read (qwen2.5-1.5b's gate_up at 8 rows: 93 blocks of 192
 // weight rows on 132 SMs, ~3.2 TB/s), and gemv_tc.cu holds its loads in registers, 12 warps an SM,
 // latency-bound. Here the bulk tensor copy engine (TMA) streams the weights into shared memory,
-// STAGES tiles of 8 KiB a block in flight, and the work is shared out evenly:
+// STAGES steps of 32 KiB a block in flight, and the work is shared out evenly:
 //
 // A tile is 64 weight rows (SILU: 32 gate rows and the same 32 up rows, so that one tile has both
-// halves of its outputs) by all of K in 64-column steps. The grid is thread block clusters of
-// SK_CLUSTER blocks; cluster c takes whole tiles [c tiles / C, (c+1) tiles / C), whose K steps laid
-// end to end its blocks share evenly ("stream-K" inside the cluster). A tile that one block covers
-// whole it finishes itself. A tile shared by several blocks is finished by the one holding its first
-// K steps, for which it is the last tile: the others store their fp32 shares into its shared memory
-// (distributed shared memory, recv[rank]), and after the cluster's barrier it adds them in rank
-// order -- the same sum every run -- and finishes the tile. (A first form shared all the tiles' K
-// steps over the whole grid and handed split tiles over through global memory -- partials, a fence,
-// a counter, the last block's reads: ~3.5-4 us at the end of every launch, slower than cuBLAS; #108.)
+// halves of its outputs) by all of K in steps of SK_KSUB x 64 columns. The grid is thread block
+// clusters of 2, 4 or 8 blocks (the wrapper picks the size per product: each cluster takes whole
+// tiles, so the size sets how evenly tiles spread over the SMs); cluster c of C takes tiles
+// [c tiles / C, (c+1) tiles / C), whose K steps laid end to end its blocks share evenly ("stream-K"
+// inside the cluster). A tile that one block covers whole it finishes itself. A tile shared by
+// several blocks is finished by the one holding its first K steps, for which it is the last tile:
+// the others store their fp32 shares into its shared memory (distributed shared memory,
+// recv[rank]), and after the cluster's barrier it adds them in rank order -- the same sum every run
+// -- and finishes the tile. (A first form shared all the tiles' K steps over the whole grid and
+// handed split tiles over through global memory -- partials, a fence, a counter, the last block's
+// reads: ~3.5-4 us at the end of every launch, slower than cuBLAS; #108.)
 //
-// Shared memory: per stage the weight tile (64 rows of 128 bytes) and the token tile (BN rows of
-// 128 bytes, zeros past `rows` from the copy engine), both in the 128-byte swizzle that wgmma's
-// descriptors name. Lane 0 of a fifth warp issues the copies, STAGES ahead, refilling a slot once
-// the warpgroup's four warps have arrived on its `empty` barrier; the warpgroup multiplies (4 wgmma
-// of k16 a stage, each stage's group waited on before its slot is released: keeping one group in
-// flight, or 12 stages, measured slower; 4 and 6 stages level).
+// Shared memory: per stage SK_KSUB weight sub-tiles (64 rows of 128 bytes) and as many token
+// sub-tiles (BN rows of 128 bytes, zeros past `rows` or K from the copy engine), all in the 128-byte
+// swizzle that wgmma's descriptors name. A step reads 512 contiguous bytes of each weight row: with
+// 128 (one sub-tile a stage, 8 stages, two blocks an SM) the same bytes streamed ~10% slower
+// (#110). Lane 0 of a fifth warp issues the copies, STAGES ahead, refilling a slot once the
+// warpgroup's four warps have arrived on its `empty` barrier; the warpgroup multiplies (4 wgmma of
+// k16 a sub-tile, each stage's group waited on before its slot is released: keeping one group in
+// flight measured slower).
 //
 // PDL: the weights of the first stages are requested before pdl_wait (no kernel of a step writes
 // weights); the tokens only after it.
@@ -37,12 +41,13 @@
 #include "wgmma.cuh"
 
 #define SK_BM 64        // weight rows a tile: one warpgroup's m64
-#define SK_BK 64        // K columns a stage: 128 bytes a row, the swizzle's width
+#define SK_BK 64        // K columns of one copy: 128 bytes a row, the swizzle's width
+#define SK_KSUB 4       // copies of SK_BK columns a stage: a K step; backend/cuda_skinny.py's KSUB
 #define SK_CONSUMERS 128            // one warpgroup multiplies
 #define SK_THREADS (SK_CONSUMERS + 32)  // and one more warp issues the copies
-#define SK_STAGES_N8 8   // backend/cuda_skinny.py's SK_STAGES must match
-#define SK_STAGES_N16 6
-#define SK_CLUSTER 8     // blocks a cluster (the portable size); backend/cuda_skinny.py's CLUSTER
+#define SK_STAGES_N8 5   // backend/cuda_skinny.py's SK_STAGES must match
+#define SK_STAGES_N16 4
+#define SK_CLUSTER_MAX 8  // blocks a cluster at most (the portable size); backend/cuda_skinny.py's CLUSTER_SIZES
 
 __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
@@ -64,22 +69,24 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
   __shared__ unsigned long long full[STAGES];   // the slot's iteration has landed (phase i / STAGES)
   __shared__ unsigned long long empty[STAGES];  // the consumer warps are done with the slot's iteration
   __shared__ float sums[SK_BM][BN + 1];         // a finished tile's fp32 outputs (padded: no bank conflicts)
-  __shared__ __align__(16) float recv[SK_CLUSTER][SK_BM * BN];  // the split tile this block finishes: rank r's share
-  constexpr int A_BYTES = SK_BM * SK_BK * 2, B_BYTES = BN * SK_BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  __shared__ __align__(16) float recv[SK_CLUSTER_MAX][SK_BM * BN];  // the split tile this block finishes: rank r's share
+  // A stage: SK_KSUB weight sub-tiles of SK_BM x SK_BK, then as many token sub-tiles of BN x SK_BK.
+  constexpr int A_SUB = SK_BM * SK_BK * 2, B_SUB = BN * SK_BK * 2;
+  constexpr int A_BYTES = SK_KSUB * A_SUB, STAGE_BYTES = A_BYTES + SK_KSUB * B_SUB;
   constexpr int HALF = SK_BM / 2;  // rows of one copy (the tensor map's box)
   // wgmma's swizzle is on address bits, so every tile starts 1024-byte aligned.
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<unsigned long long>(sk_smem_raw) + 1023) & ~1023ull);
   const int tid = threadIdx.x;
   // Cluster c of the grid's clusters takes whole tiles [t0, t1); its blocks share their K steps.
-  const int rank = (int)cluster_rank(), clusters = gridDim.z / SK_CLUSTER, c = blockIdx.z / SK_CLUSTER;
+  const int rank = (int)cluster_rank(), cs = (int)cluster_blocks(), clusters = gridDim.z / cs, c = blockIdx.z / cs;
   const int t0 = sk_start(c, tiles, clusters), t1 = sk_start(c + 1, tiles, clusters);
   const int base = t0 * k_steps, total = (t1 - t0) * k_steps;
-  const int it0 = base + sk_start(rank, total, SK_CLUSTER);
-  const int n_it = base + sk_start(rank + 1, total, SK_CLUSTER) - it0;
+  const int it0 = base + sk_start(rank, total, cs);
+  const int n_it = base + sk_start(rank + 1, total, cs) - it0;
   const int first_tile = it0 / k_steps;
   // Ranks holding tile t's first and last K steps (the first one finishes it).
-  auto first_rank = [&](int t) { return sk_share_of(t * k_steps - base, total, SK_CLUSTER); };
-  auto last_rank = [&](int t) { return sk_share_of((t + 1) * k_steps - 1 - base, total, SK_CLUSTER); };
+  auto first_rank = [&](int t) { return sk_share_of(t * k_steps - base, total, cs); };
+  auto last_rank = [&](int t) { return sk_share_of((t + 1) * k_steps - 1 - base, total, cs); };
   // Positions (tile, K step) move by one iteration at a time, without divisions.
   auto advance = [&](int& tile, int& ks) {
     if (++ks == k_steps) {
@@ -93,11 +100,16 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
   auto load_w = [&](int slot, int tile, int ks) {
     unsigned char* st = smem + slot * STAGE_BYTES;
     const int r0 = SILU ? tile * HALF : tile * SK_BM, r1 = SILU ? up_row0 + tile * HALF : tile * SK_BM + HALF;
-    tma_load(st, w_map, ks * SK_BK, r0, &full[slot]);
-    tma_load(st + HALF * SK_BK * 2, w_map, ks * SK_BK, r1, &full[slot]);
+#pragma unroll
+    for (int j = 0; j < SK_KSUB; ++j) {
+      tma_load(st + j * A_SUB, w_map, (ks * SK_KSUB + j) * SK_BK, r0, &full[slot]);
+      tma_load(st + j * A_SUB + HALF * SK_BK * 2, w_map, (ks * SK_KSUB + j) * SK_BK, r1, &full[slot]);
+    }
   };
   auto load_x = [&](int slot, int ks) {
-    tma_load(smem + slot * STAGE_BYTES + A_BYTES, x_map, ks * SK_BK, 0, &full[slot]);
+#pragma unroll
+    for (int j = 0; j < SK_KSUB; ++j)
+      tma_load(smem + slot * STAGE_BYTES + A_BYTES + j * B_SUB, x_map, (ks * SK_KSUB + j) * SK_BK, 0, &full[slot]);
   };
 
   if (tid == 0) {
@@ -186,7 +198,10 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
     const unsigned int a_addr = smem_addr(smem + slot * STAGE_BYTES), b_addr = a_addr + A_BYTES;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < SK_BK / 16; ++kk) wgmma_m64k16<BN>(acc, wg_desc(a_addr + kk * 32), wg_desc(b_addr + kk * 32));
+    for (int j = 0; j < SK_KSUB; ++j)
+#pragma unroll
+      for (int kk = 0; kk < SK_BK / 16; ++kk)
+        wgmma_m64k16<BN>(acc, wg_desc(a_addr + j * A_SUB + kk * 32), wg_desc(b_addr + j * B_SUB + kk * 32));
     wgmma_commit();
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(&empty[slot]);  // this warp is done with the slot
@@ -227,7 +242,7 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
         const int idx = (r_lo + 8 * (e >> 1)) * BN + 8 * j + 2 * (lane & 3) + (e & 1);
         float v = acc[4 * j + e];
         for (int r = rank + 1; r <= lr; ++r)
-          if (sk_start(r + 1, total, SK_CLUSTER) > sk_start(r, total, SK_CLUSTER)) v += recv[r][idx];  // empty shares stored nothing
+          if (sk_start(r + 1, total, cs) > sk_start(r, total, cs)) v += recv[r][idx];  // empty shares stored nothing
         acc[4 * j + e] = v;
       }
     acc_to_sums();
@@ -236,7 +251,7 @@ __device__ __forceinline__ void skinny_body(scalar_t* __restrict__ out, const Te
 }
 
 #define SKINNY_ENTRY(FORM, BN, STAGES, SILU)                                                              \
-  extern "C" __global__ void __launch_bounds__(SK_THREADS, 2) skinny_gemm##FORM##_n##BN(                \
+  extern "C" __global__ void __launch_bounds__(SK_THREADS, 1) skinny_gemm##FORM##_n##BN(                \
       scalar_t* __restrict__ out, const __grid_constant__ TensorMap x_map,                              \
       const __grid_constant__ TensorMap w_map, const scalar_t* __restrict__ bias, int rows, int n_out,    \
       int k_steps, int tiles, int up_row0) {                                                            \

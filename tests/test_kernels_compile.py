@@ -88,18 +88,26 @@ def test_wgmma_wrapper_choices():
 
 
 def test_skinny_wrapper_choices():
-    """cuda_skinny's host side: the token tile (wgmma's n) that holds a step, two blocks of each
-    build (its stages, receiving buffer and sums) fit an SM's shared memory, a grid of clusters never
-    has more clusters than tiles (each takes whole tiles), the setting's parsing and its default
-    (3-8 rows: the n = 16 build measured slower than cuBLAS)."""
+    """cuda_skinny's host side: the token tile (wgmma's n) that holds a step, a block of each build
+    (its stages, receiving buffer and sums) fits an SM's shared memory, a grid of clusters never has
+    more clusters than tiles (each takes whole tiles), the cluster size for a product's tiles and
+    steps, the setting's parsing and its default (3-16 rows)."""
     from rvllm.backend import cuda_skinny as s
 
     assert [s.token_tile(r) for r in (1, 3, 8, 9, 16)] == [8, 8, 8, 16, 16]
     for bn in s.SKINNY_TOKENS:
         assert s.BLOCKS_PER_SM * (s.smem_bytes(bn) + s.static_smem_bytes(bn) + 1024) <= 228 * 1024
     assert s.grid_clusters(280, 33) == 33 and s.grid_clusters(24, 33) == 24 and s.grid_clusters(0, 33) == 1
+    assert s.k_steps(14336) == 56 and s.k_steps(1000) == 4 and s.k_steps(256) == 1
+    h200 = {2: 66, 4: 30, 8: 15}  # clusters of each size an H200 held at one block an SM
+    # The busiest block's steps at 2 / 4 / 8 blocks a cluster, and what each measured at 8 rows:
+    assert s.cluster_shape(64, 56, h200) == (2, 64)  # llama-3.1-8b's down: 28 / 42 / 35 (29.6 / 36.6 / 33.3 us)
+    assert s.cluster_shape(72, 14, h200) == (8, 15)  # qwen2.5-7b's qkv: 14 / 11 / 9 (14.7 / 13.7 / 13.4)
+    assert s.cluster_shape(24, 35, h200) == (4, 24)  # qwen2.5-1.5b's down: 18 / 9 / 9 (11.9 / 9.1 / 9.6)
+    assert s.cluster_shape(24, 6, h200) == (2, 24)  # qwen2.5-1.5b's o_proj: 3 / 2 / 2 (3.6 / 4.2 / 5.0)
+    assert s.cluster_shape(3, 1, {8: 15}) == (8, 3)  # an override leaves one size
     assert s.parse_rows("3-16") == (3, 16) and s.parse_rows("0-0") == (0, 0)
-    assert s.DEFAULT_ROWS == (3, 8)
+    assert s.DEFAULT_ROWS == (3, 16)
     for bad in ("16", "16-3", "a-b", "3-32"):
         with pytest.raises(ValueError, match="RVLLM_SKINNY_ROWS"):
             s.parse_rows(bad)

@@ -257,7 +257,8 @@ def test_fused_add_rms_norm_of_k_slice_sums(gpu, rng, num_tokens, d, slices):
         gpu.fused_add_rms_norm(KSliceSums(parts_dev), res_dev[:-1], w_dev, 1e-5)
 
 
-@pytest.mark.parametrize("num_tokens", [2, 9, 33])  # 2: a gemv kernel's step, so the sums are reduced first
+# 2: a gemv kernel's step, so the sums are reduced first; 17: past skinny_gemm.cu's rows on Hopper
+@pytest.mark.parametrize("num_tokens", [2, 17, 33])
 def test_ops_take_the_down_projection_as_k_slice_sums(gpu, rng, monkeypatch, num_tokens):
     """linear(..., feeds_add_norm=True) in K-slices returns the partial sums past the gemv kernels'
     rows, and the ops after the MLP (add_norm_linear, add_norm_logits, fused_add_rms_norm) give the
@@ -430,8 +431,8 @@ def test_linear_tensor_cores(gpu_tc, rng, num_tokens, k, n, bias):
 
 @pytest.fixture(scope="module")
 def gpu_default(gpu):
-    """The same dtype with the default small-batch routing (gemv.cu to 2 rows; from 3 to 8 rows
-    skinny_gemm.cu on sm_90, else gemv_tc.cu for the o_proj-shaped products)."""
+    """The same dtype with the default small-batch routing (gemv.cu to 2 rows; from 3 rows
+    skinny_gemm.cu on sm_90 (to 16), else gemv_tc.cu for the o_proj-shaped products (to 8))."""
     from rvllm.backend.cuda import CudaBackend
 
     return CudaBackend(gpu.dtype)
@@ -521,7 +522,7 @@ def test_add_norm_linear_wgmma(gpu_wgmma, rng, num_tokens, form):
 
 @pytest.fixture(scope="module")
 def gpu_skinny(gpu):
-    """The same dtype with steps of 3-16 rows on skinny_gemm.cu (sm_90 only; 3-8 by default)."""
+    """The same dtype with steps of 3-16 rows on skinny_gemm.cu (sm_90 only; the default)."""
     from rvllm.backend.cuda import CudaBackend
 
     b = CudaBackend(gpu.dtype, skinny_rows=(3, 16))
@@ -531,19 +532,20 @@ def gpu_skinny(gpu):
 
 
 # N: partial 64-row tiles (40, 96), qkv-shaped (2048), o_proj / down-shaped outputs (1536); K: one
-# 64-column step, a partial last step (1000), down's K (8960). Clusters of 8 blocks: one (every tile
-# shared by its blocks; at K = 64 most hold nothing), 3 (tiles dealt unevenly), the default grid.
+# 64-column copy (a step is 256), a partial last step (1000), down's K (8960). Grids: one cluster of 8
+# blocks (every tile shared by its blocks; at K <= 256 most hold nothing), 3 clusters of 2 (tiles
+# dealt unevenly), 4-block clusters as many as the wrapper launches, the wrapper's grid.
 @pytest.mark.parametrize("num_tokens", [3, 5, 8, 9, 16])
 @pytest.mark.parametrize("k,n", [(64, 96), (1000, 40), (1536, 2048), (8960, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("clusters", [1, 3, None])
-def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, clusters):
+@pytest.mark.parametrize("size,clusters", [(8, 1), (2, 3), (4, None), (None, None)])
+def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, size, clusters):
     """skinny_gemm.cu (the copy engine streams the weights, tokens are wgmma's n, a cluster's blocks
     share its tiles' K steps, split tiles summed through distributed shared memory in rank order)
     against the CPU, launched twice."""
     x, w, b, dev = _linear_case(gpu_skinny, rng, num_tokens, k, n, bias)
     ref = CPU.linear(x, w, b)
-    gpu_skinny.skinny.clusters_override = clusters
+    gpu_skinny.skinny.cluster_size_override, gpu_skinny.skinny.clusters_override = size, clusters
     try:
         for launch in range(2):
             out = gpu_skinny.skinny.linear(dev(x), dev(w), dev(b))
@@ -553,7 +555,7 @@ def test_linear_skinny(gpu_skinny, rng, num_tokens, k, n, bias, clusters):
         check(gpu_skinny, gpu_skinny.skinny.linear(strided, dev(w), dev(b)), ref, "linear (skinny, strided x)", tol=5e-3)
         check(gpu_skinny, gpu_skinny.linear(dev(x), dev(w), dev(b)), ref, "the backend's linear", tol=5e-3)
     finally:
-        gpu_skinny.skinny.clusters_override = None
+        gpu_skinny.skinny.cluster_size_override = gpu_skinny.skinny.clusters_override = None
 
 
 @pytest.mark.parametrize("num_tokens", [3, 8, 12, 16])

@@ -82,7 +82,7 @@ class CudaBackend(DeviceTransfers, FusedOps):
         cuda_wgmma.DEFAULT_ROWS; (0, 0) is off.
         skinny_rows: (lo, hi): on sm_90, steps of lo..hi rows (at most 16) past gemv_max_rows run
         their products on skinny_gemm.cu, ahead of gemv_tc.cu, wgmma and cuBLAS; default from
-        $RVLLM_SKINNY_ROWS ("lo-hi"), else cuda_skinny.DEFAULT_ROWS (3-8); (0, 0) is off."""
+        $RVLLM_SKINNY_ROWS ("lo-hi"), else cuda_skinny.DEFAULT_ROWS (3-16); (0, 0) is off."""
         if cp is None:
             raise RuntimeError("CudaBackend needs cupy (pip install 'rvllm[cuda12]' or 'rvllm[cuda13]')")
         if dtype not in nvrtc.DTYPES:

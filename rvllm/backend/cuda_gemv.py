@@ -50,7 +50,7 @@ DEFAULT_TC_MAX_ROWS = 0
 # requests (medians of 3 runs): qwen2.5-1.5b 4 requests 2,298 -> 2,458 and 2,303 -> 2,400 output
 # tok/s, 8 requests 4,568 -> 4,747 and 4,607 -> 4,793; qwen2.5-7b 4 requests 890 -> 922;
 # llama-3.1-8b 865 -> 881.
-# On sm_90 skinny_gemm.cu (cuda_skinny) takes 3-8-row products first, these included.
+# On sm_90 skinny_gemm.cu (cuda_skinny) takes 3-16-row products first, these included.
 DEFAULT_TC_SQUARE_MAX_ROWS = TC_MAX_ROWS
 _TC_STEPS_PER_STRETCH = 4  # GTC_U in gemv_tc.cu: 32-column K steps per lane per stretch
 _MAX_WARPS = 8  # GEMV_MAX_WARPS in gemv.cu: warps of a block
