@@ -35,8 +35,8 @@ BLOCKS_PER_SM = 1  # the kernel's launch bounds
 # (CudaBackend(skinny_rows=...), $RVLLM_SKINNY_ROWS="lo-hi": "3-8" leaves 9-16 rows to cuBLAS, "0-0"
 # is off). H200, 128/128 requests, output tok/s (medians of 3 runs; bench/NOTES.md #110), off against
 # on: qwen2.5-1.5b 4 of them 2,441 -> 2,690 and 2,484 -> 2,730, 8 of them 4,957 -> 5,399; qwen2.5-7b 4
-# 940 -> 977, 8 1,854 -> 1,920; llama-3.1-8b 4 898 -> 922, 8 1,751 -> 1,812. 16 requests, 3-8 against
-# 3-16: qwen2.5-1.5b 8,960 / 8,838 -> 8,971 / 8,827, qwen2.5-7b 3,462 -> 3,539, llama-3.1-8b 3,286 -> 3,346.
+# 940 -> 977, 8 1,854 -> 1,920; llama-3.1-8b 4 895 -> 922, 8 1,751 -> 1,812. 16 requests, 3-8 against
+# 3-16: qwen2.5-1.5b 8,896 / 8,838 -> 8,971 / 8,827, qwen2.5-7b 3,462 -> 3,539, llama-3.1-8b 3,286 -> 3,346.
 DEFAULT_ROWS = (3, 16)
 
 
