@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
     ap.add_argument("--rows", type=int, default=8, help="token rows of the step (3-16)")
-    ap.add_argument("--sizes", type=int, nargs="*", default=[], help="blocks a cluster to time (2, 4, 8), each with "
+    ap.add_argument("--sizes", type=int, nargs="*", default=[], choices=[2, 4, 8], help="blocks a cluster to time (2, 4, 8), each with "
                     "as many clusters as the wrapper would launch of it")
     ap.add_argument("--clusters", type=int, nargs="*", default=[], help="clusters a grid to time, of the wrapper's size")
     args = ap.parse_args()

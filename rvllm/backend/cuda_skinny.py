@@ -52,7 +52,7 @@ def parse_rows(text: str) -> tuple[int, int]:
 
 def smem_bytes(bn: int) -> int:
     """Dynamic shared memory of the n = bn build: its stages of 64 weight rows and bn token rows of
-    64 columns, plus the slack that aligns the first tile to 1024 bytes."""
+    a K step's columns, plus the slack that aligns the first tile to 1024 bytes."""
     return SK_STAGES[bn] * (SK_BM + bn) * SK_BK * KSUB * 2 + 1024
 
 
