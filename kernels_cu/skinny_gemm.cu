@@ -28,7 +28,7 @@
 // sub-tiles (BN rows of 128 bytes, zeros past `rows` or K from the copy engine), all in the 128-byte
 // swizzle that wgmma's descriptors name. A step reads 512 contiguous bytes of each weight row: with
 // 128 (one sub-tile a stage, 8 stages, two blocks an SM) llama-3.1-8b's products at 8 rows took
-// 5-25% longer, with 128 at 20 stages and one block an SM longer still (#110). Lane 0 of a fifth warp issues the copies, STAGES ahead, refilling a slot once the
+// 3-26% longer, with 128 at 20 stages and one block an SM longer still (#110). Lane 0 of a fifth warp issues the copies, STAGES ahead, refilling a slot once the
 // warpgroup's four warps have arrived on its `empty` barrier; the warpgroup multiplies (4 wgmma of
 // k16 a sub-tile, each stage's group waited on before its slot is released: keeping one group in
 // flight measured slower).
