@@ -122,7 +122,7 @@ class SkinnyGemm:
         self.clusters_override: int | None = None
         self.cluster_size_override: int | None = None
         self._weight_maps: dict[tuple, bytes] = {}  # the weights' tensor maps, made once each
-        self._resident: dict[tuple, int] = {}  # (kernel, shared memory) -> clusters the GPU holds at once
+        self._resident: dict[tuple, int] = {}  # (kernel, shared memory, cluster size) -> clusters the GPU holds at once
 
     def _weight_map(self, weight) -> bytes:
         key = (weight.data.ptr, weight.shape, weight.dtype.str)
